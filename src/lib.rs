@@ -1,0 +1,11 @@
+//! ecq: language-model weights stored as quantized symbols compressed with rANS, multiplied without expanding.
+//!
+//! - [`quant`]: affine group quantization (MLX convention `w = scale * q + bias`).
+//! - [`rans`]: the CPU reference codec, 32-lane tiles of interleaved rANS states.
+//! - [`format`]: [`format::EcTensor`] and the safetensors container of docs/FORMAT.md.
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod rans;
+
+pub use error::{Error, Result};
