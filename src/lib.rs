@@ -6,6 +6,10 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod format;
+pub mod matmul;
+pub mod quant;
 pub mod rans;
 
 pub use error::{Error, Result};
+pub use matmul::{EcMatmul, Strategy};

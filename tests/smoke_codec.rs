@@ -24,3 +24,22 @@ fn smoke_round_trip() {
         eprintln!("bits {bits}: stored {stored} bound {bound} ratio {}", stored / bound);
     }
 }
+
+#[test]
+fn smoke_quantize_encode_matvec() {
+    use ecq::format::{EcTensor, EncodeOptions};
+    use ecq::quant::{quantize, QuantConfig};
+    let (rows, cols) = (67, 1088);
+    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5).collect();
+    let q = quantize(&w, rows, cols, QuantConfig::default()).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions::default()).unwrap();
+    assert_eq!(t.to_quantized().unwrap(), q);
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32).sin()).collect();
+    let mut y = vec![f32::NAN; rows];
+    ecq::EcMatmul::cpu(&t).matvec(&x, &mut y).unwrap();
+    let deq = q.dequantize();
+    for r in 0..rows {
+        let want: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * x[c] as f64).sum();
+        assert!((y[r] as f64 - want).abs() < 1e-3, "row {r}: {} vs {want}", y[r]);
+    }
+}

@@ -8,7 +8,8 @@ mod tile;
 
 pub use table::{entropy_bits, FreqTable, DEFAULT_PRECISION, MAX_PRECISION};
 pub use tile::{
-    check_stream_shape, decode, decode_into, encode, joint_counts, EncodedStream, Tile, TileLayout, LANES, STATE_LOWER,
+    check_stream_shape, decode, decode_into, decode_row_tile, encode, joint_counts, DecodeTable, EncodedStream, Tile,
+    TileLayout, LANES, STATE_LOWER,
 };
 
 /// Default segment width `S` in columns: one 32-bit state per row per segment costs `32 / S` bits per weight

@@ -251,15 +251,50 @@ pub fn decode_into(stream: &EncodedStream, layout: &TileLayout, table: &FreqTabl
     if out.is_empty() {
         return Ok(());
     }
-    let dtable = table.decode_table();
+    let dtable = DecodeTable::new(table);
+    out.par_chunks_mut(LANES * layout.cols)
+        .enumerate()
+        .try_for_each(|(rt, rows_out)| decode_row_tile(stream, layout, &dtable, rt, rows_out))
+}
+
+/// The slot-indexed decode table of a [`FreqTable`] (see [`FreqTable::decode_table`]), built once per tensor.
+#[derive(Clone, Debug)]
+pub struct DecodeTable {
+    precision: u32,
+    entries: Vec<u32>,
+}
+
+impl DecodeTable {
+    /// Builds the `2^P`-entry table.
+    pub fn new(table: &FreqTable) -> Self {
+        Self { precision: table.precision(), entries: table.decode_table() }
+    }
+}
+
+/// Decodes all segments of row tile `row_tile` into `out`, its `active_rows * cols` symbols, row-major.
+///
+/// The stream must already have passed [`check_stream_shape`] for `layout`; every tile's end states and word
+/// count are checked here.
+pub fn decode_row_tile(
+    stream: &EncodedStream,
+    layout: &TileLayout,
+    dtable: &DecodeTable,
+    row_tile: usize,
+    out: &mut [u8],
+) -> Result<()> {
     let segments = layout.segments();
-    out.par_chunks_mut(LANES * layout.cols).enumerate().try_for_each(|(rt, rows_out)| {
-        for seg in 0..segments {
-            let index = rt * segments + seg;
-            decode_tile(stream, layout, table.precision(), &dtable, index, rows_out)?;
-        }
-        Ok(())
-    })
+    let active = (layout.rows - row_tile * LANES).min(LANES);
+    if out.len() != active * layout.cols {
+        return Err(Error::ShapeMismatch {
+            what: "row tile output".into(),
+            expected: active * layout.cols,
+            actual: out.len(),
+        });
+    }
+    for seg in 0..segments {
+        decode_tile(stream, layout, dtable.precision, &dtable.entries, row_tile * segments + seg, out)?;
+    }
+    Ok(())
 }
 
 /// Checks the array lengths, offsets and states of a stream against its layout, without decoding.
