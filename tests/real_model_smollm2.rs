@@ -1,0 +1,201 @@
+//! Real-model checks on SmolLM2-135M-Instruct Q4_1 (fetch it with scripts/fetch-smollm2.sh; skipped loudly
+//! when absent, failing when ECQ_REQUIRE_MODEL=1).
+//!
+//! Every Q4_1/Q8_0 tensor is imported, checked against an independent dequantization of its raw blocks,
+//! encoded, decoded and compared exactly, and its stored symbol-stream size is compared with its order-0
+//! entropy. Run with `--nocapture` for the per-tensor table.
+
+#[path = "gguf_support/mod.rs"]
+mod support;
+
+use ecq::format::gguf::{GgmlType, GgufFile};
+use ecq::format::{EcTensor, EncodeOptions};
+use ecq::quant::QuantizedMatrix;
+use ecq::rans;
+use rayon::prelude::*;
+
+/// Largest allowed excess of the total stored symbol stream over the order-0 entropy bound.
+const MAX_STREAM_OVERHEAD: f64 = 0.02;
+
+/// Segment width for a matrix of `cols` columns: cut the row into the number of segments nearest to
+/// `cols / DEFAULT_SEGMENT` (at least one) of equal width, rounded up to a whole group. A short last segment
+/// pays a full 32-bit state per row for few weights; this avoids it (576 columns: one segment of 576, not
+/// 512 + 64).
+fn segment_for(cols: usize, group_size: usize) -> usize {
+    let target = rans::DEFAULT_SEGMENT;
+    let segments = ((cols + target / 2) / target).max(1);
+    cols.div_ceil(segments).div_ceil(group_size) * group_size
+}
+
+fn quantized_names(model: &GgufFile) -> Vec<String> {
+    model
+        .tensors()
+        .iter()
+        .filter(|t| matches!(t.ggml_type, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0))
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+fn order0_entropy_bits(q: &QuantizedMatrix) -> f64 {
+    let mut counts = vec![0u64; 1 << q.bits];
+    for &s in &q.symbols {
+        counts[s as usize] += 1;
+    }
+    rans::entropy_bits(&counts) * q.symbols.len() as f64
+}
+
+#[test]
+fn smollm2_lists_expected_tensors() {
+    let Some(path) = support::require_smollm2("smollm2_lists_expected_tensors") else { return };
+    let model = GgufFile::open(&path).unwrap();
+    let count = |ty: GgmlType, n_dims: usize| {
+        model.tensors().iter().filter(|t| t.ggml_type == ty && t.dims.len() == n_dims).count()
+    };
+    assert_eq!(count(GgmlType::Q4_1, 2), 210);
+    assert_eq!(count(GgmlType::F32, 1), 61);
+    assert_eq!(count(GgmlType::Q8_0, 2), 1);
+    assert_eq!(model.tensors().len(), 272);
+    let embd = model.tensor_info("token_embd.weight").unwrap();
+    assert_eq!(embd.ggml_type, GgmlType::Q8_0);
+    assert_eq!(embd.dims, vec![576, 49152]);
+    assert_eq!(embd.shape(), vec![49152, 576]);
+    assert_eq!(model.metadata_value("general.architecture").and_then(|v| v.as_str()), Some("llama"));
+}
+
+#[test]
+fn smollm2_import_matches_reference_dequantization() {
+    let Some(path) = support::require_smollm2("smollm2_import_matches_reference_dequantization") else { return };
+    let model = GgufFile::open(&path).unwrap();
+    let names = quantized_names(&model);
+    assert_eq!(names.len(), 211);
+    names.par_iter().for_each(|name| {
+        let info = model.tensor_info(name).unwrap();
+        let q = model.quantized(name).unwrap();
+        let (rows, cols) = info.matrix_shape();
+        assert_eq!((q.rows, q.cols, q.group_size), (rows, cols, 32), "{name}");
+        let want = support::reference_dequant(info.ggml_type.0, model.tensor_bytes(name).unwrap());
+        assert_eq!(support::first_difference(&q.dequantize(), &want), None, "{name}");
+    });
+}
+
+struct Measured {
+    name: String,
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    segment: usize,
+    entropy: f64,
+    stream: u64,
+}
+
+fn encode_all(model: &GgufFile, names: &[String], segment: impl Fn(usize) -> usize + Sync) -> Vec<Measured> {
+    names
+        .par_iter()
+        .map(|name| {
+            let q = model.quantized(name).unwrap();
+            let segment = segment(q.cols);
+            let t = EcTensor::encode(&q, EncodeOptions { segment, ..EncodeOptions::default() }).unwrap();
+            let back = t.to_quantized().unwrap();
+            assert!(back.symbols == q.symbols, "{name}: decoded symbols differ");
+            assert_eq!(
+                back.scales.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                q.scales.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{name}: scales"
+            );
+            assert_eq!(
+                back.biases.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                q.biases.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{name}: biases"
+            );
+            Measured {
+                name: name.clone(),
+                rows: q.rows,
+                cols: q.cols,
+                bits: q.bits,
+                segment: t.layout().segment(),
+                entropy: order0_entropy_bits(&q),
+                stream: t.stream_bits(),
+            }
+        })
+        .collect()
+}
+
+fn summarize(label: &str, rows: &[&Measured]) -> (f64, f64) {
+    let weights: f64 = rows.iter().map(|m| (m.rows * m.cols) as f64).sum();
+    let entropy: f64 = rows.iter().map(|m| m.entropy).sum();
+    let stream: f64 = rows.iter().map(|m| m.stream as f64).sum();
+    println!(
+        "{label:<28} {:>3} tensors {:>11.0} weights: stream {:.4} bits/weight, entropy {:.4}, overhead {:+.3}%",
+        rows.len(),
+        weights,
+        stream / weights,
+        entropy / weights,
+        100.0 * (stream / entropy - 1.0)
+    );
+    (stream, entropy)
+}
+
+#[test]
+fn smollm2_encode_round_trip_within_2pct_of_entropy() {
+    let Some(path) = support::require_smollm2("smollm2_encode_round_trip_within_2pct_of_entropy") else { return };
+    let model = GgufFile::open(&path).unwrap();
+    let names = quantized_names(&model);
+    let measured = encode_all(&model, &names, |cols| segment_for(cols, 32));
+    println!(
+        "{:<28} {:>6} {:>5} {:>4} {:>4} {:>9} {:>9} {:>8}",
+        "tensor", "rows", "cols", "bits", "S", "stream", "entropy", "over"
+    );
+    for m in &measured {
+        let w = (m.rows * m.cols) as f64;
+        println!(
+            "{:<28} {:>6} {:>5} {:>4} {:>4} {:>9.4} {:>9.4} {:>+7.3}%",
+            m.name,
+            m.rows,
+            m.cols,
+            m.bits,
+            m.segment,
+            m.stream as f64 / w,
+            m.entropy / w,
+            100.0 * (m.stream as f64 / m.entropy - 1.0)
+        );
+    }
+    println!();
+    let by_kind = |pred: &dyn Fn(&Measured) -> bool| measured.iter().filter(|m| pred(m)).collect::<Vec<_>>();
+    summarize("4-bit, 576 columns", &by_kind(&|m| m.bits == 4 && m.cols == 576));
+    summarize("4-bit, 1536 columns", &by_kind(&|m| m.bits == 4 && m.cols == 1536));
+    summarize("4-bit (Q4_1) all", &by_kind(&|m| m.bits == 4));
+    summarize("8-bit (Q8_0 token_embd)", &by_kind(&|m| m.bits == 8));
+    let (stream, entropy) = summarize("all encoded", &by_kind(&|_| true));
+    assert!(
+        stream <= entropy * (1.0 + MAX_STREAM_OVERHEAD),
+        "stream {stream} bits is more than {MAX_STREAM_OVERHEAD} over the entropy bound {entropy}"
+    );
+}
+
+/// On this model the shape rule stores less than the fixed default segment, which cuts every 576-column row
+/// into 512 + 64 columns and pays a full state for the short segment.
+#[test]
+fn smollm2_segment_rule_beats_default_segment() {
+    let Some(path) = support::require_smollm2("smollm2_segment_rule_beats_default_segment") else { return };
+    let model = GgufFile::open(&path).unwrap();
+    let names = quantized_names(&model);
+    let rule = encode_all(&model, &names, |cols| segment_for(cols, 32));
+    let default = encode_all(&model, &names, |_| rans::DEFAULT_SEGMENT);
+    let narrow = |m: &&Measured| m.bits == 4 && m.cols == 576;
+    summarize("4-bit 576 cols, S = 576", &rule.iter().filter(narrow).collect::<Vec<_>>());
+    summarize("4-bit 576 cols, S = 512+64", &default.iter().filter(narrow).collect::<Vec<_>>());
+    summarize("8-bit 576 cols, S = 512+64", &default.iter().filter(|m| m.bits == 8).collect::<Vec<_>>());
+    let (rule_stream, entropy) = summarize("all, shape rule", &rule.iter().collect::<Vec<_>>());
+    let (default_stream, _) = summarize("all, S = 512 everywhere", &default.iter().collect::<Vec<_>>());
+    assert!(rule_stream < default_stream, "rule {rule_stream} bits, default {default_stream} bits");
+    assert!(rule_stream <= entropy * (1.0 + MAX_STREAM_OVERHEAD));
+}
+
+#[test]
+fn segment_rule_examples() {
+    assert_eq!(segment_for(576, 32), 576);
+    assert_eq!(segment_for(1536, 32), 512);
+    assert_eq!(segment_for(4096, 64), 512);
+    assert_eq!(segment_for(800, 32), 416);
+    assert_eq!(segment_for(100, 32), 128);
+}
