@@ -199,3 +199,32 @@ fn segment_rule_examples() {
     assert_eq!(segment_for(800, 32), 416);
     assert_eq!(segment_for(100, 32), 128);
 }
+
+/// Copies of the real file cut at lengths inside the metadata, inside the tensor infos and inside the data
+/// all fail with InvalidFile.
+#[test]
+fn smollm2_truncated_copies_fail_cleanly() {
+    let Some(path) = support::require_smollm2("smollm2_truncated_copies_fail_cleanly") else { return };
+    let bytes = std::fs::read(&path).unwrap();
+    let data_offset = GgufFile::open(&path).unwrap().data_offset() as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    for len in [
+        0,
+        23,
+        24,
+        1000,
+        100_000,
+        data_offset / 2,
+        data_offset - 200,
+        data_offset - 1,
+        data_offset + 5000,
+        bytes.len() - 1,
+    ] {
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        match GgufFile::open(&cut) {
+            Err(ecq::Error::InvalidFile { .. }) => {}
+            other => panic!("length {len}: expected InvalidFile, got {other:?}"),
+        }
+    }
+}

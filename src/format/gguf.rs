@@ -568,7 +568,7 @@ impl<'a> Reader<'a> {
         let len = self.u64(&|| format!("length of {}", what()))?;
         if len > self.remaining() as u64 {
             return Err(format!(
-                "{} claims {len} bytes at offset {} but only {} are left in the file",
+                "truncated or corrupt: {} claims {len} bytes at offset {} but only {} are left in the file",
                 what(),
                 self.pos,
                 self.remaining()
