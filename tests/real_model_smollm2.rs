@@ -86,6 +86,14 @@ struct Measured {
     segment: usize,
     entropy: f64,
     stream: u64,
+    /// Bits of the 16-bit words alone.
+    words: u64,
+    /// Bits of the final states and tile offsets.
+    states: u64,
+    /// Ideal coded size of the joint symbols with the normalized table, `sum(count * -log2(freq / 2^P))`.
+    table_cost: f64,
+    /// Joint (pair for 4-bit) entropy of the symbols.
+    joint_entropy: f64,
 }
 
 fn encode_all(model: &GgufFile, names: &[String], segment: impl Fn(usize) -> usize + Sync) -> Vec<Measured> {
@@ -95,6 +103,7 @@ fn encode_all(model: &GgufFile, names: &[String], segment: impl Fn(usize) -> usi
             let q = model.quantized(name).unwrap();
             let segment = segment(q.cols);
             let t = EcTensor::encode(&q, EncodeOptions { segment, ..EncodeOptions::default() }).unwrap();
+            let joint = rans::joint_counts(&q.symbols, t.layout()).unwrap();
             let back = t.to_quantized().unwrap();
             assert!(back.symbols == q.symbols, "{name}: decoded symbols differ");
             assert_eq!(
@@ -115,9 +124,20 @@ fn encode_all(model: &GgufFile, names: &[String], segment: impl Fn(usize) -> usi
                 segment: t.layout().segment(),
                 entropy: order0_entropy_bits(&q),
                 stream: t.stream_bits(),
+                words: 16 * t.stream().words.len() as u64,
+                states: 32 * (t.stream().states.len() + t.stream().tile_offsets.len()) as u64,
+                table_cost: t.table().cost_bits(&joint),
+                joint_entropy: rans::entropy_bits(&joint) * joint.iter().sum::<u64>() as f64,
             }
         })
         .collect()
+}
+
+fn role(name: &str) -> &str {
+    match name.strip_prefix("blk.") {
+        Some(rest) => rest.split_once('.').map_or(name, |(_, role)| role),
+        None => name,
+    }
 }
 
 fn summarize(label: &str, rows: &[&Measured]) -> (f64, f64) {
@@ -131,6 +151,16 @@ fn summarize(label: &str, rows: &[&Measured]) -> (f64, f64) {
         stream / weights,
         entropy / weights,
         100.0 * (stream / entropy - 1.0)
+    );
+    let per_weight = |f: &dyn Fn(&Measured) -> f64| rows.iter().map(|m| f(m)).sum::<f64>() / weights;
+    println!(
+        "{:<28} = words {:.4} (table cost {:.4}, joint entropy {:.4}) + states/offsets {:.4} + table {:.4}",
+        "",
+        per_weight(&|m| m.words as f64),
+        per_weight(&|m| m.table_cost),
+        per_weight(&|m| m.joint_entropy),
+        per_weight(&|m| m.states as f64),
+        per_weight(&|m| (m.stream - m.words - m.states) as f64),
     );
     (stream, entropy)
 }
@@ -161,6 +191,13 @@ fn smollm2_encode_round_trip_within_2pct_of_entropy() {
     }
     println!();
     let by_kind = |pred: &dyn Fn(&Measured) -> bool| measured.iter().filter(|m| pred(m)).collect::<Vec<_>>();
+    // One line per tensor role across the layers (blk.N.ffn_up.weight -> ffn_up.weight).
+    let mut roles: Vec<&str> = measured.iter().map(|m| role(&m.name)).collect();
+    roles.sort_unstable();
+    roles.dedup();
+    for r in roles {
+        summarize(r, &by_kind(&|m| role(&m.name) == r));
+    }
     summarize("4-bit, 576 columns", &by_kind(&|m| m.bits == 4 && m.cols == 576));
     summarize("4-bit, 1536 columns", &by_kind(&|m| m.bits == 4 && m.cols == 1536));
     summarize("4-bit (Q4_1) all", &by_kind(&|m| m.bits == 4));
