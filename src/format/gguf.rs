@@ -23,7 +23,7 @@
 //! Dequantizing the imported matrix reproduces llama.cpp's f32 weights exactly (up to the sign of a zero
 //! weight: `d * q + bias` gives `+0` where `d * (q - 8)` gives `-0` for negative `d`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -318,6 +318,21 @@ pub enum GgufTensor<'a> {
 }
 
 /// A GGUF file, memory-mapped and validated.
+///
+/// ```no_run
+/// use ecq::format::gguf::{GgufFile, GgufTensor};
+/// use ecq::format::{EcTensor, EncodeOptions};
+///
+/// let model = GgufFile::open("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+/// for info in model.tensors() {
+///     println!("{} {} {:?}", info.name, info.ggml_type, info.shape());
+/// }
+/// if let GgufTensor::Quantized { matrix, .. } = model.tensor("blk.0.ffn_up.weight")? {
+///     let encoded = EcTensor::encode(&matrix, EncodeOptions::default())?;
+///     assert_eq!(encoded.to_quantized()?, matrix);
+/// }
+/// # Ok::<(), ecq::Error>(())
+/// ```
 pub struct GgufFile {
     path: PathBuf,
     map: Mmap,
@@ -666,6 +681,7 @@ fn parse(buf: &[u8]) -> Result<Header, String> {
     let tensor_count = tensor_count as usize;
 
     let mut metadata = Vec::with_capacity(kv_count);
+    let mut keys = HashSet::with_capacity(kv_count);
     let mut alignment = DEFAULT_ALIGNMENT;
     for i in 0..kv_count {
         let key = r.string(&|| format!("key of metadata entry {i}"))?;
@@ -678,14 +694,14 @@ fn parse(buf: &[u8]) -> Result<Header, String> {
                 ref v => return Err(format!("general.alignment must be a u32 power of two, got {v:?}")),
             };
         }
-        if metadata.iter().any(|(k, _)| *k == key) {
+        if !keys.insert(key.clone()) {
             return Err(format!("metadata key `{key}` appears twice"));
         }
         metadata.push((key, value));
     }
 
     let mut tensors = Vec::with_capacity(tensor_count);
-    let mut names = std::collections::HashSet::with_capacity(tensor_count);
+    let mut names = HashSet::with_capacity(tensor_count);
     for i in 0..tensor_count {
         let name = r.string(&|| format!("name of tensor {i}"))?;
         let what = |field: &str| format!("{field} of tensor `{name}`");
