@@ -17,14 +17,9 @@ use rayon::prelude::*;
 /// Largest allowed excess of the total stored symbol stream over the order-0 entropy bound.
 const MAX_STREAM_OVERHEAD: f64 = 0.02;
 
-/// Segment width for a matrix of `cols` columns: cut the row into the number of segments nearest to
-/// `cols / DEFAULT_SEGMENT` (at least one) of equal width, rounded up to a whole group. A short last segment
-/// pays a full 32-bit state per row for few weights; this avoids it (576 columns: one segment of 576, not
-/// 512 + 64).
+/// The encoder's segment width for `cols` columns (the shape rule of `EncodeOptions::segment_for`).
 fn segment_for(cols: usize, group_size: usize) -> usize {
-    let target = rans::DEFAULT_SEGMENT;
-    let segments = ((cols + target / 2) / target).max(1);
-    cols.div_ceil(segments).div_ceil(group_size) * group_size
+    EncodeOptions::default().segment_for(cols, group_size)
 }
 
 fn quantized_names(model: &GgufFile) -> Vec<String> {
@@ -207,25 +202,6 @@ fn smollm2_encode_round_trip_within_2pct_of_entropy() {
         stream <= entropy * (1.0 + MAX_STREAM_OVERHEAD),
         "stream {stream} bits is more than {MAX_STREAM_OVERHEAD} over the entropy bound {entropy}"
     );
-}
-
-/// On this model the shape rule stores less than the fixed default segment, which cuts every 576-column row
-/// into 512 + 64 columns and pays a full state for the short segment.
-#[test]
-fn smollm2_segment_rule_beats_default_segment() {
-    let Some(path) = support::require_smollm2("smollm2_segment_rule_beats_default_segment") else { return };
-    let model = GgufFile::open(&path).unwrap();
-    let names = quantized_names(&model);
-    let rule = encode_all(&model, &names, |cols| segment_for(cols, 32));
-    let default = encode_all(&model, &names, |_| rans::DEFAULT_SEGMENT);
-    let narrow = |m: &&Measured| m.bits == 4 && m.cols == 576;
-    summarize("4-bit 576 cols, S = 576", &rule.iter().filter(narrow).collect::<Vec<_>>());
-    summarize("4-bit 576 cols, S = 512+64", &default.iter().filter(narrow).collect::<Vec<_>>());
-    summarize("8-bit 576 cols, S = 512+64", &default.iter().filter(|m| m.bits == 8).collect::<Vec<_>>());
-    let (rule_stream, entropy) = summarize("all, shape rule", &rule.iter().collect::<Vec<_>>());
-    let (default_stream, _) = summarize("all, S = 512 everywhere", &default.iter().collect::<Vec<_>>());
-    assert!(rule_stream < default_stream, "rule {rule_stream} bits, default {default_stream} bits");
-    assert!(rule_stream <= entropy * (1.0 + MAX_STREAM_OVERHEAD));
 }
 
 #[test]

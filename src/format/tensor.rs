@@ -7,10 +7,26 @@ use crate::rans::{self, EncodedStream, FreqTable, TileLayout};
 /// Encoder settings: segment width `S` and probability precision `P`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncodeOptions {
-    /// Columns per segment; rounded to a multiple of the group size.
+    /// Target columns per segment. The encoder splits a row of `K` columns into `max(1, round(K / segment))`
+    /// equal segments, each rounded up to whole groups (see [`EncodeOptions::segment_for`]), so that no row
+    /// pays a whole state for a short leftover segment.
     pub segment: usize,
     /// Probability precision `P` of the frequency table, `1..=12`.
     pub precision: u32,
+}
+
+impl EncodeOptions {
+    /// The segment width used for a matrix of `cols` columns and groups of `group_size`:
+    /// `S = ceil(K / max(1, round(K / target)))` rounded up to a multiple of `group_size`.
+    ///
+    /// Measured on SmolLM2-135M's 576-column tensors: a fixed `S = 512` leaves a 64-column second segment
+    /// per row and costs +2.4% over the entropy, the even split (`S = 576`) +1.3%.
+    pub fn segment_for(&self, cols: usize, group_size: usize) -> usize {
+        let group_size = group_size.max(1);
+        let target = self.segment.max(1);
+        let segments = ((cols + target / 2) / target).max(1);
+        (cols.div_ceil(segments).div_ceil(group_size) * group_size).max(group_size)
+    }
 }
 
 impl Default for EncodeOptions {
@@ -43,8 +59,7 @@ impl EcTensor {
         if options.segment == 0 {
             return Err(Error::param("segment", "must be positive"));
         }
-        let segment = options.segment.div_ceil(q.group_size) * q.group_size;
-        let segment = segment.min(q.cols.max(q.group_size).div_ceil(q.group_size) * q.group_size);
+        let segment = options.segment_for(q.cols, q.group_size);
         let layout = TileLayout::new(q.rows, q.cols, q.bits, segment)?;
         let counts = rans::joint_counts(&q.symbols, &layout)?;
         let table = FreqTable::from_counts(&counts, options.precision)?;
