@@ -1,5 +1,12 @@
 //! Encoded tensors and the files that hold them. Nothing here knows about devices.
 
+mod container;
+mod safetensors_file;
 mod tensor;
+
+pub use container::{
+    ArrayNames, Checksums, ContainerWriter, EcFile, EncodedInfo, FORMAT_VERSION, MAX_SEGMENT, RAW_CRC_KEY, VERSION_KEY,
+};
+pub use safetensors_file::{Dtype, SafetensorsFile, TensorInfo, TensorView, MAX_HEADER_LEN};
 
 pub use tensor::{EcTensor, EncodeOptions};
