@@ -497,15 +497,15 @@ impl EcFile {
                 .map_err(|e| Error::file(format!("`{RAW_CRC_KEY}` is not a map of CRC-32 values: {e}")))?,
             None => BTreeMap::new(),
         };
-        let mut raw = BTreeMap::new();
-        for name in file.tensors().keys() {
-            if claimed.contains(name) {
-                continue;
-            }
+        let unclaimed = || file.tensors().keys().filter(|n| !claimed.contains(n.as_str()));
+        for name in unclaimed() {
             if let Some(s) = STREAM_SUFFIXES.iter().find(|s| name.ends_with(*s)) {
                 let owner = &name[..name.len() - s.len()];
                 return Err(Error::file(format!("array `{name}` has no `{owner}.ecq` metadata entry")));
             }
+        }
+        let mut raw = BTreeMap::new();
+        for name in unclaimed() {
             if encoded.contains_key(name) {
                 return Err(Error::file(format!("tensor `{name}` is both encoded and passthrough")));
             }
