@@ -123,6 +123,31 @@ pub struct EncodedInfo {
 
 /// Writes an ecq container one tensor at a time (see the module documentation).
 ///
+/// ```
+/// use ecq::format::{ContainerWriter, Dtype, EcFile, EcTensor, EncodeOptions};
+/// use ecq::quant::{quantize, QuantConfig};
+///
+/// # fn main() -> ecq::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("layer.safetensors");
+/// let w: Vec<f32> = (0..40 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0).collect();
+/// let q = quantize(&w, 40, 128, QuantConfig::default())?;
+/// let tensor = EcTensor::encode(&q, EncodeOptions::default())?;
+///
+/// let mut writer = ContainerWriter::create(&path)?;
+/// writer.add_encoded("mlp.up_proj.weight", &tensor)?;
+/// writer.add_raw("norm.weight", Dtype::F32, &[2], &[0, 0, 128, 63, 0, 0, 0, 64])?;
+/// writer.finish()?;
+///
+/// let file = EcFile::open(&path)?;
+/// assert_eq!(file.tensor("mlp.up_proj.weight")?, tensor);
+/// assert_eq!(file.tensor("mlp.up_proj.weight")?.to_quantized()?, q);
+/// assert_eq!(file.raw("norm.weight")?.data, &[0, 0, 128, 63, 0, 0, 0, 64]);
+/// assert!(file.safetensors().tensors().contains_key("mlp.up_proj.scales"));
+/// # Ok(())
+/// # }
+/// ```
+///
 /// Tensor data goes to a spool file in the destination's directory as it is added; [`finish`](Self::finish)
 /// writes header and data to a second temporary file, syncs it and renames it over the destination. If the
 /// writer is dropped without `finish`, or `finish` fails, both temporaries are removed and the destination is
@@ -651,7 +676,7 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str) -> Result<Encode
     // Each tile costs 32 states and an offset in the file: a count the file cannot hold is refused before any
     // size is derived from it.
     let tiles = layout.tiles();
-    let data_len: usize = file.tensors().values().map(|t| t.data_offsets.1 - t.data_offsets.0).sum();
+    let data_len = file.data_len();
     if tiles.checked_mul(4 * LANES + 4).is_none_or(|b| b > data_len) {
         return Err(invalid(name, format!("{tiles} tiles of states cannot fit in the {data_len}-byte file data")));
     }

@@ -217,13 +217,18 @@ impl SafetensorsFile {
         }
         // SAFETY: the map is read-only; the caller is told not to modify the file while it is open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (data_start, tensors, metadata) = parse_header(&mmap)?;
+        let Header { data_start, tensors, metadata } = parse_header(&mmap)?;
         Ok(Self { path: path.to_path_buf(), mmap, data_start, tensors, metadata })
     }
 
     /// The path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Length of the data section in bytes (the file less its header), which the tensors cover exactly.
+    pub fn data_len(&self) -> usize {
+        self.mmap.len() - self.data_start
     }
 
     /// Every tensor, by name (sorted).
@@ -251,8 +256,15 @@ impl SafetensorsFile {
     }
 }
 
-/// Validates a whole file image: returns the data section's start, the tensors and the metadata.
-fn parse_header(bytes: &[u8]) -> Result<(usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>)> {
+/// What a validated header says.
+struct Header {
+    data_start: usize,
+    tensors: BTreeMap<String, TensorInfo>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// Validates a whole file image.
+fn parse_header(bytes: &[u8]) -> Result<Header> {
     let Some(len_bytes) = bytes.get(..8) else {
         return Err(Error::file("shorter than the 8-byte header length"));
     };
@@ -325,5 +337,5 @@ fn parse_header(bytes: &[u8]) -> Result<(usize, BTreeMap<String, TensorInfo>, BT
             "tensors end at byte {at} of a {data_len}-byte data section; the file is truncated or has trailing bytes"
         )));
     }
-    Ok((data_start, tensors, metadata))
+    Ok(Header { data_start, tensors, metadata })
 }
