@@ -65,8 +65,9 @@ enum Command {
     /// Print a table of every tensor: shape, bits, stored size against the entropy bound, overhead.
     ///
     /// Columns: `stored` is the symbol stream in bits per weight (words, states, tile offsets and frequency
-    /// table); `entropy` is the order-0 entropy of the decoded symbols in bits per weight, the bound for a
-    /// per-tensor static model; `+H` is how far `stored` is above it; `side` is states + offsets + table as a
+    /// table); `entropy` is the order-0 entropy of the decoded weight symbols in bits per weight (coding k
+    /// weights per joint symbol can go slightly below it when neighbours are correlated); `+H` is how far
+    /// `stored` is above it; `side` is states + offsets + table as a
     /// percentage of the words; `scale` and `bias` are their own bits per weight.
     Inspect {
         /// An ecq container (a plain safetensors file is listed too, all tensors passthrough).
