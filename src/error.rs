@@ -42,6 +42,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// An array's bytes do not match the CRC-32 stored for them: the file is corrupt.
+    #[error("checksum mismatch in `{array}` of tensor `{tensor}`: stored {expected:#010x}, computed {actual:#010x}; the file is corrupt, convert it again")]
+    ChecksumMismatch {
+        /// The tensor the array belongs to.
+        tensor: String,
+        /// The array whose bytes were hashed.
+        array: String,
+        /// The CRC-32 stored in the header.
+        expected: u32,
+        /// The CRC-32 of the bytes found.
+        actual: u32,
+    },
+
     /// The file declares a format version this build cannot read.
     #[error("unsupported ecq format version {found} (this build reads version {supported}); upgrade ecq")]
     UnsupportedVersion {
