@@ -57,8 +57,9 @@ enum Command {
         /// Probability precision P of the rANS frequency table, 1..=12 (12 codes closest to the entropy).
         #[arg(long, default_value_t = rans::DEFAULT_PRECISION)]
         precision: u32,
-        /// Columns per segment S: one 32-bit state per row per segment (about 32/S bits per weight of overhead;
-        /// smaller S gives more independent tiles to decode in parallel). Rounded up to the group size.
+        /// Target columns per segment S: one 32-bit state per row per segment (about 32/S bits per weight of
+        /// overhead; smaller S gives more independent tiles to decode in parallel). Each row is split into
+        /// round(K/S) equal segments, rounded up to the group size.
         #[arg(long, default_value_t = rans::DEFAULT_SEGMENT)]
         segment: usize,
     },
