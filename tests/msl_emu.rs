@@ -522,7 +522,7 @@ fn corrupt_streams_are_flagged_without_out_of_bounds_access() {
         ("an offset far past the end", Box::new(|s| s.tile_offsets[5] = 0xffff_fff0), &[4, 5]),
         ("decreasing offsets", Box::new(|s| s.tile_offsets[9] = 0), &[8, 9]),
         ("a flipped word", Box::new(move |s| s.words[mid] ^= 0x5a5a), &[7]),
-        ("a wrong state", Box::new(|s| s.states[11 * LANES + 3] ^= 0x0100_0000), &[11]),
+        ("a wrong state", Box::new(|s| s.states[11 * LANES + 1] ^= 0x0100_0000), &[11]),
     ];
     for (what, corrupt, flagged) in corruptions {
         let mut bad = case.clone();
