@@ -20,9 +20,9 @@ use ecq::rans::{self, EncodedStream, FreqTable, TileLayout, LANES};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Largest accepted `|y - y_ref|` as a fraction of the output's magnitude
-/// `sum over groups of |scale| * sum(q |x|) + |bias| * sum(|x|)`: f32 accumulation over at most a few
-/// thousand terms stays far below this (observed maxima are printed by each test).
-const GEMV_TOLERANCE: f64 = 1e-5;
+/// `sum over groups of |scale| * sum(q |x|) + |bias| * sum(|x|)`. f32 accumulation over these shapes stays
+/// near 2e-8 (each test prints its maximum); a wrong symbol moves a result by 1e-4 or more.
+const GEMV_TOLERANCE: f64 = 1e-6;
 
 /// Threads per threadgroup the kernels are written for: 8 simdgroups of 32.
 const THREADS: u32 = 256;
@@ -344,20 +344,33 @@ fn check_gemv(case: &Case, m: usize, variant: u32, threads: u32) {
     let Some(emu) = emulator() else { return };
     let x = case.random_x(m, 7 + m as u64);
     let run = run_gemv(emu, case, &x, m, variant, threads);
-    assert_eq!(run.tile_status, vec![0u32; case.tiles()], "{}: tile status (0 = ok)", case.name);
     let (y_ref, mag) = gemv_reference(&case.q, &x, m);
+    assert_eq!(run.y.len(), y_ref.len());
+    let rows = case.layout.rows();
     let mut worst = 0f64;
+    let mut outside = Vec::new();
     for (i, ((&y, &want), &size)) in run.y.iter().zip(&y_ref).zip(&mag).enumerate() {
         let err = (y as f64 - want).abs() / size.max(f64::MIN_POSITIVE);
-        assert!(
-            err <= GEMV_TOLERANCE,
-            "{} m={m}: vector {} row {}: got {y}, float64 reference {want} (relative error {err:.2e})",
-            case.name,
-            i / case.layout.rows(),
-            i % case.layout.rows()
-        );
+        if err.is_nan() || err > GEMV_TOLERANCE {
+            outside.push(format!(
+                "vector {} row {}: got {y}, float64 reference {want} (relative error {err:.2e})",
+                i / rows,
+                i % rows
+            ));
+        }
         worst = worst.max(err);
     }
+    let flagged = run.tile_status.iter().filter(|&&s| s != 0).count();
+    assert!(
+        outside.is_empty() && flagged == 0,
+        "{} m={m}: {} of {} outputs outside tolerance {GEMV_TOLERANCE:.0e}{}; {flagged} of {} tiles flagged (status {:?})",
+        case.name,
+        outside.len(),
+        run.y.len(),
+        outside.first().map(|f| format!(", first {f}")).unwrap_or_default(),
+        case.tiles(),
+        &run.tile_status[..run.tile_status.len().min(16)]
+    );
     eprintln!("{} m={m} v{variant}: max relative error {worst:.2e} (tolerance {GEMV_TOLERANCE:.0e})", case.name);
 }
 
@@ -389,7 +402,7 @@ fn ec_gemv_single_tile_matches_reference() {
 #[test]
 fn ec_gemv_thousands_of_tiles_matches_reference() {
     // 2048 x 8192, segment 128, group 32: 64 row tiles x 64 segments = 4096 tiles.
-    for bits in [2, 4, 8] {
+    for bits in PARITY_BITS {
         let case = Case::quantized(2048, 8192, bits, 32, 128, 300 + bits as u64);
         assert_eq!(case.tiles(), 4096);
         check_gemv(&case, 1, 1, THREADS);
@@ -452,19 +465,28 @@ fn check_decode(case: &Case, threadgroups: u32) {
     assert_eq!(cpu, case.q.symbols, "{}: CPU decode", case.name);
     let want = pack_mlx(&cpu, case.layout.cols(), case.layout.bits()).unwrap();
     let run = run_decode(emu, case, case.stream_arrays(1), threadgroups);
-    assert_eq!(run.tile_status, vec![0u32; case.tiles()], "{}: tile status (0 = ok)", case.name);
-    if let Some(i) = run.packed.iter().zip(&want).position(|(a, b)| a != b) {
-        let wpr = want.len() / case.layout.rows();
-        panic!(
-            "{}: packed word {i} (row {}, word {} of the row) is {:#010x}, CPU reference {:#010x}",
-            case.name,
-            i / wpr,
-            i % wpr,
-            run.packed[i],
-            want[i]
-        );
-    }
     assert_eq!(run.packed.len(), want.len());
+    let wrong = run.packed.iter().zip(&want).filter(|(a, b)| a != b).count();
+    let first = run.packed.iter().zip(&want).position(|(a, b)| a != b);
+    let flagged = run.tile_status.iter().filter(|&&s| s != 0).count();
+    let wpr = want.len() / case.layout.rows();
+    assert!(
+        wrong == 0 && flagged == 0,
+        "{}: {wrong} of {} packed words differ from the CPU reference{}; {flagged} of {} tiles flagged (status {:?})",
+        case.name,
+        want.len(),
+        first
+            .map(|i| format!(
+                ", first word {i} (row {}, word {} of the row): {:#010x}, CPU reference {:#010x}",
+                i / wpr,
+                i % wpr,
+                run.packed[i],
+                want[i]
+            ))
+            .unwrap_or_default(),
+        case.tiles(),
+        &run.tile_status[..run.tile_status.len().min(16)]
+    );
 }
 
 fn decode_grid(case: &Case) -> u32 {
@@ -483,7 +505,9 @@ fn rans_decode_parity_shapes_every_width_exact() {
 
 #[test]
 fn rans_decode_thousands_of_tiles_exact() {
-    for bits in [3, 4, 6] {
+    // Two widths only, to keep the emulation time down: ec_gemv_thousands_of_tiles_matches_reference runs the
+    // same decode steps at every width. 3-bit: symbols straddle packed words; 8-bit: one weight a step.
+    for bits in [3, 8] {
         let case = Case::quantized(2048, 8192, bits, 32, 128, 800 + bits as u64);
         assert_eq!(case.tiles(), 4096);
         check_decode(&case, decode_grid(&case));
