@@ -45,6 +45,7 @@ const CXX_FLAGS: [&str; 8] =
 // Building and running the emulator
 
 struct Emulator {
+    cxx: String,
     ec_gemv: PathBuf,
     rans_decode: PathBuf,
 }
@@ -116,6 +117,7 @@ fn emulator() -> Option<&'static Emulator> {
                 out
             };
             Some(Emulator {
+                cxx: cxx.clone(),
                 ec_gemv: build("tests/msl_emu/ec_gemv_main.cpp", "ec_gemv_emu"),
                 rans_decode: build("tests/msl_emu/rans_decode_main.cpp", "rans_decode_emu"),
             })
@@ -193,6 +195,32 @@ fn run_driver(binary: &Path, input: &Arrays, what: &str) -> Arrays {
     );
     eprintln!("{what}: emulated in {:.2} s", started.elapsed().as_secs_f64());
     Arrays::decode(&std::fs::read(&output_path).unwrap())
+}
+
+/// The `host_name` strings of a kernel file after macro expansion (adjacent string literals joined).
+fn host_names(emu: &Emulator, kernel_file: &str) -> Vec<String> {
+    let result = Command::new(&emu.cxx)
+        .current_dir(root())
+        .args(["-E", "-P", "-x", "c++", kernel_file])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} -E: {e}", emu.cxx));
+    assert!(result.status.success(), "preprocessing {kernel_file}: {}", String::from_utf8_lossy(&result.stderr));
+    let text = String::from_utf8(result.stdout).unwrap();
+    let mut names = Vec::new();
+    for piece in text.split("host_name(").skip(1) {
+        let literals = &piece[..piece.find(')').unwrap()];
+        names.push(literals.split('"').skip(1).step_by(2).collect::<String>());
+    }
+    names
+}
+
+#[test]
+fn entry_points_cover_every_width() {
+    let Some(emu) = emulator() else { return };
+    let want: Vec<String> = (1..=8).flat_map(|b| [format!("ec_gemv_b{b}_v1"), format!("ec_gemv_b{b}_v8")]).collect();
+    assert_eq!(host_names(emu, "msl/ec_gemv.metal"), want);
+    let want: Vec<String> = (1..=8).map(|b| format!("rans_decode_b{b}")).collect();
+    assert_eq!(host_names(emu, "msl/rans_decode.metal"), want);
 }
 
 // ---------------------------------------------------------------------------------------------------------
