@@ -354,8 +354,9 @@ fn gemv_reference(q: &QuantizedMatrix, x: &[f32], m: usize) -> (Vec<f64>, Vec<f6
             let (mut acc, mut size) = (0f64, 0f64);
             for g in 0..groups {
                 let (scale, bias) = (q.scales[r * groups + g] as f64, q.biases[r * groups + g] as f64);
-                for c in g * gs..(g + 1) * gs {
-                    let (qi, xi) = (q.symbols[r * k + c] as f64, xv[c] as f64);
+                let (qs, xs) = (&q.symbols[r * k + g * gs..r * k + (g + 1) * gs], &xv[g * gs..(g + 1) * gs]);
+                for (&qi, &xi) in qs.iter().zip(xs) {
+                    let (qi, xi) = (qi as f64, xi as f64);
                     acc += (scale * qi + bias) * xi;
                     size += scale.abs() * qi * xi.abs() + bias.abs() * xi.abs();
                 }
@@ -570,7 +571,8 @@ fn corrupt_streams_are_flagged_without_out_of_bounds_access() {
     assert_eq!(case.tiles(), 15);
     let mid = case.stream.tile_offsets[7] as usize + 3;
     // (what, corruption, tiles that must be flagged)
-    let corruptions: [(&str, Box<dyn Fn(&mut EncodedStream)>, &[usize]); 4] = [
+    type Corruption = Box<dyn Fn(&mut EncodedStream)>;
+    let corruptions: [(&str, Corruption, &[usize]); 4] = [
         ("an offset far past the end", Box::new(|s| s.tile_offsets[5] = 0xffff_fff0), &[4, 5]),
         ("decreasing offsets", Box::new(|s| s.tile_offsets[9] = 0), &[8, 9]),
         ("a flipped word", Box::new(move |s| s.words[mid] ^= 0x5a5a), &[7]),
