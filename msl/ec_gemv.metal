@@ -86,11 +86,14 @@ template <int BITS, int VECTORS>
 
     // Parameters the loops below rely on; the whole threadgroup leaves together if they do not hold.
     const uint group_size = params.group_size;
+    // Whole simdgroups only: lane r is row r of the tile.
     if (params.bits != uint(BITS) || params.vectors == 0 || params.vectors > uint(VECTORS) || group_size == 0 ||
         group_size % K != 0 || params.segment == 0 || params.segment % group_size != 0 ||
-        params.cols % group_size != 0 || row_tile >= params.row_tiles) {
+        params.cols % group_size != 0 || row_tile >= params.row_tiles || threads % LANES != 0) {
         return;
     }
+    // The one-vector variant knows the count at compile time (the check above guarantees it).
+    const uint vectors = VECTORS == 1 ? 1u : params.vectors;
 
     const uint precision = min(params.precision, MAX_PRECISION);
     const uint slot_mask = (1u << precision) - 1u;
@@ -123,13 +126,13 @@ template <int BITS, int VECTORS>
             float sx[VECTORS];
             for (int v = 0; v < VECTORS; v++) {
                 qx[v] = 0.0f;
-                sx[v] = uint(v) < params.vectors ? simd_range_sum(x + v * cols + group_col, group_size, lane) : 0.0f;
+                sx[v] = uint(v) < vectors ? simd_range_sum(x + v * cols + group_col, group_size, lane) : 0.0f;
             }
             for (uint col = group_col; col < group_col + group_size; col += K) {
                 const uint entry = table[state & slot_mask];
                 state = active ? rans_advance(state, entry, precision) : state;
                 for (int v = 0; v < VECTORS; v++) {
-                    if (uint(v) < params.vectors) {
+                    if (uint(v) < vectors) {
                         qx[v] += symbol_dot<BITS>(entry & 0xffu, x + v * cols + col);
                     }
                 }
@@ -162,7 +165,7 @@ template <int BITS, int VECTORS>
     for (uint i = tid; i < uint(VECTORS) * LANES; i += threads) {
         const uint v = i / LANES;
         const uint out_row = row_tile * LANES + i % LANES;
-        if (v < params.vectors && out_row < params.rows) {
+        if (v < vectors && out_row < params.rows) {
             float sum = 0.0f;
             for (uint s = 0; s < workers; s++) {
                 sum += partial[(s * VECTORS + v) * LANES + i % LANES];

@@ -46,10 +46,11 @@ template <int BITS>
 
     threadgroup uint table[1u << MAX_PRECISION];
 
-    // Parameters the loops below rely on; the whole threadgroup leaves together if they do not hold.
+    // Parameters the loops below rely on; the whole threadgroup leaves together if they do not hold. Whole
+    // simdgroups only: lane r is row r of the tile.
     const uint cols = params.cols;
     if (params.bits != uint(BITS) || params.segment == 0 || params.segment % K != 0 || cols % K != 0 ||
-        (params.segment * BITS) % 32 != 0 || (cols * BITS) % 32 != 0) {
+        (params.segment * BITS) % 32 != 0 || (cols * BITS) % 32 != 0 || threads % LANES != 0) {
         return;
     }
 
