@@ -3,7 +3,8 @@
 //! float64 reference.
 //!
 //! The .metal sources are compiled unchanged as C++17 against a small shim (tests/msl_emu/metal_shim.h) that
-//! runs every GPU thread as a fiber and computes `simd_*` collectives over 32 emulated lanes. Needs a C++17
+//! runs every GPU thread as a fiber and computes `simd_*` collectives over 32 emulated lanes; the shim itself is
+//! checked by tests/msl_emu/shim_selftest.cpp (known collective results, rejected divergence). Needs a C++17
 //! compiler (`$CXX`, else `g++`, `clang++` or `c++`); without one every test here passes after printing a
 //! loud SKIPPED line, unless `ECQ_REQUIRE_MSL_EMU=1`, which turns the skip into a failure (set it in CI).
 //! `ECQ_MSL_EMU_WORKERS=n` runs the emulated grid on n OS threads (default 1).
@@ -27,7 +28,7 @@ const GEMV_TOLERANCE: f64 = 1e-6;
 /// Threads per threadgroup the kernels are written for: 8 simdgroups of 32.
 const THREADS: u32 = 256;
 
-const SOURCES: [&str; 9] = [
+const SOURCES: [&str; 10] = [
     "msl/ec_rans.h",
     "msl/ec_gemv.metal",
     "msl/rans_decode.metal",
@@ -37,6 +38,7 @@ const SOURCES: [&str; 9] = [
     "tests/msl_emu/driver.h",
     "tests/msl_emu/ec_gemv_main.cpp",
     "tests/msl_emu/rans_decode_main.cpp",
+    "tests/msl_emu/shim_selftest.cpp",
 ];
 const CXX_FLAGS: [&str; 8] =
     ["-std=c++17", "-O2", "-Wall", "-Wextra", "-pthread", "-U_FORTIFY_SOURCE", "-Itests/msl_emu", "-Imsl"];
@@ -48,6 +50,7 @@ struct Emulator {
     cxx: String,
     ec_gemv: PathBuf,
     rans_decode: PathBuf,
+    shim_selftest: PathBuf,
 }
 
 fn root() -> &'static Path {
@@ -120,6 +123,7 @@ fn emulator() -> Option<&'static Emulator> {
                 cxx: cxx.clone(),
                 ec_gemv: build("tests/msl_emu/ec_gemv_main.cpp", "ec_gemv_emu"),
                 rans_decode: build("tests/msl_emu/rans_decode_main.cpp", "rans_decode_emu"),
+                shim_selftest: build("tests/msl_emu/shim_selftest.cpp", "shim_selftest"),
             })
         })
         .as_ref()
@@ -212,6 +216,25 @@ fn host_names(emu: &Emulator, kernel_file: &str) -> Vec<String> {
         names.push(literals.split('"').skip(1).step_by(2).collect::<String>());
     }
     names
+}
+
+#[test]
+fn shim_collectives_match_their_definitions() {
+    let Some(emu) = emulator() else { return };
+    let result = Command::new(&emu.shim_selftest).arg("collectives").output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&result.stdout), String::from_utf8_lossy(&result.stderr));
+    assert!(result.status.success() && stdout.contains("shim selftest ok"), "{}\n{stdout}{stderr}", result.status);
+}
+
+#[test]
+fn shim_rejects_divergent_collectives_and_barriers() {
+    let Some(emu) = emulator() else { return };
+    for mode in ["divergent", "early_return"] {
+        let result = Command::new(&emu.shim_selftest).arg(mode).output().unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(3), "{mode}: {stderr}");
+        assert!(stderr.contains("diverged at a collective"), "{mode}: {stderr}");
+    }
 }
 
 #[test]
