@@ -3,8 +3,9 @@
 //!
 //! Each constant is one complete MSL library: `msl/ec_rans.h` (the parameter block and the rANS tile steps)
 //! followed by one kernel file, since the Metal runtime compiler resolves no user includes. The top of each
-//! kernel file lists its entry points and buffers. Buffer `n` is binding `n` of bind group 0 (wgpu's Metal
-//! backend numbers buffers in binding order when no immediates are used), and every size travels in the
+//! kernel file lists its entry points and buffers. Buffer `n` is binding `n` of bind group 0, with the layout's
+//! entries listed in binding order (wgpu's Metal backend numbers buffers in the order of the layout entries,
+//! starting at 0 when no immediates are used), and every size travels in the
 //! `EcParams` block (last binding, a uniform buffer of [`PARAMS_SIZE`] bytes: twelve `u32`, in order `rows,
 //! cols, bits, group_size, segment, segments, row_tiles, precision, total_words, vectors, 0, 0`), because
 //! wgpu passes no buffer lengths to passthrough shaders. The `words` buffer holds the `u16` words as
