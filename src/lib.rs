@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod format;
+pub mod kernels_msl;
 pub mod matmul;
 pub mod quant;
 pub mod rans;

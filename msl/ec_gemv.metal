@@ -1,0 +1,196 @@
+// ec_gemv.metal: fused rANS decode + dequantize + GEMV over ecq's tile stream, y = W x for 1..=8 vectors.
+//
+// READ ME FIRST
+// - Stream format (docs/FORMAT.md, src/rans/tile.rs): a tile is 32 rows (one lane per row) by one segment of
+//   columns; its 32 rANS states share one stream of 16-bit words. Each step every active lane decodes one
+//   joint symbol of k = 8 / BITS weights (low weight in the low bits), then the lanes renormalize in
+//   ascending order, each taking at most one word. Tiles are stored row-tile-major.
+// - Grid: one threadgroup per row tile. Its simdgroups share one copy of the decode table in threadgroup
+//   memory and take the row tile's segments in turn (simdgroup s: segments s, s + G, s + 2G, ...). Each lane
+//   keeps its row's partial sums; the simdgroups' partial sums are added in threadgroup memory at the end, so
+//   no atomics are needed and every output is written once.
+// - Word positions: a lane that needs a word takes the tile's next unread word plus the number of lower lanes
+//   that also need one, `popcount(ballot & lanes_below)`. Words reach the lanes through a 64-word register
+//   window (two words per lane, moved by `simd_shuffle`), refilled one window ahead so that the device-memory
+//   load is not on the per-step dependency chain.
+// - Dequantization is folded into the dot product per group: y += scale * sum(q * x) + bias * sum(x), and
+//   sum(x) is one lane-strided sum plus `simd_sum`, shared by the 32 rows.
+// - Stream-derived indices are clamped (see ec_rans.h); a corrupt tile sets its `tile_status`. Sizes come from
+//   `EcParams`, which the host validates (wgpu passes no buffer lengths to passthrough shaders).
+//
+// Entry points (threadgroup = 256 threads, 8 simdgroups; grid = row_tiles threadgroups):
+//   ec_gemv_b{1..8}_v1   one vector (params.vectors == 1)
+//   ec_gemv_b{1..8}_v8   up to 8 vectors (params.vectors in 1..=8), one accumulator per vector per lane
+// Buffers, in binding order:
+//   0 words         ushort[total_words]        the tiles' 16-bit words, tile after tile
+//   1 tile_offsets  uint[tiles + 1]            start of each tile in words, plus the total
+//   2 states        uint[tiles * 32]           initial decoder states; inactive lanes hold 2^16
+//   3 decode_table  uint[2^precision]          symbol | (freq - 1) << 8 | (slot - cum) << 20
+//   4 scales        float[rows * cols / group_size]
+//   5 biases        float[rows * cols / group_size]
+//   6 x             float[vectors * cols]      row-major, one input vector per row
+//   7 y             float[vectors * rows]      row-major, written
+//   8 tile_status   uint[tiles]                written: 0 ok, bit 0 an end state != 2^16, bit 1 word count
+//   9 params        EcParams                   (constant address space)
+
+// Requires ec_rans.h prepended (EcParams, LANES, WordWindow, renormalize, ...).
+
+// sum(q * x) over the k weights of one joint symbol: weight i sits in bits i * BITS.., column col + i.
+template <int BITS>
+inline float symbol_dot(uint symbol, device const float* x) {
+    constexpr uint K = 8 / BITS;
+    constexpr uint MASK = (1u << BITS) - 1u;
+    float sum = 0.0f;
+    for (uint i = 0; i < K; i++) {
+        sum += float((symbol >> (i * BITS)) & MASK) * x[i];
+    }
+    return sum;
+}
+
+// sum(x[0..n]) for the whole simdgroup: lane-strided partial sums, then one simd_sum.
+inline float simd_range_sum(device const float* x, uint n, uint lane) {
+    float sum = 0.0f;
+    for (uint i = lane; i < n; i += LANES) {
+        sum += x[i];
+    }
+    return simd_sum(sum);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Kernel
+
+template <int BITS, int VECTORS>
+[[kernel]] void ec_gemv(
+    device const ushort* words [[buffer(0)]],
+    device const uint* tile_offsets [[buffer(1)]],
+    device const uint* states [[buffer(2)]],
+    device const uint* decode_table [[buffer(3)]],
+    device const float* scales [[buffer(4)]],
+    device const float* biases [[buffer(5)]],
+    device const float* x [[buffer(6)]],
+    device float* y [[buffer(7)]],
+    device uint* tile_status [[buffer(8)]],
+    constant EcParams& params [[buffer(9)]],
+    uint row_tile [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simdgroup [[simdgroup_index_in_threadgroup]],
+    uint simdgroups [[simdgroups_per_threadgroup]]) {
+    static_assert(BITS >= 1 && BITS <= 8, "ec_gemv supports 1- to 8-bit symbols");
+    static_assert(VECTORS >= 1 && VECTORS <= 8, "ec_gemv keeps at most 8 accumulators per lane");
+    constexpr uint K = 8 / BITS;  // weights per joint symbol
+
+    threadgroup uint table[1u << MAX_PRECISION];
+    threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];
+
+    // Parameters the loops below rely on; the whole threadgroup leaves together if they do not hold.
+    const uint group_size = params.group_size;
+    // Whole simdgroups only: lane r is row r of the tile.
+    if (params.bits != uint(BITS) || params.vectors == 0 || params.vectors > uint(VECTORS) || group_size == 0 ||
+        group_size % K != 0 || params.segment == 0 || params.segment % group_size != 0 ||
+        params.cols % group_size != 0 || row_tile >= params.row_tiles || threads % LANES != 0) {
+        return;
+    }
+    // The one-vector variant knows the count at compile time (the check above guarantees it).
+    const uint vectors = VECTORS == 1 ? 1u : params.vectors;
+
+    const uint precision = min(params.precision, MAX_PRECISION);
+    const uint slot_mask = (1u << precision) - 1u;
+    for (uint i = tid; i <= slot_mask; i += threads) {
+        table[i] = decode_table[i];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    const uint cols = params.cols;
+    const uint row = row_tile * LANES + lane;
+    const bool active = row < params.rows;
+    const uint groups_per_row = cols / group_size;
+    const uint workers = min(simdgroups, MAX_SIMDGROUPS);
+
+    float acc[VECTORS];
+    for (int v = 0; v < VECTORS; v++) {
+        acc[v] = 0.0f;
+    }
+
+    for (uint segment = simdgroup; simdgroup < workers && segment < params.segments; segment += workers) {
+        const uint tile = row_tile * params.segments + segment;
+        uint state = active ? states[tile * LANES + lane] : STATE_LOWER;
+        const uint2 range = tile_word_range(tile_offsets, tile, params.total_words);
+        WordWindow window = word_window(words, range, lane);
+
+        const uint col0 = segment * params.segment;
+        const uint col_end = min(col0 + params.segment, cols);
+        for (uint group_col = col0; group_col < col_end; group_col += group_size) {
+            float qx[VECTORS];
+            float sx[VECTORS];
+            for (int v = 0; v < VECTORS; v++) {
+                qx[v] = 0.0f;
+                sx[v] = uint(v) < vectors ? simd_range_sum(x + v * cols + group_col, group_size, lane) : 0.0f;
+            }
+            for (uint col = group_col; col < group_col + group_size; col += K) {
+                const uint entry = table[state & slot_mask];
+                state = active ? rans_advance(state, entry, precision) : state;
+                for (int v = 0; v < VECTORS; v++) {
+                    if (uint(v) < vectors) {
+                        qx[v] += symbol_dot<BITS>(entry & 0xffu, x + v * cols + col);
+                    }
+                }
+                state = renormalize(state, active, lane, window, words, range.y);
+            }
+            if (active) {
+                const uint g = row * groups_per_row + group_col / group_size;
+                const float scale = scales[g];
+                const float bias = biases[g];
+                for (int v = 0; v < VECTORS; v++) {
+                    acc[v] += scale * qx[v] + bias * sx[v];
+                }
+            }
+        }
+
+        // Integrity: every active state back at 2^16 and every word of the tile consumed exactly.
+        const uint status = tile_check(state, active, window, range.y);
+        if (lane == 0) {
+            tile_status[tile] = status;
+        }
+    }
+
+    // Sum the simdgroups' partial results per row and vector.
+    if (simdgroup < workers) {
+        for (int v = 0; v < VECTORS; v++) {
+            partial[(simdgroup * VECTORS + v) * LANES + lane] = acc[v];
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint i = tid; i < uint(VECTORS) * LANES; i += threads) {
+        const uint v = i / LANES;
+        const uint out_row = row_tile * LANES + i % LANES;
+        if (v < vectors && out_row < params.rows) {
+            float sum = 0.0f;
+            for (uint s = 0; s < workers; s++) {
+                sum += partial[(s * VECTORS + v) * LANES + i % LANES];
+            }
+            y[v * params.rows + out_row] = sum;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Instantiations: host names encode the template parameters, ec_gemv_b{BITS}_v{VECTORS}.
+
+#define instantiate_ec_gemv(bits, vectors)                                                                   \
+    template [[host_name("ec_gemv_b" #bits "_v" #vectors)]] [[kernel]] decltype(ec_gemv<bits, vectors>)      \
+        ec_gemv<bits, vectors>;
+
+#define instantiate_ec_gemv_vectors(bits) \
+    instantiate_ec_gemv(bits, 1)          \
+    instantiate_ec_gemv(bits, 8)
+
+instantiate_ec_gemv_vectors(1)
+instantiate_ec_gemv_vectors(2)
+instantiate_ec_gemv_vectors(3)
+instantiate_ec_gemv_vectors(4)
+instantiate_ec_gemv_vectors(5)
+instantiate_ec_gemv_vectors(6)
+instantiate_ec_gemv_vectors(7)
+instantiate_ec_gemv_vectors(8)
