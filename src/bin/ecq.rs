@@ -57,10 +57,10 @@ enum Command {
         /// Probability precision P of the rANS frequency table, 1..=12 (12 codes closest to the entropy).
         #[arg(long, default_value_t = rans::DEFAULT_PRECISION)]
         precision: u32,
-        /// Target columns per segment S: one 32-bit state per row per segment (about 32/S bits per weight of
-        /// overhead; smaller S gives more independent tiles to decode in parallel). Each row is split into
-        /// round(K/S) equal segments, rounded up to the group size.
-        #[arg(long, default_value_t = rans::DEFAULT_SEGMENT)]
+        /// Columns per segment S, rounded up to the group size: one 32-bit state per row per segment (about
+        /// 32/S bits per weight of overhead; smaller S gives more independent tiles to decode in parallel).
+        /// 0 (the default) splits each row into round(K/512) equal segments.
+        #[arg(long, default_value_t = 0)]
         segment: usize,
     },
     /// Print a table of every tensor: shape, bits, stored size against the entropy bound, overhead.
@@ -156,8 +156,8 @@ fn convert(input: &Path, output: &Path, config: QuantConfig, precision: u32, seg
     if !(1..=rans::MAX_PRECISION).contains(&precision) {
         return Err(format!("--precision {precision} is outside 1..={}", rans::MAX_PRECISION));
     }
-    if segment == 0 || segment > MAX_SEGMENT {
-        return Err(format!("--segment {segment} is outside 1..={MAX_SEGMENT}"));
+    if segment > MAX_SEGMENT {
+        return Err(format!("--segment {segment} is outside 0..={MAX_SEGMENT}"));
     }
     refuse_same_file(input, output)?;
     let src = SafetensorsFile::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
