@@ -292,10 +292,17 @@ pub fn rans_decode(
 /// Decodes `stream` into a new packed buffer and waits, checking every tile.
 pub fn decode_to_packed(ctx: &GpuContext, stream: &GpuStream) -> Result<GpuPacked> {
     let out = GpuPacked::for_stream(ctx, stream)?;
+    decode_into(ctx, stream, &out)?;
+    Ok(out)
+}
+
+/// Decodes `stream` into `out` (from [`GpuPacked::for_stream`]) and waits; a tile that fails its end-state or
+/// word-count check gives [`Error::CorruptStream`] naming the lowest such tile.
+pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Result<()> {
     let status =
         ctx.storage_init("decode status", bytemuck::cast_slice(&[0u32, u32::MAX]), wgpu::BufferUsages::COPY_SRC)?;
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    rans_decode(ctx, &mut encoder, stream, &out, &status)?;
+    rans_decode(ctx, &mut encoder, stream, out, &status)?;
     ctx.submit_and_wait(encoder)?;
     let status: Vec<u32> = bytemuck::pod_collect_to_vec(&ctx.read_back(&status, 8)?);
     if status[0] != 0 {
@@ -304,7 +311,7 @@ pub fn decode_to_packed(ctx: &GpuContext, stream: &GpuStream) -> Result<GpuPacke
             reason: format!("{} tile check(s) failed on the GPU (end states or word counts)", status[0]),
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The group-0 bind group of ec_gemv for one weight.
