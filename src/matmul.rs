@@ -26,9 +26,9 @@ pub struct EcMatmul {
 }
 
 enum Backend {
-    Cpu(CpuMatmul),
+    Cpu(Box<CpuMatmul>),
     #[cfg(feature = "gpu")]
-    Gpu(gpu::GpuMatmul),
+    Gpu(Box<gpu::GpuMatmul>),
 }
 
 impl EcMatmul {
@@ -43,14 +43,14 @@ impl EcMatmul {
         match strategy {
             Strategy::Cpu => Ok(Self::cpu(tensor)),
             Strategy::Fused | Strategy::Cached => {
-                Ok(Self { backend: Backend::Gpu(gpu::GpuMatmul::new(ctx, tensor, strategy)?) })
+                Ok(Self { backend: Backend::Gpu(Box::new(gpu::GpuMatmul::new(ctx, tensor, strategy)?)) })
             }
         }
     }
 
     /// The CPU path: decodes each row tile on the fly while multiplying, in parallel over row tiles.
     pub fn cpu(tensor: &EcTensor) -> Self {
-        Self { backend: Backend::Cpu(CpuMatmul::new(tensor.clone())) }
+        Self { backend: Backend::Cpu(Box::new(CpuMatmul::new(tensor.clone()))) }
     }
 
     /// Rows `N` of the weight: the length of `y`.

@@ -121,7 +121,11 @@ fn random_matrix(rows: usize, cols: usize, bits: u32, group_size: usize, seed: u
 }
 
 fn encode(q: &QuantizedMatrix, segment: usize) -> EcTensor {
-    let t = EcTensor::encode(q, EncodeOptions { segment, precision: 12 }).expect("encode");
+    encode_at(q, segment, 12)
+}
+
+fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
+    let t = EcTensor::encode(q, EncodeOptions { segment, precision }).expect("encode");
     assert_eq!(t.layout().segment(), segment, "segment was adjusted");
     t
 }
@@ -207,6 +211,11 @@ fn decode_equals_cpu_every_bit_width(ctx: &GpuContext) {
         let q = random_matrix(67, 1088, bits, 32, bits as u64);
         check_decode(ctx, &encode(&q, 256), &format!("67x1088 {bits}-bit"));
     }
+    // A smaller table (P = 10 instead of 12) specializes the kernels' table size.
+    let q = random_matrix(67, 1088, 4, 32, 9);
+    let t = encode_at(&q, 256, 10);
+    check_decode(ctx, &t, "67x1088 4-bit P=10");
+    check_products(ctx, &q, &t, &[1, 3], "67x1088 4-bit P=10");
 }
 
 /// One tile: 20 rows (12 inactive lanes) by one segment.

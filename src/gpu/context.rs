@@ -271,7 +271,7 @@ impl GpuContext {
 
     /// Checks a buffer size against the storage-binding and buffer limits.
     pub(crate) fn check_storage_size(&self, what: &str, bytes: u64) -> Result<()> {
-        let binding = self.shared.limits.max_storage_buffer_binding_size as u64;
+        let binding = self.shared.limits.max_storage_buffer_binding_size;
         let buffer = self.shared.limits.max_buffer_size;
         if bytes > binding.min(buffer) {
             return Err(Error::Gpu(format!(

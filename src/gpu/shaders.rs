@@ -129,7 +129,7 @@ fn preprocess(text: &str, flags: &[&str]) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
         let trimmed = line.trim();
-        let live = stack.last().map_or(true, |&(taken, outer)| taken && outer);
+        let live = stack.last().is_none_or(|&(taken, outer)| taken && outer);
         if let Some(flag) = trimmed.strip_prefix("//#if ") {
             stack.push((flags.contains(&flag.trim()), live));
         } else if trimmed == "//#else" {
