@@ -124,6 +124,17 @@ impl EcMatmul {
         }
     }
 
+    /// Device time of `runs` back-to-back products of `m` vectors (whatever the vectors hold), measured with
+    /// timestamp queries; see [`crate::gpu::time_on_device`]. Fails for [`Strategy::Cpu`] and on devices
+    /// without `Features::TIMESTAMP_QUERY`.
+    #[cfg(feature = "gpu")]
+    pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
+        match &self.backend {
+            Backend::Cpu(_) => Err(Error::param("strategy", "Strategy::Cpu has no device; time matmul instead")),
+            Backend::Gpu(g) => g.device_times(m, runs),
+        }
+    }
+
     /// Bytes this product holds on the device (0 on the CPU path).
     pub fn device_bytes(&self) -> u64 {
         match &self.backend {
@@ -316,15 +327,30 @@ mod gpu {
             self.record(encoder, &io, m)
         }
 
-        pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
-            if m == 0 || self.rows == 0 {
-                return Ok(());
-            }
+        /// The staging buffers for `m` vectors, rebuilt when `m` changes.
+        fn host_io(&self, m: usize) -> Result<std::sync::MutexGuard<'_, Option<HostIo>>> {
             let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
             if host.as_ref().is_none_or(|h| h.m != m) {
                 *host = Some(HostIo::new(&self.ctx, m, self.cols, self.rows, |x, y| self.io_group(x, y, m))?);
             }
-            let io = host.as_ref().expect("set above");
+            Ok(host)
+        }
+
+        pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
+            if m == 0 {
+                return Err(crate::Error::param("m", "time at least one vector"));
+            }
+            let host = self.host_io(m)?;
+            let io = host.as_ref().expect("set by host_io");
+            crate::gpu::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
+        }
+
+        pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+            if m == 0 || self.rows == 0 {
+                return Ok(());
+            }
+            let host = self.host_io(m)?;
+            let io = host.as_ref().expect("set by host_io");
             io.stage(&self.ctx, x, y.len());
             let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
             self.record(&mut encoder, &io.group, m)?;

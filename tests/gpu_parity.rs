@@ -101,6 +101,7 @@ per_path!(
     f16_inputs,
     dense_baselines,
     corrupt_stream_is_refused,
+    device_times_are_measured,
 );
 
 /// A quantized matrix with skewed random symbols (so the coder has something to gain) and f16 scales.
@@ -441,4 +442,26 @@ fn limited_context(limit: impl FnOnce(&mut wgpu::Limits)) -> Option<GpuContext> 
     }))
     .expect("a device with lower limits");
     Some(GpuContext::from_device(device, queue))
+}
+
+/// Timestamp queries give one positive duration per run for every GPU product.
+fn device_times_are_measured(ctx: &GpuContext) {
+    if !ctx.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+        eprintln!("\n!!!!!!!! SKIPPING device timing: {} has no timestamp queries\n", ctx.adapter_info().name);
+        return;
+    }
+    let q = random_matrix(67, 1088, 4, 32, 1100);
+    let t = encode(&q, 256);
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let mm = EcMatmul::new(ctx, &t, strategy).unwrap();
+        for m in [1, 33] {
+            let times = mm.device_times(m, 3).unwrap();
+            assert_eq!(times.len(), 3);
+            assert!(times.iter().all(|d| !d.is_zero()), "{strategy:?} m={m}: {times:?}");
+        }
+    }
+    let dense = DenseGemv::new(ctx, &random_vectors(67 * 1000, 1101), 67, 1000, DenseDtype::F16).unwrap();
+    let times = dense.device_times(1, 2).unwrap();
+    assert!(times.len() == 2 && times.iter().all(|d| !d.is_zero()), "dense: {times:?}");
+    assert!(EcMatmul::cpu(&t).device_times(1, 1).is_err(), "the CPU path has no device time");
 }

@@ -76,6 +76,16 @@ impl DenseGemv {
         if m == 0 || self.rows == 0 {
             return Ok(());
         }
+        let host = self.host_io(m)?;
+        let io = host.as_ref().expect("set by host_io");
+        io.stage(&self.ctx, x, y.len());
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        self.record(&mut encoder, &io.group, m)?;
+        io.finish(&self.ctx, encoder, y)
+    }
+
+    /// The staging buffers for `m` vectors, rebuilt when `m` changes.
+    fn host_io(&self, m: usize) -> Result<std::sync::MutexGuard<'_, Option<HostIo>>> {
         let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
         if host.as_ref().is_none_or(|h| h.m != m) {
             *host = Some(HostIo::new(&self.ctx, m, self.cols, self.rows, |x, y| {
@@ -83,11 +93,18 @@ impl DenseGemv {
                 Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call)))
             })?);
         }
-        let io = host.as_ref().expect("set above");
-        io.stage(&self.ctx, x, y.len());
-        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
-        self.record(&mut encoder, &io.group, m)?;
-        io.finish(&self.ctx, encoder, y)
+        Ok(host)
+    }
+
+    /// Device time of `runs` back-to-back products of `m` vectors, measured with timestamp queries (see
+    /// [`time_on_device`](super::time_on_device)).
+    pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
+        if m == 0 {
+            return Err(Error::param("m", "time at least one vector"));
+        }
+        let host = self.host_io(m)?;
+        let io = host.as_ref().expect("set by host_io");
+        super::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
     }
 
     /// Bytes of weights held on the device.

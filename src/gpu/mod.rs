@@ -4,6 +4,7 @@
 //! - [`kernels`] holds the device-side arrays ([`GpuStream`], [`GpuPacked`], [`GpuScales`]) and one host
 //!   function per kernel, each recording into a caller's `wgpu::CommandEncoder`.
 //! - [`DenseGemv`] is the dense f32 / f16 baseline.
+//! - [`time_on_device`] times recorded work with timestamp queries.
 //! - [`shaders`] holds every WGSL source, loaded from `wgsl/` in one place.
 //!
 //! Most callers want [`crate::EcMatmul::new`] with a context from [`GpuContext::new`].
@@ -12,11 +13,13 @@ mod context;
 mod dense;
 pub mod kernels;
 pub mod shaders;
+mod timing;
 
 pub use context::{GpuContext, KernelPath};
 pub use dense::{DenseDtype, DenseGemv};
 pub use kernels::{GpuPacked, GpuScales, GpuStream};
 pub use shaders::{Kernel, LaneMode};
+pub use timing::time_on_device;
 
 /// Host-side staging for calls that take host slices: an input and an output buffer for `m` vectors, and the
 /// group-1 bind group over them, kept between calls with the same `m`.
