@@ -465,3 +465,37 @@ fn device_times_are_measured(ctx: &GpuContext) {
     assert!(times.len() == 2 && times.iter().all(|d| !d.is_zero()), "dense: {times:?}");
     assert!(EcMatmul::cpu(&t).device_times(1, 1).is_err(), "the CPU path has no device time");
 }
+
+/// Shapes the GPU kernels do not take are refused with typed errors; an empty matrix runs and writes nothing.
+#[test]
+fn unsupported_and_empty_shapes() {
+    let Some(ctx) = device() else { return };
+    // Groups of 16 columns: the kernels need whole 32-symbol chunks per group.
+    let q = random_matrix(40, 96, 4, 16, 1200);
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12 }).unwrap();
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        assert!(
+            matches!(EcMatmul::new(&ctx, &t, strategy), Err(Error::InvalidParameter { name: "group_size", .. })),
+            "{strategy:?} accepted groups of 16"
+        );
+    }
+    // No rows at all.
+    let q = random_matrix(0, 128, 4, 32, 1201);
+    let t = encode(&q, 128);
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let mm = EcMatmul::new(&ctx, &t, strategy).unwrap();
+        let mut y: Vec<f32> = Vec::new();
+        mm.matmul(&random_vectors(2 * 128, 1202), 2, &mut y).unwrap();
+    }
+    // A buffer without STORAGE usage is refused before wgpu sees it.
+    let q = random_matrix(32, 128, 4, 32, 1203);
+    let mm = EcMatmul::new(&ctx, &encode(&q, 128), Strategy::Fused).unwrap();
+    let plain = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 4096,
+        usage: wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    assert!(matches!(mm.encode(&mut encoder, &plain, &plain, 1), Err(Error::InvalidParameter { .. })));
+}

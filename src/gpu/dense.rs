@@ -123,6 +123,9 @@ pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<()
 /// Checks that device buffers hold `m` vectors in and out.
 pub(crate) fn check_buffers(x: &wgpu::Buffer, y: &wgpu::Buffer, m: usize, cols: usize, rows: usize) -> Result<()> {
     for (what, buffer, need) in [("x buffer", x, m * cols * 4), ("y buffer", y, m * rows * 4)] {
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::param("buffer", format!("the {what} needs BufferUsages::STORAGE")));
+        }
         if (buffer.size() as usize) < need {
             return Err(Error::ShapeMismatch {
                 what: format!("{what} bytes"),
