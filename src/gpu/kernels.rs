@@ -11,8 +11,10 @@ use crate::format::EcTensor;
 use crate::quant::mlx_words_per_row;
 use crate::rans::TileLayout;
 
-/// Invocations per workgroup of the tile kernels (rans_decode, ec_gemv): 4 slabs of 32 lanes, 4 tiles at once.
+/// Invocations per workgroup of rans_decode: 4 slabs of 32 lanes, 4 tiles at once.
 pub const TILE_WORKGROUP: u32 = 128;
+/// Most slabs of 32 lanes in one ec_gemv workgroup: up to 8 segments of a row tile decode at once.
+pub const MAX_GEMV_SLABS: usize = 8;
 /// Invocations per workgroup of the row kernels (q_gemv, gemv_f32, gemv_f16).
 pub const ROW_WORKGROUP: u32 = 64;
 /// Most vectors one workgroup of ec_gemv or q_gemv keeps accumulators for; more vectors run in blocks.
@@ -335,8 +337,8 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
 /// Records the fused GEMV of `m` (1..=8) vectors: `weights` from [`ec_gemv_weights`], `io` a group-1 bind
 /// group of `x` (`m x cols` f32) and `y` (`m x rows` f32) from [`io_bind_group`].
 ///
-/// Grid: one workgroup of 128 lanes per row tile of 32 rows, capped at the dimension limit; the kernel loops
-/// over the rest. Within it, 4 slabs decode 4 segments at once.
+/// Grid: one workgroup per row tile of 32 rows, capped at the dimension limit; the kernel loops over the rest.
+/// A workgroup has one slab of 32 lanes per segment (at most 8); slab `s` decodes segments `s`, `s + slabs`, ...
 pub fn ec_gemv(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
@@ -354,7 +356,8 @@ pub fn ec_gemv(
         bits: l.bits(),
         precision: stream.precision,
         m: m as u32,
-        workgroup: TILE_WORKGROUP,
+        // One slab per segment, up to 8, so a row tile is usually done in one round.
+        workgroup: 32 * l.segments().clamp(1, MAX_GEMV_SLABS) as u32,
     };
     let pipeline = ctx.pipeline(Kernel::EcGemv, spec, workgroup_bytes(Kernel::EcGemv, &spec))?;
     if l.rows() == 0 {
