@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use super::context::GpuContext;
-use super::kernels::{self, row_kernel};
+use super::kernels;
 use super::shaders::Kernel;
 use super::HostIo;
 use crate::error::{Error, Result};
@@ -22,6 +22,7 @@ pub struct DenseGemv {
     ctx: GpuContext,
     rows: usize,
     cols: usize,
+    dtype: DenseDtype,
     kernel: Kernel,
     params: wgpu::Buffer,
     weights: wgpu::Buffer,
@@ -48,7 +49,7 @@ impl DenseGemv {
         };
         let params = ctx.uniform("ecq dense params", &[rows as u32, cols as u32, 0, 0])?;
         let group = kernels::bind_group(ctx, kernel, 0, &[&params, &buffer]);
-        Ok(Self { ctx: ctx.clone(), rows, cols, kernel, params, weights: buffer, group, host: Mutex::new(None) })
+        Ok(Self { ctx: ctx.clone(), rows, cols, dtype, kernel, params, weights: buffer, group, host: Mutex::new(None) })
     }
 
     /// Records `y = W x` for `m` vectors: `x` holds `m x cols` f32, `y` `m x rows` f32 (both storage buffers).
@@ -66,7 +67,7 @@ impl DenseGemv {
     }
 
     fn record(&self, encoder: &mut wgpu::CommandEncoder, io: &wgpu::BindGroup, m: usize) -> Result<()> {
-        row_kernel(&self.ctx, encoder, self.kernel, 0, self.rows, &self.group, io, m)
+        kernels::gemv_dense(&self.ctx, encoder, self.dtype, self.rows, &self.group, io, m)
     }
 
     /// `Y = X W^T` for `m` host vectors: `x` row-major `m x cols`, `y` row-major `m x rows`.

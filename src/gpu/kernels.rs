@@ -416,9 +416,34 @@ pub fn q_gemv(
     row_kernel(ctx, encoder, Kernel::QGemv, packed.bits, packed.rows, weights, io, m)
 }
 
+/// Records the dense GEMV (gemv_f32 or gemv_f16 by `dtype`) of `m` vectors: `weights` the group-0 bind group
+/// of the dense weight (as [`crate::gpu::DenseGemv`] builds it), `io` from [`io_bind_group`] with the uniform of
+/// [`call_params`].
+///
+/// Grid: as [`q_gemv`].
+pub fn gemv_dense(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    dtype: super::DenseDtype,
+    rows: usize,
+    weights: &wgpu::BindGroup,
+    io: &wgpu::BindGroup,
+    m: usize,
+) -> Result<()> {
+    row_kernel(ctx, encoder, dense_kernel(dtype), 0, rows, weights, io, m)
+}
+
+/// The kernel of a dense dtype.
+pub(crate) fn dense_kernel(dtype: super::DenseDtype) -> Kernel {
+    match dtype {
+        super::DenseDtype::F32 => Kernel::GemvF32,
+        super::DenseDtype::F16 => Kernel::GemvF16,
+    }
+}
+
 /// Records a row kernel (q_gemv, gemv_f32, gemv_f16): grid x over rows, y over blocks of vectors.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn row_kernel(
+fn row_kernel(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     kernel: Kernel,
