@@ -8,6 +8,19 @@
 //! - [`shaders`] holds every WGSL source, loaded from `wgsl/` in one place.
 //!
 //! Most callers want [`crate::EcMatmul::new`] with a context from [`GpuContext::new`].
+//!
+//! Kernel paths. Each kernel comes in a portable variant (workgroup memory only) and a subgroup variant;
+//! [`GpuContext::with_path`] picks one, so tests run both on any device. The subgroup variant for subgroups of
+//! 32 lanes or more assumes full subgroups numbered in order (`subgroup_id * subgroup_size +
+//! subgroup_invocation_id` covers the workgroup), as on NVIDIA, AMD and Apple GPUs; narrower subgroups (Intel,
+//! lavapipe) use per-subgroup ballots and exchange counts through workgroup memory.
+//!
+//! Limits wgpu does not check are checked here: each kernel's workgroup memory against
+//! `max_compute_workgroup_storage_size`, and every array against the storage binding limit (larger tensors
+//! are refused with [`crate::Error::Gpu`]; split them along their rows).
+//!
+//! Parity tests: `XDG_RUNTIME_DIR=/tmp ECQ_REQUIRE_GPU=1 cargo test --release --test gpu_parity` (lavapipe
+//! works: `apt-get install mesa-vulkan-drivers`).
 
 mod context;
 mod dense;
