@@ -3,10 +3,13 @@
 //! - [`quant`]: affine group quantization (MLX convention `w = scale * q + bias`).
 //! - [`rans`]: the CPU reference codec, 32-lane tiles of interleaved rANS states.
 //! - [`format`]: [`format::EcTensor`] and the safetensors container of docs/FORMAT.md.
+//! - `gpu` (feature `gpu`, default): the wgpu context and WGSL kernels behind [`EcMatmul::new`].
 #![deny(missing_docs)]
 
 pub mod error;
 pub mod format;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod kernels_msl;
 pub mod matmul;
 pub mod quant;

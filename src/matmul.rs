@@ -4,6 +4,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format::EcTensor;
+#[cfg(feature = "gpu")]
+use crate::gpu::GpuContext;
 use crate::rans::{self, DecodeTable, LANES};
 
 /// How an [`EcMatmul`] runs.
@@ -24,19 +26,39 @@ pub struct EcMatmul {
 }
 
 enum Backend {
-    Cpu(CpuMatmul),
+    Cpu(Box<CpuMatmul>),
+    #[cfg(feature = "gpu")]
+    Gpu(Box<gpu::GpuMatmul>),
 }
 
 impl EcMatmul {
+    /// A product on `ctx`'s device with `strategy`: [`Strategy::Fused`] uploads only the compressed stream,
+    /// [`Strategy::Cached`] decodes it once on the device (checking every tile) and keeps only the packed
+    /// symbols, [`Strategy::Cpu`] is [`EcMatmul::cpu`]. Scales and biases go to the device as `f32`.
+    ///
+    /// The GPU strategies need a group size that is a multiple of 32 and rows of whole `u32` words
+    /// (`cols * bits % 32 == 0`); arrays above the device's storage binding limit are refused.
+    #[cfg(feature = "gpu")]
+    pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
+        match strategy {
+            Strategy::Cpu => Ok(Self::cpu(tensor)),
+            Strategy::Fused | Strategy::Cached => {
+                Ok(Self { backend: Backend::Gpu(Box::new(gpu::GpuMatmul::new(ctx, tensor, strategy)?)) })
+            }
+        }
+    }
+
     /// The CPU path: decodes each row tile on the fly while multiplying, in parallel over row tiles.
     pub fn cpu(tensor: &EcTensor) -> Self {
-        Self { backend: Backend::Cpu(CpuMatmul::new(tensor.clone())) }
+        Self { backend: Backend::Cpu(Box::new(CpuMatmul::new(tensor.clone()))) }
     }
 
     /// Rows `N` of the weight: the length of `y`.
     pub fn rows(&self) -> usize {
         match &self.backend {
             Backend::Cpu(c) => c.tensor.rows(),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(g) => g.rows,
         }
     }
 
@@ -44,6 +66,8 @@ impl EcMatmul {
     pub fn cols(&self) -> usize {
         match &self.backend {
             Backend::Cpu(c) => c.tensor.cols(),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(g) => g.cols,
         }
     }
 
@@ -51,6 +75,8 @@ impl EcMatmul {
     pub fn strategy(&self) -> Strategy {
         match &self.backend {
             Backend::Cpu(_) => Strategy::Cpu,
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(g) => g.strategy,
         }
     }
 
@@ -65,6 +91,56 @@ impl EcMatmul {
         check_len("y", y.len(), m * self.rows())?;
         match &self.backend {
             Backend::Cpu(c) => c.matmul(x, m, y),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(g) => g.matmul(x, m, y),
+        }
+    }
+
+    /// [`matvec`](Self::matvec) with an `f16` input (converted to `f32` on the host).
+    pub fn matvec_f16(&self, x: &[half::f16], y: &mut [f32]) -> Result<()> {
+        self.matmul_f16(x, 1, y)
+    }
+
+    /// [`matmul`](Self::matmul) with `f16` inputs (converted to `f32` on the host).
+    pub fn matmul_f16(&self, x: &[half::f16], m: usize, y: &mut [f32]) -> Result<()> {
+        let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        self.matmul(&x, m, y)
+    }
+
+    /// Records `Y = X W^T` for `m` vectors into `encoder`, for use inside another wgpu program without copies:
+    /// `x` is a storage buffer of `m x cols` f32, `y` a storage buffer of `m x rows` f32, both on this product's
+    /// device. Nothing is submitted. Fails for [`Strategy::Cpu`].
+    #[cfg(feature = "gpu")]
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+    ) -> Result<()> {
+        match &self.backend {
+            Backend::Cpu(_) => Err(Error::param("strategy", "Strategy::Cpu has no device; use matmul")),
+            Backend::Gpu(g) => g.encode(encoder, x, y, m),
+        }
+    }
+
+    /// Device time of `runs` back-to-back products of `m` vectors (whatever the vectors hold), measured with
+    /// timestamp queries; see [`crate::gpu::time_on_device`]. Fails for [`Strategy::Cpu`] and on devices
+    /// without `Features::TIMESTAMP_QUERY`.
+    #[cfg(feature = "gpu")]
+    pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
+        match &self.backend {
+            Backend::Cpu(_) => Err(Error::param("strategy", "Strategy::Cpu has no device; time matmul instead")),
+            Backend::Gpu(g) => g.device_times(m, runs),
+        }
+    }
+
+    /// Bytes this product holds on the device (0 on the CPU path).
+    pub fn device_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Cpu(_) => 0,
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(g) => g.device_bytes(),
         }
     }
 }
@@ -126,5 +202,159 @@ impl CpuMatmul {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(feature = "gpu")]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::Strategy;
+    use crate::error::Result;
+    use crate::format::EcTensor;
+    use crate::gpu::kernels::{self, GpuPacked, GpuScales, GpuStream, MAX_VECTORS_PER_PASS};
+    use crate::gpu::{GpuContext, HostIo, Kernel};
+
+    /// The GPU side of [`super::EcMatmul`]: what each strategy holds on the device.
+    pub(super) struct GpuMatmul {
+        ctx: GpuContext,
+        pub strategy: Strategy,
+        pub rows: usize,
+        pub cols: usize,
+        /// Fused: the compressed stream.
+        stream: Option<GpuStream>,
+        /// Cached: the packed symbols, decoded once at load.
+        packed: Option<GpuPacked>,
+        scales: GpuScales,
+        /// Group 0 of ec_gemv (Fused) or q_gemv (Cached).
+        weights: wgpu::BindGroup,
+        /// The q_gemv call uniform per vector count.
+        calls: Mutex<HashMap<usize, wgpu::Buffer>>,
+        /// Staging for host-slice calls, per vector count.
+        host: Mutex<Option<HostIo>>,
+    }
+
+    impl GpuMatmul {
+        pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
+            let stream = GpuStream::upload(ctx, tensor)?;
+            let scales = GpuScales::upload(ctx, tensor)?;
+            let (stream, packed, weights) = if strategy == Strategy::Cached {
+                let packed = kernels::decode_to_packed(ctx, &stream)?;
+                let weights = kernels::q_gemv_weights(ctx, &packed, &scales);
+                (None, Some(packed), weights)
+            } else {
+                let weights = kernels::ec_gemv_weights(ctx, &stream, &scales);
+                (Some(stream), None, weights)
+            };
+            Ok(Self {
+                ctx: ctx.clone(),
+                strategy,
+                rows: tensor.rows(),
+                cols: tensor.cols(),
+                stream,
+                packed,
+                scales,
+                weights,
+                calls: Mutex::new(HashMap::new()),
+                host: Mutex::new(None),
+            })
+        }
+
+        pub fn device_bytes(&self) -> u64 {
+            self.stream.as_ref().map_or(0, |s| s.device_bytes())
+                + self.packed.as_ref().map_or(0, |p| p.device_bytes())
+                + self.scales.device_bytes()
+        }
+
+        /// The kernel whose group 1 the vectors bind to: ec_gemv for up to 8 vectors on the fused path,
+        /// q_gemv otherwise.
+        fn io_kernel(&self, m: usize) -> Kernel {
+            if self.stream.is_some() && m <= MAX_VECTORS_PER_PASS {
+                Kernel::EcGemv
+            } else {
+                Kernel::QGemv
+            }
+        }
+
+        fn io_group(&self, x: &wgpu::Buffer, y: &wgpu::Buffer, m: usize) -> Result<wgpu::BindGroup> {
+            let kernel = self.io_kernel(m);
+            if kernel == Kernel::EcGemv {
+                return Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, None));
+            }
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            let call = match calls.get(&m) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = kernels::call_params(&self.ctx, m)?;
+                    calls.insert(m, c.clone());
+                    c
+                }
+            };
+            Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, Some(&call)))
+        }
+
+        fn record(&self, encoder: &mut wgpu::CommandEncoder, io: &wgpu::BindGroup, m: usize) -> Result<()> {
+            match (&self.stream, &self.packed) {
+                (Some(stream), _) if m <= MAX_VECTORS_PER_PASS => {
+                    kernels::ec_gemv(&self.ctx, encoder, stream, &self.weights, io, m)
+                }
+                (Some(stream), _) => {
+                    // Many vectors: decode once into scratch packed symbols, then the tiled quantized matmul.
+                    let scratch = GpuPacked::for_stream(&self.ctx, stream)?;
+                    let status = self.ctx.storage("decode status", 8, wgpu::BufferUsages::empty())?;
+                    kernels::rans_decode(&self.ctx, encoder, stream, &scratch, &status)?;
+                    let weights = kernels::q_gemv_weights(&self.ctx, &scratch, &self.scales);
+                    kernels::q_gemv(&self.ctx, encoder, &scratch, &weights, io, m)
+                }
+                (None, Some(packed)) => kernels::q_gemv(&self.ctx, encoder, packed, &self.weights, io, m),
+                (None, None) => unreachable!("a GPU product holds a stream or packed symbols"),
+            }
+        }
+
+        pub fn encode(
+            &self,
+            encoder: &mut wgpu::CommandEncoder,
+            x: &wgpu::Buffer,
+            y: &wgpu::Buffer,
+            m: usize,
+        ) -> Result<()> {
+            crate::gpu::check_buffers(x, y, m, self.cols, self.rows)?;
+            if m == 0 {
+                return Ok(());
+            }
+            let io = self.io_group(x, y, m)?;
+            self.record(encoder, &io, m)
+        }
+
+        /// The staging buffers for `m` vectors, rebuilt when `m` changes.
+        fn host_io(&self, m: usize) -> Result<std::sync::MutexGuard<'_, Option<HostIo>>> {
+            let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+            if host.as_ref().is_none_or(|h| h.m != m) {
+                *host = Some(HostIo::new(&self.ctx, m, self.cols, self.rows, |x, y| self.io_group(x, y, m))?);
+            }
+            Ok(host)
+        }
+
+        pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
+            if m == 0 {
+                return Err(crate::Error::param("m", "time at least one vector"));
+            }
+            let host = self.host_io(m)?;
+            let io = host.as_ref().expect("set by host_io");
+            crate::gpu::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
+        }
+
+        pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+            if m == 0 || self.rows == 0 {
+                return Ok(());
+            }
+            let host = self.host_io(m)?;
+            let io = host.as_ref().expect("set by host_io");
+            io.stage(&self.ctx, x, y.len());
+            let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+            self.record(&mut encoder, &io.group, m)?;
+            io.finish(&self.ctx, encoder, y)
+        }
     }
 }

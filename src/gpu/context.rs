@@ -1,0 +1,380 @@
+//! [`GpuContext`]: one device and queue, the features and limits the kernels may use, and the pipeline cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::kernels;
+use super::shaders::{self, Kernel, LaneMode, Spec};
+use crate::error::{Error, Result};
+
+/// Which kernel variant a context builds: the switch that lets tests cover both on any device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum KernelPath {
+    /// Subgroup kernels where the device has subgroup operations at a width the kernels handle, else portable.
+    #[default]
+    Auto,
+    /// Workgroup-memory kernels only, whatever the device offers.
+    Portable,
+    /// Subgroup kernels; building a context with this path fails on a device without them.
+    Subgroup,
+}
+
+/// Features the kernels use where the adapter has them.
+const WANTED_FEATURES: wgpu::Features =
+    wgpu::Features::SUBGROUP.union(wgpu::Features::SHADER_F16).union(wgpu::Features::TIMESTAMP_QUERY);
+
+/// A device, its queue and a pipeline cache, shared by every GPU object built from it.
+///
+/// Cloning is cheap and shares the device and cache; [`with_path`](Self::with_path) gives a clone that builds
+/// another kernel variant.
+#[derive(Clone)]
+pub struct GpuContext {
+    shared: Arc<Shared>,
+    lanes: LaneMode,
+    path: KernelPath,
+}
+
+struct Shared {
+    info: wgpu::AdapterInfo,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    features: wgpu::Features,
+    limits: wgpu::Limits,
+    pipelines: Mutex<HashMap<(Kernel, Spec), wgpu::ComputePipeline>>,
+    layouts: Mutex<HashMap<Kernel, Arc<Vec<wgpu::BindGroupLayout>>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext").field("adapter", &self.describe()).field("lanes", &self.lanes).finish()
+    }
+}
+
+impl GpuContext {
+    /// Opens the default adapter: a high-performance one on Vulkan, Metal or DX12 (the GL backend lacks subgroup
+    /// operations), or on the backends named by `WGPU_BACKEND` (e.g. `vulkan`, `gl`); with `WGPU_ADAPTER_NAME`
+    /// set, the first adapter whose name contains it (case-insensitive). The device gets the adapter's own
+    /// limits and, where present, the features `SUBGROUP`, `SHADER_F16` and `TIMESTAMP_QUERY`.
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
+    }
+
+    /// [`new`](Self::new) without blocking.
+    pub async fn new_async() -> Result<Self> {
+        let default_backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+        let backends = wgpu::Backends::from_env().unwrap_or(default_backends);
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
+        desc.backends = backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
+            Ok(wanted) if !wanted.is_empty() => {
+                let adapters = instance.enumerate_adapters(backends).await;
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                let needle = wanted.to_lowercase();
+                adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&needle)).ok_or_else(|| {
+                    Error::Gpu(format!(
+                        "no adapter name contains WGPU_ADAPTER_NAME={wanted:?} on backends {backends:?}; \
+                         adapters found: {names:?}"
+                    ))
+                })?
+            }
+            _ => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                    apply_limit_buckets: false,
+                })
+                .await
+                .map_err(|e| {
+                    Error::Gpu(format!(
+                        "no GPU adapter on backends {backends:?} ({e}); install a Vulkan, Metal or DX12 driver \
+                         (without a GPU, a software Vulkan: `apt-get install mesa-vulkan-drivers`), or pick \
+                         backends with WGPU_BACKEND"
+                    ))
+                })?,
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("ecq"),
+                required_features: adapter.features() & WANTED_FEATURES,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("the adapter refused a device: {e}")))?;
+        Ok(Self::from_device(device, queue))
+    }
+
+    /// Wraps a device the caller already opened. The kernels use what the device was created with: subgroup
+    /// kernels need `Features::SUBGROUP`, and the fused kernel's 16 KiB decode table needs
+    /// `max_compute_workgroup_storage_size` above the WebGPU default.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = device.adapter_info();
+        let features = device.features();
+        let limits = device.limits();
+        let shared = Shared {
+            info,
+            device,
+            queue,
+            features,
+            limits,
+            pipelines: Mutex::new(HashMap::new()),
+            layouts: Mutex::new(HashMap::new()),
+        };
+        let mut ctx = Self { shared: Arc::new(shared), lanes: LaneMode::Portable, path: KernelPath::Auto };
+        ctx.lanes = ctx.subgroup_mode().unwrap_or(LaneMode::Portable);
+        ctx
+    }
+
+    /// A context on the same device and pipeline cache that builds the kernels of `path`. Fails for
+    /// [`KernelPath::Subgroup`] where the device has no usable subgroup operations.
+    pub fn with_path(&self, path: KernelPath) -> Result<Self> {
+        let lanes = match path {
+            KernelPath::Portable => LaneMode::Portable,
+            KernelPath::Auto => self.subgroup_mode().unwrap_or(LaneMode::Portable),
+            KernelPath::Subgroup => self.subgroup_mode().ok_or_else(|| {
+                Error::Gpu(format!(
+                    "{} has no subgroup operations at a width the kernels handle (feature SUBGROUP: {}, \
+                     subgroup sizes {}..={}); use KernelPath::Auto or Portable",
+                    self.shared.info.name,
+                    self.shared.features.contains(wgpu::Features::SUBGROUP),
+                    self.shared.info.subgroup_min_size,
+                    self.shared.info.subgroup_max_size
+                ))
+            })?,
+        };
+        Ok(Self { shared: self.shared.clone(), lanes, path })
+    }
+
+    /// The subgroup variant this device runs, if any: every subgroup at least 32 wide (one ballot per tile),
+    /// or every subgroup at most 32 wide (ballots per subgroup plus a workgroup exchange).
+    fn subgroup_mode(&self) -> Option<LaneMode> {
+        let info = &self.shared.info;
+        if !self.shared.features.contains(wgpu::Features::SUBGROUP) || info.subgroup_min_size == 0 {
+            return None;
+        }
+        if info.subgroup_min_size >= 32 {
+            Some(LaneMode::SubgroupWide)
+        } else if info.subgroup_max_size <= 32 && info.subgroup_min_size >= 4 {
+            Some(LaneMode::SubgroupNarrow)
+        } else {
+            None
+        }
+    }
+
+    /// The path this context was asked for.
+    pub fn path(&self) -> KernelPath {
+        self.path
+    }
+    /// The kernel variant this context builds.
+    pub fn lane_mode(&self) -> LaneMode {
+        self.lanes
+    }
+    /// The adapter the device was opened on.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.shared.info
+    }
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.shared.device
+    }
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.shared.queue
+    }
+    /// The features the device was created with.
+    pub fn features(&self) -> wgpu::Features {
+        self.shared.features
+    }
+    /// The limits the device was created with.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.shared.limits
+    }
+
+    /// One line for people: adapter name, backend, device type, driver, subgroup sizes and kernel variant.
+    pub fn describe(&self) -> String {
+        let i = &self.shared.info;
+        format!(
+            "{} ({:?}, {:?}, driver {} {}), subgroups {}..={}{}, kernels {:?}",
+            i.name,
+            i.backend,
+            i.device_type,
+            i.driver,
+            i.driver_info,
+            i.subgroup_min_size,
+            i.subgroup_max_size,
+            if self.shared.features.contains(wgpu::Features::SUBGROUP) { "" } else { " (feature absent)" },
+            self.lanes
+        )
+    }
+
+    /// The pipeline of `kernel` specialized by `spec`, built on first use and cached. `workgroup_bytes` is
+    /// the kernel's workgroup memory, checked here against the device limit (wgpu does not check it).
+    pub(crate) fn pipeline(&self, kernel: Kernel, spec: Spec, workgroup_bytes: u64) -> Result<wgpu::ComputePipeline> {
+        let limit = self.shared.limits.max_compute_workgroup_storage_size as u64;
+        if workgroup_bytes > limit {
+            return Err(Error::Gpu(format!(
+                "{} with {spec:?} needs {workgroup_bytes} bytes of workgroup memory, the device allows {limit}; \
+                 re-encode with a lower precision P (the decode table takes 4 * 2^P bytes)",
+                kernel.file()
+            )));
+        }
+        let limit = self.shared.limits.max_compute_invocations_per_workgroup;
+        if spec.workgroup > limit {
+            return Err(Error::Gpu(format!(
+                "{} needs {} invocations per workgroup, the device allows {limit}",
+                kernel.file(),
+                spec.workgroup
+            )));
+        }
+        let mut cache = self.shared.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&(kernel, spec)) {
+            return Ok(p.clone());
+        }
+        let device = &self.shared.device;
+        let layouts = self.layouts(kernel);
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(kernel.file()),
+            bind_group_layouts: &groups,
+            immediate_size: 0,
+        });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(kernel.file()),
+            source: wgpu::ShaderSource::Wgsl(shaders::source(kernel, &spec).into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.file()),
+            layout: Some(&layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("building {} with {spec:?} failed: {e}", kernel.file())));
+        }
+        cache.insert((kernel, spec), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// The bind group layouts of `kernel`, built once.
+    pub(crate) fn layouts(&self, kernel: Kernel) -> Arc<Vec<wgpu::BindGroupLayout>> {
+        let mut cache = self.shared.layouts.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(kernel)
+            .or_insert_with(|| Arc::new(kernels::bind_group_layouts(&self.shared.device, kernel)))
+            .clone()
+    }
+
+    /// Checks a buffer size against the storage-binding and buffer limits.
+    pub(crate) fn check_storage_size(&self, what: &str, bytes: u64) -> Result<()> {
+        let binding = self.shared.limits.max_storage_buffer_binding_size;
+        let buffer = self.shared.limits.max_buffer_size;
+        if bytes > binding.min(buffer) {
+            return Err(Error::Gpu(format!(
+                "{what} takes {bytes} bytes, above this device's storage binding limit of {} bytes; split the \
+                 tensor along its rows into parts below the limit",
+                binding.min(buffer)
+            )));
+        }
+        Ok(())
+    }
+
+    /// A storage buffer holding `data` (at least 4 bytes, so empty arrays still bind), size-checked.
+    pub(crate) fn storage_init(&self, label: &str, data: &[u8], extra: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        self.check_storage_size(label, data.len() as u64)?;
+        let size = (data.len() as u64).max(4).next_multiple_of(4);
+        let buffer = self.shared.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | extra,
+            mapped_at_creation: true,
+        });
+        buffer.slice(..).get_mapped_range_mut().map_err(map_error)?.slice(..data.len()).copy_from_slice(data);
+        buffer.unmap();
+        Ok(buffer)
+    }
+
+    /// An uninitialized storage buffer of `bytes` bytes (at least 4), size-checked.
+    pub(crate) fn storage(&self, label: &str, bytes: u64, extra: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        self.check_storage_size(label, bytes)?;
+        Ok(self.shared.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | extra,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// A uniform buffer holding `data`.
+    pub(crate) fn uniform(&self, label: &str, data: &[u32]) -> Result<wgpu::Buffer> {
+        let buffer = self.shared.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (data.len() as u64 * 4).max(16).next_multiple_of(16),
+            usage: wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: true,
+        });
+        buffer
+            .slice(..)
+            .get_mapped_range_mut()
+            .map_err(map_error)?
+            .slice(..data.len() * 4)
+            .copy_from_slice(bytemuck::cast_slice(data));
+        buffer.unmap();
+        Ok(buffer)
+    }
+
+    /// Submits `encoder` and waits for the device, turning validation and out-of-memory errors into
+    /// [`Error::Gpu`].
+    pub(crate) fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        let device = &self.shared.device;
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let index = self.shared.queue.submit([encoder.finish()]);
+        if let Some(e) = pollster::block_on(memory.pop()) {
+            return Err(Error::Gpu(format!("out of device memory: {e}")));
+        }
+        if let Some(e) = pollster::block_on(validation.pop()) {
+            return Err(Error::Gpu(format!("the device rejected a command: {e}")));
+        }
+        device
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the device failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Copies `bytes` bytes of `buffer` (which needs `COPY_SRC`) back to the host.
+    pub(crate) fn read_back(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let device = &self.shared.device;
+        let size = bytes.max(4).next_multiple_of(4);
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("ecq read back"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        self.submit_and_wait(encoder)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the device failed: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("buffer mapping was dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the read-back buffer failed: {e}")))?;
+        let data = staging.get_mapped_range(..).map_err(map_error)?[..bytes as usize].to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+}
+
+fn map_error(e: wgpu::MapRangeError) -> Error {
+    Error::Gpu(format!("mapping a buffer failed: {e}"))
+}

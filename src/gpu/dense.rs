@@ -1,0 +1,139 @@
+//! [`DenseGemv`]: the dense baseline every figure is compared to.
+
+use std::sync::Mutex;
+
+use super::context::GpuContext;
+use super::kernels;
+use super::shaders::Kernel;
+use super::HostIo;
+use crate::error::{Error, Result};
+
+/// Storage type of a dense weight on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenseDtype {
+    /// 32-bit float (gemv_f32.wgsl).
+    F32,
+    /// Half precision (gemv_f16.wgsl); `cols` must be even.
+    F16,
+}
+
+/// `y = W x` with a dense `rows x cols` weight held on the device.
+pub struct DenseGemv {
+    ctx: GpuContext,
+    rows: usize,
+    cols: usize,
+    dtype: DenseDtype,
+    kernel: Kernel,
+    params: wgpu::Buffer,
+    weights: wgpu::Buffer,
+    group: wgpu::BindGroup,
+    host: Mutex<Option<HostIo>>,
+}
+
+impl DenseGemv {
+    /// Uploads `weights` (row-major `rows x cols`), rounded to `dtype`.
+    pub fn new(ctx: &GpuContext, weights: &[f32], rows: usize, cols: usize, dtype: DenseDtype) -> Result<Self> {
+        if weights.len() != rows * cols {
+            return Err(Error::ShapeMismatch { what: "weights".into(), expected: rows * cols, actual: weights.len() });
+        }
+        let none = wgpu::BufferUsages::empty();
+        let (kernel, buffer) = match dtype {
+            DenseDtype::F32 => (Kernel::GemvF32, ctx.storage_init("dense f32", bytemuck::cast_slice(weights), none)?),
+            DenseDtype::F16 => {
+                if cols % 2 != 0 {
+                    return Err(Error::param("cols", format!("f16 weights need an even column count, got {cols}")));
+                }
+                let half: Vec<half::f16> = weights.iter().map(|&w| half::f16::from_f32(w)).collect();
+                (Kernel::GemvF16, ctx.storage_init("dense f16", bytemuck::cast_slice(&half), none)?)
+            }
+        };
+        let params = ctx.uniform("ecq dense params", &[rows as u32, cols as u32, 0, 0])?;
+        let group = kernels::bind_group(ctx, kernel, 0, &[&params, &buffer]);
+        Ok(Self { ctx: ctx.clone(), rows, cols, dtype, kernel, params, weights: buffer, group, host: Mutex::new(None) })
+    }
+
+    /// Records `y = W x` for `m` vectors: `x` holds `m x cols` f32, `y` `m x rows` f32 (both storage buffers).
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+    ) -> Result<()> {
+        check_buffers(x, y, m, self.cols, self.rows)?;
+        let call = kernels::call_params(&self.ctx, m)?;
+        let io = kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call));
+        self.record(encoder, &io, m)
+    }
+
+    fn record(&self, encoder: &mut wgpu::CommandEncoder, io: &wgpu::BindGroup, m: usize) -> Result<()> {
+        kernels::gemv_dense(&self.ctx, encoder, self.dtype, self.rows, &self.group, io, m)
+    }
+
+    /// `Y = X W^T` for `m` host vectors: `x` row-major `m x cols`, `y` row-major `m x rows`.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        check_len("x", x.len(), m * self.cols)?;
+        check_len("y", y.len(), m * self.rows)?;
+        if m == 0 || self.rows == 0 {
+            return Ok(());
+        }
+        let host = self.host_io(m)?;
+        let io = host.as_ref().expect("set by host_io");
+        io.stage(&self.ctx, x, y.len());
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        self.record(&mut encoder, &io.group, m)?;
+        io.finish(&self.ctx, encoder, y)
+    }
+
+    /// The staging buffers for `m` vectors, rebuilt when `m` changes.
+    fn host_io(&self, m: usize) -> Result<std::sync::MutexGuard<'_, Option<HostIo>>> {
+        let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        if host.as_ref().is_none_or(|h| h.m != m) {
+            *host = Some(HostIo::new(&self.ctx, m, self.cols, self.rows, |x, y| {
+                let call = kernels::call_params(&self.ctx, m)?;
+                Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call)))
+            })?);
+        }
+        Ok(host)
+    }
+
+    /// Device time of `runs` back-to-back products of `m` vectors, measured with timestamp queries (see
+    /// [`time_on_device`](super::time_on_device)).
+    pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
+        if m == 0 {
+            return Err(Error::param("m", "time at least one vector"));
+        }
+        let host = self.host_io(m)?;
+        let io = host.as_ref().expect("set by host_io");
+        super::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
+    }
+
+    /// Bytes of weights held on the device.
+    pub fn device_bytes(&self) -> u64 {
+        self.weights.size() + self.params.size()
+    }
+}
+
+pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<()> {
+    if actual != expected {
+        return Err(Error::ShapeMismatch { what: what.into(), expected, actual });
+    }
+    Ok(())
+}
+
+/// Checks that device buffers hold `m` vectors in and out.
+pub(crate) fn check_buffers(x: &wgpu::Buffer, y: &wgpu::Buffer, m: usize, cols: usize, rows: usize) -> Result<()> {
+    for (what, buffer, need) in [("x buffer", x, m * cols * 4), ("y buffer", y, m * rows * 4)] {
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::param("buffer", format!("the {what} needs BufferUsages::STORAGE")));
+        }
+        if (buffer.size() as usize) < need {
+            return Err(Error::ShapeMismatch {
+                what: format!("{what} bytes"),
+                expected: need,
+                actual: buffer.size() as usize,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,472 @@
+//! One host function per kernel, the GPU-side arrays they read, and the bind group layouts they share.
+//!
+//! Every kernel has an explicit bind group layout (not one derived from the shader), so one bind group serves
+//! every specialization of a kernel: the subgroup and portable variants and every vector count.
+//! Group 0 holds the weights (built once per weight), group 1 the call's vectors (built per buffer pair).
+
+use super::context::GpuContext;
+use super::shaders::{Kernel, LaneMode, Spec};
+use crate::error::{Error, Result};
+use crate::format::EcTensor;
+use crate::quant::mlx_words_per_row;
+use crate::rans::TileLayout;
+
+/// Invocations per workgroup of rans_decode: 4 slabs of 32 lanes, 4 tiles at once.
+pub const TILE_WORKGROUP: u32 = 128;
+/// Most slabs of 32 lanes in one ec_gemv workgroup: up to 8 segments of a row tile decode at once.
+pub const MAX_GEMV_SLABS: usize = 8;
+/// Invocations per workgroup of the row kernels (q_gemv, gemv_f32, gemv_f16).
+pub const ROW_WORKGROUP: u32 = 64;
+/// Most vectors one workgroup of ec_gemv or q_gemv keeps accumulators for; more vectors run in blocks.
+pub const MAX_VECTORS_PER_PASS: usize = 8;
+
+/// Binding kinds of a layout: `u` uniform, `r` read-only storage, `w` read-write storage.
+fn layout_entries(kinds: &str) -> Vec<wgpu::BindGroupLayoutEntry> {
+    kinds
+        .chars()
+        .enumerate()
+        .map(|(i, c)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match c {
+                    'u' => wgpu::BufferBindingType::Uniform,
+                    'r' => wgpu::BufferBindingType::Storage { read_only: true },
+                    _ => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect()
+}
+
+/// The binding kinds of each group of `kernel`, as in its WGSL file.
+pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
+    match kernel {
+        Kernel::RansDecode => &["urrrrww"],
+        Kernel::EcGemv => &["urrrrrr", "rw"],
+        Kernel::QGemv => &["urrr", "rwu"],
+        Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwu"],
+    }
+}
+
+/// The bind group layouts of `kernel`, one per group.
+pub(crate) fn bind_group_layouts(device: &wgpu::Device, kernel: Kernel) -> Vec<wgpu::BindGroupLayout> {
+    group_kinds(kernel)
+        .iter()
+        .map(|kinds| {
+            device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(kernel.file()),
+                entries: &layout_entries(kinds),
+            })
+        })
+        .collect()
+}
+
+/// A bind group of `buffers` (whole buffers, in binding order) for group `group` of `kernel`.
+pub(crate) fn bind_group(ctx: &GpuContext, kernel: Kernel, group: usize, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+        .collect();
+    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(kernel.file()),
+        layout: &ctx.layouts(kernel)[group],
+        entries: &entries,
+    })
+}
+
+/// Workgroup memory in bytes of `kernel` under `spec`, mirroring the `var<workgroup>` declarations of its
+/// WGSL file and preamble.
+pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
+    let wg = spec.workgroup as u64;
+    let lanes = match spec.lanes {
+        LaneMode::Portable => 3 * spec.slabs() as u64 * 4,
+        LaneMode::SubgroupNarrow => 2 * (wg / 4) * 4,
+        LaneMode::SubgroupWide => 0,
+    };
+    let table = 4u64 << spec.precision;
+    match kernel {
+        Kernel::RansDecode => table + lanes,
+        Kernel::EcGemv => table + lanes + 4 * wg,
+        Kernel::QGemv | Kernel::GemvF32 | Kernel::GemvF16 => 4 * wg,
+    }
+}
+
+/// Workgroups for `units` units of work along one grid dimension: every unit gets one, up to the device's
+/// per-dimension limit, past which the kernels' grid-stride loops take over.
+fn grid(ctx: &GpuContext, units: usize) -> u32 {
+    units.min(ctx.limits().max_compute_workgroups_per_dimension as usize).max(1) as u32
+}
+
+/// An encoded stream on the device: what the tile kernels read.
+pub struct GpuStream {
+    layout: TileLayout,
+    group_size: usize,
+    precision: u32,
+    /// `StreamParams` of the WGSL files.
+    params: wgpu::Buffer,
+    words: wgpu::Buffer,
+    tile_offsets: wgpu::Buffer,
+    states: wgpu::Buffer,
+    decode_table: wgpu::Buffer,
+}
+
+impl GpuStream {
+    /// Uploads the stream of `tensor`: its 16-bit words two to a `u32`, tile offsets, states and decode table.
+    pub fn upload(ctx: &GpuContext, tensor: &EcTensor) -> Result<Self> {
+        let layout = *tensor.layout();
+        check_gpu_shape(tensor)?;
+        let s = tensor.stream();
+        let mut words = s.words.clone();
+        if words.len() % 2 == 1 {
+            words.push(0);
+        }
+        let decode_table = tensor.table().decode_table();
+        let params = [
+            layout.rows() as u32,
+            layout.cols() as u32,
+            layout.segment() as u32,
+            layout.segments() as u32,
+            layout.row_tiles() as u32,
+            layout.tiles() as u32,
+            tensor.group_size() as u32,
+            (layout.cols() * layout.bits() as usize / 32) as u32,
+        ];
+        let none = wgpu::BufferUsages::empty();
+        Ok(Self {
+            layout,
+            group_size: tensor.group_size(),
+            precision: tensor.table().precision(),
+            params: ctx.uniform("ecq stream params", &params)?,
+            words: ctx.storage_init("stream words", bytemuck::cast_slice(&words), none)?,
+            tile_offsets: ctx.storage_init("tile offsets", bytemuck::cast_slice(&s.tile_offsets), none)?,
+            states: ctx.storage_init("tile states", bytemuck::cast_slice(&s.states), none)?,
+            decode_table: ctx.storage_init("decode table", bytemuck::cast_slice(&decode_table), none)?,
+        })
+    }
+
+    /// The tile layout.
+    pub fn layout(&self) -> &TileLayout {
+        &self.layout
+    }
+
+    /// Bytes held on the device.
+    pub fn device_bytes(&self) -> u64 {
+        self.words.size() + self.tile_offsets.size() + self.states.size() + self.decode_table.size()
+    }
+
+    /// Bytes of the packed symbols this stream decodes to.
+    pub fn packed_bytes(&self) -> u64 {
+        (self.layout.rows() * self.layout.cols() * self.layout.bits() as usize / 8) as u64
+    }
+}
+
+/// What the GPU paths need of a tensor beyond [`EcTensor`]'s own invariants: packed rows and segments that
+/// start on whole `u32` words, groups of whole 32-symbol chunks, and sizes that fit 32-bit indices.
+pub fn check_gpu_shape(tensor: &EcTensor) -> Result<()> {
+    let l = tensor.layout();
+    if tensor.group_size() % 32 != 0 {
+        return Err(Error::param(
+            "group_size",
+            format!("the GPU kernels need a multiple of 32, got {}; use the CPU path", tensor.group_size()),
+        ));
+    }
+    mlx_words_per_row(l.cols(), l.bits())?;
+    if l.rows() * l.cols() >= 1 << 32 || tensor.stream().words.len() >= 1 << 32 {
+        return Err(Error::param("shape", "more than 2^32 weights or words; split the tensor along its rows"));
+    }
+    Ok(())
+}
+
+/// Per-group scales and biases on the device, as `f32`.
+pub struct GpuScales {
+    scales: wgpu::Buffer,
+    biases: wgpu::Buffer,
+}
+
+impl GpuScales {
+    /// Uploads the scales and biases of `tensor`.
+    pub fn upload(ctx: &GpuContext, tensor: &EcTensor) -> Result<Self> {
+        let none = wgpu::BufferUsages::empty();
+        Ok(Self {
+            scales: ctx.storage_init("scales", bytemuck::cast_slice(tensor.scales()), none)?,
+            biases: ctx.storage_init("biases", bytemuck::cast_slice(tensor.biases()), none)?,
+        })
+    }
+
+    /// Bytes held on the device.
+    pub fn device_bytes(&self) -> u64 {
+        self.scales.size() + self.biases.size()
+    }
+}
+
+/// MLX-packed symbols on the device: each row a little-endian bit stream in `u32` words.
+pub struct GpuPacked {
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    /// `PackedParams` of q_gemv.wgsl.
+    params: wgpu::Buffer,
+    packed: wgpu::Buffer,
+}
+
+impl GpuPacked {
+    /// Allocates room for the symbols `stream` decodes to (filled by [`rans_decode`]).
+    pub fn for_stream(ctx: &GpuContext, stream: &GpuStream) -> Result<Self> {
+        let l = stream.layout;
+        let params =
+            [l.rows() as u32, l.cols() as u32, stream.group_size as u32, (l.cols() * l.bits() as usize / 32) as u32];
+        Ok(Self {
+            rows: l.rows(),
+            cols: l.cols(),
+            bits: l.bits(),
+            params: ctx.uniform("ecq packed params", &params)?,
+            packed: ctx.storage("packed symbols", stream.packed_bytes(), wgpu::BufferUsages::COPY_SRC)?,
+        })
+    }
+
+    /// The packed words' buffer (`rows * cols * bits / 32` words).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.packed
+    }
+
+    /// Bytes held on the device.
+    pub fn device_bytes(&self) -> u64 {
+        self.packed.size()
+    }
+
+    /// Copies the packed words back to the host (for checks).
+    pub fn read(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
+        let bytes = (self.rows * self.cols * self.bits as usize / 8) as u64;
+        let data = ctx.read_back(&self.packed, bytes)?;
+        Ok(bytemuck::pod_collect_to_vec(&data))
+    }
+}
+
+/// Records the tile decode of `stream` into `out` (which [`GpuPacked::for_stream`] sized). Tiles that fail the
+/// end-state or word-count check are counted in `status[0]`, the lowest in `status[1]` (the caller sets
+/// `status` to `[0, u32::MAX]` first).
+///
+/// Grid: `ceil(tiles / 4)` workgroups of 128 lanes (4 tiles each), capped at the dimension limit; the
+/// kernel loops over the rest.
+pub fn rans_decode(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    stream: &GpuStream,
+    out: &GpuPacked,
+    status: &wgpu::Buffer,
+) -> Result<()> {
+    let l = stream.layout;
+    if out.rows != l.rows() || out.cols != l.cols() || out.bits != l.bits() {
+        return Err(Error::param("out", "packed buffer was sized for another stream"));
+    }
+    let spec =
+        Spec { lanes: ctx.lane_mode(), bits: l.bits(), precision: stream.precision, m: 1, workgroup: TILE_WORKGROUP };
+    let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
+    if l.tiles() == 0 {
+        return Ok(());
+    }
+    let group = bind_group(
+        ctx,
+        Kernel::RansDecode,
+        0,
+        &[
+            &stream.params,
+            &stream.words,
+            &stream.tile_offsets,
+            &stream.states,
+            &stream.decode_table,
+            &out.packed,
+            status,
+        ],
+    );
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &group, &[]);
+    pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(spec.slabs() as usize)), 1, 1);
+    Ok(())
+}
+
+/// Decodes `stream` into a new packed buffer and waits, checking every tile.
+pub fn decode_to_packed(ctx: &GpuContext, stream: &GpuStream) -> Result<GpuPacked> {
+    let out = GpuPacked::for_stream(ctx, stream)?;
+    decode_into(ctx, stream, &out)?;
+    Ok(out)
+}
+
+/// Decodes `stream` into `out` (from [`GpuPacked::for_stream`]) and waits; a tile that fails its end-state or
+/// word-count check gives [`Error::CorruptStream`] naming the lowest such tile.
+pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Result<()> {
+    let status =
+        ctx.storage_init("decode status", bytemuck::cast_slice(&[0u32, u32::MAX]), wgpu::BufferUsages::COPY_SRC)?;
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    rans_decode(ctx, &mut encoder, stream, out, &status)?;
+    ctx.submit_and_wait(encoder)?;
+    let status: Vec<u32> = bytemuck::pod_collect_to_vec(&ctx.read_back(&status, 8)?);
+    if status[0] != 0 {
+        return Err(Error::CorruptStream {
+            tile: status[1] as usize,
+            reason: format!("{} tile check(s) failed on the GPU (end states or word counts)", status[0]),
+        });
+    }
+    Ok(())
+}
+
+/// The group-0 bind group of ec_gemv for one weight.
+pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales) -> wgpu::BindGroup {
+    bind_group(
+        ctx,
+        Kernel::EcGemv,
+        0,
+        &[
+            &stream.params,
+            &stream.words,
+            &stream.tile_offsets,
+            &stream.states,
+            &stream.decode_table,
+            &scales.scales,
+            &scales.biases,
+        ],
+    )
+}
+
+/// Records the fused GEMV of `m` (1..=8) vectors: `weights` from [`ec_gemv_weights`], `io` a group-1 bind
+/// group of `x` (`m x cols` f32) and `y` (`m x rows` f32) from [`io_bind_group`].
+///
+/// Grid: one workgroup per row tile of 32 rows, capped at the dimension limit; the kernel loops over the rest.
+/// A workgroup has one slab of 32 lanes per segment (at most 8); slab `s` decodes segments `s`, `s + slabs`, ...
+pub fn ec_gemv(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    stream: &GpuStream,
+    weights: &wgpu::BindGroup,
+    io: &wgpu::BindGroup,
+    m: usize,
+) -> Result<()> {
+    if !(1..=MAX_VECTORS_PER_PASS).contains(&m) {
+        return Err(Error::param("m", format!("ec_gemv takes 1..={MAX_VECTORS_PER_PASS} vectors, got {m}")));
+    }
+    let l = stream.layout;
+    let spec = Spec {
+        lanes: ctx.lane_mode(),
+        bits: l.bits(),
+        precision: stream.precision,
+        m: m as u32,
+        // One slab per segment, up to 8, so a row tile is usually done in one round.
+        workgroup: 32 * l.segments().clamp(1, MAX_GEMV_SLABS) as u32,
+    };
+    let pipeline = ctx.pipeline(Kernel::EcGemv, spec, workgroup_bytes(Kernel::EcGemv, &spec))?;
+    if l.rows() == 0 {
+        return Ok(());
+    }
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, weights, &[]);
+    pass.set_bind_group(1, io, &[]);
+    pass.dispatch_workgroups(grid(ctx, l.row_tiles()), 1, 1);
+    Ok(())
+}
+
+/// The group-0 bind group of q_gemv for one weight.
+pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) -> wgpu::BindGroup {
+    bind_group(ctx, Kernel::QGemv, 0, &[&packed.params, &packed.packed, &scales.scales, &scales.biases])
+}
+
+/// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`].
+pub fn io_bind_group(
+    ctx: &GpuContext,
+    kernel: Kernel,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    call: Option<&wgpu::Buffer>,
+) -> wgpu::BindGroup {
+    match call {
+        Some(c) => bind_group(ctx, kernel, 1, &[x, y, c]),
+        None => bind_group(ctx, kernel, 1, &[x, y]),
+    }
+}
+
+/// The uniform `CallParams` of the row kernels for `m` vectors.
+pub fn call_params(ctx: &GpuContext, m: usize) -> Result<wgpu::Buffer> {
+    ctx.uniform("ecq call params", &[m as u32, 0, 0, 0])
+}
+
+/// Vectors per workgroup for `m` vectors: all of them up to 8, else blocks of 8.
+fn vectors_per_pass(m: usize) -> u32 {
+    m.clamp(1, MAX_VECTORS_PER_PASS) as u32
+}
+
+/// Records the quantized GEMV (or matmul) of `m` vectors on packed symbols: `weights` from
+/// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m`.
+///
+/// Grid: x = one workgroup of 64 per row (capped; the kernel loops over the rest), y = `ceil(m / 8)` blocks of
+/// up to 8 vectors.
+pub fn q_gemv(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    packed: &GpuPacked,
+    weights: &wgpu::BindGroup,
+    io: &wgpu::BindGroup,
+    m: usize,
+) -> Result<()> {
+    row_kernel(ctx, encoder, Kernel::QGemv, packed.bits, packed.rows, weights, io, m)
+}
+
+/// Records the dense GEMV (gemv_f32 or gemv_f16 by `dtype`) of `m` vectors: `weights` the group-0 bind group
+/// of the dense weight (as [`crate::gpu::DenseGemv`] builds it), `io` from [`io_bind_group`] with the uniform of
+/// [`call_params`].
+///
+/// Grid: as [`q_gemv`].
+pub fn gemv_dense(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    dtype: super::DenseDtype,
+    rows: usize,
+    weights: &wgpu::BindGroup,
+    io: &wgpu::BindGroup,
+    m: usize,
+) -> Result<()> {
+    row_kernel(ctx, encoder, dense_kernel(dtype), 0, rows, weights, io, m)
+}
+
+/// The kernel of a dense dtype.
+pub(crate) fn dense_kernel(dtype: super::DenseDtype) -> Kernel {
+    match dtype {
+        super::DenseDtype::F32 => Kernel::GemvF32,
+        super::DenseDtype::F16 => Kernel::GemvF16,
+    }
+}
+
+/// Records a row kernel (q_gemv, gemv_f32, gemv_f16): grid x over rows, y over blocks of vectors.
+#[allow(clippy::too_many_arguments)]
+fn row_kernel(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    kernel: Kernel,
+    bits: u32,
+    rows: usize,
+    weights: &wgpu::BindGroup,
+    io: &wgpu::BindGroup,
+    m: usize,
+) -> Result<()> {
+    if m == 0 || rows == 0 {
+        return Ok(());
+    }
+    let per_pass = vectors_per_pass(m);
+    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup: ROW_WORKGROUP };
+    let pipeline = ctx.pipeline(kernel, spec, workgroup_bytes(kernel, &spec))?;
+    let blocks = m.div_ceil(per_pass as usize);
+    if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {
+        return Err(Error::param("m", format!("{m} vectors need {blocks} workgroup rows, above the device limit")));
+    }
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, weights, &[]);
+    pass.set_bind_group(1, io, &[]);
+    pass.dispatch_workgroups(grid(ctx, rows), blocks as u32, 1);
+    Ok(())
+}

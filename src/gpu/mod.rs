@@ -1,0 +1,75 @@
+//! The GPU path through wgpu: a device context, the WGSL kernels and one host function per kernel.
+//!
+//! - [`GpuContext`] opens an adapter (or wraps a device the caller opened) and caches pipelines.
+//! - [`kernels`] holds the device-side arrays ([`GpuStream`], [`GpuPacked`], [`GpuScales`]) and one host
+//!   function per kernel, each recording into a caller's `wgpu::CommandEncoder`.
+//! - [`DenseGemv`] is the dense f32 / f16 baseline.
+//! - [`time_on_device`] times recorded work with timestamp queries.
+//! - [`shaders`] holds every WGSL source, loaded from `wgsl/` in one place.
+//!
+//! Most callers want [`crate::EcMatmul::new`] with a context from [`GpuContext::new`].
+//!
+//! Kernel paths. Each kernel comes in a portable variant (workgroup memory only) and a subgroup variant;
+//! [`GpuContext::with_path`] picks one, so tests run both on any device. The subgroup variant for subgroups of
+//! 32 lanes or more assumes full subgroups numbered in order (`subgroup_id * subgroup_size +
+//! subgroup_invocation_id` covers the workgroup), as on NVIDIA, AMD and Apple GPUs; narrower subgroups (Intel,
+//! lavapipe) use per-subgroup ballots and exchange counts through workgroup memory.
+//!
+//! Limits wgpu does not check are checked here: each kernel's workgroup memory against
+//! `max_compute_workgroup_storage_size`, and every array against the storage binding limit (larger tensors
+//! are refused with [`crate::Error::Gpu`]; split them along their rows).
+//!
+//! Parity tests: `XDG_RUNTIME_DIR=/tmp ECQ_REQUIRE_GPU=1 cargo test --release --test gpu_parity` (lavapipe
+//! works: `apt-get install mesa-vulkan-drivers`).
+
+mod context;
+mod dense;
+pub mod kernels;
+pub mod shaders;
+mod timing;
+
+pub use context::{GpuContext, KernelPath};
+pub use dense::{DenseDtype, DenseGemv};
+pub use kernels::{GpuPacked, GpuScales, GpuStream};
+pub use shaders::{Kernel, LaneMode};
+pub use timing::time_on_device;
+
+/// Host-side staging for calls that take host slices: an input and an output buffer for `m` vectors, and the
+/// group-1 bind group over them, kept between calls with the same `m`.
+pub(crate) struct HostIo {
+    pub m: usize,
+    pub x: wgpu::Buffer,
+    pub y: wgpu::Buffer,
+    pub group: wgpu::BindGroup,
+}
+
+impl HostIo {
+    /// Buffers for `m` vectors of `cols` in and `rows` out; `group` builds the bind group over them.
+    pub fn new(
+        ctx: &GpuContext,
+        m: usize,
+        cols: usize,
+        rows: usize,
+        group: impl FnOnce(&wgpu::Buffer, &wgpu::Buffer) -> crate::Result<wgpu::BindGroup>,
+    ) -> crate::Result<Self> {
+        let x = ctx.storage("x", (m * cols * 4) as u64, wgpu::BufferUsages::empty())?;
+        let y = ctx.storage("y", (m * rows * 4) as u64, wgpu::BufferUsages::COPY_SRC)?;
+        let group = group(&x, &y)?;
+        Ok(Self { m, x, y, group })
+    }
+
+    /// Uploads `x` and poisons the output with NaN, so an element a kernel fails to write reads back as NaN.
+    pub fn stage(&self, ctx: &GpuContext, x: &[f32], y_len: usize) {
+        ctx.queue().write_buffer(&self.x, 0, bytemuck::cast_slice(x));
+        ctx.queue().write_buffer(&self.y, 0, bytemuck::cast_slice(&vec![f32::NAN; y_len]));
+    }
+
+    /// Submits `encoder` and copies `y.len()` outputs back.
+    pub fn finish(&self, ctx: &GpuContext, encoder: wgpu::CommandEncoder, y: &mut [f32]) -> crate::Result<()> {
+        ctx.submit_and_wait(encoder)?;
+        let data = ctx.read_back(&self.y, (y.len() * 4) as u64)?;
+        y.copy_from_slice(bytemuck::cast_slice(&data));
+        Ok(())
+    }
+}
+pub(crate) use dense::check_buffers;

@@ -1,0 +1,201 @@
+//! Every WGSL source of the crate, loaded from one place, and the specialization that turns one into a module.
+//!
+//! A kernel's final source is: a block of `const` declarations (its [`Spec`]), then the shared preamble it
+//! needs, then the kernel file. Both files may carry `//#if FLAG`, `//#else`, `//#endif` lines (nestable)
+//! with the flags `SUBGROUP` (use subgroup operations) and `NARROW` (subgroups narrower than 32 lanes), so the
+//! portable variant never names a subgroup built-in and compiles on devices without the feature.
+
+/// Tile decode to MLX-packed symbols.
+pub const RANS_DECODE: &str = include_str!("../../wgsl/rans_decode.wgsl");
+/// Fused decode + dequantize + GEMV.
+pub const EC_GEMV: &str = include_str!("../../wgsl/ec_gemv.wgsl");
+/// Quantized GEMV on MLX-packed symbols.
+pub const Q_GEMV: &str = include_str!("../../wgsl/q_gemv.wgsl");
+/// Dense GEMV with f32 weights.
+pub const GEMV_F32: &str = include_str!("../../wgsl/gemv_f32.wgsl");
+/// Dense GEMV with f16 weights.
+pub const GEMV_F16: &str = include_str!("../../wgsl/gemv_f16.wgsl");
+/// Preamble: word positions of the lanes of a tile (ballot or workgroup memory).
+pub const LANES: &str = include_str!("../../wgsl/lanes.wgsl");
+/// Preamble: workgroup sum (subgroupAdd or a tree in workgroup memory).
+pub const REDUCE: &str = include_str!("../../wgsl/reduce.wgsl");
+
+/// The kernels, one per WGSL file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `wgsl/rans_decode.wgsl`.
+    RansDecode,
+    /// `wgsl/ec_gemv.wgsl`.
+    EcGemv,
+    /// `wgsl/q_gemv.wgsl`.
+    QGemv,
+    /// `wgsl/gemv_f32.wgsl`.
+    GemvF32,
+    /// `wgsl/gemv_f16.wgsl`.
+    GemvF16,
+}
+
+impl Kernel {
+    /// Every kernel.
+    pub const ALL: [Kernel; 5] = [Kernel::RansDecode, Kernel::EcGemv, Kernel::QGemv, Kernel::GemvF32, Kernel::GemvF16];
+
+    /// The kernel's file name under `wgsl/`.
+    pub fn file(self) -> &'static str {
+        match self {
+            Kernel::RansDecode => "rans_decode.wgsl",
+            Kernel::EcGemv => "ec_gemv.wgsl",
+            Kernel::QGemv => "q_gemv.wgsl",
+            Kernel::GemvF32 => "gemv_f32.wgsl",
+            Kernel::GemvF16 => "gemv_f16.wgsl",
+        }
+    }
+
+    fn parts(self) -> (&'static str, &'static str) {
+        match self {
+            Kernel::RansDecode => (LANES, RANS_DECODE),
+            Kernel::EcGemv => (LANES, EC_GEMV),
+            Kernel::QGemv => (REDUCE, Q_GEMV),
+            Kernel::GemvF32 => (REDUCE, GEMV_F32),
+            Kernel::GemvF16 => (REDUCE, GEMV_F16),
+        }
+    }
+}
+
+/// How the lanes of a workgroup cooperate: the one switch between the portable and the subgroup kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LaneMode {
+    /// Workgroup memory only; runs on any device, with or without subgroup operations.
+    Portable,
+    /// Subgroup operations, subgroups of 32 lanes or more (NVIDIA 32, AMD 64): a tile fits in one ballot.
+    SubgroupWide,
+    /// Subgroup operations, subgroups of 4, 8 or 16 lanes (lavapipe 8): ballots per subgroup, counts exchanged
+    /// through workgroup memory.
+    SubgroupNarrow,
+}
+
+/// Everything a pipeline is specialized on; with the [`Kernel`] it is the pipeline cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Spec {
+    /// Lane cooperation.
+    pub lanes: LaneMode,
+    /// Bits per weight symbol (1..=8); 0 for the dense kernels.
+    pub bits: u32,
+    /// Decode-table precision `P`; 0 where no table is used.
+    pub precision: u32,
+    /// Vectors handled per workgroup (accumulators per lane), 1..=8.
+    pub m: u32,
+    /// Invocations per workgroup.
+    pub workgroup: u32,
+}
+
+impl Spec {
+    /// Tiles per workgroup of the tile kernels: 32 lanes each.
+    pub fn slabs(&self) -> u32 {
+        self.workgroup / 32
+    }
+
+    fn prefix(&self) -> String {
+        let bits = self.bits.max(1);
+        format!(
+            "const BITS: u32 = {bits}u;\nconst KW: u32 = {}u;\nconst P: u32 = {}u;\nconst M: u32 = {}u;\n\
+             const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\n",
+            8 / bits,
+            self.precision.max(1),
+            self.m,
+            self.workgroup,
+            self.slabs().max(1),
+        )
+    }
+}
+
+/// The complete WGSL source of `kernel` specialized by `spec`.
+pub fn source(kernel: Kernel, spec: &Spec) -> String {
+    let (preamble, body) = kernel.parts();
+    let flags: &[&str] = match spec.lanes {
+        LaneMode::Portable => &[],
+        LaneMode::SubgroupWide => &["SUBGROUP"],
+        LaneMode::SubgroupNarrow => &["SUBGROUP", "NARROW"],
+    };
+    let mut out = spec.prefix();
+    out.push_str(&preprocess(preamble, flags));
+    out.push_str(&preprocess(body, flags));
+    out
+}
+
+/// Keeps the lines whose enclosing `//#if FLAG` / `//#else` branches are all taken under `flags`.
+fn preprocess(text: &str, flags: &[&str]) -> String {
+    // One entry per open `//#if`: (this branch taken, the enclosing branches all taken).
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let trimmed = line.trim();
+        let live = stack.last().is_none_or(|&(taken, outer)| taken && outer);
+        if let Some(flag) = trimmed.strip_prefix("//#if ") {
+            stack.push((flags.contains(&flag.trim()), live));
+        } else if trimmed == "//#else" {
+            if let Some(top) = stack.last_mut() {
+                top.0 = !top.0;
+            }
+        } else if trimmed == "//#endif" {
+            stack.pop();
+        } else if live {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgpu::naga;
+
+    fn validate(kernel: Kernel, spec: &Spec) {
+        let src = source(kernel, spec);
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{} {spec:?} does not parse:\n{}", kernel.file(), e.emit_to_string(&src)));
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{} {spec:?} does not validate:\n{}", kernel.file(), e.emit_to_string(&src)));
+    }
+
+    /// Every kernel file parses and validates with naga, in every lane mode, at every bit width it takes.
+    #[test]
+    fn every_wgsl_kernel_validates() {
+        for kernel in Kernel::ALL {
+            for lanes in [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow] {
+                let bit_widths: Vec<u32> = match kernel {
+                    Kernel::GemvF32 | Kernel::GemvF16 => vec![0],
+                    _ => (1..=8).collect(),
+                };
+                for bits in bit_widths {
+                    for m in [1, 8] {
+                        let workgroup = if matches!(kernel, Kernel::RansDecode | Kernel::EcGemv) { 128 } else { 64 };
+                        validate(kernel, &Spec { lanes, bits, precision: 12, m, workgroup });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The portable variants name no subgroup built-in, so they compile on devices without the feature.
+    #[test]
+    fn portable_sources_use_no_subgroup_operations() {
+        for kernel in Kernel::ALL {
+            let spec = Spec { lanes: LaneMode::Portable, bits: 4, precision: 12, m: 1, workgroup: 64 };
+            let src: String = source(kernel, &spec).lines().map(|l| l.split("//").next().unwrap_or("")).collect();
+            for token in ["subgroupBallot", "subgroupAdd", "subgroup_id", "subgroup_size", "subgroup_invocation_id"] {
+                assert!(!src.contains(token), "{} portable source uses {token}", kernel.file());
+            }
+        }
+    }
+
+    #[test]
+    fn preprocess_keeps_taken_branches() {
+        let text = "a\n//#if X\nb\n//#if Y\nc\n//#else\nd\n//#endif\n//#else\ne\n//#endif\nf\n";
+        assert_eq!(preprocess(text, &["X"]), "a\nb\nd\nf\n");
+        assert_eq!(preprocess(text, &["X", "Y"]), "a\nb\nc\nf\n");
+        assert_eq!(preprocess(text, &[]), "a\ne\nf\n");
+    }
+}

@@ -1,0 +1,501 @@
+//! GPU parity: every kernel against the CPU reference, written once and run per kernel path.
+//!
+//! Each check is a function of a [`GpuContext`]; `per_path!` instantiates it once on the portable kernels
+//! (workgroup memory only) and once on the subgroup kernels of the device (32-wide ballots on NVIDIA, 8-wide
+//! ballots plus a workgroup exchange on lavapipe). Decoded symbols are compared exactly; products against a
+//! float64 reference computed from `QuantizedMatrix::dequantize`, within named tolerances. Outputs are poisoned
+//! (NaN, or two different word patterns for packed symbols) before every run, so an element a kernel fails to
+//! write fails the test.
+//!
+//! With no adapter the tests print a loud skip message and pass, unless `ECQ_REQUIRE_GPU=1`, which makes
+//! them fail. Run: `XDG_RUNTIME_DIR=/tmp ECQ_REQUIRE_GPU=1 cargo test --release --test gpu_parity`.
+#![cfg(feature = "gpu")]
+
+use std::sync::OnceLock;
+
+use ecq::format::{EcTensor, EncodeOptions};
+use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
+use ecq::gpu::{DenseDtype, DenseGemv, GpuContext, KernelPath};
+use ecq::quant::{pack_mlx, unpack_mlx, QuantizedMatrix, ScaleDtype};
+use ecq::{EcMatmul, Error, Strategy};
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Relative tolerance of a GPU product element against the float64 reference, as a fraction of
+/// `sum_k (|s q_k x_k| + |b x_k|)` (the magnitude the f32 sums of the kernels work at).
+const GEMV_REL_TOL: f64 = 1e-5;
+/// Absolute floor of the product tolerance, for rows whose terms are all tiny.
+const GEMV_ABS_TOL: f64 = 1e-6;
+/// Relative tolerance of the f16 dense baseline (weights rounded to f16 against the f32 reference).
+const DENSE_F16_REL_TOL: f64 = 2e-3;
+
+static CONTEXT: OnceLock<Option<GpuContext>> = OnceLock::new();
+
+/// The shared device, or `None` (after a loud message) where there is none and none is required.
+fn device() -> Option<GpuContext> {
+    CONTEXT
+        .get_or_init(|| match GpuContext::new() {
+            Ok(ctx) => {
+                let sub = ctx.with_path(KernelPath::Subgroup).map(|c| c.lane_mode());
+                eprintln!("gpu_parity: adapter {}; subgroup kernels: {sub:?}", ctx.describe());
+                Some(ctx)
+            }
+            Err(e) => {
+                if std::env::var("ECQ_REQUIRE_GPU").as_deref() == Ok("1") {
+                    panic!("ECQ_REQUIRE_GPU=1 but no GPU adapter: {e}");
+                }
+                eprintln!(
+                    "\n\n!!!!!!!! SKIPPING GPU TESTS: no GPU adapter ({e}).\n!!!!!!!! Install a Vulkan driver \
+                     (a software one: apt-get install mesa-vulkan-drivers) or set ECQ_REQUIRE_GPU=1 to fail.\n"
+                );
+                None
+            }
+        })
+        .clone()
+}
+
+/// The context of `path`, or `None` (after a loud message) where the device lacks it.
+fn context(path: KernelPath) -> Option<GpuContext> {
+    let ctx = device()?;
+    match ctx.with_path(path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("\n!!!!!!!! SKIPPING {path:?} kernels: {e}\n");
+            None
+        }
+    }
+}
+
+/// Instantiates a check `fn(&GpuContext)` once per kernel path.
+macro_rules! per_path {
+    ($($check:ident),* $(,)?) => {
+        $(
+            mod $check {
+                #[test]
+                fn portable() {
+                    if let Some(ctx) = super::context(ecq::gpu::KernelPath::Portable) {
+                        assert_eq!(ctx.lane_mode(), ecq::gpu::LaneMode::Portable);
+                        super::$check(&ctx);
+                    }
+                }
+                #[test]
+                fn subgroup() {
+                    if let Some(ctx) = super::context(ecq::gpu::KernelPath::Subgroup) {
+                        assert_ne!(ctx.lane_mode(), ecq::gpu::LaneMode::Portable);
+                        super::$check(&ctx);
+                    }
+                }
+            }
+        )*
+    };
+}
+
+per_path!(
+    decode_equals_cpu_every_bit_width,
+    decode_single_tile,
+    decode_and_gemv_thousands_of_tiles,
+    fused_and_cached_every_bit_width,
+    fused_and_cached_wide_rows,
+    encode_into_caller_buffers,
+    f16_inputs,
+    dense_baselines,
+    corrupt_stream_is_refused,
+    device_times_are_measured,
+);
+
+/// A quantized matrix with skewed random symbols (so the coder has something to gain) and f16 scales.
+fn random_matrix(rows: usize, cols: usize, bits: u32, group_size: usize, seed: u64) -> QuantizedMatrix {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let levels = 1u32 << bits;
+    let symbols = (0..rows * cols)
+        .map(|_| {
+            // A triangle-shaped distribution peaking at the middle level.
+            let t: f64 = (rng.gen::<f64>() + rng.gen::<f64>()) / 2.0;
+            ((t * levels as f64) as u32).min(levels - 1) as u8
+        })
+        .collect();
+    let groups = rows * cols / group_size;
+    let scales = (0..groups).map(|_| f16::from_f32(rng.gen_range(0.001f32..0.05)).to_f32()).collect();
+    let biases = (0..groups).map(|_| f16::from_f32(rng.gen_range(-0.5f32..0.5)).to_f32()).collect();
+    QuantizedMatrix { rows, cols, bits, group_size, symbols, scales, biases, scale_dtype: ScaleDtype::F16 }
+}
+
+fn encode(q: &QuantizedMatrix, segment: usize) -> EcTensor {
+    encode_at(q, segment, 12)
+}
+
+fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
+    let t = EcTensor::encode(q, EncodeOptions { segment, precision }).expect("encode");
+    assert_eq!(t.layout().segment(), segment, "segment was adjusted");
+    t
+}
+
+fn random_vectors(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.gen_range(-1f32..1.0)).collect()
+}
+
+/// Float64 reference of `Y = X W^T` and, per element, the magnitude its tolerance scales with.
+fn reference(q: &QuantizedMatrix, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+    let w = q.dequantize();
+    let (n, k, gs) = (q.rows, q.cols, q.group_size);
+    let mut y = vec![0f64; m * n];
+    let mut mag = vec![0f64; m * n];
+    for v in 0..m {
+        let xv = &x[v * k..(v + 1) * k];
+        for r in 0..n {
+            let (mut acc, mut size) = (0f64, 0f64);
+            for c in 0..k {
+                let g = r * (k / gs) + c / gs;
+                let xi = xv[c] as f64;
+                acc += w[r * k + c] as f64 * xi;
+                size += (q.scales[g] as f64 * q.symbols[r * k + c] as f64 * xi).abs() + (q.biases[g] as f64 * xi).abs();
+            }
+            y[v * n + r] = acc;
+            mag[v * n + r] = size;
+        }
+    }
+    (y, mag)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f64], mag: &[f64], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(mag).enumerate() {
+        let tol = rel * s + GEMV_ABS_TOL;
+        assert!((g as f64 - w).abs() <= tol, "{what}: element {i} is {g}, reference {w}, tolerance {tol}");
+    }
+}
+
+/// Decodes on the GPU twice, into outputs poisoned with all-zero and all-one words, and checks both runs
+/// against the CPU decoder exactly: as packed words (`pack_mlx`) and as unpacked symbols.
+fn check_decode(ctx: &GpuContext, t: &EcTensor, what: &str) {
+    let cpu = t.decode_symbols().expect("CPU decode");
+    let want = pack_mlx(&cpu, t.cols(), t.bits()).unwrap();
+    let stream = GpuStream::upload(ctx, t).unwrap();
+    let out = GpuPacked::for_stream(ctx, &stream).unwrap();
+    for poison in [0u32, u32::MAX] {
+        ctx.queue().write_buffer(out.buffer(), 0, bytemuck::cast_slice(&vec![poison; want.len()]));
+        kernels::decode_into(ctx, &stream, &out).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = out.read(ctx).unwrap();
+        if got != want {
+            let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+            panic!(
+                "{what} ({:?}, poison {poison:#x}): packed word {first} is {:#x}, CPU {:#x}",
+                ctx.lane_mode(),
+                got[first],
+                want[first]
+            );
+        }
+        assert_eq!(unpack_mlx(&got, t.cols(), t.bits()).unwrap(), cpu, "{what}: unpacked symbols");
+    }
+}
+
+/// Runs `tensor` through both GPU strategies for every `m` and checks against the float64 reference.
+fn check_products(ctx: &GpuContext, q: &QuantizedMatrix, t: &EcTensor, ms: &[usize], what: &str) {
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let mm = EcMatmul::new(ctx, t, strategy).unwrap_or_else(|e| panic!("{what} {strategy:?}: {e}"));
+        for &m in ms {
+            let x = random_vectors(m * q.cols, 7 + m as u64);
+            let (want, mag) = reference(q, &x, m);
+            let mut y = vec![f32::NAN; m * q.rows];
+            mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what} {strategy:?} m={m}: {e}"));
+            assert_close(&format!("{what} {strategy:?} {:?} m={m}", ctx.lane_mode()), &y, &want, &mag, GEMV_REL_TOL);
+        }
+    }
+}
+
+/// Tile decode equals the CPU decoder at every bit width the format allows, on 67 x 1088 (segments of 256:
+/// the last one holds 64 columns; the last row tile 3 rows).
+fn decode_equals_cpu_every_bit_width(ctx: &GpuContext) {
+    for bits in 1..=8 {
+        let q = random_matrix(67, 1088, bits, 32, bits as u64);
+        check_decode(ctx, &encode(&q, 256), &format!("67x1088 {bits}-bit"));
+    }
+    // A smaller table (P = 10 instead of 12) specializes the kernels' table size.
+    let q = random_matrix(67, 1088, 4, 32, 9);
+    let t = encode_at(&q, 256, 10);
+    check_decode(ctx, &t, "67x1088 4-bit P=10");
+    check_products(ctx, &q, &t, &[1, 3], "67x1088 4-bit P=10");
+}
+
+/// One tile: 20 rows (12 inactive lanes) by one segment.
+fn decode_single_tile(ctx: &GpuContext) {
+    for bits in [3, 4, 8] {
+        let q = random_matrix(20, 128, bits, 32, 100 + bits as u64);
+        let t = encode(&q, 128);
+        assert_eq!(t.layout().tiles(), 1);
+        check_decode(ctx, &t, &format!("single tile {bits}-bit"));
+        check_products(ctx, &q, &t, &[1, 3], &format!("single tile {bits}-bit"));
+    }
+}
+
+/// 2048 x 8192 with S = 128 and groups of 32: 64 x 64 = 4096 tiles.
+fn decode_and_gemv_thousands_of_tiles(ctx: &GpuContext) {
+    let q = random_matrix(2048, 8192, 4, 32, 4096);
+    let t = encode(&q, 128);
+    assert_eq!(t.layout().tiles(), 4096);
+    check_decode(ctx, &t, "2048x8192 S=128");
+    check_products(ctx, &q, &t, &[1], "2048x8192 S=128");
+}
+
+/// Fused and Cached at every bit width, for 1, 3, 8 and 33 vectors (33: the fused path decodes once and runs
+/// the tiled quantized matmul in blocks of 8).
+fn fused_and_cached_every_bit_width(ctx: &GpuContext) {
+    for bits in 1..=8 {
+        let q = random_matrix(67, 1088, bits, 32, 200 + bits as u64);
+        let t = encode(&q, 256);
+        check_products(ctx, &q, &t, &[1, 3, 8, 33], &format!("67x1088 {bits}-bit"));
+    }
+}
+
+/// 4160 columns (groups of 64, segments of 512: the last one holds 64 columns), 2-, 4- and 6-bit.
+fn fused_and_cached_wide_rows(ctx: &GpuContext) {
+    for bits in [2, 4, 6] {
+        let q = random_matrix(67, 4160, bits, 64, 300 + bits as u64);
+        let t = encode(&q, 512);
+        check_products(ctx, &q, &t, &[1, 3, 8, 33], &format!("67x4160 {bits}-bit"));
+    }
+}
+
+/// `EcMatmul::encode` records into a caller's encoder and buffers; nothing unwritten survives the NaN poison.
+fn encode_into_caller_buffers(ctx: &GpuContext) {
+    let q = random_matrix(67, 1088, 4, 32, 400);
+    let t = encode(&q, 256);
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let mm = EcMatmul::new(ctx, &t, strategy).unwrap();
+        for m in [1, 3, 33] {
+            let x = random_vectors(m * q.cols, 500 + m as u64);
+            let (want, mag) = reference(&q, &x, m);
+            let device = ctx.device();
+            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+            let make = |len: usize| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: len as u64 * 4,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            let (xb, yb) = (make(x.len()), make(m * q.rows));
+            ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
+            ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; m * q.rows]));
+            let mut encoder = device.create_command_encoder(&Default::default());
+            mm.encode(&mut encoder, &xb, &yb, m).unwrap();
+            let y = read_buffer(ctx, encoder, &yb, m * q.rows);
+            assert_close(&format!("encode {strategy:?} m={m}"), &y, &want, &mag, GEMV_REL_TOL);
+        }
+        // Buffers too small for m vectors are refused, not read past.
+        let small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        assert!(matches!(mm.encode(&mut encoder, &small, &small, 1), Err(Error::ShapeMismatch { .. })));
+    }
+}
+
+/// Submits `encoder` after copying `len` f32 of `buffer` into a mappable buffer, and returns them.
+fn read_buffer(ctx: &GpuContext, mut encoder: wgpu::CommandEncoder, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
+    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: len as u64 * 4,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, len as u64 * 4);
+    ctx.queue().submit([encoder.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
+    ctx.device().poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).unwrap();
+    let data = staging.get_mapped_range(..).unwrap();
+    bytemuck::pod_collect_to_vec(&data[..])
+}
+
+/// f16 inputs give the product of the same vectors widened to f32.
+fn f16_inputs(ctx: &GpuContext) {
+    let q = random_matrix(67, 1088, 4, 32, 600);
+    let t = encode(&q, 256);
+    let x16: Vec<f16> = random_vectors(3 * q.cols, 601).iter().map(|&v| f16::from_f32(v)).collect();
+    let x: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
+    let (want, mag) = reference(&q, &x, 3);
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let mm = EcMatmul::new(ctx, &t, strategy).unwrap();
+        let mut y = vec![f32::NAN; 3 * q.rows];
+        mm.matmul_f16(&x16, 3, &mut y).unwrap();
+        assert_close(&format!("f16 {strategy:?}"), &y, &want, &mag, GEMV_REL_TOL);
+        let mut y1 = vec![f32::NAN; q.rows];
+        mm.matvec_f16(&x16[..q.cols], &mut y1).unwrap();
+        assert_close(&format!("f16 matvec {strategy:?}"), &y1, &want[..q.rows], &mag[..q.rows], GEMV_REL_TOL);
+    }
+}
+
+/// The dense f32 and f16 baselines against the float64 product of the same weights.
+fn dense_baselines(ctx: &GpuContext) {
+    let (rows, cols) = (67, 1000);
+    let w = random_vectors(rows * cols, 700);
+    for (dtype, rel) in [(DenseDtype::F32, GEMV_REL_TOL), (DenseDtype::F16, DENSE_F16_REL_TOL)] {
+        let dense = DenseGemv::new(ctx, &w, rows, cols, dtype).unwrap();
+        for m in [1, 3, 33] {
+            let x = random_vectors(m * cols, 701 + m as u64);
+            let mut want = vec![0f64; m * rows];
+            let mut mag = vec![0f64; m * rows];
+            for v in 0..m {
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let p = w[r * cols + c] as f64 * x[v * cols + c] as f64;
+                        want[v * rows + r] += p;
+                        mag[v * rows + r] += p.abs();
+                    }
+                }
+            }
+            let mut y = vec![f32::NAN; m * rows];
+            dense.matmul(&x, m, &mut y).unwrap();
+            assert_close(&format!("dense {dtype:?} m={m}"), &y, &want, &mag, rel);
+        }
+    }
+}
+
+/// A stream with one flipped word fails the GPU tile check at load, as it fails the CPU decoder.
+fn corrupt_stream_is_refused(ctx: &GpuContext) {
+    let q = random_matrix(67, 1088, 4, 32, 800);
+    let t = encode(&q, 256);
+    let mut stream = t.stream().clone();
+    let tile = 5;
+    let w = stream.tile_offsets[tile] as usize + 3;
+    stream.words[w] ^= 0x5a5a;
+    let bad = EcTensor::from_parts(
+        *t.layout(),
+        t.group_size(),
+        t.table().clone(),
+        stream,
+        t.scales().to_vec(),
+        t.biases().to_vec(),
+        t.scale_dtype(),
+    )
+    .unwrap();
+    assert!(bad.decode_symbols().is_err(), "the CPU decoder accepts the corrupt stream");
+    match EcMatmul::new(ctx, &bad, Strategy::Cached) {
+        Err(Error::CorruptStream { tile: found, .. }) => assert_eq!(found, tile, "lowest failing tile"),
+        Err(e) => panic!("expected CorruptStream, got {e}"),
+        Ok(_) => panic!("a corrupt stream was accepted"),
+    }
+}
+
+/// Workgroup memory above the device limit is refused with a clear error, not left to the driver: a device
+/// limited to the WebGPU default of 16 KiB cannot hold a 2^12-entry decode table plus the kernel's own arrays.
+#[test]
+fn workgroup_memory_above_limit_is_refused() {
+    let Some(ctx) = limited_context(|l| l.max_compute_workgroup_storage_size = 16384) else { return };
+    let q = random_matrix(67, 1088, 4, 32, 900);
+    let t = encode(&q, 256);
+    match EcMatmul::new(&ctx, &t, Strategy::Cached) {
+        Err(Error::Gpu(msg)) => assert!(msg.contains("workgroup memory"), "{msg}"),
+        Err(e) => panic!("expected Error::Gpu, got {e}"),
+        Ok(_) => panic!("a decode table above the workgroup memory limit was accepted"),
+    }
+    let fused = EcMatmul::new(&ctx, &t, Strategy::Fused).unwrap();
+    let mut y = vec![0f32; q.rows];
+    match fused.matvec(&vec![0f32; q.cols], &mut y) {
+        Err(Error::Gpu(msg)) => assert!(msg.contains("workgroup memory"), "{msg}"),
+        other => panic!("expected Error::Gpu, got {other:?}"),
+    }
+}
+
+/// Arrays above the storage binding limit are refused with a clear error.
+#[test]
+fn tensor_above_binding_limit_is_refused() {
+    let Some(ctx) = limited_context(|l| l.max_storage_buffer_binding_size = 64 * 1024) else { return };
+    // 256 x 4096 8-bit symbols: 1 MiB packed, and the stream well above 64 KiB.
+    let q = random_matrix(256, 4096, 8, 32, 1000);
+    let t = encode(&q, 512);
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        match EcMatmul::new(&ctx, &t, strategy) {
+            Err(Error::Gpu(msg)) => assert!(msg.contains("storage binding limit"), "{msg}"),
+            Err(e) => panic!("expected Error::Gpu, got {e}"),
+            Ok(_) => panic!("{strategy:?} accepted arrays above the binding limit"),
+        }
+    }
+}
+
+/// A context on a new device of the default adapter with its limits changed by `limit`.
+fn limited_context(limit: impl FnOnce(&mut wgpu::Limits)) -> Option<GpuContext> {
+    let ctx = device()?;
+    let backends =
+        wgpu::Backends::from_env().unwrap_or(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12);
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    let name = ctx.adapter_info().name.clone();
+    let adapter = pollster::block_on(instance.enumerate_adapters(backends))
+        .into_iter()
+        .find(|a| a.get_info().name == name)
+        .expect("the adapter of the shared context");
+    let mut limits = adapter.limits();
+    limit(&mut limits);
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("limited"),
+        required_features: adapter.features() & wgpu::Features::SUBGROUP,
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a device with lower limits");
+    Some(GpuContext::from_device(device, queue))
+}
+
+/// Timestamp queries give one positive duration per run for every GPU product.
+fn device_times_are_measured(ctx: &GpuContext) {
+    if !ctx.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+        eprintln!("\n!!!!!!!! SKIPPING device timing: {} has no timestamp queries\n", ctx.adapter_info().name);
+        return;
+    }
+    let q = random_matrix(67, 1088, 4, 32, 1100);
+    let t = encode(&q, 256);
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let mm = EcMatmul::new(ctx, &t, strategy).unwrap();
+        for m in [1, 33] {
+            let times = mm.device_times(m, 3).unwrap();
+            assert_eq!(times.len(), 3);
+            assert!(times.iter().all(|d| !d.is_zero()), "{strategy:?} m={m}: {times:?}");
+        }
+    }
+    let dense = DenseGemv::new(ctx, &random_vectors(67 * 1000, 1101), 67, 1000, DenseDtype::F16).unwrap();
+    let times = dense.device_times(1, 2).unwrap();
+    assert!(times.len() == 2 && times.iter().all(|d| !d.is_zero()), "dense: {times:?}");
+    assert!(EcMatmul::cpu(&t).device_times(1, 1).is_err(), "the CPU path has no device time");
+}
+
+/// Shapes the GPU kernels do not take are refused with typed errors; an empty matrix runs and writes nothing.
+#[test]
+fn unsupported_and_empty_shapes() {
+    let Some(ctx) = device() else { return };
+    // Groups of 16 columns: the kernels need whole 32-symbol chunks per group.
+    let q = random_matrix(40, 96, 4, 16, 1200);
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12 }).unwrap();
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        assert!(
+            matches!(EcMatmul::new(&ctx, &t, strategy), Err(Error::InvalidParameter { name: "group_size", .. })),
+            "{strategy:?} accepted groups of 16"
+        );
+    }
+    // No rows at all.
+    let q = random_matrix(0, 128, 4, 32, 1201);
+    let t = encode(&q, 128);
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let mm = EcMatmul::new(&ctx, &t, strategy).unwrap();
+        let mut y: Vec<f32> = Vec::new();
+        mm.matmul(&random_vectors(2 * 128, 1202), 2, &mut y).unwrap();
+    }
+    // A buffer without STORAGE usage is refused before wgpu sees it.
+    let q = random_matrix(32, 128, 4, 32, 1203);
+    let mm = EcMatmul::new(&ctx, &encode(&q, 128), Strategy::Fused).unwrap();
+    let plain = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 4096,
+        usage: wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    assert!(matches!(mm.encode(&mut encoder, &plain, &plain, 1), Err(Error::InvalidParameter { .. })));
+}

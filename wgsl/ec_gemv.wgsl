@@ -1,0 +1,148 @@
+// Fused GEMV: decode rANS tiles, dequantize and multiply, y[v][n] = sum_k W[n][k] x[v][k], for M vectors.
+//
+// Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS.
+// Preamble: lanes.wgsl.
+// Grid: workgroups stride over row tiles. Within one row tile, slab s decodes segments s, s + SLABS, ...; lane r
+// keeps M accumulators for row r. Per group it accumulates sum(q * x) and sum(x) and applies the group's scale
+// and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x). The slabs' partial sums are then added in
+// workgroup memory.
+
+struct StreamParams {
+    rows: u32,
+    cols: u32,
+    segment: u32,
+    segments: u32,
+    row_tiles: u32,
+    tiles: u32,
+    group_size: u32,
+    words_per_row: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: StreamParams;
+// The tiles' 16-bit words, two to a u32 (little-endian), all tiles back to back.
+@group(0) @binding(1) var<storage, read> words: array<u32>;
+// Start of each tile in `words` (in 16-bit words), tiles + 1 entries.
+@group(0) @binding(2) var<storage, read> tile_offsets: array<u32>;
+// 32 initial states per tile.
+@group(0) @binding(3) var<storage, read> states: array<u32>;
+// Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20.
+@group(0) @binding(4) var<storage, read> decode_table: array<u32>;
+// Per-group scales and biases, row-major rows x (cols / group_size).
+@group(0) @binding(5) var<storage, read> scales: array<f32>;
+@group(0) @binding(6) var<storage, read> biases: array<f32>;
+// Input vectors, row-major M x cols.
+@group(1) @binding(0) var<storage, read> x: array<f32>;
+// Output, row-major M x rows.
+@group(1) @binding(1) var<storage, read_write> y: array<f32>;
+
+const TABLE: u32 = 1u << P;
+const QMASK: u32 = (1u << BITS) - 1u;
+var<workgroup> table: array<u32, TABLE>;
+// One partial sum per lane of the workgroup, reused for each vector.
+var<workgroup> partial: array<f32, WG>;
+
+// q as f32 for q < 2^23, built from bits (2^23 + q has q in its mantissa) instead of an integer conversion,
+// which runs at a fraction of the FMA rate on some GPUs.
+fn small_to_f32(q: u32) -> f32 {
+    return bitcast<f32>(q | 0x4b000000u) - 8388608.0;
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+//#if SUBGROUP
+    @builtin(subgroup_invocation_id) sid: u32,
+    @builtin(subgroup_size) sgs: u32,
+    @builtin(subgroup_id) sgid: u32,
+//#endif
+) {
+//#if SUBGROUP
+    lanes_init(sid, sgs, sgid);
+//#else
+    lanes_init(lid);
+//#endif
+    for (var i = lid; i < TABLE; i += WG) {
+        table[i] = decode_table[i];
+    }
+    workgroupBarrier();
+
+    let max_steps = params.segment / KW;
+    let steps_per_group = params.group_size / KW;
+    let groups_per_row = params.cols / params.group_size;
+    let rounds = (params.segments + SLABS - 1u) / SLABS;
+    for (var row_tile = wid.x; row_tile < params.row_tiles; row_tile += nwg.x) {
+        let row = row_tile * 32u + lane_row;
+        let row_active = row < params.rows;
+        let row_c = min(row, params.rows - 1u);
+        var acc: array<f32, M>;
+        for (var v = 0u; v < M; v++) {
+            acc[v] = 0.0;
+        }
+        for (var round = 0u; round < rounds; round++) {
+            let seg = round * SLABS + lane_slab;
+            let valid = seg < params.segments;
+            let t = row_tile * params.segments + min(seg, params.segments - 1u);
+            let col0 = min(seg, params.segments - 1u) * params.segment;
+            let steps = min(params.segment, params.cols - col0) / KW;
+            let lane_live = valid && row_active;
+            var x_state = states[t * 32u + lane_row];
+            var pos = tile_offsets[t];
+            var qx: array<f32, M>;
+            var sx: array<f32, M>;
+            for (var v = 0u; v < M; v++) {
+                qx[v] = 0.0;
+                sx[v] = 0.0;
+            }
+            for (var step = 0u; step < max_steps; step++) {
+                let live = lane_live && step < steps;
+                if (live) {
+                    let e = table[x_state & (TABLE - 1u)];
+                    let sym = e & 0xffu;
+                    x_state = (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u);
+                    let col = col0 + step * KW;
+                    for (var i = 0u; i < KW; i++) {
+                        let q = small_to_f32((sym >> (i * BITS)) & QMASK);
+                        for (var v = 0u; v < M; v++) {
+                            let xv = x[v * params.cols + col + i];
+                            qx[v] += q * xv;
+                            sx[v] += xv;
+                        }
+                    }
+                    // Last step of a group: apply its scale and bias once.
+                    if ((step + 1u) % steps_per_group == 0u) {
+                        let g = row_c * groups_per_row + (col + KW) / params.group_size - 1u;
+                        let s = scales[g];
+                        let b = biases[g];
+                        for (var v = 0u; v < M; v++) {
+                            acc[v] += s * qx[v] + b * sx[v];
+                            qx[v] = 0.0;
+                            sx[v] = 0.0;
+                        }
+                    }
+                }
+                let need = live && x_state < 65536u;
+                let rank = word_rank(need);
+                if (need) {
+                    // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
+                    x_state = (x_state << 16u) | stream_word(min(pos + rank.x, tile_offsets[t + 1u]));
+                }
+                pos += rank.y;
+            }
+        }
+        // Add the slabs' partial sums of each row, one vector at a time.
+        for (var v = 0u; v < M; v++) {
+            partial[lane_slab * 32u + lane_row] = acc[v];
+            workgroupBarrier();
+            if (lane_slab == 0u && row_active) {
+                var sum = 0.0;
+                for (var s = 0u; s < SLABS; s++) {
+                    sum += partial[s * 32u + lane_row];
+                }
+                y[v * params.rows + row] = sum;
+            }
+            workgroupBarrier();
+        }
+    }
+}

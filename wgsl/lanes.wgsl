@@ -1,0 +1,107 @@
+// Shared by rans_decode.wgsl and ec_gemv.wgsl: where each lane of a tile finds its next word.
+//
+// A workgroup holds SLABS slabs of 32 lanes; slab s decodes one tile, lane r of the slab is row r of that tile.
+// After each decode step, the lanes that need a word (state < 2^16) take consecutive words of the tile's stream
+// in ascending lane order, so lane r reads word `pos + (number of lanes below r that need one)` and the tile's
+// cursor advances by the number of lanes that needed one.
+//
+// Three ways to count, picked when the pipeline is built (the stream format is the same for all):
+// - portable (no SUBGROUP): each slab ORs its need bits into a word of workgroup memory, one barrier per step.
+// - SUBGROUP, not NARROW (subgroups of 32 or more lanes, full): a ballot holds the whole slab; no barrier.
+// - SUBGROUP and NARROW (subgroups of 4, 8 or 16 lanes): a ballot counts within the subgroup, and the
+//   subgroups of one slab exchange their counts through workgroup memory, one barrier per step.
+// Every path calls workgroupBarrier the same number of times on every invocation: callers must call
+// `word_rank` from uniform control flow, once per step on every lane, live or not.
+
+// Lane identity, set once by the entry point through `lanes_init`.
+var<private> lane_slab: u32;
+var<private> lane_row: u32;
+// Steps taken so far: picks which workgroup buffer a step uses.
+var<private> rank_step: u32;
+
+//#if SUBGROUP
+var<private> sg_lane: u32;
+var<private> sg_width: u32;
+var<private> sg_index: u32;
+//#if NARROW
+// Per-subgroup word counts of the current step, double buffered: [step & 1][subgroup].
+var<workgroup> sg_counts: array<u32, 2u * (WG / 4u)>;
+//#endif
+//#else
+// Per-slab need bits of the current step, triple buffered: [slab][step % 3].
+var<workgroup> rank_bits: array<atomic<u32>, 3u * SLABS>;
+//#endif
+
+//#if SUBGROUP
+// Lanes are numbered by subgroup so that ballot bit order is row order.
+fn lanes_init(sid: u32, sgs: u32, sgid: u32) {
+    sg_lane = sid;
+    sg_width = sgs;
+    sg_index = sgid;
+    let linear = sgid * sgs + sid;
+    lane_slab = linear / 32u;
+    lane_row = linear % 32u;
+    rank_step = 0u;
+}
+//#else
+fn lanes_init(lid: u32) {
+    lane_slab = lid / 32u;
+    lane_row = lid % 32u;
+    rank_step = 0u;
+    if (lid < 3u * SLABS) {
+        atomicStore(&rank_bits[lid], 0u);
+    }
+    workgroupBarrier();
+}
+//#endif
+
+// Returns (words taken by lanes below this one in its slab, words taken by the whole slab) for this step.
+fn word_rank(need: bool) -> vec2<u32> {
+    let step = rank_step;
+    rank_step = step + 1u;
+//#if SUBGROUP
+//#if NARROW
+    let ballot = subgroupBallot(need).x;
+    let below = countOneBits(ballot & ((1u << sg_lane) - 1u));
+    let buf = (step & 1u) * (WG / 4u);
+    if (sg_lane == 0u) {
+        sg_counts[buf + sg_index] = countOneBits(ballot);
+    }
+    workgroupBarrier();
+    let per_slab = 32u / sg_width;
+    let first = sg_index - sg_index % per_slab;
+    var before = 0u;
+    var total = 0u;
+    for (var i = 0u; i < per_slab; i++) {
+        let c = sg_counts[buf + first + i];
+        total += c;
+        if (first + i < sg_index) {
+            before += c;
+        }
+    }
+    return vec2<u32>(before + below, total);
+//#else
+    let ballot = subgroupBallot(need);
+    let bits = ballot[sg_lane / 32u];
+    let below = countOneBits(bits & ((1u << (sg_lane % 32u)) - 1u));
+    return vec2<u32>(below, countOneBits(bits));
+//#endif
+//#else
+    let slot = lane_slab * 3u + step % 3u;
+    if (need) {
+        atomicOr(&rank_bits[slot], 1u << lane_row);
+    }
+    workgroupBarrier();
+    let bits = atomicLoad(&rank_bits[slot]);
+    // The buffer used two steps from now was last read one step ago, before this step's barrier.
+    if (lane_row == 0u) {
+        atomicStore(&rank_bits[lane_slab * 3u + (step + 2u) % 3u], 0u);
+    }
+    return vec2<u32>(countOneBits(bits & ((1u << lane_row) - 1u)), countOneBits(bits));
+//#endif
+}
+
+// Word `i` of the tile streams: 16-bit words stored two to a u32, little-endian.
+fn stream_word(i: u32) -> u32 {
+    return (words[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
+}

@@ -1,0 +1,118 @@
+// Tile decode: rANS tiles -> MLX-packed symbols (each row a little-endian bit stream in u32 words).
+//
+// Specialization (prepended by the host): BITS, KW = 8 / BITS weights per joint symbol, P (table precision),
+// SLABS tiles per workgroup, WG = 32 * SLABS invocations. Preamble: lanes.wgsl.
+// Grid: workgroups stride over groups of SLABS consecutive tiles; slab s of a workgroup decodes tile
+// base + s, lane r decodes row r of that tile and writes that row's packed words itself.
+
+struct StreamParams {
+    rows: u32,
+    cols: u32,
+    segment: u32,
+    segments: u32,
+    row_tiles: u32,
+    tiles: u32,
+    group_size: u32,
+    words_per_row: u32,   // packed u32 words per output row, cols * BITS / 32
+}
+
+@group(0) @binding(0) var<uniform> params: StreamParams;
+// The tiles' 16-bit words, two to a u32 (little-endian), all tiles back to back.
+@group(0) @binding(1) var<storage, read> words: array<u32>;
+// Start of each tile in `words` (in 16-bit words), tiles + 1 entries.
+@group(0) @binding(2) var<storage, read> tile_offsets: array<u32>;
+// 32 initial states per tile.
+@group(0) @binding(3) var<storage, read> states: array<u32>;
+// Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20.
+@group(0) @binding(4) var<storage, read> decode_table: array<u32>;
+// Output: packed symbols, rows * words_per_row.
+@group(0) @binding(5) var<storage, read_write> packed: array<u32>;
+// [0]: number of tiles that failed the end-state or word-count check; [1]: lowest such tile (host sets ~0).
+@group(0) @binding(6) var<storage, read_write> status: array<atomic<u32>>;
+
+const TABLE: u32 = 1u << P;
+const STEP_BITS: u32 = KW * BITS;
+var<workgroup> table: array<u32, TABLE>;
+
+fn report_bad_tile(tile: u32) {
+    atomicAdd(&status[0], 1u);
+    atomicMin(&status[1], tile);
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+//#if SUBGROUP
+    @builtin(subgroup_invocation_id) sid: u32,
+    @builtin(subgroup_size) sgs: u32,
+    @builtin(subgroup_id) sgid: u32,
+//#endif
+) {
+//#if SUBGROUP
+    lanes_init(sid, sgs, sgid);
+//#else
+    lanes_init(lid);
+//#endif
+    for (var i = lid; i < TABLE; i += WG) {
+        table[i] = decode_table[i];
+    }
+    workgroupBarrier();
+
+    let max_steps = params.segment / KW;
+    for (var base = wid.x * SLABS; base < params.tiles; base += nwg.x * SLABS) {
+        let tile = base + lane_slab;
+        let valid = tile < params.tiles;
+        let t = min(tile, params.tiles - 1u);
+        let row_tile = t / params.segments;
+        let seg = t % params.segments;
+        let row0 = row_tile * 32u;
+        let col0 = seg * params.segment;
+        let steps = min(params.segment, params.cols - col0) / KW;
+        let row = row0 + lane_row;
+        let lane_live = valid && row < params.rows;
+
+        var x = states[t * 32u + lane_row];
+        var pos = tile_offsets[t];
+        let end = tile_offsets[t + 1u];
+        var out = row * params.words_per_row + col0 * BITS / 32u;
+        var acc = 0u;
+        var nbits = 0u;
+        for (var step = 0u; step < max_steps; step++) {
+            let live = lane_live && step < steps;
+            if (live) {
+                // x = f * (x >> P) + (x mod 2^P) - cum, read off the table entry at slot x mod 2^P.
+                let e = table[x & (TABLE - 1u)];
+                let sym = e & 0xffu;
+                x = (((e >> 8u) & 0xfffu) + 1u) * (x >> P) + (e >> 20u);
+                // Append the joint symbol's KW * BITS bits to the row's bit stream.
+                acc |= sym << nbits;
+                nbits += STEP_BITS;
+                if (nbits >= 32u) {
+                    packed[out] = acc;
+                    out += 1u;
+                    nbits -= 32u;
+                    acc = select(0u, sym >> (STEP_BITS - nbits), nbits > 0u);
+                }
+            }
+            let need = live && x < 65536u;
+            let rank = word_rank(need);
+            if (need) {
+                let i = pos + rank.x;
+                x = (x << 16u) | stream_word(min(i, max(end, 1u) - 1u));
+                if (i >= end) {
+                    report_bad_tile(t);
+                }
+            }
+            pos += rank.y;
+        }
+        // A correct tile ends with every active state back at 2^16 and all of its words consumed.
+        if (lane_live && x != 65536u) {
+            report_bad_tile(t);
+        }
+        if (valid && lane_row == 0u && pos != end) {
+            report_bad_tile(t);
+        }
+    }
+}
