@@ -14,6 +14,7 @@
 
 use std::arch::x86_64::*;
 
+use super::fast::BLOCK;
 use super::tile::{LANES, STATE_LOWER};
 
 /// `PERMUTE[m]`: for an 8-lane mask `m` of lanes that need a word, lane `i` (if its bit is set) takes word
@@ -136,3 +137,68 @@ pub(crate) unsafe fn decode_steps(
 
 // The kernel relies on the state interval of the format: a word enters when x < 2^16.
 const _: () = assert!(STATE_LOWER == 1 << 16);
+
+/// Writes one full block of [`BLOCK`] = 32 decoded steps into the row tile output, for joint symbols of one or
+/// two weights (`bits >= 3`); returns `false` (writing nothing) for other widths, which the caller handles.
+///
+/// `block[step][lane]` is transposed to `[lane][step]` with the perfect-shuffle transpose (four rounds of byte
+/// interleaves pairing register `i` with `i + 8`, inside each 128-bit half), then each lane's 32 joint symbols are
+/// split into `k` weights and stored at `rows_out[lane * cols + first_col ..]`.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn write_block(
+    block: &[[u8; LANES]; BLOCK],
+    active: usize,
+    bits: u32,
+    cols: usize,
+    first_col: usize,
+    rows_out: &mut [u8],
+) -> bool {
+    let k = (8 / bits) as usize;
+    if k > 2 {
+        return false;
+    }
+    // Two 16-step halves; in each, register i ends as: low half = lane i, high half = lane 16 + i.
+    let mut halves = [[_mm256_setzero_si256(); 16]; 2];
+    for (h, regs) in halves.iter_mut().enumerate() {
+        for (i, r) in regs.iter_mut().enumerate() {
+            *r = _mm256_loadu_si256(block[16 * h + i].as_ptr() as *const __m256i);
+        }
+        for _ in 0..4 {
+            let prev = *regs;
+            for i in 0..8 {
+                regs[2 * i] = _mm256_unpacklo_epi8(prev[i], prev[i + 8]);
+                regs[2 * i + 1] = _mm256_unpackhi_epi8(prev[i], prev[i + 8]);
+            }
+        }
+    }
+    let mask = _mm_set1_epi8(((1u32 << bits) - 1) as i8);
+    let shift = _mm_cvtsi32_si128(bits as i32);
+    for lane in 0..active {
+        let (i, upper) = (lane % 16, lane >= 16);
+        // Steps 0..16 from the first half, 16..32 from the second, of this lane's 128-bit half.
+        let row = if upper {
+            _mm256_permute2x128_si256::<0x31>(halves[0][i], halves[1][i])
+        } else {
+            _mm256_permute2x128_si256::<0x20>(halves[0][i], halves[1][i])
+        };
+        let start = lane * cols + first_col;
+        let dst = &mut rows_out[start..start + BLOCK * k];
+        let p = dst.as_mut_ptr() as *mut __m128i;
+        if k == 1 {
+            _mm256_storeu_si256(p as *mut __m256i, row);
+        } else {
+            // Joint symbol j = w0 | w1 << bits: w0 = j & mask, w1 = (j >> bits) & mask (the 16-bit shift pulls
+            // the neighbouring byte's low bits into bits >= 8 - bits >= bits, which the mask clears).
+            for (h, v) in [_mm256_castsi256_si128(row), _mm256_extracti128_si256::<1>(row)].into_iter().enumerate() {
+                let w0 = _mm_and_si128(v, mask);
+                let w1 = _mm_and_si128(_mm_srl_epi16(v, shift), mask);
+                _mm_storeu_si128(p.add(2 * h), _mm_unpacklo_epi8(w0, w1));
+                _mm_storeu_si128(p.add(2 * h + 1), _mm_unpackhi_epi8(w0, w1));
+            }
+        }
+    }
+    true
+}

@@ -106,7 +106,9 @@ pub(crate) fn encode_tile(
     let mut joint = vec![0u8; steps * LANES];
     gather_joint(symbols, layout, tile, &mut joint);
     // At most one word per active lane per step; written from the end, so words[start..] is in decode order.
-    let mut words = vec![0u16; steps * tile.rows];
+    // Slot 0 is spare: every step writes its candidate word to words[start - 1] unconditionally and only moves
+    // `start` when the word is really emitted, which keeps the data-dependent branch out of the loop.
+    let mut words = vec![0u16; steps * tile.rows + 1];
     let mut start = words.len();
     let mut states = [STATE_LOWER; LANES];
     let mut absent = 0u32;
@@ -115,13 +117,12 @@ pub(crate) fn encode_tile(
         for (lane, &s) in row.iter().enumerate().rev() {
             let e = &enc[s as usize];
             absent |= e.cmpl_freq;
-            let mut x = states[lane];
+            let x = states[lane];
             // Renormalize: x must be <= x_max = f * 2^(32-P) - 1 or C(s, x) would not fit in 32 bits.
-            if x > e.x_max {
-                start -= 1;
-                words[start] = x as u16;
-                x >>= 16;
-            }
+            let emit = x > e.x_max;
+            words[start - 1] = x as u16;
+            start -= emit as usize;
+            let x = if emit { x >> 16 } else { x };
             // x = C(s, x) = x + bias + floor(x / f) * (2^P - f); see EncSymbol.
             let q = ((x as u128 * e.rcp as u128) >> 64) as u32;
             states[lane] = x.wrapping_add(e.bias).wrapping_add(q.wrapping_mul(e.cmpl_freq));
@@ -188,12 +189,26 @@ fn scatter_block(
 pub(crate) type StepKernel =
     unsafe fn(&mut [u32; LANES], usize, &[u16], &mut usize, &[u32], u32, &mut [[u8; LANES]]) -> usize;
 
+/// A writer of one full block into the row tile output (see `avx2::write_block`); `false` if it does not handle
+/// this bit width, and then [`scatter_block`] does.
+pub(crate) type BlockWriter = unsafe fn(&[[u8; LANES]; BLOCK], usize, u32, usize, usize, &mut [u8]) -> bool;
+
+/// SIMD routines for [`decode_tile`].
+#[derive(Clone, Copy)]
+pub(crate) struct SimdDecoder {
+    /// Decodes steps.
+    pub(crate) steps: StepKernel,
+    /// Writes full blocks.
+    pub(crate) write: BlockWriter,
+}
+
 /// Decodes one tile with a SIMD step kernel. Same results and the same checks as the reference decoder.
 ///
 /// # Safety
-/// `kernel` must be callable on this CPU, and `dtable.len() == 1 << precision`.
+/// `simd`'s routines must be callable on this CPU, and `dtable.len() == 1 << precision`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn decode_tile(
-    kernel: StepKernel,
+    simd: SimdDecoder,
     states_in: &[u32],
     words: &[u16],
     layout: &TileLayout,
@@ -216,8 +231,11 @@ pub(crate) unsafe fn decode_tile(
     let out_of_words = |t: usize| Error::CorruptStream { tile: index, reason: format!("ran out of words at step {t}") };
     while t < steps {
         let n = (steps - t).min(BLOCK);
-        let done = kernel(&mut states, tile.rows, cur, &mut pos, dtable, precision, &mut block[..n]);
-        scatter_block(&block[..done], layout, tile, t, expand, rows_out);
+        let done = (simd.steps)(&mut states, tile.rows, cur, &mut pos, dtable, precision, &mut block[..n]);
+        let first_col = tile.col0 + t * layout.weights_per_symbol();
+        if done < BLOCK || !(simd.write)(&block, tile.rows, layout.bits(), layout.cols(), first_col, rows_out) {
+            scatter_block(&block[..done], layout, tile, t, expand, rows_out);
+        }
         t += done;
         if done < n {
             if tail_start.is_some() {

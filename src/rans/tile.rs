@@ -424,7 +424,7 @@ pub fn decode_row_tile_with(
                 // SAFETY: AVX2 and POPCNT were detected, and a DecodeTable always holds 2^P entries.
                 unsafe {
                     fast::decode_tile(
-                        super::avx2::decode_steps,
+                        fast::SimdDecoder { steps: super::avx2::decode_steps, write: super::avx2::write_block },
                         states,
                         words,
                         layout,
