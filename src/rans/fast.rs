@@ -63,31 +63,27 @@ pub(crate) fn encoder_symbols(table: &FreqTable) -> Vec<EncSymbol> {
         .collect()
 }
 
-/// Joint symbols of one tile in encoding order's layout: `out[t * 32 + lane]` for step `t`, active lanes only.
+/// Joint symbols of one tile, row by row: `out[lane * steps + t]` for step `t` of active lane `lane`.
 fn gather_joint(symbols: &[u8], layout: &TileLayout, tile: Tile, out: &mut [u8]) {
     let (bits, k, cols) = (layout.bits(), layout.weights_per_symbol(), layout.cols());
     let steps = tile.cols / k;
-    for lane in 0..tile.rows {
+    for (lane, dst) in out.chunks_exact_mut(steps).enumerate().take(tile.rows) {
         let start = (tile.row0 + lane) * cols + tile.col0;
         let row = &symbols[start..start + tile.cols];
         match k {
-            1 => {
-                for (t, &q) in row.iter().enumerate() {
-                    out[t * LANES + lane] = q;
-                }
-            }
+            1 => dst.copy_from_slice(row),
             2 => {
-                for (t, pair) in row.chunks_exact(2).enumerate() {
-                    out[t * LANES + lane] = pair[0] | pair[1] << bits;
+                for (d, pair) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                    *d = pair[0] | pair[1] << bits;
                 }
             }
             _ => {
-                for (t, group) in row.chunks_exact(k).enumerate().take(steps) {
+                for (d, group) in dst.iter_mut().zip(row.chunks_exact(k)) {
                     let mut j = 0u8;
                     for (i, &q) in group.iter().enumerate() {
                         j |= q << (i as u32 * bits);
                     }
-                    out[t * LANES + lane] = j;
+                    *d = j;
                 }
             }
         }
@@ -103,7 +99,7 @@ pub(crate) fn encode_tile(
     tile: Tile,
 ) -> Result<EncodedTile> {
     let steps = tile.cols / layout.weights_per_symbol();
-    let mut joint = vec![0u8; steps * LANES];
+    let mut joint = vec![0u8; steps * tile.rows];
     gather_joint(symbols, layout, tile, &mut joint);
     // At most one word per active lane per step; written from the end, so words[start..] is in decode order.
     // Slot 0 is spare: every step writes its candidate word to words[start - 1] unconditionally and only moves
@@ -113,9 +109,8 @@ pub(crate) fn encode_tile(
     let mut states = [STATE_LOWER; LANES];
     let mut absent = 0u32;
     for t in (0..steps).rev() {
-        let row = &joint[t * LANES..t * LANES + tile.rows];
-        for (lane, &s) in row.iter().enumerate().rev() {
-            let e = &enc[s as usize];
+        for lane in (0..tile.rows).rev() {
+            let e = &enc[joint[lane * steps + t] as usize];
             absent |= e.cmpl_freq;
             let x = states[lane];
             // Renormalize: x must be <= x_max = f * 2^(32-P) - 1 or C(s, x) would not fit in 32 bits.
@@ -130,19 +125,17 @@ pub(crate) fn encode_tile(
     }
     if absent >> precision != 0 {
         // Rare error path: find the symbol for the message.
-        let s = joint
-            .chunks_exact(LANES)
-            .flat_map(|r| &r[..tile.rows])
-            .find(|&&s| enc[s as usize].cmpl_freq >> precision != 0);
-        let s = s.copied().unwrap_or(0);
+        let s = joint.iter().find(|&&s| enc[s as usize].cmpl_freq >> precision != 0).copied().unwrap_or(0);
         return Err(Error::param("table", format!("joint symbol {s} occurs but has frequency 0")));
     }
     Ok(EncodedTile { words, start, states })
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Steps per SIMD decode block: the `[step][lane]` buffer of one block is 1 KiB.
 pub(crate) const BLOCK: usize = 32;
 
+#[cfg(target_arch = "x86_64")]
 /// `expand[j]`: the `k` weights of joint symbol `j` as little-endian bytes (weight `i` in bits `i*bits..`).
 pub(crate) fn expand_table(bits: u32) -> [u64; 256] {
     let k = 8 / bits;
@@ -156,6 +149,7 @@ pub(crate) fn expand_table(bits: u32) -> [u64; 256] {
     t
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Writes a decoded block (`block[i][lane]`, steps `t0..t0 + block.len()`) into the row tile output.
 fn scatter_block(
     block: &[[u8; LANES]],
@@ -185,14 +179,17 @@ fn scatter_block(
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// A kernel that decodes up to `block.len()` steps while `pos + 32 <= words.len()` (see `avx2::decode_steps`).
 pub(crate) type StepKernel =
     unsafe fn(&mut [u32; LANES], usize, &[u16], &mut usize, &[u32], u32, &mut [[u8; LANES]]) -> usize;
 
+#[cfg(target_arch = "x86_64")]
 /// A writer of one full block into the row tile output (see `avx2::write_block`); `false` if it does not handle
 /// this bit width, and then [`scatter_block`] does.
 pub(crate) type BlockWriter = unsafe fn(&[[u8; LANES]; BLOCK], usize, u32, usize, usize, &mut [u8]) -> bool;
 
+#[cfg(target_arch = "x86_64")]
 /// SIMD routines for [`decode_tile`].
 #[derive(Clone, Copy)]
 pub(crate) struct SimdDecoder {
@@ -202,6 +199,7 @@ pub(crate) struct SimdDecoder {
     pub(crate) write: BlockWriter,
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Decodes one tile with a SIMD step kernel. Same results and the same checks as the reference decoder.
 ///
 /// # Safety
@@ -271,4 +269,56 @@ pub(crate) unsafe fn decode_tile(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x + bias + floor(x / f) * cmpl_freq` equals `C(s, x) = (x / f) * 2^P + x % f + c` for every precision,
+    /// every frequency, and states across the whole range the encoder feeds it: from the smallest state left
+    /// after emitting a word, `(x_max + 1) >> 16`, up to `x_max`, both ends included.
+    #[test]
+    fn reciprocal_encode_is_exact() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        for p in 1..=MAX_P {
+            for f in 1..=(1u32 << p) {
+                let c = (1u32 << p) - f;
+                let mut freqs = vec![f];
+                if c > 0 {
+                    freqs.insert(0, c);
+                }
+                let table = FreqTable::from_freqs(freqs, p).unwrap();
+                let s = table.alphabet() - 1;
+                let e = encoder_symbols(&table)[s];
+                let x_max = ((f as u64) << (32 - p)) - 1;
+                assert_eq!(e.x_max as u64, x_max.min(u32::MAX as u64));
+                let lo = (x_max + 1) >> 16;
+                let mut xs = vec![1u64.max(lo), lo + 1, STATE_LOWER as u64, x_max, x_max - 1];
+                for _ in 0..48 {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    xs.push(lo + (seed >> 20) % (x_max - lo + 1));
+                }
+                for x in xs.into_iter().filter(|&x| x >= 1 && x <= x_max) {
+                    let x = x as u32;
+                    let want = (x / f) as u64 * (1 << p) + (x % f) as u64 + table.cum()[s] as u64;
+                    let q = ((x as u128 * e.rcp as u128) >> 64) as u32;
+                    let got = x.wrapping_add(e.bias).wrapping_add(q.wrapping_mul(e.cmpl_freq));
+                    assert_eq!(got as u64, want, "P {p} f {f} x {x}");
+                }
+            }
+        }
+    }
+
+    const MAX_P: u32 = super::super::table::MAX_PRECISION;
+
+    #[cfg(target_arch = "x86_64")]
+    /// `expand_table` splits a joint symbol into its weights, low weight first.
+    #[test]
+    fn expand_splits_joint_symbols() {
+        assert_eq!(expand_table(4)[0x3a], 0x03_0a);
+        assert_eq!(expand_table(2)[0b11_10_01_00], 0x03_02_01_00);
+        assert_eq!(expand_table(3)[0b101_011], 0x05_03);
+        assert_eq!(expand_table(8)[0xfe], 0xfe);
+    }
 }

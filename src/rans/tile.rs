@@ -157,7 +157,9 @@ fn check_symbols(symbols: &[u8], layout: &TileLayout) -> Result<()> {
         });
     }
     let max = (1u32 << layout.bits) - 1;
-    if let Some(&bad) = symbols.iter().find(|&&q| q as u32 > max) {
+    // A branch-free maximum first (it vectorizes); the search for the culprit only runs on bad input.
+    if symbols.iter().fold(0u8, |m, &q| m.max(q)) as u32 > max {
+        let bad = symbols.iter().find(|&&q| q as u32 > max).copied().unwrap_or(0);
         return Err(Error::param("symbols", format!("symbol {bad} does not fit in {} bits", layout.bits)));
     }
     Ok(())
@@ -396,11 +398,18 @@ pub fn decode_row_tile_with(
         });
     }
     let (first, last) = (row_tile * segments, (row_tile + 1) * segments);
-    if stream.tile_offsets.len() != layout.tiles() + 1 || stream.states.len() != layout.tiles() * LANES {
+    if stream.tile_offsets.len() != layout.tiles() + 1 {
         return Err(Error::ShapeMismatch {
             what: "tile_offsets".into(),
             expected: layout.tiles() + 1,
             actual: stream.tile_offsets.len(),
+        });
+    }
+    if stream.states.len() != layout.tiles() * LANES {
+        return Err(Error::ShapeMismatch {
+            what: "states".into(),
+            expected: layout.tiles() * LANES,
+            actual: stream.states.len(),
         });
     }
     let offsets = &stream.tile_offsets[first..=last];
@@ -412,6 +421,7 @@ pub fn decode_row_tile_with(
             });
         }
     }
+    #[cfg(target_arch = "x86_64")]
     let expand = fast::expand_table(layout.bits);
     for index in first..last {
         let (start, end) = (stream.tile_offsets[index] as usize, stream.tile_offsets[index + 1] as usize);
