@@ -15,10 +15,10 @@ fn table_256(leading: &[u32], precision: u32) -> FreqTable {
     FreqTable::from_freqs(freqs, precision).unwrap()
 }
 
-fn both_kernels(symbols: &[u8], layout: &TileLayout, table: &FreqTable) -> EncodedStream {
+fn all_kernels(symbols: &[u8], layout: &TileLayout, table: &FreqTable) -> EncodedStream {
     let fast = encode_with(symbols, layout, table, Kernel::Fast).unwrap();
-    assert_eq!(fast, encode_with(symbols, layout, table, Kernel::Reference).unwrap(), "kernels disagree");
-    for kernel in [Kernel::Fast, Kernel::Reference] {
+    for kernel in Kernel::ALL {
+        assert_eq!(fast, encode_with(symbols, layout, table, kernel).unwrap(), "{kernel:?} encodes differently");
         assert_eq!(decode_with(&fast, layout, table, kernel).unwrap(), symbols, "{kernel:?} round trip");
     }
     fast
@@ -52,7 +52,7 @@ fn two_lanes_8bit_p2_words_in_lane_order() {
     let table = table_256(&[2, 1, 1], 2);
     let layout = TileLayout::new(2, 8, 8, 8).unwrap();
     let symbols = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1];
-    let stream = both_kernels(&symbols, &layout, &table);
+    let stream = all_kernels(&symbols, &layout, &table);
     assert_eq!(stream.words, [0x3fff, 0x2fff]);
     assert_eq!(stream.tile_offsets, [0, 2]);
     assert_eq!(stream.states, tile_states(&[65539, 65539]));
@@ -64,7 +64,7 @@ fn two_lanes_8bit_p2_words_in_lane_order() {
 fn two_segments_offsets() {
     let table = table_256(&[2, 1, 1], 2);
     let layout = TileLayout::new(1, 16, 8, 8).unwrap();
-    let stream = both_kernels(&[2; 16], &layout, &table);
+    let stream = all_kernels(&[2; 16], &layout, &table);
     assert_eq!(stream.words, [0x3fff, 0x3fff]);
     assert_eq!(stream.tile_offsets, [0, 1, 2]);
     let mut states = tile_states(&[65539]);
@@ -84,7 +84,7 @@ fn two_segments_offsets() {
 fn one_segment_sixteen_steps() {
     let table = table_256(&[2, 1, 1], 2);
     let layout = TileLayout::new(1, 16, 8, 16).unwrap();
-    let stream = both_kernels(&[2; 16], &layout, &table);
+    let stream = all_kernels(&[2; 16], &layout, &table);
     assert_eq!(stream.words, [0xffff, 0x3fff]);
     assert_eq!(stream.tile_offsets, [0, 2]);
     assert_eq!(stream.states, tile_states(&[65539]));
@@ -104,7 +104,7 @@ fn two_bit_quads_p3() {
     freqs[27] = 3;
     let table = FreqTable::from_freqs(freqs, 3).unwrap();
     let layout = TileLayout::new(1, 8, 2, 8).unwrap();
-    let stream = both_kernels(&[1, 0, 0, 0, 3, 2, 1, 0], &layout, &table);
+    let stream = all_kernels(&[1, 0, 0, 0, 3, 2, 1, 0], &layout, &table);
     assert!(stream.words.is_empty());
     assert_eq!(stream.tile_offsets, [0, 0]);
     assert_eq!(stream.states, tile_states(&[279625]));
@@ -121,7 +121,7 @@ fn four_bit_pairs_p4() {
     freqs[0x20] = 4;
     let table = FreqTable::from_freqs(freqs, 4).unwrap();
     let layout = TileLayout::new(1, 4, 4, 4).unwrap();
-    let stream = both_kernels(&[3, 1, 0, 2], &layout, &table);
+    let stream = all_kernels(&[3, 1, 0, 2], &layout, &table);
     assert!(stream.words.is_empty());
     assert_eq!(stream.states, tile_states(&[349540]));
 }
@@ -133,7 +133,7 @@ fn one_symbol_tensor_costs_only_states() {
     let symbols = vec![9u8; 33 * 64];
     let table = FreqTable::from_counts(&joint_counts(&symbols, &layout).unwrap(), 12).unwrap();
     assert_eq!(table.freqs()[0x99], 4096);
-    let stream = both_kernels(&symbols, &layout, &table);
+    let stream = all_kernels(&symbols, &layout, &table);
     assert!(stream.words.is_empty());
     assert!(stream.states.iter().all(|&x| x == STATE_LOWER));
     assert_eq!(stream.tile_offsets, vec![0; layout.tiles() + 1]);
@@ -251,7 +251,7 @@ fn bad_tables_are_refused() {
 fn absent_symbol_is_refused() {
     let table = table_256(&[3, 1], 2);
     let layout = TileLayout::new(1, 2, 8, 2).unwrap();
-    for kernel in [Kernel::Fast, Kernel::Reference] {
+    for kernel in Kernel::ALL {
         assert!(encode_with(&[0, 2], &layout, &table, kernel).is_err(), "{kernel:?}");
     }
 }

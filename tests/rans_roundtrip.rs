@@ -91,9 +91,9 @@ fn table_for(counts: &[u64], precision: u32) -> FreqTable {
     FreqTable::from_counts(counts, precision.max(min_p).max(1)).unwrap()
 }
 
-fn corrupt_tile(r: Result<Vec<u8>, Error>) -> Option<usize> {
+fn corrupt_tile(r: &Result<Vec<u8>, Error>) -> Option<usize> {
     match r {
-        Err(Error::CorruptStream { tile, .. }) => Some(tile),
+        Err(Error::CorruptStream { tile, .. }) => Some(*tile),
         Err(e) => panic!("expected CorruptStream, got {e}"),
         Ok(_) => None,
     }
@@ -132,12 +132,11 @@ proptest! {
         let table = table_for(&counts, precision);
 
         let fast = encode_with(&q, &layout, &table, Kernel::Fast).unwrap();
-        let reference = encode_with(&q, &layout, &table, Kernel::Reference).unwrap();
-        prop_assert_eq!(&fast, &reference);
+        for kernel in Kernel::ALL {
+            prop_assert_eq!(&encode_with(&q, &layout, &table, kernel).unwrap(), &fast, "{:?} encodes differently", kernel);
+            prop_assert_eq!(&decode_with(&fast, &layout, &table, kernel).unwrap(), &q, "{:?} decodes differently", kernel);
+        }
         check_stream_shape(&fast, &layout).unwrap();
-
-        prop_assert_eq!(&decode_with(&fast, &layout, &table, Kernel::Fast).unwrap(), &q);
-        prop_assert_eq!(&decode_with(&fast, &layout, &table, Kernel::Reference).unwrap(), &q);
 
         let (model, finals, used) = model_decode(&fast, &layout, &table);
         prop_assert_eq!(&model, &q);
@@ -154,14 +153,15 @@ proptest! {
         let mut bad = fast.clone();
         bad.states[tile * LANES + lane] ^= 1 << (tamper.2 % 32);
         if check_stream_shape(&bad, &layout).is_ok() {
-            let by_fast = decode_with(&bad, &layout, &table, Kernel::Fast);
             let by_reference = decode_with(&bad, &layout, &table, Kernel::Reference);
-            match (by_fast, by_reference) {
-                (Ok(a), Ok(b)) => {
-                    prop_assert_eq!(&a, &b);
-                    prop_assert_ne!(&a, &q);
+            for kernel in [Kernel::Fast, Kernel::Avx512] {
+                match (decode_with(&bad, &layout, &table, kernel), &by_reference) {
+                    (Ok(a), Ok(b)) => {
+                        prop_assert_eq!(&a, b);
+                        prop_assert_ne!(&a, &q);
+                    }
+                    (a, b) => prop_assert_eq!(corrupt_tile(&a), corrupt_tile(b)),
                 }
-                (a, b) => prop_assert_eq!(corrupt_tile(a), corrupt_tile(b)),
             }
         }
     }
@@ -225,7 +225,7 @@ fn row_tiles_decode_alone() {
     let table = FreqTable::from_counts(&joint_counts(&q, &layout).unwrap(), 11).unwrap();
     let stream = encode(&q, &layout, &table).unwrap();
     let dtable = DecodeTable::new(&table);
-    for kernel in [Kernel::Fast, Kernel::Reference] {
+    for kernel in Kernel::ALL {
         for rt in 0..layout.row_tiles() {
             let active = (rows - rt * LANES).min(LANES);
             let mut out = vec![0u8; active * cols];
@@ -262,22 +262,41 @@ fn tampered_states_are_caught() {
                     continue;
                 }
                 tried += 1;
-                let by_fast = decode_with(&bad, &layout, &table, Kernel::Fast);
                 let by_reference = decode_with(&bad, &layout, &table, Kernel::Reference);
-                match (by_fast, by_reference) {
-                    (Ok(a), Ok(b)) => {
-                        assert!(bit < DEFAULT_PRECISION, "tile {tile} lane {lane} bit {bit} not caught");
-                        assert_eq!(a, b);
-                        assert_ne!(a, q);
-                    }
-                    (a, b) => {
-                        assert_eq!(corrupt_tile(a), Some(tile), "fast: tile {tile} lane {lane} bit {bit}");
-                        assert_eq!(corrupt_tile(b), Some(tile), "reference: tile {tile} lane {lane} bit {bit}");
-                        caught += 1;
+                for kernel in [Kernel::Fast, Kernel::Avx512] {
+                    match (decode_with(&bad, &layout, &table, kernel), &by_reference) {
+                        (Ok(a), Ok(b)) => {
+                            assert!(bit < DEFAULT_PRECISION, "tile {tile} lane {lane} bit {bit} not caught");
+                            assert_eq!(&a, b);
+                            assert_ne!(a, q);
+                        }
+                        (a, b) => {
+                            assert_eq!(corrupt_tile(&a), Some(tile), "{kernel:?}: tile {tile} lane {lane} bit {bit}");
+                            let b = corrupt_tile(b);
+                            assert_eq!(b, Some(tile), "reference: tile {tile} lane {lane} bit {bit}");
+                        }
                     }
                 }
+                caught += by_reference.is_err() as usize;
             }
         }
     }
     assert!(caught as f64 >= MIN_CAUGHT * tried as f64, "caught {caught} of {tried}");
+}
+
+/// Run-time dispatch: `Fast` decodes with AVX2 where detected, `Avx512` with AVX-512 where detected.
+#[test]
+fn kernels_pick_the_detected_decoder() {
+    assert_eq!(Kernel::Reference.decoder_name(), "scalar");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt");
+        let avx512 = avx2 && is_x86_feature_detected!("avx512f");
+        let fast = if avx2 { "avx2" } else { "scalar" };
+        assert_eq!(Kernel::Fast.decoder_name(), fast);
+        assert_eq!(Kernel::Avx512.decoder_name(), if avx512 { "avx512" } else { fast });
+        eprintln!("decoders here: fast = {fast}, avx512 = {}", Kernel::Avx512.decoder_name());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    assert_eq!(Kernel::Fast.decoder_name(), "scalar");
 }

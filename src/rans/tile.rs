@@ -176,34 +176,57 @@ fn check_table(layout: &TileLayout, table: &FreqTable) -> Result<()> {
     Ok(())
 }
 
-/// Which implementation runs the tile loops. Both give identical results; [`Kernel::Reference`] is the plain
+/// Which implementation runs the tile loops. All give identical results; [`Kernel::Reference`] is the plain
 /// scalar loop of the format description that every other implementation is tested against.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// The scalar reference loops: division in the encoder, one lane at a time in the decoder.
     Reference,
-    /// The fastest loops this CPU supports: the reciprocal encoder, and the AVX2 decoder where the CPU has
-    /// AVX2 (detected at run time; the reference decoder elsewhere).
+    /// The fastest loops this CPU supports: the reciprocal encoder, and the AVX2 decoder where the CPU has AVX2
+    /// (detected at run time; the reference decoder elsewhere).
     #[default]
     Fast,
+    /// The reciprocal encoder and the AVX-512 decoder where the CPU has AVX-512F (otherwise as [`Kernel::Fast`]).
+    /// Not the default: on the AMD EPYC of BENCHMARKS.md it decodes about 20% slower than the AVX2 decoder.
+    Avx512,
 }
 
 impl Kernel {
-    /// The decoder this kernel runs on this CPU: `"avx2"` or `"scalar"`.
+    /// Every kernel, for tests and benchmarks that compare them.
+    pub const ALL: [Kernel; 3] = [Kernel::Reference, Kernel::Fast, Kernel::Avx512];
+
+    /// The decoder this kernel runs on this CPU: `"avx512"`, `"avx2"` or `"scalar"`.
     pub fn decoder_name(self) -> &'static str {
-        match self {
-            Kernel::Fast if avx2_available() => "avx2",
-            _ => "scalar",
+        match self.decoder() {
+            Decoder::Avx512 => "avx512",
+            Decoder::Avx2 => "avx2",
+            Decoder::Scalar => "scalar",
         }
     }
 
     /// The encoder this kernel runs: `"reciprocal"` or `"division"`.
     pub fn encoder_name(self) -> &'static str {
         match self {
-            Kernel::Fast => "reciprocal",
             Kernel::Reference => "division",
+            Kernel::Fast | Kernel::Avx512 => "reciprocal",
         }
     }
+
+    fn decoder(self) -> Decoder {
+        match self {
+            Kernel::Avx512 if avx512_available() => Decoder::Avx512,
+            Kernel::Fast | Kernel::Avx512 if avx2_available() => Decoder::Avx2,
+            _ => Decoder::Scalar,
+        }
+    }
+}
+
+/// The decoder a [`Kernel`] resolves to on this CPU.
+#[derive(Clone, Copy)]
+enum Decoder {
+    Scalar,
+    Avx2,
+    Avx512,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -211,8 +234,18 @@ fn avx2_available() -> bool {
     super::avx2::available()
 }
 
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    super::avx512::available()
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_available() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_available() -> bool {
     false
 }
 
@@ -229,14 +262,16 @@ pub fn encode_with(symbols: &[u8], layout: &TileLayout, table: &FreqTable, kerne
     check_symbols(symbols, layout)?;
     check_table(layout, table)?;
     let enc = match kernel {
-        Kernel::Fast => fast::encoder_symbols(table),
         Kernel::Reference => Vec::new(),
+        Kernel::Fast | Kernel::Avx512 => fast::encoder_symbols(table),
     };
     let per_tile: Vec<EncodedTile> = (0..layout.tiles())
         .into_par_iter()
         .map(|i| match kernel {
-            Kernel::Fast => fast::encode_tile(symbols, layout, &enc, table.precision(), layout.tile(i)),
             Kernel::Reference => encode_tile(symbols, layout, table, layout.tile(i)),
+            Kernel::Fast | Kernel::Avx512 => {
+                fast::encode_tile(symbols, layout, &enc, table.precision(), layout.tile(i))
+            }
         })
         .collect::<Result<_>>()?;
     let total: usize = per_tile.iter().map(|t| t.words.len() - t.start).sum();
@@ -422,19 +457,32 @@ pub fn decode_row_tile_with(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    let expand = fast::expand_table(layout.bits);
+    let (expand, decoder) = (fast::expand_table(layout.bits), kernel.decoder());
     for index in first..last {
         let (start, end) = (stream.tile_offsets[index] as usize, stream.tile_offsets[index + 1] as usize);
         let words = &stream.words[start..end];
         let states = &stream.states[index * LANES..(index + 1) * LANES];
         let tile = layout.tile(index);
-        match kernel {
+        #[cfg(target_arch = "x86_64")]
+        let simd = match decoder {
+            Decoder::Avx512 => {
+                Some(fast::SimdDecoder { steps: super::avx512::decode_steps, write: super::avx2::write_block })
+            }
+            Decoder::Avx2 => {
+                Some(fast::SimdDecoder { steps: super::avx2::decode_steps, write: super::avx2::write_block })
+            }
+            Decoder::Scalar => None,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd: Option<()> = None;
+        match simd {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Fast if avx2_available() => {
-                // SAFETY: AVX2 and POPCNT were detected, and a DecodeTable always holds 2^P entries.
+            Some(simd) => {
+                // SAFETY: `decoder()` chose these routines after detecting the CPU features they need (AVX-512F
+                // and/or AVX2, POPCNT), and a DecodeTable always holds 2^P entries.
                 unsafe {
                     fast::decode_tile(
-                        fast::SimdDecoder { steps: super::avx2::decode_steps, write: super::avx2::write_block },
+                        simd,
                         states,
                         words,
                         layout,
