@@ -10,7 +10,6 @@
 //! Contenders, all on ONE thread:
 //! - ecq fast: `encode_with(.., Kernel::Fast)` in a one-thread rayon pool; `decode_row_tile_with(.., Fast)` over
 //!   every row tile on the calling thread (the AVX2 decoder where the CPU has it).
-//! - ecq avx512: `Kernel::Avx512`, the AVX-512 decoder (same encoder as fast).
 //! - ecq scalar: the same with `Kernel::Reference`, the plain scalar loops.
 //! - constriction 0.4: `SmallAnsCoder` (32-bit state, 16-bit words, like ecq) with 12-bit fixed-point
 //!   probabilities (the same frequencies as ecq's table, zero counts raised to one because its contiguous models
@@ -185,13 +184,6 @@ fn summary(f: &Fixture) {
             }),
         ),
         (
-            "ecq avx512",
-            best_rate(n, reps, || ecq_decode(f, Kernel::Avx512, black_box(&mut out))),
-            best_rate(n, reps, || {
-                black_box(pool.install(|| encode_with(&f.q.symbols, &f.layout, &f.table, Kernel::Avx512).unwrap()));
-            }),
-        ),
-        (
             "ecq scalar",
             best_rate(n, reps, || ecq_decode(f, Kernel::Reference, black_box(&mut out))),
             best_rate(n, reps, || {
@@ -245,7 +237,6 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("decode_g{g_size}"));
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function("ecq_fast", |b| b.iter(|| ecq_decode(f, Kernel::Fast, &mut out)));
-        g.bench_function("ecq_avx512", |b| b.iter(|| ecq_decode(f, Kernel::Avx512, &mut out)));
         g.bench_function("ecq_scalar", |b| b.iter(|| ecq_decode(f, Kernel::Reference, &mut out)));
         g.bench_function("constriction", |b| {
             b.iter(|| constriction_decode(&f.constriction_words, &f.lookup_model, &mut pairs_out))

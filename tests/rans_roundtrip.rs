@@ -154,7 +154,7 @@ proptest! {
         bad.states[tile * LANES + lane] ^= 1 << (tamper.2 % 32);
         if check_stream_shape(&bad, &layout).is_ok() {
             let by_reference = decode_with(&bad, &layout, &table, Kernel::Reference);
-            for kernel in [Kernel::Fast, Kernel::Avx512] {
+            for kernel in Kernel::ALL.into_iter().filter(|&k| k != Kernel::Reference) {
                 match (decode_with(&bad, &layout, &table, kernel), &by_reference) {
                     (Ok(a), Ok(b)) => {
                         prop_assert_eq!(&a, b);
@@ -263,7 +263,7 @@ fn tampered_states_are_caught() {
                 }
                 tried += 1;
                 let by_reference = decode_with(&bad, &layout, &table, Kernel::Reference);
-                for kernel in [Kernel::Fast, Kernel::Avx512] {
+                for kernel in Kernel::ALL.into_iter().filter(|&k| k != Kernel::Reference) {
                     match (decode_with(&bad, &layout, &table, kernel), &by_reference) {
                         (Ok(a), Ok(b)) => {
                             assert!(bit < DEFAULT_PRECISION, "tile {tile} lane {lane} bit {bit} not caught");
@@ -284,18 +284,15 @@ fn tampered_states_are_caught() {
     assert!(caught as f64 >= MIN_CAUGHT * tried as f64, "caught {caught} of {tried}");
 }
 
-/// Run-time dispatch: `Fast` decodes with AVX2 where detected, `Avx512` with AVX-512 where detected.
+/// Run-time dispatch: `Fast` decodes with AVX2 where the CPU has it, and with the reference loop elsewhere.
 #[test]
 fn kernels_pick_the_detected_decoder() {
     assert_eq!(Kernel::Reference.decoder_name(), "scalar");
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt");
-        let avx512 = avx2 && is_x86_feature_detected!("avx512f");
-        let fast = if avx2 { "avx2" } else { "scalar" };
-        assert_eq!(Kernel::Fast.decoder_name(), fast);
-        assert_eq!(Kernel::Avx512.decoder_name(), if avx512 { "avx512" } else { fast });
-        eprintln!("decoders here: fast = {fast}, avx512 = {}", Kernel::Avx512.decoder_name());
+        assert_eq!(Kernel::Fast.decoder_name(), if avx2 { "avx2" } else { "scalar" });
+        eprintln!("fast decoder here: {}", Kernel::Fast.decoder_name());
     }
     #[cfg(not(target_arch = "x86_64"))]
     assert_eq!(Kernel::Fast.decoder_name(), "scalar");

@@ -186,19 +186,15 @@ pub enum Kernel {
     /// (detected at run time; the reference decoder elsewhere).
     #[default]
     Fast,
-    /// The reciprocal encoder and the AVX-512 decoder where the CPU has AVX-512F (otherwise as [`Kernel::Fast`]).
-    /// Not the default: on the AMD EPYC of BENCHMARKS.md it decodes about 20% slower than the AVX2 decoder.
-    Avx512,
 }
 
 impl Kernel {
     /// Every kernel, for tests and benchmarks that compare them.
-    pub const ALL: [Kernel; 3] = [Kernel::Reference, Kernel::Fast, Kernel::Avx512];
+    pub const ALL: [Kernel; 2] = [Kernel::Reference, Kernel::Fast];
 
-    /// The decoder this kernel runs on this CPU: `"avx512"`, `"avx2"` or `"scalar"`.
+    /// The decoder this kernel runs on this CPU: `"avx2"` or `"scalar"`.
     pub fn decoder_name(self) -> &'static str {
         match self.decoder() {
-            Decoder::Avx512 => "avx512",
             Decoder::Avx2 => "avx2",
             Decoder::Scalar => "scalar",
         }
@@ -208,14 +204,13 @@ impl Kernel {
     pub fn encoder_name(self) -> &'static str {
         match self {
             Kernel::Reference => "division",
-            Kernel::Fast | Kernel::Avx512 => "reciprocal",
+            Kernel::Fast => "reciprocal",
         }
     }
 
     fn decoder(self) -> Decoder {
         match self {
-            Kernel::Avx512 if avx512_available() => Decoder::Avx512,
-            Kernel::Fast | Kernel::Avx512 if avx2_available() => Decoder::Avx2,
+            Kernel::Fast if avx2_available() => Decoder::Avx2,
             _ => Decoder::Scalar,
         }
     }
@@ -226,7 +221,6 @@ impl Kernel {
 enum Decoder {
     Scalar,
     Avx2,
-    Avx512,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -234,18 +228,8 @@ fn avx2_available() -> bool {
     super::avx2::available()
 }
 
-#[cfg(target_arch = "x86_64")]
-fn avx512_available() -> bool {
-    super::avx512::available()
-}
-
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_available() -> bool {
-    false
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn avx512_available() -> bool {
     false
 }
 
@@ -263,15 +247,13 @@ pub fn encode_with(symbols: &[u8], layout: &TileLayout, table: &FreqTable, kerne
     check_table(layout, table)?;
     let enc = match kernel {
         Kernel::Reference => Vec::new(),
-        Kernel::Fast | Kernel::Avx512 => fast::encoder_symbols(table),
+        Kernel::Fast => fast::encoder_symbols(table),
     };
     let per_tile: Vec<EncodedTile> = (0..layout.tiles())
         .into_par_iter()
         .map(|i| match kernel {
             Kernel::Reference => encode_tile(symbols, layout, table, layout.tile(i)),
-            Kernel::Fast | Kernel::Avx512 => {
-                fast::encode_tile(symbols, layout, &enc, table.precision(), layout.tile(i))
-            }
+            Kernel::Fast => fast::encode_tile(symbols, layout, &enc, table.precision(), layout.tile(i)),
         })
         .collect::<Result<_>>()?;
     let total: usize = per_tile.iter().map(|t| t.words.len() - t.start).sum();
@@ -457,29 +439,27 @@ pub fn decode_row_tile_with(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    let (expand, decoder) = (fast::expand_table(layout.bits), kernel.decoder());
+    let simd = match kernel.decoder() {
+        Decoder::Avx2 => Some(fast::SimdDecoder { steps: super::avx2::decode_steps, write: super::avx2::write_block }),
+        Decoder::Scalar => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd: Option<()> = {
+        let _ = kernel; // no SIMD decoder on this architecture: every kernel runs the reference loop
+        None
+    };
+    #[cfg(target_arch = "x86_64")]
+    let expand = fast::expand_table(layout.bits);
     for index in first..last {
         let (start, end) = (stream.tile_offsets[index] as usize, stream.tile_offsets[index + 1] as usize);
         let words = &stream.words[start..end];
         let states = &stream.states[index * LANES..(index + 1) * LANES];
         let tile = layout.tile(index);
-        #[cfg(target_arch = "x86_64")]
-        let simd = match decoder {
-            Decoder::Avx512 => {
-                Some(fast::SimdDecoder { steps: super::avx512::decode_steps, write: super::avx2::write_block })
-            }
-            Decoder::Avx2 => {
-                Some(fast::SimdDecoder { steps: super::avx2::decode_steps, write: super::avx2::write_block })
-            }
-            Decoder::Scalar => None,
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd: Option<()> = None;
         match simd {
             #[cfg(target_arch = "x86_64")]
             Some(simd) => {
-                // SAFETY: `decoder()` chose these routines after detecting the CPU features they need (AVX-512F
-                // and/or AVX2, POPCNT), and a DecodeTable always holds 2^P entries.
+                // SAFETY: `decoder()` chose these routines after detecting the CPU features they need (AVX2 and
+                // POPCNT), and a DecodeTable always holds 2^P entries.
                 unsafe {
                     fast::decode_tile(
                         simd,
