@@ -2,6 +2,21 @@
 //!
 //! This module is the oracle every GPU result is checked against. It depends on nothing else in the crate
 //! but the error type.
+//!
+//! ```
+//! use ecq::rans::{decode, encode, joint_counts, FreqTable, TileLayout, DEFAULT_PRECISION, STATE_LOWER};
+//!
+//! // 40 rows of 100 4-bit symbols, segments of 64 columns: 2 row tiles x 2 segments.
+//! let symbols: Vec<u8> = (0..40 * 100).map(|i| ((i * 7) % 11) as u8).collect();
+//! let layout = TileLayout::new(40, 100, 4, 64)?;
+//! let table = FreqTable::from_counts(&joint_counts(&symbols, &layout)?, DEFAULT_PRECISION)?;
+//! let stream = encode(&symbols, &layout, &table)?;
+//! assert_eq!(stream.tile_offsets.len(), layout.tiles() + 1);
+//! // Inactive lanes (rows 40..64 of the second row tile) hold 2^16 and take no words.
+//! assert!(stream.states[2 * 32 + 8..3 * 32].iter().all(|&x| x == STATE_LOWER));
+//! assert_eq!(decode(&stream, &layout, &table)?, symbols);
+//! # Ok::<(), ecq::Error>(())
+//! ```
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

@@ -11,6 +11,9 @@
 //!   `x = (x / f) * 2^P + x % f + c`, valid without overflow only for `x < f * 2^(32-P)`: above that the low
 //!   16 bits are emitted first. Decoding is `x = f * (x >> P) + (x & (2^P-1)) - c`, then one word is shifted
 //!   in if `x < 2^16`.
+//! - The loops in this file are the reference ([`Kernel::Reference`]). [`Kernel::Fast`] (the default) runs the
+//!   reciprocal encoder of `fast.rs` and, where the CPU has AVX2, the SIMD decoder of `avx2.rs`; both must give
+//!   exactly the reference's words, states, symbols and faults (tests/rans_*.rs check it).
 
 use rayon::prelude::*;
 
