@@ -297,3 +297,22 @@ fn kernels_pick_the_detected_decoder() {
     #[cfg(not(target_arch = "x86_64"))]
     assert_eq!(Kernel::Fast.decoder_name(), "scalar");
 }
+
+/// Every bit width through the fast decoder's full 32-step blocks and its partial last blocks: segments of 70
+/// steps (two full blocks and 6 steps) and a last segment of 30 steps, 45 rows (a partly inactive row tile).
+#[test]
+fn every_width_through_full_and_partial_blocks() {
+    for bits in 1..=8u32 {
+        for dist in [Dist::Flat, Dist::Skewed] {
+            let k = (8 / bits) as usize;
+            let layout = TileLayout::new(45, 100 * k, bits, 70 * k).unwrap();
+            let q = symbols(45, 100 * k, bits, dist, bits as u64);
+            let table = FreqTable::from_counts(&joint_counts(&q, &layout).unwrap(), DEFAULT_PRECISION).unwrap();
+            let stream = encode_with(&q, &layout, &table, Kernel::Reference).unwrap();
+            for kernel in Kernel::ALL {
+                assert_eq!(encode_with(&q, &layout, &table, kernel).unwrap(), stream, "{bits}-bit {dist:?} {kernel:?}");
+                assert_eq!(decode_with(&stream, &layout, &table, kernel).unwrap(), q, "{bits}-bit {dist:?} {kernel:?}");
+            }
+        }
+    }
+}
