@@ -11,9 +11,13 @@
 //!   `x = (x / f) * 2^P + x % f + c`, valid without overflow only for `x < f * 2^(32-P)`: above that the low
 //!   16 bits are emitted first. Decoding is `x = f * (x >> P) + (x & (2^P-1)) - c`, then one word is shifted
 //!   in if `x < 2^16`.
+//! - The loops in this file are the reference ([`Kernel::Reference`]). [`Kernel::Fast`] (the default) runs the
+//!   reciprocal encoder of `fast.rs` and, where the CPU has AVX2, the SIMD decoder of `avx2.rs`; both must give
+//!   exactly the reference's words, states, symbols and faults (tests/rans_*.rs check it).
 
 use rayon::prelude::*;
 
+use super::fast;
 use super::table::FreqTable;
 use crate::error::{Error, Result};
 
@@ -156,7 +160,9 @@ fn check_symbols(symbols: &[u8], layout: &TileLayout) -> Result<()> {
         });
     }
     let max = (1u32 << layout.bits) - 1;
-    if let Some(&bad) = symbols.iter().find(|&&q| q as u32 > max) {
+    // A branch-free maximum first (it vectorizes); the search for the culprit only runs on bad input.
+    if symbols.iter().fold(0u8, |m, &q| m.max(q)) as u32 > max {
+        let bad = symbols.iter().find(|&&q| q as u32 > max).copied().unwrap_or(0);
         return Err(Error::param("symbols", format!("symbol {bad} does not fit in {} bits", layout.bits)));
     }
     Ok(())
@@ -173,18 +179,87 @@ fn check_table(layout: &TileLayout, table: &FreqTable) -> Result<()> {
     Ok(())
 }
 
+/// Which implementation runs the tile loops. All give identical results; [`Kernel::Reference`] is the plain
+/// scalar loop of the format description that every other implementation is tested against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// The scalar reference loops: division in the encoder, one lane at a time in the decoder.
+    Reference,
+    /// The fastest loops this CPU supports: the reciprocal encoder, and the AVX2 decoder where the CPU has AVX2
+    /// (detected at run time; the reference decoder elsewhere).
+    #[default]
+    Fast,
+}
+
+impl Kernel {
+    /// Every kernel, for tests and benchmarks that compare them.
+    pub const ALL: [Kernel; 2] = [Kernel::Reference, Kernel::Fast];
+
+    /// The decoder this kernel runs on this CPU: `"avx2"` or `"scalar"`.
+    pub fn decoder_name(self) -> &'static str {
+        match self.decoder() {
+            Decoder::Avx2 => "avx2",
+            Decoder::Scalar => "scalar",
+        }
+    }
+
+    /// The encoder this kernel runs: `"reciprocal"` or `"division"`.
+    pub fn encoder_name(self) -> &'static str {
+        match self {
+            Kernel::Reference => "division",
+            Kernel::Fast => "reciprocal",
+        }
+    }
+
+    fn decoder(self) -> Decoder {
+        match self {
+            Kernel::Fast if avx2_available() => Decoder::Avx2,
+            _ => Decoder::Scalar,
+        }
+    }
+}
+
+/// The decoder a [`Kernel`] resolves to on this CPU.
+#[derive(Clone, Copy)]
+enum Decoder {
+    Scalar,
+    Avx2,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_available() -> bool {
+    super::avx2::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_available() -> bool {
+    false
+}
+
 /// Encodes `symbols` (row-major `rows x cols`, each `< 2^bits`) tile by tile, in parallel.
 ///
 /// The output is byte-identical whatever the number of threads: tiles are encoded independently and
 /// concatenated in tile order. Every joint symbol present must have a nonzero frequency in `table`.
 pub fn encode(symbols: &[u8], layout: &TileLayout, table: &FreqTable) -> Result<EncodedStream> {
+    encode_with(symbols, layout, table, Kernel::Fast)
+}
+
+/// [`encode`] with a chosen [`Kernel`]; every kernel gives the same stream.
+pub fn encode_with(symbols: &[u8], layout: &TileLayout, table: &FreqTable, kernel: Kernel) -> Result<EncodedStream> {
     check_symbols(symbols, layout)?;
     check_table(layout, table)?;
-    let per_tile: Vec<(Vec<u16>, [u32; LANES])> = (0..layout.tiles())
+    let enc = match kernel {
+        Kernel::Reference => Vec::new(),
+        Kernel::Fast => fast::encoder_symbols(table),
+    };
+    let per_tile: Vec<EncodedTile> = (0..layout.tiles())
         .into_par_iter()
-        .map(|i| encode_tile(symbols, layout, table, layout.tile(i)))
+        .map(|i| match kernel {
+            Kernel::Reference => encode_tile(symbols, layout, table, layout.tile(i)),
+            Kernel::Fast => fast::encode_tile(symbols, layout, &enc, table.precision(), layout.tile(i)),
+        })
         .collect::<Result<_>>()?;
-    let total: usize = per_tile.iter().map(|(w, _)| w.len()).sum();
+    let total: usize = per_tile.iter().map(|t| t.words.len() - t.start).sum();
     if total > u32::MAX as usize {
         return Err(Error::param("shape", "more than 2^32 words in one tensor; split the tensor"));
     }
@@ -193,16 +268,24 @@ pub fn encode(symbols: &[u8], layout: &TileLayout, table: &FreqTable) -> Result<
         tile_offsets: Vec::with_capacity(per_tile.len() + 1),
         states: Vec::with_capacity(per_tile.len() * LANES),
     };
-    for (words, states) in per_tile {
+    for t in per_tile {
         out.tile_offsets.push(out.words.len() as u32);
-        out.words.extend_from_slice(&words);
-        out.states.extend_from_slice(&states);
+        out.words.extend_from_slice(&t.words[t.start..]);
+        out.states.extend_from_slice(&t.states);
     }
     out.tile_offsets.push(out.words.len() as u32);
     Ok(out)
 }
 
-fn encode_tile(symbols: &[u8], layout: &TileLayout, table: &FreqTable, tile: Tile) -> Result<(Vec<u16>, [u32; LANES])> {
+/// One encoded tile: its words are `words[start..]`, in decode order.
+pub(crate) struct EncodedTile {
+    pub(crate) words: Vec<u16>,
+    pub(crate) start: usize,
+    pub(crate) states: [u32; LANES],
+}
+
+/// Scalar reference encoder of one tile.
+fn encode_tile(symbols: &[u8], layout: &TileLayout, table: &FreqTable, tile: Tile) -> Result<EncodedTile> {
     let (bits, k, p) = (layout.bits, layout.weights_per_symbol(), table.precision());
     let (freqs, cums) = (table.freqs(), table.cum());
     let mut states = [STATE_LOWER; LANES];
@@ -222,23 +305,40 @@ fn encode_tile(symbols: &[u8], layout: &TileLayout, table: &FreqTable, tile: Til
                 words.push(x as u16);
                 x >>= 16;
             }
+            // x = C(s, x) = (x / f) * 2^P + x % f + c
             states[lane] = ((x / f) << p) + x % f + cums[s];
         }
     }
     words.reverse();
-    Ok((words, states))
+    Ok(EncodedTile { words, start: 0, states })
 }
 
 /// Decodes every tile back to symbols (row-major `rows x cols`), checking the end state of every lane and that
 /// each tile consumes exactly its words.
 pub fn decode(stream: &EncodedStream, layout: &TileLayout, table: &FreqTable) -> Result<Vec<u8>> {
+    decode_with(stream, layout, table, Kernel::Fast)
+}
+
+/// [`decode`] with a chosen [`Kernel`]; every kernel gives the same symbols and finds the same faults.
+pub fn decode_with(stream: &EncodedStream, layout: &TileLayout, table: &FreqTable, kernel: Kernel) -> Result<Vec<u8>> {
     let mut out = vec![0u8; layout.rows * layout.cols];
-    decode_into(stream, layout, table, &mut out)?;
+    decode_into_with(stream, layout, table, &mut out, kernel)?;
     Ok(out)
 }
 
 /// [`decode`] into a caller's buffer of `rows * cols` symbols.
 pub fn decode_into(stream: &EncodedStream, layout: &TileLayout, table: &FreqTable, out: &mut [u8]) -> Result<()> {
+    decode_into_with(stream, layout, table, out, Kernel::Fast)
+}
+
+/// [`decode_into`] with a chosen [`Kernel`].
+pub fn decode_into_with(
+    stream: &EncodedStream,
+    layout: &TileLayout,
+    table: &FreqTable,
+    out: &mut [u8],
+    kernel: Kernel,
+) -> Result<()> {
     check_table(layout, table)?;
     check_stream_shape(stream, layout)?;
     if out.len() != layout.rows * layout.cols {
@@ -254,7 +354,7 @@ pub fn decode_into(stream: &EncodedStream, layout: &TileLayout, table: &FreqTabl
     let dtable = DecodeTable::new(table);
     out.par_chunks_mut(LANES * layout.cols)
         .enumerate()
-        .try_for_each(|(rt, rows_out)| decode_row_tile(stream, layout, &dtable, rt, rows_out))
+        .try_for_each(|(rt, rows_out)| decode_row_tile_with(stream, layout, &dtable, rt, rows_out, kernel))
 }
 
 /// The slot-indexed decode table of a [`FreqTable`] (see [`FreqTable::decode_table`]), built once per tensor.
@@ -269,12 +369,23 @@ impl DecodeTable {
     pub fn new(table: &FreqTable) -> Self {
         Self { precision: table.precision(), entries: table.decode_table() }
     }
+
+    /// Probability precision `P`.
+    pub fn precision(&self) -> u32 {
+        self.precision
+    }
+
+    /// The `2^P` entries, `symbol | (freq - 1) << 8 | (slot - cum) << 20`.
+    pub fn entries(&self) -> &[u32] {
+        &self.entries
+    }
 }
 
 /// Decodes all segments of row tile `row_tile` into `out`, its `active_rows * cols` symbols, row-major.
 ///
-/// The stream must already have passed [`check_stream_shape`] for `layout`; every tile's end states and word
-/// count are checked here.
+/// The stream should already have passed [`check_stream_shape`] for `layout`; the array lengths and offsets
+/// this row tile uses are checked again here (so a bad stream gives an error, never a panic), and every tile's
+/// end states and word count are checked.
 pub fn decode_row_tile(
     stream: &EncodedStream,
     layout: &TileLayout,
@@ -282,6 +393,21 @@ pub fn decode_row_tile(
     row_tile: usize,
     out: &mut [u8],
 ) -> Result<()> {
+    decode_row_tile_with(stream, layout, dtable, row_tile, out, Kernel::Fast)
+}
+
+/// [`decode_row_tile`] with a chosen [`Kernel`]. Runs on the calling thread only.
+pub fn decode_row_tile_with(
+    stream: &EncodedStream,
+    layout: &TileLayout,
+    dtable: &DecodeTable,
+    row_tile: usize,
+    out: &mut [u8],
+    kernel: Kernel,
+) -> Result<()> {
+    if row_tile >= layout.row_tiles() {
+        return Err(Error::param("row_tile", format!("{row_tile} is past the last row tile ({})", layout.row_tiles())));
+    }
     let segments = layout.segments();
     let active = (layout.rows - row_tile * LANES).min(LANES);
     if out.len() != active * layout.cols {
@@ -291,8 +417,69 @@ pub fn decode_row_tile(
             actual: out.len(),
         });
     }
-    for seg in 0..segments {
-        decode_tile(stream, layout, dtable.precision, &dtable.entries, row_tile * segments + seg, out)?;
+    let (first, last) = (row_tile * segments, (row_tile + 1) * segments);
+    if stream.tile_offsets.len() != layout.tiles() + 1 {
+        return Err(Error::ShapeMismatch {
+            what: "tile_offsets".into(),
+            expected: layout.tiles() + 1,
+            actual: stream.tile_offsets.len(),
+        });
+    }
+    if stream.states.len() != layout.tiles() * LANES {
+        return Err(Error::ShapeMismatch {
+            what: "states".into(),
+            expected: layout.tiles() * LANES,
+            actual: stream.states.len(),
+        });
+    }
+    let offsets = &stream.tile_offsets[first..=last];
+    for (i, pair) in offsets.windows(2).enumerate() {
+        if pair[1] < pair[0] || pair[1] as usize > stream.words.len() {
+            return Err(Error::CorruptStream {
+                tile: first + i,
+                reason: format!("tile spans words {}..{} of {}", pair[0], pair[1], stream.words.len()),
+            });
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    let simd = match kernel.decoder() {
+        Decoder::Avx2 => Some(fast::SimdDecoder { steps: super::avx2::decode_steps, write: super::avx2::write_block }),
+        Decoder::Scalar => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd: Option<()> = {
+        let _ = kernel; // no SIMD decoder on this architecture: every kernel runs the reference loop
+        None
+    };
+    #[cfg(target_arch = "x86_64")]
+    let expand = fast::expand_table(layout.bits);
+    for index in first..last {
+        let (start, end) = (stream.tile_offsets[index] as usize, stream.tile_offsets[index + 1] as usize);
+        let words = &stream.words[start..end];
+        let states = &stream.states[index * LANES..(index + 1) * LANES];
+        let tile = layout.tile(index);
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            Some(simd) => {
+                // SAFETY: `decoder()` chose these routines after detecting the CPU features they need (AVX2 and
+                // POPCNT), and a DecodeTable always holds 2^P entries.
+                unsafe {
+                    fast::decode_tile(
+                        simd,
+                        states,
+                        words,
+                        layout,
+                        tile,
+                        index,
+                        &dtable.entries,
+                        dtable.precision,
+                        &expand,
+                        out,
+                    )?
+                }
+            }
+            _ => decode_tile(states, words, layout, tile, index, dtable.precision, &dtable.entries, out)?,
+        }
     }
     Ok(())
 }
@@ -343,29 +530,31 @@ pub fn check_stream_shape(stream: &EncodedStream, layout: &TileLayout) -> Result
     Ok(())
 }
 
-/// Scalar reference decoder of one tile into `rows_out` (the row tile's `rows * cols` output slice).
+/// Scalar reference decoder of one tile (`index`, with its `states` and `words`) into `rows_out` (the row tile's
+/// `rows * cols` output slice).
+#[allow(clippy::too_many_arguments)]
 fn decode_tile(
-    stream: &EncodedStream,
+    states_in: &[u32],
+    words: &[u16],
     layout: &TileLayout,
+    tile: Tile,
+    index: usize,
     precision: u32,
     dtable: &[u32],
-    index: usize,
     rows_out: &mut [u8],
 ) -> Result<()> {
-    let tile = layout.tile(index);
     let (bits, k) = (layout.bits, layout.weights_per_symbol());
     let mask = (1u32 << precision) - 1;
     let sym_mask = (1u32 << bits) - 1;
     let mut states = [0u32; LANES];
-    states.copy_from_slice(&stream.states[index * LANES..(index + 1) * LANES]);
-    let (start, end) = (stream.tile_offsets[index] as usize, stream.tile_offsets[index + 1] as usize);
-    let words = &stream.words[start..end];
+    states.copy_from_slice(states_in);
     let mut pos = 0usize;
     for t in 0..tile.cols / k {
         let col = tile.col0 + t * k;
         for (lane, x) in states.iter_mut().enumerate().take(tile.rows) {
             let slot = *x & mask;
             let e = dtable[slot as usize];
+            // e = symbol | (freq - 1) << 8 | (slot - cum) << 20; x = D(x) = freq * (x >> P) + slot - cum
             let (s, f, bias) = (e & 0xff, ((e >> 8) & 0xfff) + 1, e >> 20);
             *x = f * (*x >> precision) + bias;
             let base = lane * layout.cols + col;
