@@ -90,41 +90,59 @@ impl CpuMatmul {
     fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         let t = &self.tensor;
         let (n, k, gs) = (t.rows(), t.cols(), t.group_size());
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
         let groups = k / gs;
-        // Each row tile yields its 32 (or fewer) outputs for all m vectors: out[v][row].
-        let tiles: Vec<Vec<f32>> = (0..t.layout().row_tiles())
-            .into_par_iter()
-            .map(|rt| {
-                let active = (n - rt * LANES).min(LANES);
-                let mut q = vec![0u8; active * k];
-                rans::decode_row_tile(t.stream(), t.layout(), &self.dtable, rt, &mut q)?;
-                let mut out = vec![0f32; m * active];
-                for v in 0..m {
-                    let xv = &x[v * k..(v + 1) * k];
-                    for r in 0..active {
-                        let row = rt * LANES + r;
+        // sum(x) per vector and group, shared by every row: w = scale * q + bias gives
+        // sum_k w x = sum_g scale_g * sum(q x) + bias_g * sum(x).
+        let x_sums: Vec<f32> = x.chunks_exact(gs).map(|xs| xs.iter().sum()).collect();
+        // Outputs row-major n x m (one contiguous chunk per row tile), transposed into y at the end.
+        let mut y_t = vec![0f32; n * m];
+        y_t.par_chunks_mut(LANES * m).enumerate().try_for_each_init(
+            || vec![0u8; LANES * k],
+            |q, (rt, out)| -> Result<()> {
+                let active = out.len() / m;
+                let q = &mut q[..active * k];
+                rans::decode_row_tile(t.stream(), t.layout(), &self.dtable, rt, q)?;
+                for (r, (q_row, out_row)) in q.chunks_exact(k).zip(out.chunks_exact_mut(m)).enumerate() {
+                    let row = rt * LANES + r;
+                    let scales = &t.scales()[row * groups..(row + 1) * groups];
+                    let biases = &t.biases()[row * groups..(row + 1) * groups];
+                    for (v, y) in out_row.iter_mut().enumerate() {
+                        let xv = &x[v * k..(v + 1) * k];
+                        let sums = &x_sums[v * groups..(v + 1) * groups];
                         let mut acc = 0f32;
                         for g in 0..groups {
-                            let (qs, xs) = (&q[r * k + g * gs..r * k + (g + 1) * gs], &xv[g * gs..(g + 1) * gs]);
-                            let (mut qx, mut sx) = (0f32, 0f32);
-                            for (&qi, &xi) in qs.iter().zip(xs) {
-                                qx += qi as f32 * xi;
-                                sx += xi;
-                            }
-                            acc += t.scales()[row * groups + g] * qx + t.biases()[row * groups + g] * sx;
+                            let qx = dot_u8_f32(&q_row[g * gs..(g + 1) * gs], &xv[g * gs..(g + 1) * gs]);
+                            acc += scales[g] * qx + biases[g] * sums[g];
                         }
-                        out[v * active + r] = acc;
+                        *y = acc;
                     }
                 }
-                Ok(out)
-            })
-            .collect::<Result<_>>()?;
-        for (rt, out) in tiles.iter().enumerate() {
-            let active = out.len() / m.max(1);
-            for v in 0..m {
-                y[v * n + rt * LANES..v * n + rt * LANES + active].copy_from_slice(&out[v * active..(v + 1) * active]);
+                Ok(())
+            },
+        )?;
+        for (row, ys) in y_t.chunks_exact(m).enumerate() {
+            for (v, &value) in ys.iter().enumerate() {
+                y[v * n + row] = value;
             }
         }
         Ok(())
     }
+}
+
+/// `sum(q[i] * x[i])` over one group, with 8 independent accumulators so the compiler can vectorize it and
+/// the additions do not form one long dependency chain. Group sizes are multiples of 8.
+#[inline]
+fn dot_u8_f32(q: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (qc, xc) in q.chunks_exact(8).zip(x.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += qc[i] as f32 * xc[i];
+        }
+    }
+    let tail: f32 =
+        q.chunks_exact(8).remainder().iter().zip(x.chunks_exact(8).remainder()).map(|(&q, &x)| q as f32 * x).sum();
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
