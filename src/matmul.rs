@@ -100,8 +100,8 @@ impl CpuMatmul {
         // Outputs row-major n x m (one contiguous chunk per row tile), transposed into y at the end.
         let mut y_t = vec![0f32; n * m];
         y_t.par_chunks_mut(LANES * m).enumerate().try_for_each_init(
-            || vec![0u8; LANES * k],
-            |q, (rt, out)| -> Result<()> {
+            || (vec![0u8; LANES * k], vec![0f32; gs]),
+            |(q, q_f32), (rt, out)| -> Result<()> {
                 let active = out.len() / m;
                 let q = &mut q[..active * k];
                 rans::decode_row_tile(t.stream(), t.layout(), &self.dtable, rt, q)?;
@@ -109,15 +109,21 @@ impl CpuMatmul {
                     let row = rt * LANES + r;
                     let scales = &t.scales()[row * groups..(row + 1) * groups];
                     let biases = &t.biases()[row * groups..(row + 1) * groups];
-                    for (v, y) in out_row.iter_mut().enumerate() {
-                        let xv = &x[v * k..(v + 1) * k];
-                        let sums = &x_sums[v * groups..(v + 1) * groups];
-                        let mut acc = 0f32;
-                        for g in 0..groups {
-                            let qx = dot_u8_f32(&q_row[g * gs..(g + 1) * gs], &xv[g * gs..(g + 1) * gs]);
-                            acc += scales[g] * qx + biases[g] * sums[g];
+                    if m == 1 {
+                        out_row[0] = row_dot(q_row, x, &x_sums, gs, scales, biases);
+                        continue;
+                    }
+                    // Several vectors: convert each group's symbols to f32 once and reuse them for every vector.
+                    out_row.fill(0.0);
+                    for g in 0..groups {
+                        let qf = &mut q_f32[..];
+                        for (f, &s) in qf.iter_mut().zip(&q_row[g * gs..(g + 1) * gs]) {
+                            *f = s as f32;
                         }
-                        *y = acc;
+                        for (v, y) in out_row.iter_mut().enumerate() {
+                            let xs = &x[v * k + g * gs..v * k + (g + 1) * gs];
+                            *y += scales[g] * dot_f32(qf, xs) + biases[g] * x_sums[v * groups + g];
+                        }
                     }
                 }
                 Ok(())
@@ -132,8 +138,18 @@ impl CpuMatmul {
     }
 }
 
+/// One row against one vector: `sum_g scale_g * sum(q x) + bias_g * sum(x)`.
+#[inline]
+fn row_dot(q_row: &[u8], x: &[f32], x_sums: &[f32], gs: usize, scales: &[f32], biases: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (g, ((qs, xs), &sx)) in q_row.chunks_exact(gs).zip(x.chunks_exact(gs)).zip(x_sums).enumerate() {
+        acc += scales[g] * dot_u8_f32(qs, xs) + biases[g] * sx;
+    }
+    acc
+}
+
 /// `sum(q[i] * x[i])` over one group, with 8 independent accumulators so the compiler can vectorize it and
-/// the additions do not form one long dependency chain. Group sizes are multiples of 8.
+/// the additions do not form one long dependency chain.
 #[inline]
 fn dot_u8_f32(q: &[u8], x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -144,5 +160,18 @@ fn dot_u8_f32(q: &[u8], x: &[f32]) -> f32 {
     }
     let tail: f32 =
         q.chunks_exact(8).remainder().iter().zip(x.chunks_exact(8).remainder()).map(|(&q, &x)| q as f32 * x).sum();
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+/// [`dot_u8_f32`] with the symbols already converted to `f32`.
+#[inline]
+fn dot_f32(q: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (qc, xc) in q.chunks_exact(8).zip(x.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += qc[i] * xc[i];
+        }
+    }
+    let tail: f32 = q.chunks_exact(8).remainder().iter().zip(x.chunks_exact(8).remainder()).map(|(&q, &x)| q * x).sum();
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
