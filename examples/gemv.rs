@@ -47,15 +47,19 @@ fn main() -> ecq::Result<()> {
 
     let t0 = Instant::now();
     let weights = student_t_weights(ROWS, COLS);
-    let q = quantize(&weights, ROWS, COLS, config)?;
     let t1 = Instant::now();
-    let tensor = EcTensor::encode(&q, EncodeOptions::default())?;
+    let q = quantize(&weights, ROWS, COLS, config)?;
     let t2 = Instant::now();
+    let tensor = EcTensor::encode(&q, EncodeOptions::default())?;
+    let t3 = Instant::now();
+    let rate = |d: Duration| (ROWS * COLS) as f64 / d.as_secs_f64() / 1e6;
     println!(
-        "setup: generate + quantize {:.2} s, encode {:.2} s ({:.0} M weights/s)",
+        "setup: generate {:.2} s, quantize {:.2} s ({:.0} M weights/s), encode {:.2} s ({:.0} M weights/s)",
         (t1 - t0).as_secs_f64(),
         (t2 - t1).as_secs_f64(),
-        (ROWS * COLS) as f64 / (t2 - t1).as_secs_f64() / 1e6
+        rate(t2 - t1),
+        (t3 - t2).as_secs_f64(),
+        rate(t3 - t2)
     );
     println!();
     report_size(&q, &tensor)?;

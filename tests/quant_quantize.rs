@@ -294,3 +294,17 @@ proptest! {
         check_quantized(&w.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), &q);
     }
 }
+
+#[test]
+fn the_first_group_f16_cannot_hold_is_named() {
+    // Groups 3 and 40 overflow f16; the error names group 3 whatever the thread count.
+    let mut w = vec![0.5f32; 64 * 64];
+    w[3 * 64 + 1] = 1e6;
+    w[40 * 64 + 7] = -1e6;
+    match quantize(&w, 2, 2048, QuantConfig::default()) {
+        Err(Error::InvalidParameter { name: "weights", reason }) => {
+            assert!(reason.starts_with("group 3 (row 0)"), "{reason}")
+        }
+        other => panic!("expected an error naming group 3, got {other:?}"),
+    }
+}

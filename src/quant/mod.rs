@@ -30,6 +30,7 @@
 //! is the same byte sequence MLX writes with its 3- and 5-byte packs.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -37,6 +38,8 @@ use crate::error::{Error, Result};
 pub const SUPPORTED_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 /// Group sizes the quantizer produces.
 pub const SUPPORTED_GROUP_SIZES: [usize; 3] = [32, 64, 128];
+/// The largest of [`SUPPORTED_GROUP_SIZES`].
+const MAX_GROUP_SIZE: usize = 128;
 
 /// The dtype scales and biases are stored in. Values held in memory as `f32` are always exactly
 /// representable in it, so storing and loading is lossless.
@@ -260,31 +263,46 @@ pub fn quantize_slice<T: QuantInput>(
     let levels = (1u32 << config.bits) - 1;
     let groups = n / gs;
     let mut symbols = vec![0u8; n];
-    let mut scales = Vec::with_capacity(groups);
-    let mut biases = Vec::with_capacity(groups);
-    let mut w = vec![0f32; gs];
-    for (g, (src, q)) in weights.chunks_exact(gs).zip(symbols.chunks_exact_mut(gs)).enumerate() {
-        for (w, &v) in w.iter_mut().zip(src) {
-            *w = v.to_f32();
-        }
-        let (lo, hi) = w.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        let (scale, bias) = group_params(lo, hi, levels, dtype).ok_or_else(|| {
-            Error::param(
-                "weights",
-                format!(
-                    "group {g} (row {}) spans [{lo}, {hi}], which {} scales cannot hold; use ScaleDtype::F32",
-                    g * gs / cols.max(1),
-                    dtype.name()
-                ),
-            )
-        })?;
-        if scale > 0.0 {
-            for (q, &v) in q.iter_mut().zip(&w) {
-                *q = ((v - bias) / scale).round().clamp(0.0, levels as f32) as u8;
+    let mut scales = vec![0f32; groups];
+    let mut biases = vec![0f32; groups];
+    // Groups are independent: quantize them in parallel. A group whose scale or bias does not fit in `dtype`
+    // is marked with a NaN scale and reported below (the first such group, whatever the thread count).
+    symbols
+        .par_chunks_exact_mut(gs)
+        .zip(weights.par_chunks_exact(gs))
+        .zip(scales.par_iter_mut().zip(biases.par_iter_mut()))
+        .for_each(|((q, src), (scale_out, bias_out))| {
+            // validate() bounds the group size by MAX_GROUP_SIZE.
+            let mut buf = [0f32; MAX_GROUP_SIZE];
+            let w = &mut buf[..gs];
+            for (w, &v) in w.iter_mut().zip(src) {
+                *w = v.to_f32();
             }
-        }
-        scales.push(scale);
-        biases.push(bias);
+            let (lo, hi) = w.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let Some((scale, bias)) = group_params(lo, hi, levels, dtype) else {
+                *scale_out = f32::NAN;
+                return;
+            };
+            if scale > 0.0 {
+                for (q, &v) in q.iter_mut().zip(w.iter()) {
+                    *q = ((v - bias) / scale).round().clamp(0.0, levels as f32) as u8;
+                }
+            }
+            *scale_out = scale;
+            *bias_out = bias;
+        });
+    if let Some(g) = scales.iter().position(|s| s.is_nan()) {
+        let w = &weights[g * gs..(g + 1) * gs];
+        let lo = w.iter().map(|v| v.to_f32()).fold(f32::INFINITY, f32::min);
+        let hi = w.iter().map(|v| v.to_f32()).fold(f32::NEG_INFINITY, f32::max);
+        return Err(Error::param(
+            "weights",
+            format!(
+                "group {g} (row {}) spans [{lo}, {hi}], which {} scales cannot hold; use ScaleDtype::F32",
+                g * gs / cols.max(1),
+                dtype.name()
+            ),
+        ));
     }
     Ok(QuantizedMatrix { rows, cols, bits: config.bits, group_size: gs, symbols, scales, biases, scale_dtype: dtype })
 }
