@@ -93,6 +93,11 @@ impl CpuMatmul {
         if n == 0 || m == 0 {
             return Ok(());
         }
+        if k == 0 {
+            // An empty sum: every output is 0.
+            y.fill(0.0);
+            return Ok(());
+        }
         let groups = k / gs;
         // sum(x) per vector and group, shared by every row: w = scale * q + bias gives
         // sum_k w x = sum_g scale_g * sum(q x) + bias_g * sum(x).

@@ -142,3 +142,16 @@ fn wrong_lengths_are_typed_errors() {
     ));
     assert!(matches!(matmul.matvec(&[0f32; 64], &mut y[..67]), Err(Error::ShapeMismatch { .. })));
 }
+
+#[test]
+fn empty_shapes_do_not_panic() {
+    for (rows, cols) in [(0, 64), (5, 0), (0, 0)] {
+        let q = quantize(&[], rows, cols, QuantConfig::default()).unwrap();
+        // Encoding an empty matrix may be refused; if it is accepted, the product must be all zeros.
+        if let Ok(tensor) = EcTensor::encode(&q, EncodeOptions::default()) {
+            let mut y = vec![f32::NAN; 2 * rows];
+            EcMatmul::cpu(&tensor).matmul(&vec![1f32; 2 * cols], 2, &mut y).unwrap();
+            assert!(y.iter().all(|&v| v == 0.0), "{rows} x {cols}: {y:?}");
+        }
+    }
+}
