@@ -4,6 +4,7 @@
 use ecq::format::{EcTensor, EncodeOptions};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix, ScaleDtype, SUPPORTED_BITS};
 use ecq::{EcMatmul, Error, Strategy};
+use proptest::prelude::*;
 
 /// Allowed error relative to `sum_g (scale_g * sum_k q |x| + |bias_g| * sum_k |x|)`, the magnitude the
 /// `f32` accumulation works at (the affine split can cancel, so `sum |w x|` would understate it). Summation in
@@ -153,5 +154,29 @@ fn empty_shapes_do_not_panic() {
             EcMatmul::cpu(&tensor).matmul(&vec![1f32; 2 * cols], 2, &mut y).unwrap();
             assert!(y.iter().all(|&v| v == 0.0), "{rows} x {cols}: {y:?}");
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random shapes, bit widths, group sizes, segments and batch sizes, NaN-poisoned outputs.
+    #[test]
+    fn random_shapes(
+        bits in prop::sample::select(SUPPORTED_BITS.to_vec()),
+        group_size in prop::sample::select(vec![32usize, 64, 128]),
+        rows in 1usize..100,
+        groups in 1usize..12,
+        segment_groups in 1usize..6,
+        m in 1usize..6,
+        seed in any::<u64>(),
+    ) {
+        let cols = groups * group_size;
+        let q = layer(rows, cols, QuantConfig { bits, group_size, ..QuantConfig::default() }, seed);
+        let tensor = EcTensor::encode(&q, EncodeOptions { segment: segment_groups * group_size, precision: 12 }).unwrap();
+        let x = inputs(m, cols, seed ^ 1);
+        let mut y = vec![f32::NAN; m * rows];
+        EcMatmul::cpu(&tensor).matmul(&x, m, &mut y).unwrap();
+        check_against_reference(&q, &x, m, &y, &format!("{bits} bits, group {group_size}, {rows} x {cols}, M={m}"));
     }
 }
