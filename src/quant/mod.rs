@@ -183,7 +183,7 @@ impl QuantizedMatrix {
     }
 }
 
-/// An element type the quantizer accepts: `f32`, [`f16`] or [`bf16`].
+/// An element type the quantizer accepts: `f32`, [`half::f16`] or [`half::bf16`].
 pub trait QuantInput: Copy + Send + Sync {
     /// The scale dtype that matches this input (what MLX stores: scales in the dtype of the weights).
     const NATURAL_SCALE_DTYPE: ScaleDtype;
