@@ -166,43 +166,95 @@ impl CpuMatmul {
     fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         let t = &self.tensor;
         let (n, k, gs) = (t.rows(), t.cols(), t.group_size());
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            // An empty sum: every output is 0.
+            y.fill(0.0);
+            return Ok(());
+        }
         let groups = k / gs;
-        // Each row tile yields its 32 (or fewer) outputs for all m vectors: out[v][row].
-        let tiles: Vec<Vec<f32>> = (0..t.layout().row_tiles())
-            .into_par_iter()
-            .map(|rt| {
-                let active = (n - rt * LANES).min(LANES);
-                let mut q = vec![0u8; active * k];
-                rans::decode_row_tile(t.stream(), t.layout(), &self.dtable, rt, &mut q)?;
-                let mut out = vec![0f32; m * active];
-                for v in 0..m {
-                    let xv = &x[v * k..(v + 1) * k];
-                    for r in 0..active {
-                        let row = rt * LANES + r;
-                        let mut acc = 0f32;
-                        for g in 0..groups {
-                            let (qs, xs) = (&q[r * k + g * gs..r * k + (g + 1) * gs], &xv[g * gs..(g + 1) * gs]);
-                            let (mut qx, mut sx) = (0f32, 0f32);
-                            for (&qi, &xi) in qs.iter().zip(xs) {
-                                qx += qi as f32 * xi;
-                                sx += xi;
-                            }
-                            acc += t.scales()[row * groups + g] * qx + t.biases()[row * groups + g] * sx;
+        // sum(x) per vector and group, shared by every row: w = scale * q + bias gives
+        // sum_k w x = sum_g scale_g * sum(q x) + bias_g * sum(x).
+        let x_sums: Vec<f32> = x.chunks_exact(gs).map(|xs| xs.iter().sum()).collect();
+        // Outputs row-major n x m (one contiguous chunk per row tile), transposed into y at the end.
+        let mut y_t = vec![0f32; n * m];
+        y_t.par_chunks_mut(LANES * m).enumerate().try_for_each_init(
+            || (vec![0u8; LANES * k], vec![0f32; gs]),
+            |(q, q_f32), (rt, out)| -> Result<()> {
+                let active = out.len() / m;
+                let q = &mut q[..active * k];
+                rans::decode_row_tile(t.stream(), t.layout(), &self.dtable, rt, q)?;
+                for (r, (q_row, out_row)) in q.chunks_exact(k).zip(out.chunks_exact_mut(m)).enumerate() {
+                    let row = rt * LANES + r;
+                    let scales = &t.scales()[row * groups..(row + 1) * groups];
+                    let biases = &t.biases()[row * groups..(row + 1) * groups];
+                    if m == 1 {
+                        out_row[0] = row_dot(q_row, x, &x_sums, gs, scales, biases);
+                        continue;
+                    }
+                    // Several vectors: convert each group's symbols to f32 once and reuse them for every vector.
+                    out_row.fill(0.0);
+                    for g in 0..groups {
+                        let qf = &mut q_f32[..];
+                        for (f, &s) in qf.iter_mut().zip(&q_row[g * gs..(g + 1) * gs]) {
+                            *f = s as f32;
                         }
-                        out[v * active + r] = acc;
+                        for (v, y) in out_row.iter_mut().enumerate() {
+                            let xs = &x[v * k + g * gs..v * k + (g + 1) * gs];
+                            *y += scales[g] * dot_f32(qf, xs) + biases[g] * x_sums[v * groups + g];
+                        }
                     }
                 }
-                Ok(out)
-            })
-            .collect::<Result<_>>()?;
-        for (rt, out) in tiles.iter().enumerate() {
-            let active = out.len() / m.max(1);
-            for v in 0..m {
-                y[v * n + rt * LANES..v * n + rt * LANES + active].copy_from_slice(&out[v * active..(v + 1) * active]);
+                Ok(())
+            },
+        )?;
+        for (row, ys) in y_t.chunks_exact(m).enumerate() {
+            for (v, &value) in ys.iter().enumerate() {
+                y[v * n + row] = value;
             }
         }
         Ok(())
     }
+}
+
+/// One row against one vector: `sum_g scale_g * sum(q x) + bias_g * sum(x)`.
+#[inline]
+fn row_dot(q_row: &[u8], x: &[f32], x_sums: &[f32], gs: usize, scales: &[f32], biases: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (g, ((qs, xs), &sx)) in q_row.chunks_exact(gs).zip(x.chunks_exact(gs)).zip(x_sums).enumerate() {
+        acc += scales[g] * dot_u8_f32(qs, xs) + biases[g] * sx;
+    }
+    acc
+}
+
+/// `sum(q[i] * x[i])` over one group, with 8 independent accumulators so the compiler can vectorize it and
+/// the additions do not form one long dependency chain.
+#[inline]
+fn dot_u8_f32(q: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (qc, xc) in q.chunks_exact(8).zip(x.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += qc[i] as f32 * xc[i];
+        }
+    }
+    let tail: f32 =
+        q.chunks_exact(8).remainder().iter().zip(x.chunks_exact(8).remainder()).map(|(&q, &x)| q as f32 * x).sum();
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+/// [`dot_u8_f32`] with the symbols already converted to `f32`.
+#[inline]
+fn dot_f32(q: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (qc, xc) in q.chunks_exact(8).zip(x.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += qc[i] * xc[i];
+        }
+    }
+    let tail: f32 = q.chunks_exact(8).remainder().iter().zip(x.chunks_exact(8).remainder()).map(|(&q, &x)| q * x).sum();
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
 
 #[cfg(feature = "gpu")]

@@ -1,14 +1,36 @@
 //! Affine group quantization in the MLX convention, `w = scale * q + bias`, and MLX bit packing.
 //!
-//! Each row is cut into groups of `group_size` columns. A group with minimum `lo` and maximum `hi` gets
-//! `scale = (hi - lo) / (2^bits - 1)` and `bias = lo`, both rounded to the storage dtype first, and symbols
-//! `q = clamp(round((w - bias) / scale), 0, 2^bits - 1)` computed with the rounded values, so that
-//! dequantizing what is stored reproduces exactly what the quantizer meant. A constant group (`hi == lo`),
-//! or one whose scale rounds to zero in the storage dtype, gets `scale = 0`, `bias = lo` and all symbols 0.
+//! Each row is cut into groups of `group_size` columns (32, 64 or 128) and each weight becomes a symbol of
+//! `bits` bits (2, 3, 4, 5, 6 or 8); the defaults are MLX's, 4 bits and groups of 64. Inputs are `f32`,
+//! `f16` or `bf16` ([`quantize`], [`quantize_f16`], [`quantize_bf16`]); scales and biases are stored in a
+//! [`ScaleDtype`], naturally the dtype of the input ([`QuantConfig::for_input`]).
 //!
-//! GGUF Q4_0 (`bias = -8 d`) and Q4_1 (`scale = d`, `bias = m`) map onto this exactly with group 32.
+//! # The rule
+//! A group with minimum `lo` and maximum `hi` gets `scale = (hi - lo) / (2^bits - 1)` and `bias = lo`, made
+//! representable in the storage dtype with directed rounding: `bias` is `lo` rounded *down*, and `scale` is
+//! the smallest storage value with `bias + (2^bits - 1) * scale >= hi`. Symbols are
+//! `q = clamp(round((w - bias) / scale), 0, 2^bits - 1)`, computed with the stored values. So every weight
+//! lies in `[bias, bias + (2^bits - 1) * scale]` and dequantizing what is stored is within `scale / 2` of the
+//! input (up to `f32` rounding of `scale * q + bias`), whatever the storage dtype.
+//!
+//! Constant groups: when `hi` equals the rounded-down `bias` (a constant group whose value the storage dtype
+//! holds exactly, always the case when scales have the input's dtype), the group is stored as `scale = 0`,
+//! `bias = value`, all symbols 0, and dequantizes exactly. A constant group whose value the storage dtype
+//! cannot hold follows the general rule (a tiny positive scale), within `scale / 2` of its value.
+//!
+//! Errors: non-finite weights, shapes that do not match, a column count that is not a multiple of the group
+//! size, and groups whose bias or scale overflow the storage dtype (f16 tops out at 65504) are typed errors.
+//!
+//! GGUF Q4_0 (`bias = -8 d`) and Q4_1 (`scale = d`, `bias = m`) map onto this representation exactly with
+//! group 32.
+//!
+//! # Packing
+//! [`pack_mlx`] stores each row as one little-endian bit stream in `u32` words, symbol `i` at bit `i * bits`
+//! (4-bit: symbol 0 in the low nibble of word 0). For 3, 5 and 6 bits symbols straddle word boundaries; this
+//! is the same byte sequence MLX writes with its 3- and 5-byte packs.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -16,6 +38,8 @@ use crate::error::{Error, Result};
 pub const SUPPORTED_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 /// Group sizes the quantizer produces.
 pub const SUPPORTED_GROUP_SIZES: [usize; 3] = [32, 64, 128];
+/// The largest of [`SUPPORTED_GROUP_SIZES`].
+const MAX_GROUP_SIZE: usize = 128;
 
 /// The dtype scales and biases are stored in. Values held in memory as `f32` are always exactly
 /// representable in it, so storing and loading is lossless.
@@ -159,9 +183,67 @@ impl QuantizedMatrix {
     }
 }
 
-/// Quantizes a row-major `rows x cols` matrix. `cols` must be a multiple of the group size and every weight
-/// finite.
+/// An element type the quantizer accepts: `f32`, [`half::f16`] or [`half::bf16`].
+pub trait QuantInput: Copy + Send + Sync {
+    /// The scale dtype that matches this input (what MLX stores: scales in the dtype of the weights).
+    const NATURAL_SCALE_DTYPE: ScaleDtype;
+    /// The value as `f32` (exact for all three input types).
+    fn to_f32(self) -> f32;
+}
+
+impl QuantInput for f32 {
+    const NATURAL_SCALE_DTYPE: ScaleDtype = ScaleDtype::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl QuantInput for f16 {
+    const NATURAL_SCALE_DTYPE: ScaleDtype = ScaleDtype::F16;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl QuantInput for bf16 {
+    const NATURAL_SCALE_DTYPE: ScaleDtype = ScaleDtype::Bf16;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl QuantConfig {
+    /// MLX's defaults (4 bits, groups of 64) with scales stored in the dtype of the input `T`.
+    pub fn for_input<T: QuantInput>() -> Self {
+        Self { scale_dtype: T::NATURAL_SCALE_DTYPE, ..Self::default() }
+    }
+}
+
+/// Quantizes a row-major `rows x cols` matrix of `f32`. `cols` must be a multiple of the group size and every
+/// weight finite. See the module documentation for the rule.
 pub fn quantize(weights: &[f32], rows: usize, cols: usize, config: QuantConfig) -> Result<QuantizedMatrix> {
+    quantize_slice(weights, rows, cols, config)
+}
+
+/// [`quantize`] for `f16` weights. [`QuantConfig::for_input::<f16>()`](QuantConfig::for_input) stores f16
+/// scales, as MLX does.
+pub fn quantize_f16(weights: &[f16], rows: usize, cols: usize, config: QuantConfig) -> Result<QuantizedMatrix> {
+    quantize_slice(weights, rows, cols, config)
+}
+
+/// [`quantize`] for `bf16` weights. [`QuantConfig::for_input::<bf16>()`](QuantConfig::for_input) stores bf16
+/// scales, as MLX does.
+pub fn quantize_bf16(weights: &[bf16], rows: usize, cols: usize, config: QuantConfig) -> Result<QuantizedMatrix> {
+    quantize_slice(weights, rows, cols, config)
+}
+
+/// [`quantize`] for any [`QuantInput`] element type.
+pub fn quantize_slice<T: QuantInput>(
+    weights: &[T],
+    rows: usize,
+    cols: usize,
+    config: QuantConfig,
+) -> Result<QuantizedMatrix> {
     config.validate()?;
     let gs = config.group_size;
     if cols % gs != 0 {
@@ -174,38 +256,109 @@ pub fn quantize(weights: &[f32], rows: usize, cols: usize, config: QuantConfig) 
     if weights.len() != n {
         return Err(Error::ShapeMismatch { what: "weights".into(), expected: n, actual: weights.len() });
     }
-    if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+    if let Some(i) = weights.iter().position(|w| !w.to_f32().is_finite()) {
         return Err(Error::param("weights", format!("weight {i} (row {}) is not finite", i / cols.max(1))));
     }
-    let levels = ((1u32 << config.bits) - 1) as f32;
+    let dtype = config.scale_dtype;
+    let levels = (1u32 << config.bits) - 1;
     let groups = n / gs;
     let mut symbols = vec![0u8; n];
-    let mut scales = Vec::with_capacity(groups);
-    let mut biases = Vec::with_capacity(groups);
-    for (w, q) in weights.chunks_exact(gs).zip(symbols.chunks_exact_mut(gs)) {
-        let (lo, hi) = w.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        let bias = config.scale_dtype.round(lo);
-        let scale = config.scale_dtype.round((hi - lo) / levels);
-        if scale > 0.0 && scale.is_finite() {
-            for (q, &v) in q.iter_mut().zip(w) {
-                *q = ((v - bias) / scale).round().clamp(0.0, levels) as u8;
+    let mut scales = vec![0f32; groups];
+    let mut biases = vec![0f32; groups];
+    // Groups are independent: quantize them in parallel. A group whose scale or bias does not fit in `dtype`
+    // is marked with a NaN scale and reported below (the first such group, whatever the thread count).
+    symbols
+        .par_chunks_exact_mut(gs)
+        .zip(weights.par_chunks_exact(gs))
+        .zip(scales.par_iter_mut().zip(biases.par_iter_mut()))
+        .for_each(|((q, src), (scale_out, bias_out))| {
+            // validate() bounds the group size by MAX_GROUP_SIZE.
+            let mut buf = [0f32; MAX_GROUP_SIZE];
+            let w = &mut buf[..gs];
+            for (w, &v) in w.iter_mut().zip(src) {
+                *w = v.to_f32();
             }
-            scales.push(scale);
-        } else {
-            scales.push(0.0);
-        }
-        biases.push(bias);
+            let (lo, hi) = w.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let Some((scale, bias)) = group_params(lo, hi, levels, dtype) else {
+                *scale_out = f32::NAN;
+                return;
+            };
+            if scale > 0.0 {
+                for (q, &v) in q.iter_mut().zip(w.iter()) {
+                    *q = ((v - bias) / scale).round().clamp(0.0, levels as f32) as u8;
+                }
+            }
+            *scale_out = scale;
+            *bias_out = bias;
+        });
+    if let Some(g) = scales.iter().position(|s| s.is_nan()) {
+        let w = &weights[g * gs..(g + 1) * gs];
+        let lo = w.iter().map(|v| v.to_f32()).fold(f32::INFINITY, f32::min);
+        let hi = w.iter().map(|v| v.to_f32()).fold(f32::NEG_INFINITY, f32::max);
+        return Err(Error::param(
+            "weights",
+            format!(
+                "group {g} (row {}) spans [{lo}, {hi}], which {} scales cannot hold; use ScaleDtype::F32",
+                g * gs / cols.max(1),
+                dtype.name()
+            ),
+        ));
     }
-    Ok(QuantizedMatrix {
-        rows,
-        cols,
-        bits: config.bits,
-        group_size: gs,
-        symbols,
-        scales,
-        biases,
-        scale_dtype: config.scale_dtype,
-    })
+    Ok(QuantizedMatrix { rows, cols, bits: config.bits, group_size: gs, symbols, scales, biases, scale_dtype: dtype })
+}
+
+/// Scale and bias of a group with minimum `lo` and maximum `hi` (both finite): `bias` is `lo` rounded down to
+/// `dtype`, `scale` the smallest `dtype` value with `bias + levels * scale >= hi`, or 0 when `hi == bias`.
+/// `None` when either does not fit in `dtype`.
+fn group_params(lo: f32, hi: f32, levels: u32, dtype: ScaleDtype) -> Option<(f32, f32)> {
+    let bias = round_down(lo, dtype);
+    if !bias.is_finite() {
+        return None;
+    }
+    // The span in f64 is exact for any two f32 values, so the bound below is checked without rounding.
+    let span = hi as f64 - bias as f64;
+    if span == 0.0 {
+        return Some((0.0, bias));
+    }
+    let mut scale = dtype.round((span / levels as f64) as f32);
+    while (scale as f64) * (levels as f64) < span {
+        scale = next_up(scale, dtype);
+    }
+    scale.is_finite().then_some((scale, bias))
+}
+
+/// The largest value of `dtype` that is `<= v`.
+fn round_down(v: f32, dtype: ScaleDtype) -> f32 {
+    let r = dtype.round(v);
+    if r > v {
+        -next_up(-r, dtype)
+    } else {
+        r
+    }
+}
+
+/// The smallest value of `dtype` greater than `v` (`v` finite and representable in `dtype`).
+fn next_up(v: f32, dtype: ScaleDtype) -> f32 {
+    match dtype {
+        ScaleDtype::F32 => next_up_bits(v.to_bits(), 32, f32::from_bits),
+        ScaleDtype::F16 => next_up_bits(f16::from_f32(v).to_bits() as u32, 16, |b| f16::from_bits(b as u16).to_f32()),
+        ScaleDtype::Bf16 => {
+            next_up_bits(bf16::from_f32(v).to_bits() as u32, 16, |b| bf16::from_bits(b as u16).to_f32())
+        }
+    }
+}
+
+/// Next float up from the IEEE bit pattern `bits` of a `width`-bit float (sign in the top bit).
+fn next_up_bits(bits: u32, width: u32, from: impl Fn(u32) -> f32) -> f32 {
+    let sign = 1u32 << (width - 1);
+    let next = if bits == sign {
+        1 // -0 -> smallest positive subnormal
+    } else if bits & sign == 0 {
+        bits + 1
+    } else {
+        bits - 1
+    };
+    from(next)
 }
 
 /// Packs row-major symbols the MLX way: each row is a little-endian bit stream (symbol `i` of the row at bit
