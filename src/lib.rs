@@ -3,13 +3,16 @@
 //! - [`quant`]: affine group quantization (MLX convention `w = scale * q + bias`).
 //! - [`rans`]: the CPU reference codec, 32-lane tiles of interleaved rANS states.
 //! - [`format`]: [`format::EcTensor`] and the safetensors container of docs/FORMAT.md.
+//! - [`model`]: whole-model conversion (GGUF, safetensors, sharded safetensors, MLX) and [`EcModel`].
 #![deny(missing_docs)]
 
 pub mod error;
 pub mod format;
 pub mod matmul;
+pub mod model;
 pub mod quant;
 pub mod rans;
 
 pub use error::{Error, Result};
 pub use matmul::{EcMatmul, Strategy};
+pub use model::EcModel;
