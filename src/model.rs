@@ -41,6 +41,7 @@ use crate::format::{
 use crate::matmul::EcMatmul;
 use crate::quant::{self, QuantConfig, QuantizedMatrix, ScaleDtype};
 use crate::rans;
+use rayon::prelude::*;
 
 /// Rows of a float tensor converted to `f32` and quantized at a time: bounded to about this many bytes of `f32`.
 const FLOAT_CHUNK_BYTES: usize = 16 << 20;
@@ -858,23 +859,39 @@ fn same_values(name: &str, what: &str, a: &[f32], b: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// Compares a decoded matrix with its source: parameters, symbols, and the bits of every scale and bias.
-fn same_matrix(name: &str, got: &QuantizedMatrix, want: &QuantizedMatrix) -> Result<()> {
-    let params = |q: &QuantizedMatrix| (q.rows, q.cols, q.bits, q.group_size, q.scale_dtype);
-    if params(got) != params(want) {
-        return Err(mismatch(
-            name,
-            format!("parameters {:?} differ from the source's {:?}", params(got), params(want)),
-        ));
+/// Compares an encoded tensor with its source matrix: parameters, the bits of every scale and bias, and the
+/// symbols, decoded one row tile at a time (in parallel) so that no second full-size copy is made.
+fn same_encoded(name: &str, got: &EcTensor, want: &QuantizedMatrix) -> Result<()> {
+    let params = (got.rows(), got.cols(), got.bits(), got.group_size(), got.scale_dtype());
+    let source = (want.rows, want.cols, want.bits, want.group_size, want.scale_dtype);
+    if params != source {
+        return Err(mismatch(name, format!("parameters {params:?} differ from the source's {source:?}")));
     }
-    if let Some(i) = got.symbols.iter().zip(&want.symbols).position(|(a, b)| a != b) {
-        return Err(mismatch(
-            name,
-            format!("symbol {i} (row {}) is {} but the source has {}", i / got.cols, got.symbols[i], want.symbols[i]),
-        ));
-    }
-    same_values(name, "scales", &got.scales, &want.scales)?;
-    same_values(name, "biases", &got.biases, &want.biases)
+    same_values(name, "scales", got.scales(), &want.scales)?;
+    same_values(name, "biases", got.biases(), &want.biases)?;
+    let cols = got.cols();
+    let dtable = rans::DecodeTable::new(got.table());
+    (0..got.layout().row_tiles()).into_par_iter().try_for_each(|rt| {
+        let row0 = rt * rans::LANES;
+        let active = (got.rows() - row0).min(rans::LANES);
+        let mut buf = vec![0u8; active * cols];
+        rans::decode_row_tile(got.stream(), got.layout(), &dtable, rt, &mut buf)
+            .map_err(|e| mismatch(name, format!("decoding failed: {e}")))?;
+        let expected = &want.symbols[row0 * cols..(row0 + active) * cols];
+        match buf.iter().zip(expected).position(|(a, b)| a != b) {
+            None => Ok(()),
+            Some(i) => Err(mismatch(
+                name,
+                format!(
+                    "symbol at row {}, column {} is {} but the source has {}",
+                    row0 + i / cols,
+                    i % cols,
+                    buf[i],
+                    expected[i]
+                ),
+            )),
+        }
+    })
 }
 
 fn release_output(file: &EcFile, name: &str) {
@@ -934,9 +951,11 @@ fn verify(source: &Source, jobs: &[Job], output: &Path, progress: &mut dyn FnMut
                 return Err(mismatch(name, format!("passthrough bytes differ from the source at byte {at}")));
             }
         } else {
-            let got = file.tensor(name)?.to_quantized().map_err(|e| mismatch(name, e.to_string()))?;
+            let got = file.tensor(name)?;
+            // `got` owns its arrays now: the mapped pages they were read from can go before the source is read.
+            release_output(&file, name);
             let want = source_matrix(source, job)?;
-            same_matrix(name, &got, &want)?;
+            same_encoded(name, &got, &want)?;
         }
         release(source, name);
         release_output(&file, name);
