@@ -34,8 +34,15 @@ fn bound(largest_weights: u64) -> u64 {
     FIXED_BYTES + BYTES_PER_WEIGHT * largest_weights
 }
 
-/// Runs `ecq args...` and returns its peak resident set in bytes, failing the test if it fails.
-fn peak_rss(args: &[&dyn AsRef<std::ffi::OsStr>]) -> u64 {
+/// Runs `ecq args...` and returns its peak resident set in bytes and its wall time in seconds, failing the test
+/// if it fails.
+fn peak_rss(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (u64, f64) {
+    let start = std::time::Instant::now();
+    let rss = run_measured(args);
+    (rss, start.elapsed().as_secs_f64())
+}
+
+fn run_measured(args: &[&dyn AsRef<std::ffi::OsStr>]) -> u64 {
     let time = Path::new("/usr/bin/time");
     if time.exists() {
         let mut c = Command::new(time);
@@ -135,9 +142,9 @@ fn convert_peak_memory_stays_within_bound() {
         let largest = g.tensors().iter().map(|t| t.elements()).max().unwrap();
         drop(g);
         let out = dir.path().join("smollm2.ecq.safetensors");
-        let rss = peak_rss(&[&"convert", &model, &out, &"--verify"]);
+        let (rss, secs) = peak_rss(&[&"convert", &model, &out, &"--verify"]);
         report.push(format!(
-            "SmolLM2-135M Q4_1 GGUF (--verify): peak RSS {} MiB, largest tensor {largest} weights, bound {} MiB",
+            "SmolLM2-135M Q4_1 GGUF (--verify): peak RSS {} MiB in {secs:.1} s, largest tensor {largest} weights, bound {} MiB",
             rss >> 20,
             bound(largest) >> 20
         ));
@@ -160,9 +167,9 @@ fn convert_peak_memory_stays_within_bound() {
     assert!(size > 1_900_000_000, "synthetic file is only {size} bytes");
     let largest = (rows * cols) as u64;
     let out = dir.path().join("synthetic.ecq.safetensors");
-    let rss = peak_rss(&[&"convert", &input, &out]);
+    let (rss, secs) = peak_rss(&[&"convert", &input, &out]);
     report.push(format!(
-        "synthetic {:.2} GB f32/f16 safetensors: peak RSS {} MiB, largest tensor {largest} weights ({} MiB as f32), bound {} MiB",
+        "synthetic {:.2} GB f32/f16 safetensors: peak RSS {} MiB in {secs:.1} s, largest tensor {largest} weights ({} MiB as f32), bound {} MiB",
         size as f64 / 1e9,
         rss >> 20,
         (largest * 4) >> 20,
