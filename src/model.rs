@@ -22,7 +22,7 @@
 //! `f32` a chunk of rows at a time, so no full-size `f32` copy is ever made. Peak resident memory stays under
 //! 64 MiB + 4 bytes per weight of the largest tensor (its symbols, the encoder's words, scales and biases; with
 //! `verify`, the source's symbols next to the decoded file): `tests/convert_memory.rs` asserts it on SmolLM2
-//! and on a 2 GB float file (measured: 80 MiB, 112 MiB with `verify`, and 151 MiB; see BENCHMARKS.md).
+//! and on a 2 GB float file (measured: 80 MiB, 109-129 MiB with `verify`, and 151 MiB; see BENCHMARKS.md).
 //!
 //! Output goes to a temporary file that is synced and renamed over the destination; on any error nothing is
 //! left behind, and the input is never overwritten. With [`ConvertOptions::verify`] the written file is reopened

@@ -91,6 +91,18 @@ fn truncated_real_model() {
 }
 
 #[test]
+fn never_overwrites_a_gguf_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("m.gguf");
+    let bytes = gguf(&[("blk.0.ffn_up.weight", &[64, 8], Q4_1)]);
+    std::fs::write(&input, &bytes).unwrap();
+    let out = Command::new(ECQ).arg("convert").arg(&input).arg(dir.path().join(".").join("m.gguf")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite the input"));
+    assert_eq!(files_in(dir.path()), [("m.gguf".to_string(), bytes)]);
+}
+
+#[test]
 fn unsupported_and_unknown_quant_types() {
     let dir = tempfile::tempdir().unwrap();
     let k6 = gguf(&[("blk.0.ffn_up.weight", &[64, 8], Q4_1), ("blk.0.ffn_down.weight", &[256, 4], Q6_K)]);

@@ -95,8 +95,9 @@ enum Command {
     /// Columns: `stored` is the symbol stream in bits per weight (words, states, tile offsets and frequency
     /// table); `entropy` is the order-0 entropy of the decoded weight symbols in bits per weight (coding k
     /// weights per joint symbol can go slightly below it when neighbours are correlated); `+H` is how far
-    /// `stored` is above it; `side` is states + offsets + table as a
-    /// percentage of the words; `scale` and `bias` are their own bits per weight.
+    /// `stored` is above it; `side` is states + offsets + table as a percentage of the words; `scale` and `bias`
+    /// are their own bits per weight; `all` is stored + scale + bias, everything the tensor costs. A `total` line
+    /// sums every encoded tensor, and a table by role follows (layer numbers replaced by `*`).
     Inspect {
         /// An ecq container (a plain safetensors file is listed too, all tensors passthrough).
         file: PathBuf,
