@@ -577,7 +577,14 @@ fn plan(source: &Source, input: &Path, options: &ConvertOptions) -> Result<Vec<J
                 mlx.push((stem.to_string(), name.clone()));
             }
             let config = if mlx.is_empty() { None } else { MlxConfig::find(&s.metadata, input)? };
-            let quantized_model = !mlx.is_empty();
+            // Scales or biases of a packed integer weight that is not a full MLX triple (another quantization
+            // scheme) are never quantized themselves, and mark the model as already quantized.
+            let packed_side = |name: &str| {
+                let stem = name.strip_suffix(".scales").or_else(|| name.strip_suffix(".biases"));
+                stem.and_then(|st| s.view(&format!("{st}.weight")).ok())
+                    .is_some_and(|w| matches!(w.dtype, Dtype::U32 | Dtype::U8 | Dtype::I32 | Dtype::I8))
+            };
+            let quantized_model = !mlx.is_empty() || s.owner.keys().any(|n| packed_side(n));
             let mut mlx = mlx.into_iter().peekable();
             for name in s.owner.keys() {
                 if consumed.contains(name) {
@@ -598,7 +605,11 @@ fn plan(source: &Source, input: &Path, options: &ConvertOptions) -> Result<Vec<J
                 }
                 let info = s.file_of(name)?.info(name)?;
                 match float_config(info.dtype) {
-                    Some(config) if eligible(&info.shape) && options.select.quantizes(name, quantized_model) => {
+                    Some(config)
+                        if eligible(&info.shape)
+                            && !packed_side(name)
+                            && options.select.quantizes(name, quantized_model) =>
+                    {
                         jobs.push(Job::Float { name: name.clone(), config })
                     }
                     _ => jobs.push(Job::Raw { name: name.clone() }),

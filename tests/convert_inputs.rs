@@ -358,3 +358,32 @@ fn ec_model_gives_tensors_and_matmuls_by_name() {
     assert!(matches!(m.matmul_cpu("model.norm.weight"), Err(Error::InvalidParameter { .. })));
     assert_eq!(m.matmuls_cpu().unwrap().len(), 3);
 }
+
+/// Packed integer weights that are not a full MLX triple (here: no biases) belong to some other scheme: they and
+/// their float scales pass through, even when `--include` names them, and the model counts as quantized (its
+/// float head is not quantized by default).
+#[test]
+fn scales_of_other_packed_schemes_pass_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(8);
+    let tensors = vec![
+        ("q.weight".to_string(), Dtype::U32, vec![8, 8], vec![7u8; 8 * 8 * 4]),
+        ("q.scales".to_string(), Dtype::F16, vec![8, 64], f16_bytes(&weights(&mut rng, 8 * 64))),
+        ("head.weight".to_string(), Dtype::F16, vec![4, 64], f16_bytes(&weights(&mut rng, 4 * 64))),
+    ];
+    let input = dir.path().join("m.safetensors");
+    write_st(&input, &tensors, None);
+    let out = dir.path().join("o.safetensors");
+    let r = convert(&input, &out, &ConvertOptions { verify: true, ..ConvertOptions::default() }, &mut no_progress())
+        .unwrap();
+    assert_eq!((r.encoded(), r.passthrough()), (0, 3));
+    let options = ConvertOptions {
+        select: TensorSelection { include: vec!["*".into()], exclude: vec![] },
+        ..ConvertOptions::default()
+    };
+    let r = convert(&input, &out, &options, &mut no_progress()).unwrap();
+    assert_eq!(
+        r.tensors.iter().filter(|t| t.action != TensorAction::Passthrough).map(|t| &t.name).collect::<Vec<_>>(),
+        ["head.weight"]
+    );
+}
