@@ -89,6 +89,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A converted file, read back, differs from its source (`verify` in [`crate::model::ConvertOptions`]).
+    #[error("verification failed for tensor `{tensor}`: {what}; the output was removed (please report this as a bug)")]
+    VerifyFailed {
+        /// The tensor that differs.
+        tensor: String,
+        /// What differs.
+        what: String,
+    },
+
     /// A GPU operation failed (no adapter, a limit exceeded, a device error).
     #[error("gpu: {0}")]
     Gpu(String),

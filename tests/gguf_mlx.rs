@@ -6,9 +6,9 @@ mod support;
 
 use ecq::format::gguf::GgufFile;
 use ecq::format::mlx::{export_mlx, import_mlx, import_mlx_from, MlxArray};
+use ecq::format::{Dtype, SafetensorsFile, TensorView};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix, ScaleDtype};
 use ecq::Error;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use support::*;
 
 fn weights(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -16,7 +16,16 @@ fn weights(rng: &mut Rng, n: usize) -> Vec<f32> {
 }
 
 fn view(a: &MlxArray) -> TensorView<'_> {
-    TensorView::new(a.dtype, a.shape.clone(), &a.data).unwrap()
+    a.view()
+}
+
+/// Serializes arrays with the `safetensors` crate and opens the file with ecq's reader.
+fn written(arrays: [(String, &MlxArray); 3]) -> (tempfile::TempDir, SafetensorsFile) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mlx.safetensors");
+    std::fs::write(&path, safetensors::serialize(arrays, &None).unwrap()).unwrap();
+    let file = SafetensorsFile::open(&path).unwrap();
+    (dir, file)
 }
 
 /// Export, write a safetensors file, read it back, import: the matrix and the bytes come back unchanged.
@@ -24,8 +33,7 @@ fn round_trip(q: &QuantizedMatrix) {
     let mlx = export_mlx(q).unwrap();
     assert_eq!(mlx.weight.shape, vec![q.rows, q.cols * q.bits as usize / 32]);
     assert_eq!(mlx.scales.shape, vec![q.rows, q.cols / q.group_size]);
-    let bytes = safetensors::serialize(mlx.named("model.layers.0.mlp.up_proj"), &None).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_dir, st) = written(mlx.named("model.layers.0.mlp.up_proj"));
     let back = import_mlx_from(&st, "model.layers.0.mlp.up_proj", q.bits).unwrap();
     assert_eq!(&back, q);
     assert_eq!(export_mlx(&back).unwrap(), mlx);
@@ -107,8 +115,7 @@ fn rejects_bad_mlx_arrays() {
     assert!(
         matches!(import_mlx("x", &w, &view(&inf), &b, 4), Err(Error::InvalidFile { reason }) if reason.contains("x.scales"))
     );
-    let st_bytes = safetensors::serialize(mlx.named("y"), &None).unwrap();
-    let st = SafeTensors::deserialize(&st_bytes).unwrap();
+    let (_dir, st) = written(mlx.named("y"));
     assert!(matches!(import_mlx_from(&st, "z", 4), Err(Error::TensorNotFound(n)) if n == "z.weight"));
 }
 

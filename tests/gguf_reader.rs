@@ -5,9 +5,9 @@
 mod support;
 
 use ecq::format::gguf::{GgmlType, GgufFile, GgufTensor, GgufValue, GgufValueType};
+use ecq::format::Dtype;
 use ecq::format::{EcTensor, EncodeOptions};
 use ecq::Error;
-use safetensors::Dtype;
 use support::*;
 
 fn write(bytes: &[u8]) -> tempfile::NamedTempFile {

@@ -7,9 +7,11 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EncodeOptions, SafetensorsFile, MAX_SEGMENT};
+use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EncodeOptions, MAX_SEGMENT};
+use ecq::model::{self, ConvertOptions, Progress, Stage, TensorSelection, TensorStats};
 use ecq::quant::{self, QuantConfig, ScaleDtype};
 use ecq::rans;
+use ecq::EcModel;
 
 const ABOUT: &str = "Store language-model weights as quantized symbols compressed with rANS (ecq containers)";
 
@@ -22,6 +24,7 @@ stored unchanged. The format is described in docs/FORMAT.md.
 
 Typical use:
   ecq convert model.safetensors model.ecq.safetensors      quantize (4 bits, group 64) and compress
+  ecq convert model.Q4_1.gguf model.ecq.safetensors --verify   re-encode a GGUF model losslessly
   ecq inspect model.ecq.safetensors                        sizes against the entropy bound
   ecq verify  model.ecq.safetensors                        decode everything, check all checksums
   ecq unpack  model.ecq.safetensors model.mlx.safetensors  back to an MLX-format quantized checkpoint
@@ -37,21 +40,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Quantize and compress a safetensors model into an ecq container.
+    /// Convert a GGUF, safetensors or sharded safetensors model into an ecq container.
     ///
-    /// Every 2-D F32, F16 or BF16 tensor whose column count is a multiple of the group size is quantized
-    /// MLX-style (w = scale * q + bias per group of columns, scales and biases kept in the input's dtype)
-    /// and its symbols are compressed. Every other tensor is copied unchanged. The output is written to a
-    /// temporary file next to OUT and renamed when complete; the input is never overwritten.
+    /// Already-quantized weights are imported losslessly and their symbols compressed as they are: GGUF
+    /// Q4_0, Q4_1 and Q8_0 tensors, and MLX-quantized safetensors (`NAME.weight` U32 with `NAME.scales` and
+    /// `NAME.biases`; the bit width comes from the file's `quantization` metadata, config.json next to the input,
+    /// or --mlx-bits). Other GGUF quantized types (Q6_K, ...) are refused with an error naming the tensor.
+    ///
+    /// 2-D F32, F16 or BF16 tensors whose column count is a multiple of the group size are quantized MLX-style
+    /// (w = scale * q + bias per group of columns, scales and biases kept in the input's dtype): in a float
+    /// model all of them, embedding tables included (--exclude '*embed*' keeps those float); in an
+    /// already-quantized model none, unless --include names them. Every other tensor is copied unchanged.
+    ///
+    /// Tensors are processed one at a time from memory maps, so memory stays bounded by the largest tensor.
+    /// The output is written to a temporary file next to OUT, synced and renamed when complete; on any error
+    /// nothing is left behind, and the input is never overwritten.
     Convert {
-        /// The input model: a .safetensors file with F32, F16 or BF16 weights.
+        /// The input model: a .gguf file, a .safetensors file, or the *.safetensors.index.json of a sharded
+        /// safetensors model.
         input: PathBuf,
         /// Where to write the ecq container (replaced if it exists; must not be the input).
         output: PathBuf,
-        /// Bits per weight: 2, 3, 4, 5, 6 or 8.
+        /// Bits per weight for quantized float tensors: 2, 3, 4, 5, 6 or 8.
         #[arg(long, default_value_t = 4)]
         bits: u32,
-        /// Columns sharing one scale and bias: 32, 64 or 128.
+        /// Columns sharing one scale and bias in quantized float tensors: 32, 64 or 128.
         #[arg(long, default_value_t = 64)]
         group_size: usize,
         /// Probability precision P of the rANS frequency table, 1..=12 (12 codes closest to the entropy).
@@ -62,14 +75,29 @@ enum Command {
         /// 0 (the default) splits each row into round(K/512) equal segments.
         #[arg(long, default_value_t = 0)]
         segment: usize,
+        /// Quantize the float matrices whose names match this glob (`*` any run, `?` one character); repeatable.
+        /// Without it: all eligible matrices of a float model, none of an already-quantized one.
+        #[arg(long, value_name = "PATTERN")]
+        include: Vec<String>,
+        /// Keep the float matrices whose names match this glob unquantized; repeatable.
+        #[arg(long, value_name = "PATTERN")]
+        exclude: Vec<String>,
+        /// Bit width of MLX-quantized weights when neither the file's metadata nor config.json gives it.
+        #[arg(long, value_name = "BITS")]
+        mlx_bits: Option<u32>,
+        /// After writing, read the output back, decode every tensor and compare it with the input (symbols,
+        /// scales and biases exactly, passthrough bytes equal). On a mismatch the output is removed.
+        #[arg(long)]
+        verify: bool,
     },
     /// Print a table of every tensor: shape, bits, stored size against the entropy bound, overhead.
     ///
     /// Columns: `stored` is the symbol stream in bits per weight (words, states, tile offsets and frequency
     /// table); `entropy` is the order-0 entropy of the decoded weight symbols in bits per weight (coding k
     /// weights per joint symbol can go slightly below it when neighbours are correlated); `+H` is how far
-    /// `stored` is above it; `side` is states + offsets + table as a
-    /// percentage of the words; `scale` and `bias` are their own bits per weight.
+    /// `stored` is above it; `side` is states + offsets + table as a percentage of the words; `scale` and `bias`
+    /// are their own bits per weight; `all` is stored + scale + bias, everything the tensor costs. A `total` line
+    /// sums every encoded tensor, and a table by role follows (layer numbers replaced by `*`).
     Inspect {
         /// An ecq container (a plain safetensors file is listed too, all tensors passthrough).
         file: PathBuf,
@@ -97,8 +125,27 @@ type CliResult<T> = Result<T, String>;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Convert { input, output, bits, group_size, precision, segment } => {
-            convert(&input, &output, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }, precision, segment)
+        Command::Convert {
+            input,
+            output,
+            bits,
+            group_size,
+            precision,
+            segment,
+            include,
+            exclude,
+            mlx_bits,
+            verify,
+        } => {
+            let options = ConvertOptions {
+                quant: QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 },
+                encode: EncodeOptions { segment, precision },
+                select: TensorSelection { include, exclude },
+                mlx_bits,
+                verify,
+                ..ConvertOptions::default()
+            };
+            convert(&input, &output, &options)
         }
         Command::Inspect { file } => inspect(&file),
         Command::Verify { file } => verify(&file),
@@ -140,7 +187,7 @@ fn refuse_same_file(input: &Path, output: &Path) -> CliResult<()> {
 fn progress(len: usize) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {wide_msg}")
+        ProgressStyle::with_template("{prefix:>7} {elapsed_precise} [{bar:40}] {pos}/{len} {wide_msg}")
             .expect("static template")
             .progress_chars("=> "),
     );
@@ -151,63 +198,43 @@ fn err(e: ecq::Error) -> String {
     e.to_string()
 }
 
-fn convert(input: &Path, output: &Path, config: QuantConfig, precision: u32, segment: usize) -> CliResult<()> {
-    config.validate().map_err(err)?;
-    if !(1..=rans::MAX_PRECISION).contains(&precision) {
-        return Err(format!("--precision {precision} is outside 1..={}", rans::MAX_PRECISION));
+fn convert(input: &Path, output: &Path, options: &ConvertOptions) -> CliResult<()> {
+    if !(1..=rans::MAX_PRECISION).contains(&options.encode.precision) {
+        return Err(format!("--precision {} is outside 1..={}", options.encode.precision, rans::MAX_PRECISION));
     }
-    if segment > MAX_SEGMENT {
-        return Err(format!("--segment {segment} is outside 0..={MAX_SEGMENT}"));
-    }
-    refuse_same_file(input, output)?;
-    let src = SafetensorsFile::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
-    if src.metadata().contains_key(ecq::format::VERSION_KEY) {
-        return Err(format!("{} is already an ecq container; `ecq unpack` it first", input.display()));
+    if options.encode.segment > MAX_SEGMENT {
+        return Err(format!("--segment {} is outside 0..={MAX_SEGMENT}", options.encode.segment));
     }
     let start = Instant::now();
-    let mut writer = ContainerWriter::create(output).map_err(err)?;
-    for (k, v) in src.metadata() {
-        writer.set_metadata(k, v).map_err(err)?;
-    }
-    let options = EncodeOptions { segment, precision };
-    let pb = progress(src.tensors().len());
-    let (mut encoded, mut passed, mut weights, mut stored_bits) = (0usize, 0usize, 0u64, 0u64);
-    for (name, info) in src.tensors() {
-        pb.set_message(name.clone());
-        let view = src.view(name).map_err(err)?;
-        let scale_dtype = info.dtype.to_scale_dtype();
-        let encodable = info.shape.len() == 2
-            && info.shape[0] > 0
-            && info.shape[1] > 0
-            && info.shape[1] % config.group_size == 0
-            && scale_dtype.is_some();
-        if let (true, Some(scale_dtype)) = (encodable, scale_dtype) {
-            let (rows, cols) = (info.shape[0], info.shape[1]);
-            let w = view.to_f32(name).map_err(err)?;
-            let q = quant::quantize(&w, rows, cols, QuantConfig { scale_dtype, ..config })
-                .map_err(|e| format!("tensor `{name}`: {e}"))?;
-            drop(w);
-            let t = ecq::format::EcTensor::encode(&q, options).map_err(|e| format!("tensor `{name}`: {e}"))?;
-            writer.add_encoded(name, &t).map_err(err)?;
-            encoded += 1;
-            weights += (rows * cols) as u64;
-            stored_bits += t.stream_bits();
-        } else {
-            writer.add_raw(name, view.dtype, view.shape, view.data).map_err(err)?;
-            passed += 1;
+    let pb = progress(0);
+    let mut stage = None;
+    let mut on_progress = |p: Progress<'_>| {
+        if stage != Some(p.stage) {
+            stage = Some(p.stage);
+            pb.set_prefix(match p.stage {
+                Stage::Convert => "convert",
+                Stage::Verify => "verify",
+            });
+            pb.set_length(p.total as u64);
         }
-        pb.inc(1);
-    }
+        pb.set_position(p.done as u64);
+        pb.set_message(p.tensor.to_string());
+    };
+    let report = model::convert(input, output, options, &mut on_progress);
     pb.finish_and_clear();
-    writer.finish().map_err(err)?;
-    let in_size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
-    let out_size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    let report = report.map_err(err)?;
+    let weights = report.weights();
     println!(
-        "{}: {encoded} tensors encoded ({weights} weights, {:.3} bits/weight of symbol stream), {passed} passed \
-         through; {in_size} -> {out_size} bytes in {:.1} s",
+        "{}: {} tensors encoded ({weights} weights, {:.3} bits/weight of symbol stream), {} passed through; {} -> {} \
+         bytes in {:.1} s{}",
         output.display(),
-        if weights > 0 { stored_bits as f64 / weights as f64 } else { 0.0 },
-        start.elapsed().as_secs_f64()
+        report.encoded(),
+        if weights > 0 { report.stream_bits() as f64 / weights as f64 } else { 0.0 },
+        report.passthrough(),
+        report.input_bytes,
+        report.output_bytes,
+        start.elapsed().as_secs_f64(),
+        if report.verified { "; verified: every tensor equals its source" } else { "" }
     );
     Ok(())
 }
@@ -216,9 +243,10 @@ fn open(path: &Path) -> CliResult<EcFile> {
     EcFile::open(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Per-tensor figures for `inspect`, all in bits.
+/// Figures summed over several tensors, all in bits.
 #[derive(Default)]
-struct Sizes {
+struct Sum {
+    tensors: usize,
     weights: u64,
     stream: u64,
     words: u64,
@@ -227,44 +255,62 @@ struct Sizes {
     biases: u64,
 }
 
-fn measure(file: &EcFile, name: &str) -> ecq::Result<(String, Sizes)> {
-    let t = file.tensor(name)?;
-    let symbols = t.decode_symbols()?;
-    let mut hist = vec![0u64; 1 << t.bits()];
-    for &q in &symbols {
-        hist[q as usize] += 1;
+impl Sum {
+    fn add(&mut self, s: &TensorStats) {
+        self.tensors += 1;
+        self.weights += s.weights();
+        self.stream += s.stream_bits;
+        self.words += s.word_bits;
+        self.entropy += s.entropy_bits;
+        self.scales += s.scale_bits;
+        self.biases += s.bias_bits;
     }
-    let weights = symbols.len() as u64;
-    let half_scale = t.scale_bits() / 2;
-    let sizes = Sizes {
-        weights,
-        stream: t.stream_bits(),
-        words: 16 * t.stream().words.len() as u64,
-        entropy: rans::entropy_bits(&hist) * weights as f64,
-        scales: half_scale,
-        biases: half_scale,
-    };
-    Ok((format!("{}-bit", t.bits()), sizes))
+
+    /// The numeric columns of the table: stored, entropy, +H %, side %, scale, bias, all.
+    fn columns(&self) -> String {
+        let w = self.weights.max(1) as f64;
+        format!(
+            "{:>7.4}  {:>7.4}  {:>6.2}  {:>6.2}  {:>6.3}  {:>6.3}  {:>7.4}",
+            self.stream as f64 / w,
+            self.entropy / w,
+            if self.entropy > 0.0 { 100.0 * (self.stream as f64 / self.entropy - 1.0) } else { 0.0 },
+            if self.words > 0 { 100.0 * (self.stream - self.words) as f64 / self.words as f64 } else { 0.0 },
+            self.scales as f64 / w,
+            self.biases as f64 / w,
+            (self.stream + self.scales + self.biases) as f64 / w,
+        )
+    }
+}
+
+/// A tensor's role across layers: the first all-digit component of its name replaced by `*`
+/// (`blk.3.ffn_up.weight` -> `blk.*.ffn_up.weight`).
+fn role(name: &str) -> String {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    if let Some(p) = parts.iter_mut().find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        *p = "*";
+    }
+    parts.join(".")
 }
 
 fn inspect(path: &Path) -> CliResult<()> {
-    let file = open(path)?;
+    let model = EcModel::open(path).map_err(err)?;
+    let file = model.file();
     let st = file.safetensors();
     let width = st.tensors().keys().map(|n| n.len()).max().unwrap_or(6).max(6);
-    println!(
-        "{:<width$}  {:>14}  {:>6}  {:>5}  {:>7}  {:>7}  {:>6}  {:>6}  {:>6}  {:>6}",
-        "tensor", "shape", "bits", "group", "stored", "entropy", "+H %", "side %", "scale", "bias"
-    );
-    let ratio = |a: f64, b: u64| if b > 0 { a / b as f64 } else { 0.0 };
-    let mut total = Sizes::default();
+    let header = |first: &str| {
+        println!(
+            "{first:<width$}  {:>14}  {:>6}  {:>5}  {:>7}  {:>7}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7}",
+            "shape", "bits", "group", "stored", "entropy", "+H %", "side %", "scale", "bias", "all"
+        )
+    };
+    header("tensor");
+    let mut total = Sum::default();
+    let mut roles: std::collections::BTreeMap<String, Sum> = Default::default();
     let mut faults = 0usize;
     let mut raw_bytes = 0usize;
-    let mut rows: Vec<(String, bool)> = file.encoded_names().map(|n| (n.to_string(), true)).collect();
-    rows.extend(file.raw_names().map(|n| (n.to_string(), false)));
-    rows.sort();
-    for (name, is_encoded) in rows {
-        if !is_encoded {
-            let info = st.info(&name).map_err(err)?;
+    for name in model.names() {
+        if !model.is_encoded(name) {
+            let info = st.info(name).map_err(err)?;
             raw_bytes += info.data_offsets.1 - info.data_offsets.0;
             println!(
                 "{name:<width$}  {:>14}  {:>6}  {:>5}  passthrough",
@@ -274,26 +320,20 @@ fn inspect(path: &Path) -> CliResult<()> {
             );
             continue;
         }
-        let info = file.encoded_info(&name).map_err(err)?;
+        let info = file.encoded_info(name).map_err(err)?;
         let shape = format!("[{}, {}]", info.layout.rows(), info.layout.cols());
-        match measure(&file, &name) {
-            Ok((bits, s)) => {
+        match model.stats(name) {
+            Ok(s) => {
+                let mut one = Sum::default();
+                one.add(&s);
                 println!(
-                    "{name:<width$}  {shape:>14}  {bits:>6}  {:>5}  {:>7.4}  {:>7.4}  {:>6.2}  {:>6.2}  {:>6.3}  {:>6.3}",
-                    info.group_size,
-                    ratio(s.stream as f64, s.weights),
-                    ratio(s.entropy, s.weights),
-                    if s.entropy > 0.0 { 100.0 * (s.stream as f64 / s.entropy - 1.0) } else { 0.0 },
-                    ratio(100.0 * (s.stream - s.words) as f64, s.words),
-                    ratio(s.scales as f64, s.weights),
-                    ratio(s.biases as f64, s.weights),
+                    "{name:<width$}  {shape:>14}  {:>6}  {:>5}  {}",
+                    format!("{}-bit", s.bits),
+                    s.group_size,
+                    one.columns()
                 );
-                total.weights += s.weights;
-                total.stream += s.stream;
-                total.words += s.words;
-                total.entropy += s.entropy;
-                total.scales += s.scales;
-                total.biases += s.biases;
+                total.add(&s);
+                roles.entry(role(name)).or_default().add(&s);
             }
             Err(e) => {
                 faults += 1;
@@ -301,20 +341,20 @@ fn inspect(path: &Path) -> CliResult<()> {
             }
         }
     }
-    let s = &total;
-    println!(
-        "{:<width$}  {:>14}  {:>6}  {:>5}  {:>7.4}  {:>7.4}  {:>6.2}  {:>6.2}  {:>6.3}  {:>6.3}",
-        "total",
-        format!("{} w", s.weights),
-        "",
-        "",
-        ratio(s.stream as f64, s.weights),
-        ratio(s.entropy, s.weights),
-        if s.entropy > 0.0 { 100.0 * (s.stream as f64 / s.entropy - 1.0) } else { 0.0 },
-        ratio(100.0 * (s.stream - s.words) as f64, s.words),
-        ratio(s.scales as f64, s.weights),
-        ratio(s.biases as f64, s.weights),
-    );
+    println!("{:<width$}  {:>14}  {:>6}  {:>5}  {}", "total", format!("{} w", total.weights), "", "", total.columns());
+    if roles.len() > 1 && roles.len() < total.tensors {
+        println!();
+        header("role");
+        for (r, sum) in &roles {
+            println!(
+                "{r:<width$}  {:>14}  {:>6}  {:>5}  {}",
+                format!("{} tensors", sum.tensors),
+                "",
+                "",
+                sum.columns()
+            );
+        }
+    }
     let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     println!(
         "{} encoded, {} passthrough ({raw_bytes} bytes); file {file_size} bytes",
@@ -376,6 +416,22 @@ fn scale_bytes(values: &[f32], dtype: ScaleDtype) -> Vec<u8> {
     }
 }
 
+/// The `quantization` object of an MLX config.json for these tensors: the most common bits and group size, and
+/// a `stem: {bits, group_size}` entry for each tensor that differs. `ecq convert` reads it back from the
+/// metadata, so an unpacked file converts again without options.
+fn quantization_config(per_stem: &[(String, (u32, usize))]) -> Option<serde_json::Value> {
+    let mut counts: std::collections::BTreeMap<(u32, usize), usize> = Default::default();
+    for (_, p) in per_stem {
+        *counts.entry(*p).or_default() += 1;
+    }
+    let (&(bits, group_size), _) = counts.iter().max_by_key(|(_, &n)| n)?;
+    let mut q = serde_json::json!({"group_size": group_size, "bits": bits});
+    for (stem, (b, g)) in per_stem.iter().filter(|(_, p)| *p != (bits, group_size)) {
+        q[stem.as_str()] = serde_json::json!({"group_size": g, "bits": b});
+    }
+    Some(q)
+}
+
 fn unpack(input: &Path, output: &Path) -> CliResult<()> {
     refuse_same_file(input, output)?;
     let file = open(input)?;
@@ -388,6 +444,7 @@ fn unpack(input: &Path, output: &Path) -> CliResult<()> {
     let raws: Vec<String> = file.raw_names().map(String::from).collect();
     let pb = progress(names.len() + raws.len());
     let mut params = std::collections::BTreeSet::new();
+    let mut per_stem = Vec::new();
     for name in &names {
         pb.set_message(name.clone());
         let q = file.tensor(name).and_then(|t| t.to_quantized()).map_err(|e| format!("tensor `{name}`: {e}"))?;
@@ -402,6 +459,7 @@ fn unpack(input: &Path, output: &Path) -> CliResult<()> {
         writer.add_raw(&arrays.scales, sd, &groups, &scale_bytes(&q.scales, q.scale_dtype)).map_err(err)?;
         writer.add_raw(&arrays.biases, sd, &groups, &scale_bytes(&q.biases, q.scale_dtype)).map_err(err)?;
         params.insert((q.bits, q.group_size));
+        per_stem.push((stem.to_string(), (q.bits, q.group_size)));
         pb.inc(1);
     }
     for name in &raws {
@@ -411,6 +469,9 @@ fn unpack(input: &Path, output: &Path) -> CliResult<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
+    if let Some(q) = quantization_config(&per_stem) {
+        writer.set_metadata("quantization", &q.to_string()).map_err(err)?;
+    }
     writer.finish().map_err(err)?;
     println!("{}: {} quantized tensors unpacked, {} copied", output.display(), names.len(), raws.len());
     for (bits, group_size) in params {

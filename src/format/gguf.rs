@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use memmap2::Mmap;
-use safetensors::Dtype;
+
+use super::safetensors_file::{release_pages, Dtype};
 
 use crate::error::{Error, Result};
 use crate::quant::{QuantizedMatrix, ScaleDtype};
@@ -427,6 +428,15 @@ impl GgufFile {
         Ok(&self.map[info.offset as usize..(info.offset + size) as usize])
     }
 
+    /// Tells the operating system that the mapped pages holding `name`'s data are not needed for now, so they
+    /// stop counting towards resident memory; a later read maps them in from the file again. Converters call it
+    /// after each tensor to keep memory bounded on models larger than RAM.
+    pub fn release(&self, name: &str) -> Result<()> {
+        let data = self.tensor_bytes(name)?;
+        release_pages(&self.map, data);
+        Ok(())
+    }
+
     /// Reads `name`: Q4_0, Q4_1 and Q8_0 as a [`QuantizedMatrix`], F32, F16 and BF16 as raw bytes. Any other
     /// type is [`Error::UnsupportedDtype`].
     pub fn tensor(&self, name: &str) -> Result<GgufTensor<'_>> {
@@ -508,7 +518,7 @@ impl GgufFile {
     }
 }
 
-fn unsupported(info: &GgufTensorInfo) -> Error {
+pub(crate) fn unsupported(info: &GgufTensorInfo) -> Error {
     Error::UnsupportedDtype {
         name: info.name.clone(),
         dtype: info.ggml_type.to_string(),

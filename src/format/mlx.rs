@@ -11,8 +11,9 @@
 use std::borrow::Cow;
 
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
+use safetensors::tensor::View;
 
+use super::safetensors_file::{Dtype, SafetensorsFile, TensorView};
 use crate::error::{Error, Result};
 use crate::quant::{pack_mlx, unpack_mlx, QuantizedMatrix, ScaleDtype};
 
@@ -27,9 +28,17 @@ pub struct MlxArray {
     pub data: Vec<u8>,
 }
 
+impl MlxArray {
+    /// The array as a [`TensorView`], as [`import_mlx`] takes it.
+    pub fn view(&self) -> TensorView<'_> {
+        TensorView { dtype: self.dtype, shape: &self.shape, data: &self.data }
+    }
+}
+
+/// So that `safetensors::serialize` can write the arrays directly.
 impl View for &MlxArray {
-    fn dtype(&self) -> Dtype {
-        self.dtype
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.into()
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -67,20 +76,7 @@ impl MlxQuantized {
 
 /// The scale dtype MLX arrays of `dtype` hold, or `None` if MLX scales cannot have that dtype.
 pub fn scale_dtype_of(dtype: Dtype) -> Option<ScaleDtype> {
-    match dtype {
-        Dtype::F16 => Some(ScaleDtype::F16),
-        Dtype::BF16 => Some(ScaleDtype::Bf16),
-        Dtype::F32 => Some(ScaleDtype::F32),
-        _ => None,
-    }
-}
-
-fn safetensors_dtype(d: ScaleDtype) -> Dtype {
-    match d {
-        ScaleDtype::F16 => Dtype::F16,
-        ScaleDtype::Bf16 => Dtype::BF16,
-        ScaleDtype::F32 => Dtype::F32,
-    }
+    dtype.to_scale_dtype()
 }
 
 /// Imports the MLX arrays of quantized weight `stem` (used in error messages) with `bits` bits per symbol.
@@ -97,32 +93,31 @@ pub fn import_mlx(
     if !(1..=8).contains(&bits) {
         return Err(Error::param("bits", format!("{bits} is outside 1..=8")));
     }
-    if weight.dtype() != Dtype::U32 {
+    if weight.dtype != Dtype::U32 {
         return Err(Error::UnsupportedDtype {
             name: format!("{stem}.weight"),
-            dtype: format!("{:?}", weight.dtype()),
+            dtype: weight.dtype.to_string(),
             hint: "MLX quantized weights are U32 words of packed symbols".into(),
         });
     }
-    let scale_dtype = scale_dtype_of(scales.dtype()).ok_or_else(|| Error::UnsupportedDtype {
+    let scale_dtype = scale_dtype_of(scales.dtype).ok_or_else(|| Error::UnsupportedDtype {
         name: format!("{stem}.scales"),
-        dtype: format!("{:?}", scales.dtype()),
+        dtype: scales.dtype.to_string(),
         hint: "MLX scales are F16, BF16 or F32".into(),
     })?;
-    if biases.dtype() != scales.dtype() {
+    if biases.dtype != scales.dtype {
         return Err(Error::UnsupportedDtype {
             name: format!("{stem}.biases"),
-            dtype: format!("{:?}", biases.dtype()),
-            hint: format!("biases must have the scales' dtype, {:?}", scales.dtype()),
+            dtype: biases.dtype.to_string(),
+            hint: format!("biases must have the scales' dtype, {}", scales.dtype),
         });
     }
-    let (rows, words_per_row) = matrix_dims(&format!("{stem}.weight"), weight.shape())?;
-    let (scale_rows, groups) = matrix_dims(&format!("{stem}.scales"), scales.shape())?;
-    if biases.shape() != scales.shape() {
+    let (rows, words_per_row) = matrix_dims(&format!("{stem}.weight"), weight.shape)?;
+    let (scale_rows, groups) = matrix_dims(&format!("{stem}.scales"), scales.shape)?;
+    if biases.shape != scales.shape {
         return Err(Error::file(format!(
             "{stem}.biases has shape {:?} but {stem}.scales has {:?}; they must match",
-            biases.shape(),
-            scales.shape()
+            biases.shape, scales.shape
         )));
     }
     if scale_rows != rows {
@@ -144,10 +139,10 @@ pub fn import_mlx(
              is `bits` right?"
         )));
     }
-    let words = le_words(&format!("{stem}.weight"), weight.data(), rows * words_per_row)?;
+    let words = le_words(&format!("{stem}.weight"), weight.data, rows * words_per_row)?;
     let symbols = unpack_mlx(&words, cols, bits)?;
-    let scale_values = le_floats(&format!("{stem}.scales"), scales.data(), rows * groups, scale_dtype)?;
-    let bias_values = le_floats(&format!("{stem}.biases"), biases.data(), rows * groups, scale_dtype)?;
+    let scale_values = le_floats(&format!("{stem}.scales"), scales.data, rows * groups, scale_dtype)?;
+    let bias_values = le_floats(&format!("{stem}.biases"), biases.data, rows * groups, scale_dtype)?;
     let q = QuantizedMatrix {
         rows,
         cols,
@@ -163,11 +158,8 @@ pub fn import_mlx(
 }
 
 /// Imports `stem.weight`, `stem.scales` and `stem.biases` from a safetensors file (see [`import_mlx`]).
-pub fn import_mlx_from(file: &SafeTensors<'_>, stem: &str, bits: u32) -> Result<QuantizedMatrix> {
-    let get = |suffix: &str| {
-        let name = format!("{stem}.{suffix}");
-        file.tensor(&name).map_err(|_| Error::TensorNotFound(name))
-    };
+pub fn import_mlx_from(file: &SafetensorsFile, stem: &str, bits: u32) -> Result<QuantizedMatrix> {
+    let get = |suffix: &str| file.view(&format!("{stem}.{suffix}"));
     import_mlx(stem, &get("weight")?, &get("scales")?, &get("biases")?, bits)
 }
 
@@ -194,7 +186,7 @@ pub fn export_mlx(q: &QuantizedMatrix) -> Result<MlxQuantized> {
             ScaleDtype::Bf16 => values.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
             ScaleDtype::F32 => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
         };
-        Ok(MlxArray { dtype: safetensors_dtype(q.scale_dtype), shape: vec![q.rows, groups], data })
+        Ok(MlxArray { dtype: q.scale_dtype.into(), shape: vec![q.rows, groups], data })
     };
     Ok(MlxQuantized { weight, scales: floats(&q.scales)?, biases: floats(&q.biases)? })
 }

@@ -12,6 +12,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+#[cfg(unix)]
+use memmap2::UncheckedAdvice;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -131,6 +133,28 @@ impl From<ScaleDtype> for Dtype {
     }
 }
 
+impl From<Dtype> for safetensors::Dtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::Bool => safetensors::Dtype::BOOL,
+            Dtype::U8 => safetensors::Dtype::U8,
+            Dtype::I8 => safetensors::Dtype::I8,
+            Dtype::F8E5M2 => safetensors::Dtype::F8_E5M2,
+            Dtype::F8E4M3 => safetensors::Dtype::F8_E4M3,
+            Dtype::U16 => safetensors::Dtype::U16,
+            Dtype::I16 => safetensors::Dtype::I16,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::BF16 => safetensors::Dtype::BF16,
+            Dtype::U32 => safetensors::Dtype::U32,
+            Dtype::I32 => safetensors::Dtype::I32,
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::U64 => safetensors::Dtype::U64,
+            Dtype::I64 => safetensors::Dtype::I64,
+            Dtype::F64 => safetensors::Dtype::F64,
+        }
+    }
+}
+
 impl std::fmt::Display for Dtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -246,6 +270,20 @@ impl SafetensorsFile {
         self.tensors.get(name).ok_or_else(|| Error::TensorNotFound(name.into()))
     }
 
+    /// Tells the operating system that the mapped pages of tensor `name` are not needed for now, so they stop
+    /// counting towards resident memory; a later [`view`](Self::view) maps them in from the file again.
+    pub fn release(&self, name: &str) -> Result<()> {
+        let view = self.view(name)?;
+        release_pages(&self.mmap, view.data);
+        Ok(())
+    }
+
+    /// Like [`release`](Self::release) for any part of a view of this file (a chunk of a tensor already read).
+    /// Bytes that do not lie in this file's map are ignored.
+    pub fn release_bytes(&self, data: &[u8]) {
+        release_pages(&self.mmap, data);
+    }
+
     /// Tensor `name`'s dtype, shape and bytes.
     pub fn view(&self, name: &str) -> Result<TensorView<'_>> {
         let info = self.info(name)?;
@@ -254,6 +292,26 @@ impl SafetensorsFile {
         // Ranges were checked against the file length when it was opened.
         Ok(TensorView { dtype: info.dtype, shape: &info.shape, data: &bytes[self.data_start + b..self.data_start + e] })
     }
+}
+
+/// Drops the resident pages of `map` that hold `data` (which must be a slice of `map`; anything else is ignored).
+/// Only whole pages inside `data`'s page-rounded range are affected, and since the map is a read-only view of a
+/// file, dropped pages are read from the file again on the next access: contents never change.
+pub(crate) fn release_pages(map: &Mmap, data: &[u8]) {
+    let base = map.as_ptr() as usize;
+    let start = data.as_ptr() as usize;
+    if data.is_empty() || start < base || start + data.len() > base + map.len() {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: the map is a shared, read-only mapping of a file, so MADV_DONTNEED only discards clean page
+        // cache references; any later read (through slices still borrowed or new ones) faults the same bytes
+        // back in from the file. Nothing ever writes through this mapping.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start - base, data.len()) };
+    }
+    #[cfg(not(unix))]
+    let _ = (base, start);
 }
 
 /// What a validated header says.
