@@ -31,6 +31,10 @@ const WEIGHT_STD: f64 = 0.02;
 const SEED: u64 = 0x0ec9_2026;
 /// Timed calls per measurement (after one warm-up call); the median is reported.
 const RUNS: usize = 15;
+/// Largest accepted error of any output, relative to the largest output of the float64 reference.
+const MAX_REL_ERR: f64 = 1e-4;
+/// Timed calls per GPU measurement on a software adapter, which runs the kernels on the CPU.
+const CPU_ADAPTER_RUNS: usize = 3;
 /// Vectors in the batched measurement.
 const BATCH: usize = 8;
 
@@ -77,13 +81,13 @@ fn main() -> ecq::Result<()> {
 
     // ---- CPU path ---------------------------------------------------------------------------------------
     let cpu = EcMatmul::cpu(&tensor);
-    run_strategy("Cpu (rayon, decode while multiplying)", &cpu, &x, &reference)?;
+    run_strategy("Cpu (rayon, decode while multiplying)", &cpu, &x, &reference, RUNS)?;
 
     // ---- GPU path ---------------------------------------------------------------------------------------
-    // The GPU strategies go here, on the default adapter: build a context, then
-    // `EcMatmul::new(&ctx, &tensor, Strategy::Fused)` and `Strategy::Cached`, and call
-    // `run_strategy(name, &matmul, &x, &reference)` for each, so they print the same lines as the CPU path
-    // and are checked against the same float64 reference. With no adapter, say so and how to get one.
+    #[cfg(feature = "gpu")]
+    run_gpu(&tensor, &x, &reference)?;
+    #[cfg(not(feature = "gpu"))]
+    println!("GPU path not built (the `gpu` feature is off); only the CPU path ran.");
 
     Ok(())
 }
@@ -195,20 +199,70 @@ fn max_abs_err(y: &[f32], reference: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The GPU strategies on the default adapter, checked against the same float64 reference as the CPU path.
+/// Without an adapter this says so and how to get one; the CPU path above has already run.
+#[cfg(feature = "gpu")]
+fn run_gpu(tensor: &EcTensor, x: &[f32], reference: &[f64]) -> ecq::Result<()> {
+    use ecq::gpu::GpuContext;
+    use ecq::Strategy;
+
+    let ctx = match GpuContext::new() {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            println!("No GPU adapter, so only the CPU path ran: {e}");
+            println!(
+                "To run the GPU strategies, install a Vulkan, Metal or DX12 driver; on Linux without a GPU a \
+                 software Vulkan works: `sudo apt-get install mesa-vulkan-drivers`."
+            );
+            return Ok(());
+        }
+    };
+    println!();
+    println!("GPU adapter: {}", ctx.describe());
+    // A software adapter (such as lavapipe) runs the kernels on the CPU: a few runs show that they work.
+    let runs = if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu { CPU_ADAPTER_RUNS } else { RUNS };
+    for (name, strategy) in [
+        ("Fused (decode + dequantize + GEMV in one kernel, compressed weights only)", Strategy::Fused),
+        ("Cached (decoded once at load to packed 4-bit, quantized GEMV)", Strategy::Cached),
+    ] {
+        let matmul = EcMatmul::new(&ctx, tensor, strategy)?;
+        run_strategy(name, &matmul, x, reference, runs)?;
+        println!("  holds {:.3} MB on the device", matmul.device_bytes() as f64 / 1e6);
+        for m in [1, BATCH] {
+            match matmul.device_times(m, runs) {
+                Ok(mut times) => {
+                    times.sort();
+                    let t = times[times.len() / 2].as_secs_f64();
+                    println!("  M = {m}: device time (timestamp queries) median {:8.1} us over {runs} runs", t * 1e6);
+                }
+                Err(e) => println!("  M = {m}: no device timing ({e})"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs one strategy for one vector and for [`BATCH`] vectors, checks both against the float64 reference and
 /// prints the error and the median time.
-fn run_strategy(name: &str, matmul: &EcMatmul, x: &[f32], reference: &[f64]) -> ecq::Result<()> {
+fn run_strategy(name: &str, matmul: &EcMatmul, x: &[f32], reference: &[f64], runs: usize) -> ecq::Result<()> {
     let (n, k) = (matmul.rows(), matmul.cols());
     let ref_scale = reference.iter().fold(0f64, |m, r| m.max(r.abs()));
     println!("{name}");
     for m in [1, BATCH] {
         let mut y = vec![f32::NAN; m * n];
         let xs = &x[..m * k];
-        let median = median_time(|| matmul.matmul(xs, m, &mut y))?;
+        let median = median_time(runs, || matmul.matmul(xs, m, &mut y))?;
         let err = max_abs_err(&y, &reference[..m * n]);
+        // f32 accumulation over K = 4096 products: a few ulps of the largest output at most.
+        if !(err <= MAX_REL_ERR * ref_scale) {
+            return Err(ecq::Error::Gpu(format!(
+                "{name}, M = {m}: max |y - y_ref| = {err:.3e} exceeds {:.3e}",
+                MAX_REL_ERR * ref_scale
+            )));
+        }
         let secs = median.as_secs_f64();
         println!(
-            "  M = {m}: median {:8.2} ms over {RUNS} runs, {:6.0} M weights/s decoded, max |y - y_ref| = {err:.3e} (|y_ref| up to {ref_scale:.2})",
+            "  M = {m}: median {:8.2} ms over {runs} runs, {:6.0} M weights/s, max |y - y_ref| = {err:.3e} (|y_ref| up to {ref_scale:.2})",
             secs * 1e3,
             (n * k) as f64 / secs / 1e6,
         );
@@ -216,15 +270,15 @@ fn run_strategy(name: &str, matmul: &EcMatmul, x: &[f32], reference: &[f64]) -> 
     Ok(())
 }
 
-/// Median wall time of [`RUNS`] calls after one warm-up call.
-fn median_time(mut f: impl FnMut() -> ecq::Result<()>) -> ecq::Result<Duration> {
+/// Median wall time of `runs` calls after one warm-up call.
+fn median_time(runs: usize, mut f: impl FnMut() -> ecq::Result<()>) -> ecq::Result<Duration> {
     f()?;
-    let mut times = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
         let t = Instant::now();
         f()?;
         times.push(t.elapsed());
     }
     times.sort();
-    Ok(times[RUNS / 2])
+    Ok(times[runs / 2])
 }
