@@ -180,3 +180,28 @@ fn ec_gemv_entry_point_by_vector_count() {
     }
     assert_eq!(ec_gemv_entry_point(8, 3), "ec_gemv_b8_v8");
 }
+
+/// The host's threadgroup-memory figure (checked against the device limit before building a pipeline) counts
+/// exactly the kernel's `threadgroup` arrays: a `uint` decode table of `1 << MAX_PRECISION` (12) entries and a
+/// `float` partial sum per simdgroup (8), vector slot and lane (32).
+#[test]
+fn ec_gemv_threadgroup_bytes_match_the_declarations() {
+    use ecq::kernels_msl::ec_gemv_threadgroup_bytes;
+
+    let decls: Vec<&str> =
+        EC_GEMV.lines().map(str::trim).filter(|l| l.starts_with("threadgroup ") && l.ends_with(';')).collect();
+    assert_eq!(
+        decls,
+        [
+            "threadgroup uint table[1u << MAX_PRECISION];",
+            "threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];"
+        ]
+    );
+    for (name, value) in [("MAX_PRECISION", 12), ("MAX_SIMDGROUPS", 8), ("LANES", 32)] {
+        assert!(EC_GEMV.contains(&format!("constant constexpr uint {name} = {value};")), "{name}");
+    }
+    assert_eq!(ec_gemv_threadgroup_bytes(1), 4 * 4096 + 4 * 8 * 32);
+    for m in 2..=8 {
+        assert_eq!(ec_gemv_threadgroup_bytes(m), 4 * 4096 + 4 * 8 * 8 * 32);
+    }
+}

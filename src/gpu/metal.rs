@@ -467,6 +467,38 @@ mod tests {
         }
     }
 
+    /// Tensors whose parameters would make the kernel return without writing are refused on the host.
+    #[test]
+    fn params_the_kernel_skips_are_refused() {
+        let good = EcParams {
+            rows: 40,
+            cols: 256,
+            bits: 4,
+            group_size: 64,
+            segment: 128,
+            segments: 2,
+            row_tiles: 2,
+            precision: 12,
+            total_words: 100,
+            vectors: 1,
+            reserved0: 0,
+            reserved1: 0,
+        };
+        assert!(check_params(&good).is_ok());
+        for bad in [
+            EcParams { bits: 0, ..good },
+            EcParams { bits: 9, ..good },
+            EcParams { group_size: 0, ..good },
+            EcParams { segment: 0, ..good },
+            EcParams { segment: 96, ..good },
+            EcParams { cols: 288, ..good },
+            EcParams { precision: 13, ..good },
+            EcParams { bits: 3, group_size: 63, segment: 126, cols: 252, ..good },
+        ] {
+            assert!(check_params(&bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn vector_counts_outside_one_to_eight_are_refused() {
         assert!(vectors(0).is_err());
