@@ -3,16 +3,20 @@
 //!
 //! Each constant is one complete MSL library: `msl/ec_rans.h` (the parameter block and the rANS tile steps)
 //! followed by one kernel file, since the Metal runtime compiler resolves no user includes. The top of each
-//! kernel file lists its entry points and buffers. Buffer `n` is binding `n` of bind group 0, with the layout's
-//! entries listed in binding order (wgpu's Metal backend numbers buffers in the order of the layout entries,
-//! starting at 0 when no immediates are used), and every size travels in the
+//! kernel file lists its entry points and buffers. The `[[buffer(n)]]` indices follow binding order: wgpu's
+//! Metal backend numbers buffers in the order of the pipeline layout's entries, group after group, starting at
+//! 0 when no immediates are used ([`EC_GEMV_GROUPS`] lists ec_gemv's two groups). Every size travels in the
 //! `EcParams` block (last binding, a uniform buffer of [`PARAMS_SIZE`] bytes: twelve `u32`, in order `rows,
-//! cols, bits, group_size, segment, segments, row_tiles, precision, total_words, vectors, 0, 0`), because
+//! cols, bits, group_size, segment, segments, row_tiles, precision, total_words, vectors, 0, 0`, built by
+//! [`EcParams::new`]), because
 //! wgpu passes no buffer lengths to passthrough shaders. The `words` buffer holds the `u16` words as
 //! little-endian bytes (padding the buffer to a multiple of 4 bytes is fine).
 //!
 //! Verified on Linux by compiling these sources as C++ against an emulation shim (tests/msl_emu.rs); no
 //! Metal compiler has checked them.
+
+use crate::error::{Error, Result};
+use crate::format::EcTensor;
 
 /// Threads per threadgroup both kernels are written for (8 simdgroups of 32): the passthrough entry point's
 /// workgroup size is `(THREADS_PER_THREADGROUP, 1, 1)`.
@@ -33,3 +37,108 @@ pub const EC_GEMV: &str = concat!(include_str!("../msl/ec_rans.h"), include_str!
 /// Entry points `rans_decode_b{bits}`, bits 1 to 8.
 /// Buffers: words, tile_offsets, states, decode_table, packed, tile_status, params.
 pub const RANS_DECODE: &str = concat!(include_str!("../msl/ec_rans.h"), include_str!("../msl/rans_decode.metal"));
+
+/// The `EcParams` block of `msl/ec_rans.h`: twelve `u32` in the MSL field order, [`PARAMS_SIZE`] bytes, bound
+/// as a uniform buffer (`bytemuck::bytes_of` gives its bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EcParams {
+    /// Rows `N` (output features).
+    pub rows: u32,
+    /// Columns `K` (input features).
+    pub cols: u32,
+    /// Bits per weight; must equal the entry point's `BITS`.
+    pub bits: u32,
+    /// Columns per scale/bias group.
+    pub group_size: u32,
+    /// Columns per segment `S`.
+    pub segment: u32,
+    /// Segments per row, `ceil(K / S)`.
+    pub segments: u32,
+    /// Row tiles, `ceil(N / 32)`.
+    pub row_tiles: u32,
+    /// Decode-table precision `P`.
+    pub precision: u32,
+    /// 16-bit words in the stream (before any padding of the buffer).
+    pub total_words: u32,
+    /// Input vectors `M` of an `ec_gemv` call (1..=8); unused by `rans_decode`.
+    pub vectors: u32,
+    /// Zero.
+    pub reserved0: u32,
+    /// Zero.
+    pub reserved1: u32,
+}
+
+impl EcParams {
+    /// The block for `tensor` and a call with `vectors` input vectors. Fails when a size does not fit a `u32`.
+    pub fn new(tensor: &EcTensor, vectors: u32) -> Result<Self> {
+        let l = tensor.layout();
+        let u32_of = |what: &'static str, v: usize| {
+            u32::try_from(v).map_err(|_| Error::param(what, format!("{v} does not fit the kernels' 32-bit sizes")))
+        };
+        Ok(Self {
+            rows: u32_of("rows", l.rows())?,
+            cols: u32_of("cols", l.cols())?,
+            bits: l.bits(),
+            group_size: u32_of("group_size", tensor.group_size())?,
+            segment: u32_of("segment", l.segment())?,
+            segments: u32_of("segments", l.segments())?,
+            row_tiles: u32_of("row_tiles", l.row_tiles())?,
+            precision: tensor.table().precision(),
+            total_words: u32_of("total_words", tensor.stream().words.len())?,
+            vectors,
+            reserved0: 0,
+            reserved1: 0,
+        })
+    }
+}
+
+/// How a kernel uses one of its buffers, which sets the binding type the host declares for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BufferAccess {
+    /// `device const T*`: a read-only storage buffer.
+    Read,
+    /// `device T*`: a read-write storage buffer.
+    ReadWrite,
+    /// `constant T&`: a uniform buffer.
+    Uniform,
+}
+
+/// The buffers of [`EC_GEMV`] as two bind groups: group 0 a weight's arrays (bound once per weight), group 1
+/// one call's. wgpu's Metal backend numbers buffers through the groups in order, so the flattened list is
+/// `[[buffer(0)]]`, `[[buffer(1)]]`, ... of the kernel.
+pub const EC_GEMV_GROUPS: [&[(&str, BufferAccess)]; 2] = [
+    &[
+        ("words", BufferAccess::Read),
+        ("tile_offsets", BufferAccess::Read),
+        ("states", BufferAccess::Read),
+        ("decode_table", BufferAccess::Read),
+        ("scales", BufferAccess::Read),
+        ("biases", BufferAccess::Read),
+    ],
+    &[
+        ("x", BufferAccess::Read),
+        ("y", BufferAccess::ReadWrite),
+        ("tile_status", BufferAccess::ReadWrite),
+        ("params", BufferAccess::Uniform),
+    ],
+];
+
+/// The `ec_gemv` entry point for `bits` (1..=8) and a call of `vectors` vectors: the one-vector variant for
+/// one, the eight-accumulator variant for 2 to 8.
+pub fn ec_gemv_entry_point(bits: u32, vectors: u32) -> String {
+    format!("ec_gemv_b{bits}_v{}", if vectors == 1 { 1 } else { EC_GEMV_MAX_VECTORS })
+}
+
+/// Every entry point of [`EC_GEMV`].
+pub fn ec_gemv_entry_points() -> Vec<String> {
+    (1..=8).flat_map(|bits| [ec_gemv_entry_point(bits, 1), ec_gemv_entry_point(bits, EC_GEMV_MAX_VECTORS)]).collect()
+}
+
+/// Threadgroup memory of an `ec_gemv` entry point for `vectors` vectors, as the kernel declares it: the
+/// decode table at the largest precision (`4 * 2^12` bytes) plus one partial sum per simdgroup, vector slot
+/// and lane.
+pub fn ec_gemv_threadgroup_bytes(vectors: u32) -> u64 {
+    let slots = if vectors == 1 { 1 } else { EC_GEMV_MAX_VECTORS } as u64;
+    (4u64 << crate::rans::MAX_PRECISION) + 4 * 8 * slots * 32
+}

@@ -36,6 +36,10 @@ impl EcMatmul {
     /// [`Strategy::Cached`] decodes it once on the device (checking every tile) and keeps only the packed
     /// symbols, [`Strategy::Cpu`] is [`EcMatmul::cpu`]. Scales and biases go to the device as `f32`.
     ///
+    /// On Metal, [`Strategy::Fused`] runs the hand-written MSL kernel for up to 8 vectors and checks every tile
+    /// once at load ([`Error::CorruptStream`] for a failing one); see [`crate::gpu::FusedSource`] to force the
+    /// WGSL kernel.
+    ///
     /// The GPU strategies need a group size that is a multiple of 32 and rows of whole `u32` words
     /// (`cols * bits % 32 == 0`); arrays above the device's storage binding limit are refused.
     #[cfg(feature = "gpu")]
@@ -266,7 +270,7 @@ mod gpu {
     use crate::error::Result;
     use crate::format::EcTensor;
     use crate::gpu::kernels::{self, GpuPacked, GpuScales, GpuStream, MAX_VECTORS_PER_PASS};
-    use crate::gpu::{GpuContext, HostIo, Kernel};
+    use crate::gpu::{GpuContext, HostIo, Kernel, MslGemv};
 
     /// The GPU side of [`super::EcMatmul`]: what each strategy holds on the device.
     pub(super) struct GpuMatmul {
@@ -281,6 +285,8 @@ mod gpu {
         scales: GpuScales,
         /// Group 0 of ec_gemv (Fused) or q_gemv (Cached).
         weights: wgpu::BindGroup,
+        /// Fused on a context whose fused kernel is the MSL one: that kernel, for up to 8 vectors.
+        msl: Option<MslGemv>,
         /// The q_gemv call uniform per vector count.
         calls: Mutex<HashMap<usize, wgpu::Buffer>>,
         /// Staging for host-slice calls, per vector count.
@@ -291,6 +297,11 @@ mod gpu {
         pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
             let stream = GpuStream::upload(ctx, tensor)?;
             let scales = GpuScales::upload(ctx, tensor)?;
+            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() {
+                Some(MslGemv::new(ctx, tensor, &stream, &scales)?)
+            } else {
+                None
+            };
             let (stream, packed, weights) = if strategy == Strategy::Cached {
                 let packed = kernels::decode_to_packed(ctx, &stream)?;
                 let weights = kernels::q_gemv_weights(ctx, &packed, &scales);
@@ -308,6 +319,7 @@ mod gpu {
                 packed,
                 scales,
                 weights,
+                msl,
                 calls: Mutex::new(HashMap::new()),
                 host: Mutex::new(None),
             })
@@ -317,6 +329,7 @@ mod gpu {
             self.stream.as_ref().map_or(0, |s| s.device_bytes())
                 + self.packed.as_ref().map_or(0, |p| p.device_bytes())
                 + self.scales.device_bytes()
+                + self.msl.as_ref().map_or(0, |m| m.device_bytes())
         }
 
         /// The kernel whose group 1 the vectors bind to: ec_gemv for up to 8 vectors on the fused path,
@@ -331,6 +344,9 @@ mod gpu {
 
         fn io_group(&self, x: &wgpu::Buffer, y: &wgpu::Buffer, m: usize) -> Result<wgpu::BindGroup> {
             let kernel = self.io_kernel(m);
+            if let (Kernel::EcGemv, Some(msl)) = (kernel, &self.msl) {
+                return msl.io_group(&self.ctx, x, y, m);
+            }
             if kernel == Kernel::EcGemv {
                 return Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, None));
             }
@@ -348,9 +364,10 @@ mod gpu {
 
         fn record(&self, encoder: &mut wgpu::CommandEncoder, io: &wgpu::BindGroup, m: usize) -> Result<()> {
             match (&self.stream, &self.packed) {
-                (Some(stream), _) if m <= MAX_VECTORS_PER_PASS => {
-                    kernels::ec_gemv(&self.ctx, encoder, stream, &self.weights, io, m)
-                }
+                (Some(stream), _) if m <= MAX_VECTORS_PER_PASS => match &self.msl {
+                    Some(msl) => msl.record(&self.ctx, encoder, io, m),
+                    None => kernels::ec_gemv(&self.ctx, encoder, stream, &self.weights, io, m),
+                },
                 (Some(stream), _) => {
                     // Many vectors: decode once into scratch packed symbols, then the tiled quantized matmul.
                     let scratch = GpuPacked::for_stream(&self.ctx, stream)?;

@@ -2,7 +2,8 @@
 //!
 //! Each check is a function of a [`GpuContext`]; `per_path!` instantiates it once on the portable kernels
 //! (workgroup memory only) and once on the subgroup kernels of the device (32-wide ballots on NVIDIA, 8-wide
-//! ballots plus a workgroup exchange on lavapipe). Decoded symbols are compared exactly; products against a
+//! ballots plus a workgroup exchange on lavapipe), and where fused products run the MSL kernel (Metal) once
+//! more with the WGSL fused kernel forced. Decoded symbols are compared exactly; products against a
 //! float64 reference computed from `QuantizedMatrix::dequantize`, within named tolerances. Outputs are poisoned
 //! (NaN, or two different word patterns for packed symbols) before every run, so an element a kernel fails to
 //! write fails the test.
@@ -85,6 +86,18 @@ macro_rules! per_path {
                         assert_ne!(ctx.lane_mode(), ecq::gpu::LaneMode::Portable);
                         super::$check(&ctx);
                     }
+                }
+                /// Where fused products run the MSL kernel (Metal), once more with the WGSL one forced.
+                #[test]
+                fn wgsl_fused() {
+                    let Some(ctx) = super::device() else { return };
+                    if !ctx.fused_uses_msl() {
+                        eprintln!("wgsl_fused: not run, fused products already use WGSL on this device");
+                        return;
+                    }
+                    let ctx = ctx.with_fused_source(ecq::gpu::FusedSource::Wgsl).unwrap();
+                    assert!(!ctx.fused_uses_msl());
+                    super::$check(&ctx);
                 }
             }
         )*
@@ -380,6 +393,14 @@ fn corrupt_stream_is_refused(ctx: &GpuContext) {
         Err(Error::CorruptStream { tile: found, .. }) => assert_eq!(found, tile, "lowest failing tile"),
         Err(e) => panic!("expected CorruptStream, got {e}"),
         Ok(_) => panic!("a corrupt stream was accepted"),
+    }
+    // The MSL fused kernel (Metal) checks every tile once at load.
+    if ctx.fused_uses_msl() {
+        match EcMatmul::new(ctx, &bad, Strategy::Fused) {
+            Err(Error::CorruptStream { tile: found, .. }) => assert_eq!(found, tile, "lowest failing tile (MSL)"),
+            Err(e) => panic!("expected CorruptStream from the MSL fused kernel, got {e}"),
+            Ok(_) => panic!("the MSL fused kernel accepted a corrupt stream"),
+        }
     }
 }
 

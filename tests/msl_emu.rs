@@ -242,6 +242,8 @@ fn entry_points_cover_every_width() {
     let Some(emu) = emulator() else { return };
     let want: Vec<String> = (1..=8).flat_map(|b| [format!("ec_gemv_b{b}_v1"), format!("ec_gemv_b{b}_v8")]).collect();
     assert_eq!(host_names(emu, "msl/ec_gemv.metal"), want);
+    // The passthrough loader declares exactly these entry points.
+    assert_eq!(ecq::kernels_msl::ec_gemv_entry_points(), want);
     let want: Vec<String> = (1..=8).map(|b| format!("rans_decode_b{b}")).collect();
     assert_eq!(host_names(emu, "msl/rans_decode.metal"), want);
 }

@@ -98,3 +98,110 @@ fn each_library_is_the_shared_header_then_one_kernel() {
         assert!(source.contains("#include <metal_stdlib>"));
     }
 }
+
+/// `EcParams` packs as the MSL struct: the `u32` at byte `4 * i` is the value of the MSL struct's field `i`,
+/// each value computed here from the tensor independently of `EcParams::new`.
+#[test]
+fn ec_params_bytes_follow_the_msl_field_order() {
+    use ecq::format::{EcTensor, EncodeOptions};
+    use ecq::kernels_msl::EcParams;
+    use ecq::quant::{quantize, QuantConfig, ScaleDtype};
+
+    let (rows, cols) = (45, 320);
+    let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+    let q =
+        quantize(&weights, rows, cols, QuantConfig { bits: 3, group_size: 64, scale_dtype: ScaleDtype::F32 }).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision: 11 }).unwrap();
+    let params = EcParams::new(&t, 5).unwrap();
+    assert_eq!(std::mem::size_of::<EcParams>(), PARAMS_SIZE);
+    let bytes = bytemuck::bytes_of(&params);
+    let expected = |field: &str| -> u32 {
+        match field {
+            "rows" => rows as u32,
+            "cols" => cols as u32,
+            "bits" => 3,
+            "group_size" => 64,
+            "segment" => 128,
+            "segments" => cols.div_ceil(128) as u32,
+            "row_tiles" => rows.div_ceil(32) as u32,
+            "precision" => 11,
+            "total_words" => t.stream().words.len() as u32,
+            "vectors" => 5,
+            "reserved0" | "reserved1" => 0,
+            other => panic!("unknown EcParams field {other}"),
+        }
+    };
+    let fields = params_fields(EC_GEMV);
+    assert_eq!(fields.len() * 4, bytes.len());
+    for (i, field) in fields.iter().enumerate() {
+        let got = u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(got, expected(field), "field {i} ({field})");
+    }
+}
+
+/// The host's two bind groups for ec_gemv, flattened, are the kernel's buffers in `[[buffer(n)]]` order, each
+/// declared with the access its MSL qualifier gives: `device const` read-only storage, `device` read-write
+/// storage, `constant` uniform.
+#[test]
+fn ec_gemv_groups_flatten_to_the_buffer_order() {
+    use ecq::kernels_msl::{BufferAccess, EC_GEMV_GROUPS};
+
+    let host: Vec<(&str, BufferAccess)> = EC_GEMV_GROUPS.iter().flat_map(|g| g.iter().copied()).collect();
+    let names: Vec<String> = buffer_params(EC_GEMV, "ec_gemv").into_iter().map(|(name, _)| name).collect();
+    assert_eq!(host.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), names);
+    let start = EC_GEMV.find("void ec_gemv(").unwrap();
+    let signature = &EC_GEMV[start..start + EC_GEMV[start..].find(") {").unwrap()];
+    for (name, access) in host {
+        let line = signature
+            .lines()
+            .find(|l| l.contains("[[buffer(") && l.split_whitespace().any(|w| w.trim_start_matches(['*', '&']) == name))
+            .unwrap_or_else(|| panic!("buffer {name} in the signature"));
+        let qualifier = line.trim();
+        let want = if qualifier.starts_with("device const ") {
+            BufferAccess::Read
+        } else if qualifier.starts_with("device ") {
+            BufferAccess::ReadWrite
+        } else if qualifier.starts_with("constant ") {
+            BufferAccess::Uniform
+        } else {
+            panic!("unknown address space: {qualifier}")
+        };
+        assert_eq!(access, want, "{name}: {qualifier}");
+    }
+}
+
+/// The entry point for a call of m vectors: the one-vector variant for 1, the 8-accumulator one for 2..=8.
+#[test]
+fn ec_gemv_entry_point_by_vector_count() {
+    use ecq::kernels_msl::ec_gemv_entry_point;
+    assert_eq!(ec_gemv_entry_point(4, 1), "ec_gemv_b4_v1");
+    for m in 2..=8 {
+        assert_eq!(ec_gemv_entry_point(4, m), "ec_gemv_b4_v8");
+    }
+    assert_eq!(ec_gemv_entry_point(8, 3), "ec_gemv_b8_v8");
+}
+
+/// The host's threadgroup-memory figure (checked against the device limit before building a pipeline) counts
+/// exactly the kernel's `threadgroup` arrays: a `uint` decode table of `1 << MAX_PRECISION` (12) entries and a
+/// `float` partial sum per simdgroup (8), vector slot and lane (32).
+#[test]
+fn ec_gemv_threadgroup_bytes_match_the_declarations() {
+    use ecq::kernels_msl::ec_gemv_threadgroup_bytes;
+
+    let decls: Vec<&str> =
+        EC_GEMV.lines().map(str::trim).filter(|l| l.starts_with("threadgroup ") && l.ends_with(';')).collect();
+    assert_eq!(
+        decls,
+        [
+            "threadgroup uint table[1u << MAX_PRECISION];",
+            "threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];"
+        ]
+    );
+    for (name, value) in [("MAX_PRECISION", 12), ("MAX_SIMDGROUPS", 8), ("LANES", 32)] {
+        assert!(EC_GEMV.contains(&format!("constant constexpr uint {name} = {value};")), "{name}");
+    }
+    assert_eq!(ec_gemv_threadgroup_bytes(1), 4 * 4096 + 4 * 8 * 32);
+    for m in 2..=8 {
+        assert_eq!(ec_gemv_threadgroup_bytes(m), 4 * 4096 + 4 * 8 * 8 * 32);
+    }
+}

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::kernels;
+use super::metal::{self, FusedSource, MslCache};
 use super::shaders::{self, Kernel, LaneMode, Spec};
 use crate::error::{Error, Result};
 
@@ -32,6 +33,8 @@ pub struct GpuContext {
     shared: Arc<Shared>,
     lanes: LaneMode,
     path: KernelPath,
+    fused: FusedSource,
+    fused_msl: bool,
 }
 
 struct Shared {
@@ -42,6 +45,7 @@ struct Shared {
     limits: wgpu::Limits,
     pipelines: Mutex<HashMap<(Kernel, Spec), wgpu::ComputePipeline>>,
     layouts: Mutex<HashMap<Kernel, Arc<Vec<wgpu::BindGroupLayout>>>>,
+    msl: MslCache,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -54,7 +58,8 @@ impl GpuContext {
     /// Opens the default adapter: a high-performance one on Vulkan, Metal or DX12 (the GL backend lacks subgroup
     /// operations), or on the backends named by `WGPU_BACKEND` (e.g. `vulkan`, `gl`); with `WGPU_ADAPTER_NAME`
     /// set, the first adapter whose name contains it (case-insensitive). The device gets the adapter's own
-    /// limits and, where present, the features `SUBGROUP`, `SHADER_F16` and `TIMESTAMP_QUERY`.
+    /// limits and, where present, the features `SUBGROUP`, `SHADER_F16` and `TIMESTAMP_QUERY` (and on Metal
+    /// `PASSTHROUGH_SHADERS`, for the MSL fused kernel: see [`FusedSource`]).
     pub fn new() -> Result<Self> {
         pollster::block_on(Self::new_async())
     }
@@ -97,7 +102,8 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("ecq"),
-                required_features: adapter.features() & WANTED_FEATURES,
+                required_features: adapter.features()
+                    & (WANTED_FEATURES | metal::wanted_features(adapter.get_info().backend)),
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
@@ -121,9 +127,19 @@ impl GpuContext {
             limits,
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
+            msl: MslCache::default(),
         };
-        let mut ctx = Self { shared: Arc::new(shared), lanes: LaneMode::Portable, path: KernelPath::Auto };
+        let mut ctx = Self {
+            shared: Arc::new(shared),
+            lanes: LaneMode::Portable,
+            path: KernelPath::Auto,
+            fused: FusedSource::Auto,
+            fused_msl: false,
+        };
         ctx.lanes = ctx.subgroup_mode().unwrap_or(LaneMode::Portable);
+        // Auto and Wgsl always resolve.
+        ctx.fused = FusedSource::from_env();
+        ctx.fused_msl = metal::use_msl(ctx.fused, ctx.shared.info.backend, ctx.shared.features).unwrap_or(false);
         ctx
     }
 
@@ -144,7 +160,29 @@ impl GpuContext {
                 ))
             })?,
         };
-        Ok(Self { shared: self.shared.clone(), lanes, path })
+        Ok(Self { lanes, path, ..self.clone() })
+    }
+
+    /// A context on the same device and caches whose fused products are built from `source`. Fails for
+    /// [`FusedSource::Msl`] where the device cannot run it (not Metal, or no `PASSTHROUGH_SHADERS`).
+    pub fn with_fused_source(&self, source: FusedSource) -> Result<Self> {
+        let fused_msl = metal::use_msl(source, self.shared.info.backend, self.shared.features).map_err(Error::Gpu)?;
+        Ok(Self { fused: source, fused_msl, ..self.clone() })
+    }
+
+    /// The fused-kernel source this context was asked for.
+    pub fn fused_source(&self) -> FusedSource {
+        self.fused
+    }
+
+    /// Whether [`crate::Strategy::Fused`] products of this context run the MSL kernel (for up to 8 vectors).
+    pub fn fused_uses_msl(&self) -> bool {
+        self.fused_msl
+    }
+
+    /// The MSL kernels' cache.
+    pub(crate) fn msl_cache(&self) -> &MslCache {
+        &self.shared.msl
     }
 
     /// The subgroup variant this device runs, if any: every subgroup at least 32 wide (one ballot per tile),
@@ -192,11 +230,12 @@ impl GpuContext {
         &self.shared.limits
     }
 
-    /// One line for people: adapter name, backend, device type, driver, subgroup sizes and kernel variant.
+    /// One line for people: adapter name, backend, device type, driver, subgroup sizes, kernel variant and, where
+    /// it applies, that the fused kernel is the MSL one.
     pub fn describe(&self) -> String {
         let i = &self.shared.info;
         format!(
-            "{} ({:?}, {:?}, driver {} {}), subgroups {}..={}{}, kernels {:?}",
+            "{} ({:?}, {:?}, driver {} {}), subgroups {}..={}{}, kernels {:?}{}",
             i.name,
             i.backend,
             i.device_type,
@@ -205,7 +244,8 @@ impl GpuContext {
             i.subgroup_min_size,
             i.subgroup_max_size,
             if self.shared.features.contains(wgpu::Features::SUBGROUP) { "" } else { " (feature absent)" },
-            self.lanes
+            self.lanes,
+            if self.fused_msl { ", fused kernel MSL" } else { "" }
         )
     }
 

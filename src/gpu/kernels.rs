@@ -470,3 +470,18 @@ fn row_kernel(
     pass.dispatch_workgroups(grid(ctx, rows), blocks as u32, 1);
     Ok(())
 }
+
+// Buffers the Metal path (super::metal) binds in its own layout.
+impl GpuStream {
+    /// `words`, `tile_offsets`, `states`, `decode_table`: buffers 0 to 3 of msl/ec_gemv.metal.
+    pub(crate) fn msl_buffers(&self) -> [&wgpu::Buffer; 4] {
+        [&self.words, &self.tile_offsets, &self.states, &self.decode_table]
+    }
+}
+
+impl GpuScales {
+    /// `scales`, `biases`: buffers 4 and 5 of msl/ec_gemv.metal.
+    pub(crate) fn msl_buffers(&self) -> [&wgpu::Buffer; 2] {
+        [&self.scales, &self.biases]
+    }
+}

@@ -7,6 +7,10 @@
 //! - [`time_on_device`] times recorded work with timestamp queries.
 //! - [`shaders`] holds every WGSL source, loaded from `wgsl/` in one place.
 //!
+//! On Metal, fused products of up to 8 vectors run the hand-written MSL kernel (`msl/ec_gemv.metal`) through
+//! wgpu's passthrough shaders, unless [`FusedSource::Wgsl`] is asked for ([`GpuContext::with_fused_source`],
+//! or `ECQ_FORCE_WGSL=1`); every other kernel, and every other backend, runs WGSL.
+//!
 //! Most callers want [`crate::EcMatmul::new`] with a context from [`GpuContext::new`].
 //!
 //! Kernel paths. Each kernel comes in a portable variant (workgroup memory only) and a subgroup variant;
@@ -25,12 +29,14 @@
 mod context;
 mod dense;
 pub mod kernels;
+mod metal;
 pub mod shaders;
 mod timing;
 
 pub use context::{GpuContext, KernelPath};
 pub use dense::{DenseDtype, DenseGemv};
 pub use kernels::{GpuPacked, GpuScales, GpuStream};
+pub use metal::{FusedSource, FORCE_WGSL_ENV};
 pub use shaders::{Kernel, LaneMode};
 pub use timing::time_on_device;
 
@@ -73,3 +79,4 @@ impl HostIo {
     }
 }
 pub(crate) use dense::check_buffers;
+pub(crate) use metal::MslGemv;

@@ -122,6 +122,40 @@ pub fn source(kernel: Kernel, spec: &Spec) -> String {
     out
 }
 
+/// Every `(kernel, spec)` pair the host functions of [`super::kernels`] can build, for checks that cover all
+/// of them (e.g. the WGSL-to-MSL translation test): each lane mode, bit width 1..=8 (0 for the dense kernels),
+/// decode-table precision 1..=12 for the tile kernels, vector count 1..=8 for the GEMV kernels, and the
+/// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
+pub fn specializations() -> Vec<(Kernel, Spec)> {
+    use super::kernels::{MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, ROW_WORKGROUP, TILE_WORKGROUP};
+    let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
+    let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
+    let precisions = 1..=crate::rans::MAX_PRECISION;
+    let mut out = Vec::new();
+    for lanes in lane_modes {
+        for bits in 1..=8 {
+            for precision in precisions.clone() {
+                let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP };
+                out.push((Kernel::RansDecode, spec));
+                for m in vectors.clone() {
+                    for slabs in 1..=MAX_GEMV_SLABS as u32 {
+                        out.push((Kernel::EcGemv, Spec { lanes, bits, precision, m, workgroup: 32 * slabs }));
+                    }
+                }
+            }
+            for m in vectors.clone() {
+                out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup: ROW_WORKGROUP }));
+            }
+        }
+        for kernel in [Kernel::GemvF32, Kernel::GemvF16] {
+            for m in vectors.clone() {
+                out.push((kernel, Spec { lanes, bits: 0, precision: 0, m, workgroup: ROW_WORKGROUP }));
+            }
+        }
+    }
+    out
+}
+
 /// Keeps the lines whose enclosing `//#if FLAG` / `//#else` branches are all taken under `flags`.
 fn preprocess(text: &str, flags: &[&str]) -> String {
     // One entry per open `//#if`: (this branch taken, the enclosing branches all taken).
