@@ -254,7 +254,7 @@ fn run_strategy(name: &str, matmul: &EcMatmul, x: &[f32], reference: &[f64], run
         let median = median_time(runs, || matmul.matmul(xs, m, &mut y))?;
         let err = max_abs_err(&y, &reference[..m * n]);
         // f32 accumulation over K = 4096 products: a few ulps of the largest output at most.
-        if !(err <= MAX_REL_ERR * ref_scale) {
+        if err.is_nan() || err > MAX_REL_ERR * ref_scale {
             return Err(ecq::Error::Gpu(format!(
                 "{name}, M = {m}: max |y - y_ref| = {err:.3e} exceeds {:.3e}",
                 MAX_REL_ERR * ref_scale

@@ -2,7 +2,7 @@
 //!
 //! - [`quant`]: affine group quantization (MLX convention `w = scale * q + bias`).
 //! - [`rans`]: the CPU reference codec, 32-lane tiles of interleaved rANS states.
-//! - [`format`]: [`format::EcTensor`] and the safetensors container of docs/FORMAT.md.
+//! - [`format`](mod@format): [`format::EcTensor`] and the safetensors container of docs/FORMAT.md.
 //! - `gpu` (feature `gpu`, default): the wgpu context and WGSL kernels behind [`EcMatmul::new`].
 //! - [`model`]: whole-model conversion (GGUF, safetensors, sharded safetensors, MLX) and [`EcModel`].
 #![deny(missing_docs)]
