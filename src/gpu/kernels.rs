@@ -225,7 +225,12 @@ impl GpuPacked {
             cols: l.cols(),
             bits: l.bits(),
             params: ctx.uniform("ecq packed params", &params)?,
-            packed: ctx.storage("packed symbols", stream.packed_bytes(), wgpu::BufferUsages::COPY_SRC)?,
+            // Padded to 16 bytes: q_gemv reads the words as vec4<u32>.
+            packed: ctx.storage(
+                "packed symbols",
+                stream.packed_bytes().next_multiple_of(16),
+                wgpu::BufferUsages::COPY_SRC,
+            )?,
         })
     }
 
