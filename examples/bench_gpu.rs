@@ -296,7 +296,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n:
 /// Bandwidth of a device-to-device copy, bytes read plus bytes written per second: `copy_buffer_to_buffer`
 /// and a copy kernel (16-byte loads and stores); the better of the two is the ceiling.
 fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
-    let limit = ctx.limits().max_buffer_size.min(ctx.limits().max_storage_buffer_binding_size as u64);
+    let limit = ctx.limits().max_buffer_size.min(ctx.limits().max_storage_buffer_binding_size);
     let bytes = (o.copy_mib << 20).min(limit / 16 * 16);
     let src = copy_buffer(ctx, "copy src", bytes);
     let dst = copy_buffer(ctx, "copy dst", bytes);
