@@ -4,10 +4,11 @@
 // Preamble: reduce.wgsl.
 // Grid: x strides over rows (one row per workgroup at a time), y = vector block: workgroup (i, j) computes
 // vectors j*M .. j*M + M of its rows, so any number of vectors runs as a tiled matmul of M-vector blocks.
-// Each invocation takes chunks of 32 symbols (BITS packed words, always inside one group since the group size
-// is a multiple of 32) and accumulates sum(q x) and sum(x) for the chunk, then s * sum(q x) + b * sum(x).
-// A chunk starts on a 16-byte boundary when BITS is 4 or 8: those widths read whole vec4<u32>s and issue the
-// loads of four chunks before using the first.
+// Where BITS divides 32 (1, 2, 4, 8) each invocation takes whole packed words, consecutive invocations
+// consecutive words (coalesced), four words loaded before the first is used; a word's 32 / BITS symbols lie in
+// one group, and their x values are read as vec4s. Other widths take chunks of 32 symbols (BITS words, always
+// inside one group since the group size is a multiple of 32). Either way a piece accumulates sum(q x) and
+// sum(x), then adds s * sum(q x) + b * sum(x).
 
 struct PackedParams {
     rows: u32,
@@ -35,10 +36,13 @@ struct CallParams {
 // Output, row-major m x rows.
 @group(1) @binding(1) var<storage, read_write> y: array<f32>;
 @group(1) @binding(2) var<uniform> call: CallParams;
+// The same input vectors as vec4s (cols is a multiple of 32, so every row of x starts on 16 bytes).
+@group(1) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 
 const QMASK: u32 = (1u << BITS) - 1u;
-// vec4<u32> per 32-symbol chunk where chunks are 16-byte aligned (BITS 4 or 8), else 0.
-const CHUNK_VECS: u32 = select(0u, BITS / 4u, BITS % 4u == 0u);
+// Symbols per packed word, where BITS divides 32.
+const SPW: u32 = 32u / BITS;
+const WORD_PATH: bool = 32u % BITS == 0u;
 
 var<private> acc: array<f32, M>;
 var<private> xrow: array<u32, M>;
@@ -84,19 +88,26 @@ fn chunk_dot(w: array<u32, 9>, row: u32, c: u32) {
     }
 }
 
-// The words of chunk `c` of row `row`, read as vec4s (CHUNK_VECS > 0 only).
-fn load_chunk(row: u32, c: u32) -> array<u32, 9> {
-    var w: array<u32, 9>;
-    let base = (row * params.words_per_row + c * BITS) / 4u;
-    for (var j = 0u; j < CHUNK_VECS; j++) {
-        let q = packed[base + j];
-        w[4u * j] = q.x;
-        w[4u * j + 1u] = q.y;
-        w[4u * j + 2u] = q.z;
-        w[4u * j + 3u] = q.w;
+// Adds packed word `w` of row `row` (`word`, SPW symbols from column w * SPW) to the accumulators.
+fn word_dot(word: u32, row: u32, w: u32) {
+    let col = w * SPW;
+    let g = row * (params.cols / params.group_size) + col / params.group_size;
+    var q: array<f32, SPW>;
+    for (var i = 0u; i < SPW; i++) {
+        q[i] = small_to_f32((word >> (i * BITS)) & QMASK);
     }
-    w[BITS] = 0u;
-    return w;
+    let s = scales[g];
+    let b = biases[g];
+    for (var v = 0u; v < M; v++) {
+        var qx = 0.0;
+        var sx = 0.0;
+        for (var j = 0u; j < SPW / 4u; j++) {
+            let xv = x4[(xrow[v] + col) / 4u + j];
+            qx += q[4u * j] * xv.x + q[4u * j + 1u] * xv.y + q[4u * j + 2u] * xv.z + q[4u * j + 3u] * xv.w;
+            sx += xv.x + xv.y + xv.z + xv.w;
+        }
+        acc[v] += s * qx + b * sx;
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -124,23 +135,25 @@ fn main(
         for (var v = 0u; v < M; v++) {
             acc[v] = 0.0;
         }
-        var c = lid;
-        if (CHUNK_VECS > 0u) {
-            for (; c + 3u * WG < chunks; c += 4u * WG) {
-                let w0 = load_chunk(row, c);
-                let w1 = load_chunk(row, c + WG);
-                let w2 = load_chunk(row, c + 2u * WG);
-                let w3 = load_chunk(row, c + 3u * WG);
-                chunk_dot(w0, row, c);
-                chunk_dot(w1, row, c + WG);
-                chunk_dot(w2, row, c + 2u * WG);
-                chunk_dot(w3, row, c + 3u * WG);
+        if (WORD_PATH) {
+            let words = params.words_per_row;
+            let base = row * words;
+            var w = lid;
+            for (; w + 3u * WG < words; w += 4u * WG) {
+                let a0 = packed_word(base + w);
+                let a1 = packed_word(base + w + WG);
+                let a2 = packed_word(base + w + 2u * WG);
+                let a3 = packed_word(base + w + 3u * WG);
+                word_dot(a0, row, w);
+                word_dot(a1, row, w + WG);
+                word_dot(a2, row, w + 2u * WG);
+                word_dot(a3, row, w + 3u * WG);
             }
-            for (; c < chunks; c += WG) {
-                chunk_dot(load_chunk(row, c), row, c);
+            for (; w < words; w += WG) {
+                word_dot(packed_word(base + w), row, w);
             }
         } else {
-            for (; c < chunks; c += WG) {
+            for (var c = lid; c < chunks; c += WG) {
                 // The chunk's BITS words, plus a zero so a symbol that straddles the last word reads nothing new.
                 var w: array<u32, 9>;
                 let base = row * params.words_per_row + c * BITS;

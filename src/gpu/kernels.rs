@@ -47,8 +47,8 @@ pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
         Kernel::RansDecode => &["urrrrww"],
         Kernel::EcGemv => &["urrrrrr", "rw"],
-        Kernel::QGemv => &["urrr", "rwu"],
-        Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwu"],
+        Kernel::QGemv => &["urrr", "rwur"],
+        Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwur"],
     }
 }
 
@@ -383,7 +383,9 @@ pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) 
     bind_group(ctx, Kernel::QGemv, 0, &[&packed.params, &packed.packed, &scales.scales, &scales.biases])
 }
 
-/// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`].
+/// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`] and `x`
+/// again as 16-byte vectors (its whole 16-byte multiples; the kernels read that view only where every vector
+/// starts on 16 bytes).
 pub fn io_bind_group(
     ctx: &GpuContext,
     kernel: Kernel,
@@ -391,10 +393,33 @@ pub fn io_bind_group(
     y: &wgpu::Buffer,
     call: Option<&wgpu::Buffer>,
 ) -> wgpu::BindGroup {
-    match call {
-        Some(c) => bind_group(ctx, kernel, 1, &[x, y, c]),
-        None => bind_group(ctx, kernel, 1, &[x, y]),
-    }
+    let Some(c) = call else {
+        return bind_group(ctx, kernel, 1, &[x, y]);
+    };
+    // A vector view needs at least 16 bytes; a smaller x is never read through it, so any buffer will do.
+    let small;
+    let (x4, size) = if x.size() >= 16 {
+        (x, x.size() / 16 * 16)
+    } else {
+        small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("ecq unused x view"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        (&small, 16)
+    };
+    let x4_binding = wgpu::BufferBinding { buffer: x4, offset: 0, size: wgpu::BufferSize::new(size) };
+    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(kernel.file()),
+        layout: &ctx.layouts(kernel)[1],
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: y.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 2, resource: c.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 3, resource: wgpu::BindingResource::Buffer(x4_binding) },
+        ],
+    })
 }
 
 /// The uniform `CallParams` of the row kernels for `m` vectors.
