@@ -95,6 +95,13 @@ fn main(
                 qx[v] = 0.0;
                 sx[v] = 0.0;
             }
+            // The scale and bias of the group being summed, loaded a whole group ahead of their use; a segment
+            // starts on a group boundary and holds whole groups.
+            var g = row_c * groups_per_row + col0 / params.group_size;
+            let g_last = row_c * groups_per_row + groups_per_row - 1u;
+            var s = scales[g];
+            var b = biases[g];
+            var group_left = steps_per_group;
             ring_start(pos);
             for (var step = 0u; step < max_steps; step++) {
                 let live = lane_live && step < steps;
@@ -111,16 +118,18 @@ fn main(
                             sx[v] += xv;
                         }
                     }
-                    // Last step of a group: apply its scale and bias once.
-                    if ((step + 1u) % steps_per_group == 0u) {
-                        let g = row_c * groups_per_row + (col + KW) / params.group_size - 1u;
-                        let s = scales[g];
-                        let b = biases[g];
+                    // Last step of a group: apply its scale and bias once, and fetch the next group's.
+                    group_left -= 1u;
+                    if (group_left == 0u) {
                         for (var v = 0u; v < M; v++) {
                             acc[v] += s * qx[v] + b * sx[v];
                             qx[v] = 0.0;
                             sx[v] = 0.0;
                         }
+                        group_left = steps_per_group;
+                        g = min(g + 1u, g_last);
+                        s = scales[g];
+                        b = biases[g];
                     }
                 }
                 let need = live && x_state < 65536u;
