@@ -47,12 +47,13 @@ struct Opts {
     ms: Vec<usize>,
     smol: Option<PathBuf>,
     heat_ms: u64,
+    variants: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
-         [--ms 1,4] [--heat-ms N] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
+         [--ms 1,4] [--heat-ms N] [--variants] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
     );
     std::process::exit(2)
 }
@@ -67,6 +68,7 @@ fn parse_opts(args: &[String]) -> Opts {
         ms: vec![1, 4],
         smol: std::env::var_os("ECQ_SMOL").map(PathBuf::from),
         heat_ms: 100,
+        variants: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -78,6 +80,8 @@ fn parse_opts(args: &[String]) -> Opts {
             "--copy-mib" => o.copy_mib = num(val()),
             "--rotate-mib" => o.rotate_mib = num(val()),
             "--heat-ms" => o.heat_ms = num(val()),
+            // Also time rans_decode with one part of a step left out (see DECODE_VARIANTS).
+            "--variants" => o.variants = true,
             "--smol" => o.smol = Some(PathBuf::from(val())),
             "--ms" => o.ms = val().split(',').map(|s| num(s.to_string()) as usize).collect(),
             "--shapes" => {
@@ -479,6 +483,53 @@ fn bench_shape(
         v
     };
     out.push(decode_row(ctx, o, heater, &shape, &streams)?);
+    if o.variants {
+        decode_variants(ctx, o, heater, &shape, &streams, out)?;
+    }
+    Ok(())
+}
+
+/// Edits of rans_decode.wgsl that each leave one part of a step out, to see which part the time goes to
+/// (their outputs are wrong by design; only their times mean anything).
+const DECODE_VARIANTS: [(&str, &str, &str); 5] = [
+    ("-table", "let e = table[x & (TABLE - 1u)];", "let e = (x & 0xffu) | 0x7ff00u;"),
+    ("-store", "packed[out] = acc;", "if (acc == 0x9e3779b9u) { packed[out] = acc; }"),
+    ("-refill", "            ring_refill(step, pos);", ""),
+    ("-ring read", "x = (x << 16u) | stream_word(i);", "x = (x << 16u) | (i & 0xffffu);"),
+    ("-ballot", "let rank = word_rank(need);", "let rank = vec2<u32>(select(0u, lane_row, need), 16u);"),
+];
+
+fn decode_variants(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    shape: &str,
+    streams: &[GpuStream],
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let outs: Vec<GpuPacked> = streams.iter().map(|s| GpuPacked::for_stream(ctx, s)).collect::<Result<_>>()?;
+    let status = storage(ctx, "status", 8);
+    for (name, from, to) in DECODE_VARIANTS {
+        let pipeline = kernels::rans_decode_edited_pipeline(ctx, &streams[0], |src| {
+            assert!(src.contains(from), "rans_decode.wgsl no longer contains {from:?}");
+            src.replace(from, to)
+        })?;
+        let time = median_time(ctx, o, heater, |enc, run| {
+            let i = run % streams.len();
+            kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline)
+        })?;
+        let l = streams[0].layout();
+        out.push(Row {
+            shape: shape.to_string(),
+            what: format!("decode {name}"),
+            m: 0,
+            time,
+            bytes: streams[0].device_bytes() + streams[0].packed_bytes(),
+            weights: (l.rows() * l.cols()) as u64,
+            copies: streams.len(),
+            cached: None,
+        });
+    }
     Ok(())
 }
 
@@ -527,7 +578,7 @@ fn bench_smol(ctx: &GpuContext, o: &Opts, heater: &Heater, path: &Path, out: &mu
 
 fn print_table(rows: &[Row], copy_bw: f64) {
     println!(
-        "\n{:<30} {:<12} {:>2} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>6}",
+        "\n{:<30} {:<16} {:>2} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>6}",
         "shape", "kernel", "M", "us", "MB moved", "GB/s", "% copy", "x cached", "G wt/s", "copies"
     );
     for r in rows {
@@ -535,7 +586,7 @@ fn print_table(rows: &[Row], copy_bw: f64) {
         let ratio = r.cached.map_or("".to_string(), |c| format!("{:.2}", r.time.as_secs_f64() / c.as_secs_f64()));
         let m = if r.m == 0 { "-".to_string() } else { r.m.to_string() };
         println!(
-            "{:<30} {:<12} {:>2} {:>9.1} {:>9.2} {:>8.0} {:>6.1}% {:>8} {:>9.1} {:>6}",
+            "{:<30} {:<16} {:>2} {:>9.1} {:>9.2} {:>8.0} {:>6.1}% {:>8} {:>9.1} {:>6}",
             r.shape,
             r.what,
             m,

@@ -267,13 +267,66 @@ pub fn rans_decode(
     out: &GpuPacked,
     status: &wgpu::Buffer,
 ) -> Result<()> {
+    let spec = rans_decode_spec(ctx, stream);
+    let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
+    rans_decode_with(ctx, encoder, stream, out, status, &pipeline)
+}
+
+fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
+    let l = stream.layout;
+    Spec { lanes: ctx.lane_mode(), bits: l.bits(), precision: stream.precision, m: 1, workgroup: TILE_WORKGROUP }
+}
+
+/// The rans_decode pipeline for `stream` built, uncached, from its WGSL source passed through `edit`: for
+/// benchmarks that time variants of the kernel with one stage changed or left out (what an edited kernel
+/// writes is whatever the edit makes it). Record it with [`rans_decode_with`].
+pub fn rans_decode_edited_pipeline(
+    ctx: &GpuContext,
+    stream: &GpuStream,
+    edit: impl Fn(String) -> String,
+) -> Result<wgpu::ComputePipeline> {
+    let spec = rans_decode_spec(ctx, stream);
+    let source = edit(super::shaders::source(Kernel::RansDecode, &spec));
+    let device = ctx.device();
+    let layouts = ctx.layouts(Kernel::RansDecode);
+    let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some("rans_decode (edited)"),
+        bind_group_layouts: &groups,
+        immediate_size: 0,
+    });
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("rans_decode (edited)"),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("rans_decode (edited)"),
+        layout: Some(&layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Gpu(format!("building an edited rans_decode failed: {e}")));
+    }
+    Ok(pipeline)
+}
+
+/// [`rans_decode`] with a given pipeline (its own, or one from [`rans_decode_edited_pipeline`]).
+pub fn rans_decode_with(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    stream: &GpuStream,
+    out: &GpuPacked,
+    status: &wgpu::Buffer,
+    pipeline: &wgpu::ComputePipeline,
+) -> Result<()> {
     let l = stream.layout;
     if out.rows != l.rows() || out.cols != l.cols() || out.bits != l.bits() {
         return Err(Error::param("out", "packed buffer was sized for another stream"));
     }
-    let spec =
-        Spec { lanes: ctx.lane_mode(), bits: l.bits(), precision: stream.precision, m: 1, workgroup: TILE_WORKGROUP };
-    let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
     if l.tiles() == 0 {
         return Ok(());
     }
@@ -292,9 +345,9 @@ pub fn rans_decode(
         ],
     );
     let mut pass = encoder.begin_compute_pass(&Default::default());
-    pass.set_pipeline(&pipeline);
+    pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &group, &[]);
-    pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(spec.slabs() as usize)), 1, 1);
+    pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(TILE_WORKGROUP as usize / 32)), 1, 1);
     Ok(())
 }
 
