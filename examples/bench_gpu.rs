@@ -7,7 +7,8 @@
 //! target/release/examples/bench_gpu extract SmolLM2-135M-Instruct.Q4_1.gguf smol_layers.ecq.safetensors
 //! ```
 //!
-//! Method: each timed run is bracketed by timestamp writes; `--warmup` runs are dropped, the median of `--runs`
+//! Method: each timed run is bracketed by timestamp writes; `--warmup` runs (at least one per copy) are dropped,
+//! the median of `--runs`
 //! runs is reported. Every strategy holds at least 4 copies of its weights on the device, more until the
 //! copies add up to `--rotate-mib` (default 256 MiB, several times an H100/H200 L2), and run `i` reads copy
 //! `i % copies`, so no run finds its weights in the cache. Each timed batch is one submission that starts with
@@ -239,16 +240,18 @@ impl Heater {
     }
 }
 
-/// Times `record(encoder, run)` for warmup + runs back-to-back runs behind the heater; the median of the
-/// timed ones.
+/// Times `record(encoder, run)` for the warm-up runs (at least one per copy, so no timed run is the first to
+/// touch its buffers) and the timed runs, back to back behind the heater; the median of the timed ones.
 fn median_time(
     ctx: &GpuContext,
     o: &Opts,
     heater: &Heater,
+    copies: usize,
     mut record: impl FnMut(&mut wgpu::CommandEncoder, usize) -> Result<()>,
 ) -> Result<Duration> {
+    let warmup = o.warmup.max(copies);
     let mut run = 0;
-    let times = time_on_device(ctx, 1 + o.warmup + o.runs, |enc| {
+    let times = time_on_device(ctx, 1 + warmup + o.runs, |enc| {
         run += 1;
         if run == 1 {
             heater.record(enc, heater.copies);
@@ -256,7 +259,7 @@ fn median_time(
         }
         record(enc, run - 2)
     })?;
-    let mut t: Vec<Duration> = times[1 + o.warmup..].to_vec();
+    let mut t: Vec<Duration> = times[1 + warmup..].to_vec();
     t.sort();
     Ok(t[t.len() / 2])
 }
@@ -310,7 +313,7 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
         let n = ((bytes - off) as usize).min(4 << 20);
         ctx.queue().write_buffer(&src, off, &bytemuck::cast_slice(&chunk)[..n]);
     }
-    let t_copy = median_time(ctx, o, heater, |enc, _| {
+    let t_copy = median_time(ctx, o, heater, 1, |enc, _| {
         enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
         Ok(())
     })?;
@@ -336,7 +339,7 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
         ],
     });
     let groups = ((bytes / 16).div_ceil(256) as u32).min(ctx.limits().max_compute_workgroups_per_dimension).min(8192);
-    let t_kernel = median_time(ctx, o, heater, |enc, _| {
+    let t_kernel = median_time(ctx, o, heater, 1, |enc, _| {
         let mut pass = enc.begin_compute_pass(&Default::default());
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &group, &[]);
@@ -452,7 +455,7 @@ fn bench_shape(
             }
         };
         for &m in &o.ms {
-            let time = median_time(ctx, o, heater, |enc, run| match &built {
+            let time = median_time(ctx, o, heater, copies, |enc, run| match &built {
                 Held::Ec(v) => v[run % v.len()].encode(enc, &x, &y, m),
                 Held::Dense(v) => v[run % v.len()].encode(enc, &x, &y, m),
             })?;
@@ -514,7 +517,7 @@ fn decode_variants(
             assert!(src.contains(from), "rans_decode.wgsl no longer contains {from:?}");
             src.replace(from, to)
         })?;
-        let time = median_time(ctx, o, heater, |enc, run| {
+        let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
             let i = run % streams.len();
             kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline)
         })?;
@@ -540,7 +543,7 @@ fn decode_row(ctx: &GpuContext, o: &Opts, heater: &Heater, shape: &str, streams:
         kernels::decode_into(ctx, s, p)?;
     }
     let status = storage(ctx, "status", 8);
-    let time = median_time(ctx, o, heater, |enc, run| {
+    let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
         let i = run % streams.len();
         kernels::rans_decode(ctx, enc, &streams[i], &outs[i], &status)
     })?;
@@ -608,7 +611,7 @@ fn run(o: &Opts) -> Result<()> {
     let ctx = GpuContext::new()?;
     println!("device: {}", ctx.describe());
     println!(
-        "method: {} warm-up + {} timed runs (median), timestamp queries; weights rotated over >= 4 copies and >= {} MiB",
+        "method: max({}, copies) warm-up + {} timed runs (median), timestamp queries; weights rotated over >= 4 copies and >= {} MiB",
         o.warmup, o.runs, o.rotate_mib
     );
     let heater = Heater::new(&ctx, o.heat_ms)?;

@@ -103,13 +103,14 @@ fn word_rank(need: bool) -> vec2<u32> {
 
 // Word ring: each slab stages its tile's 16-bit words (two to a u32, as in `words`) in workgroup memory, so the
 // per-step word read is a workgroup-memory load instead of a global one on the dependency chain. The ring holds
-// RING u32s, two halves; `ring_refill`, called every REFILL_EVERY steps from uniform control flow, refills a
-// half the slab's cursor has left behind, with words loaded into registers one refill earlier, so the global
-// loads have a whole refill period to arrive. A step takes at most 32 words (16 u32s) and REFILL_EVERY steps at
-// most RING / 4 u32s, so the ring is always at least that far ahead of the cursor.
-const RING: u32 = 256u;
+// RING u32s per slab (8 KiB per workgroup), two halves; `ring_refill`, called every REFILL_EVERY steps from
+// uniform control flow, refills a half the slab's cursor has left behind, with words loaded into registers one
+// refill earlier, so the global loads have a whole refill period to arrive. A step takes at most 32 words
+// (16 u32s), so REFILL_EVERY steps take at most RING_HALF u32s: the ring is always that far ahead of the
+// cursor. Refills cost two barriers, so the ring is as long as the 8 KiB allow.
+const RING: u32 = select(256u, 512u, SLABS <= 4u);
 const RING_HALF: u32 = RING / 2u;
-const REFILL_EVERY: u32 = 4u;
+const REFILL_EVERY: u32 = RING_HALF / 16u;
 const PREFETCH: u32 = RING_HALF / 32u;
 var<workgroup> ring: array<u32, RING * SLABS>;
 // First u32 index of `words` not yet stored in the ring (always a multiple of RING_HALF from the tile start).

@@ -5,7 +5,7 @@
 // Grid: x strides over rows (one row per workgroup at a time), y = vector block: workgroup (i, j) computes
 // vectors j*M .. j*M + M of its rows, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 (1, 2, 4, 8) each invocation takes whole packed words, consecutive invocations
-// consecutive words (coalesced), four words loaded before the first is used; a word's 32 / BITS symbols lie in
+// consecutive words (coalesced), four words with their scales and biases loaded before the first is used; a word's 32 / BITS symbols lie in
 // one group, and their x values are read as vec4s. Other widths take chunks of 32 symbols (BITS words, always
 // inside one group since the group size is a multiple of 32). Either way a piece accumulates sum(q x) and
 // sum(x), then adds s * sum(q x) + b * sum(x).
@@ -88,16 +88,20 @@ fn chunk_dot(w: array<u32, 9>, row: u32, c: u32) {
     }
 }
 
-// Adds packed word `w` of row `row` (`word`, SPW symbols from column w * SPW) to the accumulators.
-fn word_dot(word: u32, row: u32, w: u32) {
+// The scale and bias of the group of packed word `w` of row `row`.
+fn word_scale(row: u32, w: u32) -> vec2<f32> {
+    let g = row * (params.cols / params.group_size) + w * SPW / params.group_size;
+    return vec2<f32>(scales[g], biases[g]);
+}
+
+// Adds packed word `w` of row `row` (`word`, SPW symbols from column w * SPW, with its group's scale and bias
+// `sb`) to the accumulators.
+fn word_dot(word: u32, sb: vec2<f32>, w: u32) {
     let col = w * SPW;
-    let g = row * (params.cols / params.group_size) + col / params.group_size;
     var q: array<f32, SPW>;
     for (var i = 0u; i < SPW; i++) {
         q[i] = small_to_f32((word >> (i * BITS)) & QMASK);
     }
-    let s = scales[g];
-    let b = biases[g];
     for (var v = 0u; v < M; v++) {
         var qx = 0.0;
         var sx = 0.0;
@@ -106,7 +110,7 @@ fn word_dot(word: u32, row: u32, w: u32) {
             qx += q[4u * j] * xv.x + q[4u * j + 1u] * xv.y + q[4u * j + 2u] * xv.z + q[4u * j + 3u] * xv.w;
             sx += xv.x + xv.y + xv.z + xv.w;
         }
-        acc[v] += s * qx + b * sx;
+        acc[v] += sb.x * qx + sb.y * sx;
     }
 }
 
@@ -139,18 +143,23 @@ fn main(
             let words = params.words_per_row;
             let base = row * words;
             var w = lid;
+            // Four words and their scales and biases in flight before the first is used.
             for (; w + 3u * WG < words; w += 4u * WG) {
                 let a0 = packed_word(base + w);
                 let a1 = packed_word(base + w + WG);
                 let a2 = packed_word(base + w + 2u * WG);
                 let a3 = packed_word(base + w + 3u * WG);
-                word_dot(a0, row, w);
-                word_dot(a1, row, w + WG);
-                word_dot(a2, row, w + 2u * WG);
-                word_dot(a3, row, w + 3u * WG);
+                let s0 = word_scale(row, w);
+                let s1 = word_scale(row, w + WG);
+                let s2 = word_scale(row, w + 2u * WG);
+                let s3 = word_scale(row, w + 3u * WG);
+                word_dot(a0, s0, w);
+                word_dot(a1, s1, w + WG);
+                word_dot(a2, s2, w + 2u * WG);
+                word_dot(a3, s3, w + 3u * WG);
             }
             for (; w < words; w += WG) {
-                word_dot(packed_word(base + w), row, w);
+                word_dot(packed_word(base + w), word_scale(row, w), w);
             }
         } else {
             for (var c = lid; c < chunks; c += WG) {

@@ -89,8 +89,8 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         LaneMode::SubgroupWide => 0,
     };
     let table = 4u64 << spec.precision;
-    // The word ring of lanes.wgsl: RING u32s per slab.
-    let ring = 4 * 256 * spec.slabs() as u64;
+    // The word ring of lanes.wgsl: RING u32s per slab, 8 KiB at most.
+    let ring = 4 * spec.slabs() as u64 * if spec.slabs() <= 4 { 512 } else { 256 };
     match kernel {
         Kernel::RansDecode => table + lanes + ring,
         Kernel::EcGemv => table + lanes + ring + 4 * wg,
