@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use ecq::format::{ContainerWriter, EcFile, EcTensor, EncodeOptions, GgufFile};
 use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
-use ecq::gpu::{time_on_device, DenseDtype, DenseGemv, GpuContext};
+use ecq::gpu::shaders::Spec;
+use ecq::gpu::{time_on_device, DenseDtype, DenseGemv, GpuContext, GpuScales, Kernel};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix};
 use ecq::rans::{entropy_bits, joint_counts};
 use ecq::{EcMatmul, Result, Strategy};
@@ -488,6 +489,133 @@ fn bench_shape(
     out.push(decode_row(ctx, o, heater, &shape, &streams)?);
     if o.variants {
         decode_variants(ctx, o, heater, &shape, &streams, out)?;
+        if rows * cols >= 1 << 24 {
+            row_variants(ctx, o, heater, &shape, &tensor, &w, &x, &y, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// q_gemv and gemv_f16 at M = 1 with other workgroup sizes, and with their x loads (or q_gemv's scale loads)
+/// left out (outputs wrong by design; only the times mean anything).
+#[allow(clippy::too_many_arguments)]
+fn row_variants(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    shape: &str,
+    tensor: &EcTensor,
+    w: &[f32],
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let (rows, cols) = (tensor.rows(), tensor.cols());
+    let call = kernels::call_params(ctx, 1)?;
+    let lanes = ctx.lane_mode();
+    // Cached: packed symbols and scales, rotated.
+    let first = GpuStream::upload(ctx, tensor)?;
+    let q_bytes = first.packed_bytes() + (tensor.scales().len() * 8) as u64;
+    let q_copies = copies_for(o, q_bytes);
+    let mut q_groups = Vec::new();
+    for _ in 0..q_copies {
+        let packed = kernels::decode_to_packed(ctx, &first)?;
+        let scales = GpuScales::upload(ctx, tensor)?;
+        q_groups.push(kernels::q_gemv_weights(ctx, &packed, &scales));
+    }
+    // Dense f16 weights, rotated.
+    let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let f16_copies = copies_for(o, half.len() as u64 * 2);
+    let params = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("dense params"),
+        size: 16,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    ctx.queue().write_buffer(&params, 0, bytemuck::cast_slice(&[rows as u32, cols as u32, 0, 0]));
+    let f16_bufs: Vec<wgpu::Buffer> = (0..f16_copies)
+        .map(|_| {
+            let b = storage(ctx, "dense f16", (half.len() * 2) as u64);
+            ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&half));
+            b
+        })
+        .collect();
+    let cases: [(Kernel, &str, u32, &str, &str); 10] = [
+        (Kernel::QGemv, "q_gemv wg32", 32, "", ""),
+        (Kernel::QGemv, "q_gemv wg128", 128, "", ""),
+        (Kernel::QGemv, "q_gemv wg256", 256, "", ""),
+        (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[(xrow[v] + col) / 4u + j];", "let xv = vec4<f32>(f32(j));"),
+        (
+            Kernel::QGemv,
+            "q_gemv -scales",
+            64,
+            "return vec2<f32>(scales[g], biases[g]);",
+            "return vec2<f32>(f32(g & 1u), 1.0);",
+        ),
+        (Kernel::GemvF16, "f16 wg32", 32, "", ""),
+        (Kernel::GemvF16, "f16 wg128", 128, "", ""),
+        (Kernel::GemvF16, "f16 wg256", 256, "", ""),
+        (Kernel::GemvF16, "f16 -half x", 64, "let p = x4[i];", "let p = vec4<f32>(f32(i));"),
+        (Kernel::GemvF16, "f16 -x -unpack", 64, "let a = unpack2x16float(w.x);", "let a = bitcast<vec2<f32>>(w.xy);"),
+    ];
+    for (kernel, name, wg, from, to) in cases {
+        let bits = if kernel == Kernel::QGemv { tensor.bits() } else { 0 };
+        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg };
+        let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
+            if from.is_empty() {
+                return src;
+            }
+            assert!(src.contains(from), "{} no longer contains {from:?}", kernel.file());
+            let src = src.replace(from, to);
+            if name.ends_with("-unpack") {
+                // Also drop the x loads and the other conversions: what is left is the weight loads and FMAs.
+                return src
+                    .replace("let p = x4[i];", "let p = vec4<f32>(f32(i));")
+                    .replace("let b = unpack2x16float(w.y);", "let b = bitcast<vec2<f32>>(w.zw);")
+                    .replace("let c = unpack2x16float(w.z);", "let c = a;")
+                    .replace("let d = unpack2x16float(w.w);", "let d = b;");
+            }
+            src
+        })?;
+        let io = kernels::io_bind_group(ctx, kernel, x, y, Some(&call));
+        let dense_groups: Vec<wgpu::BindGroup> = if kernel == Kernel::GemvF16 {
+            f16_bufs
+                .iter()
+                .map(|b| {
+                    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("dense f16"),
+                        layout: &pipeline.get_bind_group_layout(0),
+                        entries: &[
+                            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                            wgpu::BindGroupEntry { binding: 1, resource: b.as_entire_binding() },
+                        ],
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let groups = if kernel == Kernel::QGemv { &q_groups } else { &dense_groups };
+        let grid = (rows as u32).min(ctx.limits().max_compute_workgroups_per_dimension);
+        let time = median_time(ctx, o, heater, groups.len(), |enc, run| {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &groups[run % groups.len()], &[]);
+            pass.set_bind_group(1, &io, &[]);
+            pass.dispatch_workgroups(grid, 1, 1);
+            Ok(())
+        })?;
+        let bytes = if kernel == Kernel::QGemv { q_bytes } else { half.len() as u64 * 2 };
+        out.push(Row {
+            shape: shape.to_string(),
+            what: name.to_string(),
+            m: 1,
+            time,
+            bytes: bytes + ((rows + cols) * 4) as u64,
+            weights: (rows * cols) as u64,
+            copies: groups.len(),
+            cached: None,
+        });
     }
     Ok(())
 }
@@ -513,7 +641,8 @@ fn decode_variants(
     let outs: Vec<GpuPacked> = streams.iter().map(|s| GpuPacked::for_stream(ctx, s)).collect::<Result<_>>()?;
     let status = storage(ctx, "status", 8);
     for (name, from, to) in DECODE_VARIANTS {
-        let pipeline = kernels::rans_decode_edited_pipeline(ctx, &streams[0], |src| {
+        let spec = kernels::rans_decode_spec(ctx, &streams[0]);
+        let pipeline = kernels::edited_pipeline(ctx, Kernel::RansDecode, spec, |src| {
             assert!(src.contains(from), "rans_decode.wgsl no longer contains {from:?}");
             src.replace(from, to)
         })?;

@@ -272,36 +272,37 @@ pub fn rans_decode(
     rans_decode_with(ctx, encoder, stream, out, status, &pipeline)
 }
 
-fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
+/// The spec [`rans_decode`] builds its pipeline with for `stream` on `ctx`.
+pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
     let l = stream.layout;
     Spec { lanes: ctx.lane_mode(), bits: l.bits(), precision: stream.precision, m: 1, workgroup: TILE_WORKGROUP }
 }
 
-/// The rans_decode pipeline for `stream` built, uncached, from its WGSL source passed through `edit`: for
-/// benchmarks that time variants of the kernel with one stage changed or left out (what an edited kernel
-/// writes is whatever the edit makes it). Record it with [`rans_decode_with`].
-pub fn rans_decode_edited_pipeline(
+/// A pipeline of `kernel` under `spec` built, uncached, from its WGSL source passed through `edit`: for
+/// benchmarks that time variants of a kernel with one part changed or left out (what an edited kernel writes
+/// is whatever the edit makes it). It binds the kernel's usual bind groups.
+pub fn edited_pipeline(
     ctx: &GpuContext,
-    stream: &GpuStream,
+    kernel: Kernel,
+    spec: Spec,
     edit: impl Fn(String) -> String,
 ) -> Result<wgpu::ComputePipeline> {
-    let spec = rans_decode_spec(ctx, stream);
-    let source = edit(super::shaders::source(Kernel::RansDecode, &spec));
+    let source = edit(super::shaders::source(kernel, &spec));
     let device = ctx.device();
-    let layouts = ctx.layouts(Kernel::RansDecode);
+    let layouts = ctx.layouts(kernel);
     let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-        label: Some("rans_decode (edited)"),
+        label: Some("edited kernel"),
         bind_group_layouts: &groups,
         immediate_size: 0,
     });
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("rans_decode (edited)"),
+        label: Some("edited kernel"),
         source: wgpu::ShaderSource::Wgsl(source.into()),
     });
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("rans_decode (edited)"),
+        label: Some("edited kernel"),
         layout: Some(&layout),
         module: &module,
         entry_point: Some("main"),
@@ -309,12 +310,12 @@ pub fn rans_decode_edited_pipeline(
         cache: None,
     });
     if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Gpu(format!("building an edited rans_decode failed: {e}")));
+        return Err(Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())));
     }
     Ok(pipeline)
 }
 
-/// [`rans_decode`] with a given pipeline (its own, or one from [`rans_decode_edited_pipeline`]).
+/// [`rans_decode`] with a given pipeline (its own, or one from [`edited_pipeline`]).
 pub fn rans_decode_with(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
