@@ -5,7 +5,9 @@
 // Grid: x strides over rows (one row per workgroup at a time), y = vector block: workgroup (i, j) computes
 // vectors j*M .. j*M + M of its rows, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 (1, 2, 4, 8) each invocation takes whole packed words, consecutive invocations
-// consecutive words (coalesced), four words with their scales and biases loaded before the first is used; a word's 32 / BITS symbols lie in
+// consecutive words (coalesced): four at a time (16 bytes) for BITS 4 and 8 where rows hold whole vec4s, else one
+// at a time, with
+// their scales and biases loaded before the first is used; a word's 32 / BITS symbols lie in
 // one group, and their x values are read as vec4s. Other widths take chunks of 32 symbols (BITS words, always
 // inside one group since the group size is a multiple of 32). Either way a piece accumulates sum(q x) and
 // sum(x), then adds s * sum(q x) + b * sum(x).
@@ -139,7 +141,35 @@ fn main(
         for (var v = 0u; v < M; v++) {
             acc[v] = 0.0;
         }
-        if (WORD_PATH) {
+        if (WORD_PATH && BITS >= 4u && params.words_per_row % 4u == 0u) {
+            // Rows of whole vec4s: each invocation takes 4 words (16 bytes, at most 32 symbols, so one group) at a
+            // time, two such loads with their scales and biases in flight before the first is used.
+            let n = params.words_per_row / 4u;
+            let base = row * n;
+            var c = lid;
+            for (; c + WG < n; c += 2u * WG) {
+                let a0 = packed[base + c];
+                let a1 = packed[base + c + WG];
+                let s0 = word_scale(row, 4u * c);
+                let s1 = word_scale(row, 4u * (c + WG));
+                word_dot(a0.x, s0, 4u * c);
+                word_dot(a0.y, s0, 4u * c + 1u);
+                word_dot(a0.z, s0, 4u * c + 2u);
+                word_dot(a0.w, s0, 4u * c + 3u);
+                word_dot(a1.x, s1, 4u * (c + WG));
+                word_dot(a1.y, s1, 4u * (c + WG) + 1u);
+                word_dot(a1.z, s1, 4u * (c + WG) + 2u);
+                word_dot(a1.w, s1, 4u * (c + WG) + 3u);
+            }
+            for (; c < n; c += WG) {
+                let a = packed[base + c];
+                let sb = word_scale(row, 4u * c);
+                word_dot(a.x, sb, 4u * c);
+                word_dot(a.y, sb, 4u * c + 1u);
+                word_dot(a.z, sb, 4u * c + 2u);
+                word_dot(a.w, sb, 4u * c + 3u);
+            }
+        } else if (WORD_PATH) {
             let words = params.words_per_row;
             let base = row * words;
             var w = lid;
