@@ -262,8 +262,7 @@ fn fused_and_cached_wide_rows(ctx: &GpuContext) {
         let t = encode(&q, 512);
         check_products(ctx, &q, &t, &[1, 3], &format!("37x8448 {bits}-bit"));
     }
-    // Two segments of 1024 8-bit columns: fused slabs of a few segments take the longer word ring, and each
-    // tile's words fill it many times over.
+    // Two segments of 1024 8-bit columns: few slabs per workgroup, long tiles (about 14000 words each).
     let q = random_matrix(37, 2048, 8, 64, 320);
     let t = encode(&q, 1024);
     check_products(ctx, &q, &t, &[1, 3], "37x2048 8-bit S=1024");

@@ -102,7 +102,6 @@ fn main(
             var s = scales[g];
             var b = biases[g];
             var group_left = steps_per_group;
-            ring_start(pos);
             for (var step = 0u; step < max_steps; step++) {
                 let live = lane_live && step < steps;
                 if (live) {
@@ -135,11 +134,10 @@ fn main(
                 let need = live && x_state < 65536u;
                 let rank = word_rank(need);
                 if (need) {
-                    // A corrupt stream reads a neighbour's word here (never past the buffer); rans_decode reports it.
-                    x_state = (x_state << 16u) | stream_word(pos + rank.x);
+                    // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
+                    x_state = (x_state << 16u) | stream_word(min(pos + rank.x, tile_offsets[t + 1u]));
                 }
                 pos += rank.y;
-                ring_refill(step, pos);
             }
         }
         // Add the slabs' partial sums of each row, one vector at a time.

@@ -101,65 +101,7 @@ fn word_rank(need: bool) -> vec2<u32> {
 //#endif
 }
 
-// Word ring: each slab stages its tile's 16-bit words (two to a u32, as in `words`) in workgroup memory, so the
-// per-step word read is a workgroup-memory load instead of a global one on the dependency chain. The ring holds
-// RING u32s per slab (8 KiB per workgroup), two halves; `ring_refill`, called every REFILL_EVERY steps from
-// uniform control flow, refills a half the slab's cursor has left behind, with words loaded into registers one
-// refill earlier, so the global loads have a whole refill period to arrive. A step takes at most 32 words
-// (16 u32s), so REFILL_EVERY steps take at most RING_HALF u32s: the ring is always that far ahead of the
-// cursor. Refills cost two barriers, so the ring is as long as the 8 KiB allow.
-const RING: u32 = select(256u, 512u, SLABS <= 4u);
-const RING_HALF: u32 = RING / 2u;
-const REFILL_EVERY: u32 = RING_HALF / 16u;
-const PREFETCH: u32 = RING_HALF / 32u;
-var<workgroup> ring: array<u32, RING * SLABS>;
-// First u32 index of `words` not yet stored in the ring (always a multiple of RING_HALF from the tile start).
-var<private> ring_filled: u32;
-// The RING_HALF u32s from `ring_filled` on, this lane's share: lane + 32 * j.
-var<private> ring_next: array<u32, PREFETCH>;
-
-fn word_u32(i: u32) -> u32 {
-    return words[min(i, arrayLength(&words) - 1u)];
-}
-
-// Starts the ring at 16-bit word `pos`: fills both halves and prefetches the next. Call from uniform control
-// flow; ends with a barrier.
-fn ring_start(pos: u32) {
-    let first = pos >> 1u;
-    // The barrier keeps the previous tile's last reads before these stores.
-    workgroupBarrier();
-    for (var j = 0u; j < RING / 32u; j++) {
-        let i = first + lane_row + 32u * j;
-        ring[lane_slab * RING + i % RING] = word_u32(i);
-    }
-    ring_filled = first + RING;
-    for (var j = 0u; j < PREFETCH; j++) {
-        ring_next[j] = word_u32(ring_filled + lane_row + 32u * j);
-    }
-    workgroupBarrier();
-}
-
-// Every REFILL_EVERY steps, with `pos` the slab's cursor after the step (the same on all lanes of a slab): once
-// the cursor is in the newer half, the older half is done with and takes the prefetched words.
-fn ring_refill(step: u32, pos: u32) {
-    if (step % REFILL_EVERY != REFILL_EVERY - 1u) {
-        return;
-    }
-    workgroupBarrier();
-    if ((pos >> 1u) + RING_HALF >= ring_filled) {
-        for (var j = 0u; j < PREFETCH; j++) {
-            let i = ring_filled + lane_row + 32u * j;
-            ring[lane_slab * RING + i % RING] = ring_next[j];
-        }
-        ring_filled += RING_HALF;
-        for (var j = 0u; j < PREFETCH; j++) {
-            ring_next[j] = word_u32(ring_filled + lane_row + 32u * j);
-        }
-    }
-    workgroupBarrier();
-}
-
-// Word `i` of the tile streams, from the ring: 16-bit words stored two to a u32, little-endian.
+// Word `i` of the tile streams: 16-bit words stored two to a u32, little-endian.
 fn stream_word(i: u32) -> u32 {
-    return (ring[lane_slab * RING + (i >> 1u) % RING] >> ((i & 1u) * 16u)) & 0xffffu;
+    return (words[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
 }

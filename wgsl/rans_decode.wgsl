@@ -79,7 +79,6 @@ fn main(
         var out = row * params.words_per_row + col0 * BITS / 32u;
         var acc = 0u;
         var nbits = 0u;
-        ring_start(pos);
         for (var step = 0u; step < max_steps; step++) {
             let live = lane_live && step < steps;
             if (live) {
@@ -101,14 +100,12 @@ fn main(
             let rank = word_rank(need);
             if (need) {
                 let i = pos + rank.x;
-                // A word past the tile's end reads a neighbour's (or a clamped) word: the tile is reported.
-                x = (x << 16u) | stream_word(i);
+                x = (x << 16u) | stream_word(min(i, max(end, 1u) - 1u));
                 if (i >= end) {
                     report_bad_tile(t);
                 }
             }
             pos += rank.y;
-            ring_refill(step, pos);
         }
         // A correct tile ends with every active state back at 2^16 and all of its words consumed.
         if (lane_live && x != 65536u) {

@@ -89,11 +89,9 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         LaneMode::SubgroupWide => 0,
     };
     let table = 4u64 << spec.precision;
-    // The word ring of lanes.wgsl: RING u32s per slab, 8 KiB at most.
-    let ring = 4 * spec.slabs() as u64 * if spec.slabs() <= 4 { 512 } else { 256 };
     match kernel {
-        Kernel::RansDecode => table + lanes + ring,
-        Kernel::EcGemv => table + lanes + ring + 4 * wg,
+        Kernel::RansDecode => table + lanes,
+        Kernel::EcGemv => table + lanes + 4 * wg,
         Kernel::QGemv | Kernel::GemvF32 | Kernel::GemvF16 => 4 * wg,
     }
 }
