@@ -625,7 +625,7 @@ fn row_variants(
 const DECODE_VARIANTS: [(&str, &str, &str); 4] = [
     ("-table", "let e = table[x & (TABLE - 1u)];", "let e = (x & 0xffu) | 0x7ff00u;"),
     ("-store", "packed[out] = acc;", "if (acc == 0x9e3779b9u) { packed[out] = acc; }"),
-    ("-word read", "x = (x << 16u) | stream_word(min(i, max(end, 1u) - 1u));", "x = (x << 16u) | (i & 0xffffu);"),
+    ("-word read", "let word = next_word(min(i, max(end, 1u) - 1u), need);", "let word = i & 0xffffu;"),
     ("-ballot", "let rank = word_rank(need);", "let rank = vec2<u32>(select(0u, lane_row, need), 16u);"),
 ];
 

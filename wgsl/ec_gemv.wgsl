@@ -102,6 +102,7 @@ fn main(
             var s = scales[g];
             var b = biases[g];
             var group_left = steps_per_group;
+            words_begin(pos);
             for (var step = 0u; step < max_steps; step++) {
                 let live = lane_live && step < steps;
                 if (live) {
@@ -133,11 +134,13 @@ fn main(
                 }
                 let need = live && x_state < 65536u;
                 let rank = word_rank(need);
+                // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
+                let word = next_word(min(pos + rank.x, tile_offsets[t + 1u]), need);
                 if (need) {
-                    // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
-                    x_state = (x_state << 16u) | stream_word(min(pos + rank.x, tile_offsets[t + 1u]));
+                    x_state = (x_state << 16u) | word;
                 }
                 pos += rank.y;
+                words_advance(pos);
             }
         }
         // Add the slabs' partial sums of each row, one vector at a time.
