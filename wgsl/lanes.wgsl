@@ -107,19 +107,24 @@ fn stream_word(i: u32) -> u32 {
 }
 
 // The words a step needs. With full subgroups of 32 or more lanes (SUBGROUP, not NARROW) each slab keeps a window
-// of its tile's stream in registers, one u32 (two words) per lane: `win_cur` holds u32s win_base + lane_row and
-// `win_nxt` the 32 after them, loaded one window ahead, so a step's word comes from a shuffle instead of a
-// global load on the per-step dependency chain. A step takes at most 32 words (16 u32s), so a word a lane needs
-// is always in the two windows. Elsewhere each lane reads its word from global memory.
+// of its tile's stream in registers, two u32s (four words) per lane: `win_cur` holds u32s win_base + 2 lane_row
+// and the next, `win_nxt` the 64 after the current 64, loaded one window (about 8 steps) ahead, so a step's word
+// comes from a shuffle instead of a global load on the per-step dependency chain. A step takes at most 32 words
+// (16 u32s), so a word a lane needs is always in the two windows. Elsewhere each lane reads its word from
+// global memory.
 //#if SUBGROUP
 //#if NARROW
 //#else
 var<private> win_base: u32;
-var<private> win_cur: u32;
-var<private> win_nxt: u32;
+var<private> win_cur: vec2<u32>;
+var<private> win_nxt: vec2<u32>;
 
 fn word_pair(u: u32) -> u32 {
     return words[min(u, arrayLength(&words) - 1u)];
+}
+
+fn window_at(u: u32) -> vec2<u32> {
+    return vec2<u32>(word_pair(u), word_pair(u + 1u));
 }
 //#endif
 //#endif
@@ -130,8 +135,8 @@ fn words_begin(pos: u32) {
 //#if NARROW
 //#else
     win_base = pos >> 1u;
-    win_cur = word_pair(win_base + lane_row);
-    win_nxt = word_pair(win_base + 32u + lane_row);
+    win_cur = window_at(win_base + 2u * lane_row);
+    win_nxt = window_at(win_base + 64u + 2u * lane_row);
 //#endif
 //#endif
 }
@@ -145,10 +150,11 @@ fn next_word(i: u32, need: bool) -> u32 {
 //#else
     let off = select(0u, (i >> 1u) - win_base, need);
     // The slab's first lane in the subgroup, so a 64-lane subgroup shuffles within each of its two slabs.
-    let first = sg_lane - lane_row;
-    let a = subgroupShuffle(win_cur, first + (off & 31u));
-    let b = subgroupShuffle(win_nxt, first + (off & 31u));
-    return (select(b, a, off < 32u) >> ((i & 1u) * 16u)) & 0xffffu;
+    let src = sg_lane - lane_row + ((off & 63u) >> 1u);
+    let cur = vec2<u32>(subgroupShuffle(win_cur.x, src), subgroupShuffle(win_cur.y, src));
+    let nxt = vec2<u32>(subgroupShuffle(win_nxt.x, src), subgroupShuffle(win_nxt.y, src));
+    let pair = select(nxt, cur, off < 64u);
+    return (select(pair.x, pair.y, (off & 1u) == 1u) >> ((i & 1u) * 16u)) & 0xffffu;
 //#endif
 //#else
     return select(0u, stream_word(i), need);
@@ -161,10 +167,10 @@ fn words_advance(pos: u32) {
 //#if SUBGROUP
 //#if NARROW
 //#else
-    if ((pos >> 1u) - win_base >= 32u) {
-        win_base += 32u;
+    if ((pos >> 1u) - win_base >= 64u) {
+        win_base += 64u;
         win_cur = win_nxt;
-        win_nxt = word_pair(win_base + 32u + lane_row);
+        win_nxt = window_at(win_base + 64u + 2u * lane_row);
     }
 //#endif
 //#endif
