@@ -540,25 +540,38 @@ fn row_variants(
             b
         })
         .collect();
-    let cases: [(Kernel, &str, u32, &str, &str); 10] = [
-        (Kernel::QGemv, "q_gemv wg32", 32, "", ""),
-        (Kernel::QGemv, "q_gemv wg128", 128, "", ""),
-        (Kernel::QGemv, "q_gemv wg256", 256, "", ""),
-        (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[(xrow[v] + col) / 4u + j];", "let xv = vec4<f32>(f32(j));"),
+    let cases: [(Kernel, &str, u32, &str, &str, u32); 14] = [
+        (Kernel::QGemv, "q_gemv wg32", 32, "", "", 0),
+        (Kernel::QGemv, "q_gemv wg128", 128, "", "", 0),
+        (Kernel::QGemv, "q_gemv wg256", 256, "", "", 0),
+        (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[(xrow[v] + col) / 4u + j];", "let xv = vec4<f32>(f32(j));", 0),
         (
             Kernel::QGemv,
             "q_gemv -scales",
             64,
             "return vec2<f32>(scales[g], biases[g]);",
             "return vec2<f32>(f32(g & 1u), 1.0);",
+            0,
         ),
-        (Kernel::GemvF16, "f16 wg32", 32, "", ""),
-        (Kernel::GemvF16, "f16 wg128", 128, "", ""),
-        (Kernel::GemvF16, "f16 wg256", 256, "", ""),
-        (Kernel::GemvF16, "f16 -half x", 64, "let p = x4[i];", "let p = vec4<f32>(f32(i));"),
-        (Kernel::GemvF16, "f16 -x -unpack", 64, "let a = unpack2x16float(w.x);", "let a = bitcast<vec2<f32>>(w.xy);"),
+        (Kernel::GemvF16, "f16 wg32", 32, "", "", 0),
+        (Kernel::GemvF16, "f16 wg128", 128, "", "", 0),
+        (Kernel::GemvF16, "f16 wg256", 256, "", "", 0),
+        (Kernel::GemvF16, "f16 -half x", 64, "let p = x4[i];", "let p = vec4<f32>(f32(i));", 0),
+        (
+            Kernel::GemvF16,
+            "f16 -x -unpack",
+            64,
+            "let a = unpack2x16float(w.x);",
+            "let a = bitcast<vec2<f32>>(w.xy);",
+            0,
+        ),
+        // Fewer workgroups than rows: each loops over rows (grid-stride), no workgroup per row to start.
+        (Kernel::GemvF16, "f16 grid 1056", 64, "", "", 1056),
+        (Kernel::GemvF16, "f16 grid 4224", 64, "", "", 4224),
+        (Kernel::QGemv, "q_gemv grid 1056", 64, "", "", 1056),
+        (Kernel::QGemv, "q_gemv grid 4224", 64, "", "", 4224),
     ];
-    for (kernel, name, wg, from, to) in cases {
+    for (kernel, name, wg, from, to, grid) in cases {
         let bits = if kernel == Kernel::QGemv { tensor.bits() } else { 0 };
         let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg };
         let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
@@ -596,7 +609,7 @@ fn row_variants(
             Vec::new()
         };
         let groups = if kernel == Kernel::QGemv { &q_groups } else { &dense_groups };
-        let grid = (rows as u32).min(ctx.limits().max_compute_workgroups_per_dimension);
+        let grid = if grid == 0 { rows as u32 } else { grid }.min(ctx.limits().max_compute_workgroups_per_dimension);
         let time = median_time(ctx, o, heater, groups.len(), |enc, run| {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&pipeline);
