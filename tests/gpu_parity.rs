@@ -262,13 +262,23 @@ fn fused_and_cached_every_bit_width(ctx: &GpuContext) {
     }
 }
 
-/// 4160 columns (groups of 64, segments of 512: the last one holds 64 columns), 2-, 4- and 6-bit.
+/// 4160 columns (groups of 64, segments of 512: the last one holds 64 columns), 2-, 4- and 6-bit; and 8448.
 fn fused_and_cached_wide_rows(ctx: &GpuContext) {
     for bits in [2, 4, 6] {
         let q = random_matrix(67, 4160, bits, 64, 300 + bits as u64);
         let t = encode(&q, 512);
         check_products(ctx, &q, &t, &[1, 3, 8, 33], &format!("67x4160 {bits}-bit"));
     }
+    // 8448 columns: 264 chunks of 32 per row, so q_gemv's four-chunk loop runs (4- and 8-bit read vec4s).
+    for bits in [4, 8] {
+        let q = random_matrix(37, 8448, bits, 64, 310 + bits as u64);
+        let t = encode(&q, 512);
+        check_products(ctx, &q, &t, &[1, 3], &format!("37x8448 {bits}-bit"));
+    }
+    // Two segments of 1024 8-bit columns: few slabs per workgroup, long tiles (about 14000 words each).
+    let q = random_matrix(37, 2048, 8, 64, 320);
+    let t = encode(&q, 1024);
+    check_products(ctx, &q, &t, &[1, 3], "37x2048 8-bit S=1024");
 }
 
 /// `EcMatmul::encode` records into a caller's encoder and buffers; nothing unwritten survives the NaN poison.
@@ -344,28 +354,30 @@ fn f16_inputs(ctx: &GpuContext) {
     }
 }
 
-/// The dense f32 and f16 baselines against the float64 product of the same weights.
+/// The dense f32 and f16 baselines against the float64 product of the same weights, on rows that start on 16
+/// bytes (the vector loads, with and without the unrolled loop) and rows that do not (the scalar fallback).
 fn dense_baselines(ctx: &GpuContext) {
-    let (rows, cols) = (67, 1000);
-    let w = random_vectors(rows * cols, 700);
-    for (dtype, rel) in [(DenseDtype::F32, GEMV_REL_TOL), (DenseDtype::F16, DENSE_F16_REL_TOL)] {
-        let dense = DenseGemv::new(ctx, &w, rows, cols, dtype).unwrap();
-        for m in [1, 3, 33] {
-            let x = random_vectors(m * cols, 701 + m as u64);
-            let mut want = vec![0f64; m * rows];
-            let mut mag = vec![0f64; m * rows];
-            for v in 0..m {
-                for r in 0..rows {
-                    for c in 0..cols {
-                        let p = w[r * cols + c] as f64 * x[v * cols + c] as f64;
-                        want[v * rows + r] += p;
-                        mag[v * rows + r] += p.abs();
+    for (rows, cols) in [(67, 1000), (37, 4104), (29, 1002)] {
+        let w = random_vectors(rows * cols, 700 + cols as u64);
+        for (dtype, rel) in [(DenseDtype::F32, GEMV_REL_TOL), (DenseDtype::F16, DENSE_F16_REL_TOL)] {
+            let dense = DenseGemv::new(ctx, &w, rows, cols, dtype).unwrap();
+            for m in [1, 3, 33] {
+                let x = random_vectors(m * cols, 701 + m as u64);
+                let mut want = vec![0f64; m * rows];
+                let mut mag = vec![0f64; m * rows];
+                for v in 0..m {
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let p = w[r * cols + c] as f64 * x[v * cols + c] as f64;
+                            want[v * rows + r] += p;
+                            mag[v * rows + r] += p.abs();
+                        }
                     }
                 }
+                let mut y = vec![f32::NAN; m * rows];
+                dense.matmul(&x, m, &mut y).unwrap();
+                assert_close(&format!("dense {dtype:?} {rows}x{cols} m={m}"), &y, &want, &mag, rel);
             }
-            let mut y = vec![f32::NAN; m * rows];
-            dense.matmul(&x, m, &mut y).unwrap();
-            assert_close(&format!("dense {dtype:?} m={m}"), &y, &want, &mag, rel);
         }
     }
 }

@@ -95,6 +95,14 @@ fn main(
                 qx[v] = 0.0;
                 sx[v] = 0.0;
             }
+            // The scale and bias of the group being summed, loaded a whole group ahead of their use; a segment
+            // starts on a group boundary and holds whole groups.
+            var g = row_c * groups_per_row + col0 / params.group_size;
+            let g_last = row_c * groups_per_row + groups_per_row - 1u;
+            var s = scales[g];
+            var b = biases[g];
+            var group_left = steps_per_group;
+            words_begin(pos);
             for (var step = 0u; step < max_steps; step++) {
                 let live = lane_live && step < steps;
                 if (live) {
@@ -110,25 +118,29 @@ fn main(
                             sx[v] += xv;
                         }
                     }
-                    // Last step of a group: apply its scale and bias once.
-                    if ((step + 1u) % steps_per_group == 0u) {
-                        let g = row_c * groups_per_row + (col + KW) / params.group_size - 1u;
-                        let s = scales[g];
-                        let b = biases[g];
+                    // Last step of a group: apply its scale and bias once, and fetch the next group's.
+                    group_left -= 1u;
+                    if (group_left == 0u) {
                         for (var v = 0u; v < M; v++) {
                             acc[v] += s * qx[v] + b * sx[v];
                             qx[v] = 0.0;
                             sx[v] = 0.0;
                         }
+                        group_left = steps_per_group;
+                        g = min(g + 1u, g_last);
+                        s = scales[g];
+                        b = biases[g];
                     }
                 }
                 let need = live && x_state < 65536u;
                 let rank = word_rank(need);
+                // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
+                let word = next_word(min(pos + rank.x, tile_offsets[t + 1u]), need);
                 if (need) {
-                    // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
-                    x_state = (x_state << 16u) | stream_word(min(pos + rank.x, tile_offsets[t + 1u]));
+                    x_state = (x_state << 16u) | word;
                 }
                 pos += rank.y;
+                words_advance(pos);
             }
         }
         // Add the slabs' partial sums of each row, one vector at a time.

@@ -4,6 +4,8 @@
 // Specialization (prepended by the host): M (vectors per workgroup, 1..=8), WG (power of two).
 // Preamble: reduce.wgsl.
 // Grid: x strides over rows (one row per workgroup at a time), y = vector block of M vectors.
+// Where rows start on 16 bytes (cols % 8 == 0) each invocation reads 16 bytes (8 weights) at a time, four such
+// loads issued before their first use; otherwise it reads one pair at a time.
 
 struct DenseParams {
     rows: u32,
@@ -20,13 +22,32 @@ struct CallParams {
 }
 
 @group(0) @binding(0) var<uniform> params: DenseParams;
-// Weights, row-major rows x cols as f16, two to a u32 (cols is even).
-@group(0) @binding(1) var<storage, read> weights: array<u32>;
+// Weights, row-major rows x cols as f16, eight to a vec4<u32> (cols is even; the buffer is padded to 16 bytes).
+@group(0) @binding(1) var<storage, read> weights: array<vec4<u32>>;
 // Input vectors, row-major m x cols.
 @group(1) @binding(0) var<storage, read> x: array<f32>;
 // Output, row-major m x rows.
 @group(1) @binding(1) var<storage, read_write> y: array<f32>;
 @group(1) @binding(2) var<uniform> call: CallParams;
+// The same input vectors as vec4s, read where every row of x starts on 16 bytes.
+@group(1) @binding(3) var<storage, read> x4: array<vec4<f32>>;
+
+var<private> acc: array<f32, M>;
+var<private> xrow: array<u32, M>;
+
+// Adds the products of 8 weights starting at column `col` (a multiple of 8, as is cols) for every vector.
+fn dot8(w: vec4<u32>, col: u32) {
+    let a = unpack2x16float(w.x);
+    let b = unpack2x16float(w.y);
+    let c = unpack2x16float(w.z);
+    let d = unpack2x16float(w.w);
+    for (var v = 0u; v < M; v++) {
+        let i = (xrow[v] + col) / 4u;
+        let p = x4[i];
+        let q = x4[i + 1u];
+        acc[v] += a.x * p.x + a.y * p.y + b.x * p.z + b.y * p.w + c.x * q.x + c.y * q.y + d.x * q.z + d.y * q.w;
+    }
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -45,17 +66,39 @@ fn main(
     reduce_init(lid);
 //#endif
     let v0 = wid.y * M;
+    for (var v = 0u; v < M; v++) {
+        xrow[v] = min(v0 + v, call.m - 1u) * params.cols;
+    }
+    let pairs = params.cols / 2u;
     for (var row = wid.x; row < params.rows; row += nwg.x) {
-        var acc: array<f32, M>;
         for (var v = 0u; v < M; v++) {
             acc[v] = 0.0;
         }
-        let pairs = params.cols / 2u;
-        for (var c = lid; c < pairs; c += WG) {
-            let w = unpack2x16float(weights[row * pairs + c]);
-            for (var v = 0u; v < M; v++) {
-                let xi = min(v0 + v, call.m - 1u) * params.cols + 2u * c;
-                acc[v] += w.x * x[xi] + w.y * x[xi + 1u];
+        if (pairs % 4u == 0u) {
+            let n = pairs / 4u;
+            let base = row * n;
+            var c = lid;
+            for (; c + 3u * WG < n; c += 4u * WG) {
+                let w0 = weights[base + c];
+                let w1 = weights[base + c + WG];
+                let w2 = weights[base + c + 2u * WG];
+                let w3 = weights[base + c + 3u * WG];
+                dot8(w0, 8u * c);
+                dot8(w1, 8u * (c + WG));
+                dot8(w2, 8u * (c + 2u * WG));
+                dot8(w3, 8u * (c + 3u * WG));
+            }
+            for (; c < n; c += WG) {
+                dot8(weights[base + c], 8u * c);
+            }
+        } else {
+            for (var c = lid; c < pairs; c += WG) {
+                let i = row * pairs + c;
+                let w = unpack2x16float(weights[i / 4u][i % 4u]);
+                for (var v = 0u; v < M; v++) {
+                    let xi = xrow[v] + 2u * c;
+                    acc[v] += w.x * x[xi] + w.y * x[xi + 1u];
+                }
             }
         }
         for (var v = 0u; v < M; v++) {

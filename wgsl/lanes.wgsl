@@ -105,3 +105,73 @@ fn word_rank(need: bool) -> vec2<u32> {
 fn stream_word(i: u32) -> u32 {
     return (words[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
 }
+
+// The words a step needs. With full subgroups of 32 or more lanes (SUBGROUP, not NARROW) each slab keeps a window
+// of its tile's stream in registers, two u32s (four words) per lane: `win_cur` holds u32s win_base + 2 lane_row
+// and the next, `win_nxt` the 64 after the current 64, loaded one window (about 8 steps) ahead, so a step's word
+// comes from a shuffle instead of a global load on the per-step dependency chain. A step takes at most 32 words
+// (16 u32s), so a word a lane needs is always in the two windows. Elsewhere each lane reads its word from
+// global memory.
+//#if SUBGROUP
+//#if NARROW
+//#else
+var<private> win_base: u32;
+var<private> win_cur: vec2<u32>;
+var<private> win_nxt: vec2<u32>;
+
+fn word_pair(u: u32) -> u32 {
+    return words[min(u, arrayLength(&words) - 1u)];
+}
+
+fn window_at(u: u32) -> vec2<u32> {
+    return vec2<u32>(word_pair(u), word_pair(u + 1u));
+}
+//#endif
+//#endif
+
+// Starts a tile whose words begin at `pos`. Call from uniform control flow.
+fn words_begin(pos: u32) {
+//#if SUBGROUP
+//#if NARROW
+//#else
+    win_base = pos >> 1u;
+    win_cur = window_at(win_base + 2u * lane_row);
+    win_nxt = window_at(win_base + 64u + 2u * lane_row);
+//#endif
+//#endif
+}
+
+// Word `i` for a lane that `need`s one (`i` then lies within 32 words of the slab's cursor); any value for the
+// others. Call from uniform control flow, on every lane.
+fn next_word(i: u32, need: bool) -> u32 {
+//#if SUBGROUP
+//#if NARROW
+    return select(0u, stream_word(i), need);
+//#else
+    let off = select(0u, (i >> 1u) - win_base, need);
+    // The slab's first lane in the subgroup, so a 64-lane subgroup shuffles within each of its two slabs.
+    let src = sg_lane - lane_row + ((off & 63u) >> 1u);
+    let cur = vec2<u32>(subgroupShuffle(win_cur.x, src), subgroupShuffle(win_cur.y, src));
+    let nxt = vec2<u32>(subgroupShuffle(win_nxt.x, src), subgroupShuffle(win_nxt.y, src));
+    let pair = select(nxt, cur, off < 64u);
+    return (select(pair.x, pair.y, (off & 1u) == 1u) >> ((i & 1u) * 16u)) & 0xffffu;
+//#endif
+//#else
+    return select(0u, stream_word(i), need);
+//#endif
+}
+
+// Moves the window on once the slab's cursor `pos` (after a step) has left the first half. Call from uniform
+// control flow, once per step.
+fn words_advance(pos: u32) {
+//#if SUBGROUP
+//#if NARROW
+//#else
+    if ((pos >> 1u) - win_base >= 64u) {
+        win_base += 64u;
+        win_cur = win_nxt;
+        win_nxt = window_at(win_base + 64u + 2u * lane_row);
+    }
+//#endif
+//#endif
+}

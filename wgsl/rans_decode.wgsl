@@ -79,6 +79,7 @@ fn main(
         var out = row * params.words_per_row + col0 * BITS / 32u;
         var acc = 0u;
         var nbits = 0u;
+        words_begin(pos);
         for (var step = 0u; step < max_steps; step++) {
             let live = lane_live && step < steps;
             if (live) {
@@ -98,14 +99,16 @@ fn main(
             }
             let need = live && x < 65536u;
             let rank = word_rank(need);
+            let i = pos + rank.x;
+            let word = next_word(min(i, max(end, 1u) - 1u), need);
             if (need) {
-                let i = pos + rank.x;
-                x = (x << 16u) | stream_word(min(i, max(end, 1u) - 1u));
+                x = (x << 16u) | word;
                 if (i >= end) {
                     report_bad_tile(t);
                 }
             }
             pos += rank.y;
+            words_advance(pos);
         }
         // A correct tile ends with every active state back at 2^16 and all of its words consumed.
         if (lane_live && x != 65536u) {

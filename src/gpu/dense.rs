@@ -38,13 +38,16 @@ impl DenseGemv {
         }
         let none = wgpu::BufferUsages::empty();
         let (kernel, buffer) = match dtype {
-            DenseDtype::F32 => (Kernel::GemvF32, ctx.storage_init("dense f32", bytemuck::cast_slice(weights), none)?),
+            // Padded to 16 bytes: the kernels read the weights as 16-byte vectors.
+            DenseDtype::F32 => {
+                (Kernel::GemvF32, ctx.storage_init("dense f32", &padded16(bytemuck::cast_slice(weights)), none)?)
+            }
             DenseDtype::F16 => {
                 if cols % 2 != 0 {
                     return Err(Error::param("cols", format!("f16 weights need an even column count, got {cols}")));
                 }
                 let half: Vec<half::f16> = weights.iter().map(|&w| half::f16::from_f32(w)).collect();
-                (Kernel::GemvF16, ctx.storage_init("dense f16", bytemuck::cast_slice(&half), none)?)
+                (Kernel::GemvF16, ctx.storage_init("dense f16", &padded16(bytemuck::cast_slice(&half)), none)?)
             }
         };
         let params = ctx.uniform("ecq dense params", &[rows as u32, cols as u32, 0, 0])?;
@@ -112,6 +115,13 @@ impl DenseGemv {
     pub fn device_bytes(&self) -> u64 {
         self.weights.size() + self.params.size()
     }
+}
+
+/// `bytes` followed by zeros up to a multiple of 16.
+fn padded16(bytes: &[u8]) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    v.resize(bytes.len().next_multiple_of(16), 0);
+    v
 }
 
 pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<()> {

@@ -47,8 +47,8 @@ pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
         Kernel::RansDecode => &["urrrrww"],
         Kernel::EcGemv => &["urrrrrr", "rw"],
-        Kernel::QGemv => &["urrr", "rwu"],
-        Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwu"],
+        Kernel::QGemv => &["urrr", "rwur"],
+        Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwur"],
     }
 }
 
@@ -225,7 +225,12 @@ impl GpuPacked {
             cols: l.cols(),
             bits: l.bits(),
             params: ctx.uniform("ecq packed params", &params)?,
-            packed: ctx.storage("packed symbols", stream.packed_bytes(), wgpu::BufferUsages::COPY_SRC)?,
+            // Padded to 16 bytes: q_gemv reads the words as vec4<u32>.
+            packed: ctx.storage(
+                "packed symbols",
+                stream.packed_bytes().next_multiple_of(16),
+                wgpu::BufferUsages::COPY_SRC,
+            )?,
         })
     }
 
@@ -260,13 +265,67 @@ pub fn rans_decode(
     out: &GpuPacked,
     status: &wgpu::Buffer,
 ) -> Result<()> {
+    let spec = rans_decode_spec(ctx, stream);
+    let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
+    rans_decode_with(ctx, encoder, stream, out, status, &pipeline)
+}
+
+/// The spec [`rans_decode`] builds its pipeline with for `stream` on `ctx`.
+pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
+    let l = stream.layout;
+    Spec { lanes: ctx.lane_mode(), bits: l.bits(), precision: stream.precision, m: 1, workgroup: TILE_WORKGROUP }
+}
+
+/// A pipeline of `kernel` under `spec` built, uncached, from its WGSL source passed through `edit`: for
+/// benchmarks that time variants of a kernel with one part changed or left out (what an edited kernel writes
+/// is whatever the edit makes it). It binds the kernel's usual bind groups.
+pub fn edited_pipeline(
+    ctx: &GpuContext,
+    kernel: Kernel,
+    spec: Spec,
+    edit: impl Fn(String) -> String,
+) -> Result<wgpu::ComputePipeline> {
+    let source = edit(super::shaders::source(kernel, &spec));
+    let device = ctx.device();
+    let layouts = ctx.layouts(kernel);
+    let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some("edited kernel"),
+        bind_group_layouts: &groups,
+        immediate_size: 0,
+    });
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("edited kernel"),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("edited kernel"),
+        layout: Some(&layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())));
+    }
+    Ok(pipeline)
+}
+
+/// [`rans_decode`] with a given pipeline (its own, or one from [`edited_pipeline`]).
+pub fn rans_decode_with(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    stream: &GpuStream,
+    out: &GpuPacked,
+    status: &wgpu::Buffer,
+    pipeline: &wgpu::ComputePipeline,
+) -> Result<()> {
     let l = stream.layout;
     if out.rows != l.rows() || out.cols != l.cols() || out.bits != l.bits() {
         return Err(Error::param("out", "packed buffer was sized for another stream"));
     }
-    let spec =
-        Spec { lanes: ctx.lane_mode(), bits: l.bits(), precision: stream.precision, m: 1, workgroup: TILE_WORKGROUP };
-    let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
     if l.tiles() == 0 {
         return Ok(());
     }
@@ -285,9 +344,9 @@ pub fn rans_decode(
         ],
     );
     let mut pass = encoder.begin_compute_pass(&Default::default());
-    pass.set_pipeline(&pipeline);
+    pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &group, &[]);
-    pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(spec.slabs() as usize)), 1, 1);
+    pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(TILE_WORKGROUP as usize / 32)), 1, 1);
     Ok(())
 }
 
@@ -376,7 +435,9 @@ pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) 
     bind_group(ctx, Kernel::QGemv, 0, &[&packed.params, &packed.packed, &scales.scales, &scales.biases])
 }
 
-/// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`].
+/// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`] and `x`
+/// again as 16-byte vectors (its whole 16-byte multiples; the kernels read that view only where every vector
+/// starts on 16 bytes).
 pub fn io_bind_group(
     ctx: &GpuContext,
     kernel: Kernel,
@@ -384,10 +445,33 @@ pub fn io_bind_group(
     y: &wgpu::Buffer,
     call: Option<&wgpu::Buffer>,
 ) -> wgpu::BindGroup {
-    match call {
-        Some(c) => bind_group(ctx, kernel, 1, &[x, y, c]),
-        None => bind_group(ctx, kernel, 1, &[x, y]),
-    }
+    let Some(c) = call else {
+        return bind_group(ctx, kernel, 1, &[x, y]);
+    };
+    // A vector view needs at least 16 bytes; a smaller x is never read through it, so any buffer will do.
+    let small;
+    let (x4, size) = if x.size() >= 16 {
+        (x, x.size() / 16 * 16)
+    } else {
+        small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("ecq unused x view"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        (&small, 16)
+    };
+    let x4_binding = wgpu::BufferBinding { buffer: x4, offset: 0, size: wgpu::BufferSize::new(size) };
+    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(kernel.file()),
+        layout: &ctx.layouts(kernel)[1],
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: y.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 2, resource: c.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 3, resource: wgpu::BindingResource::Buffer(x4_binding) },
+        ],
+    })
 }
 
 /// The uniform `CallParams` of the row kernels for `m` vectors.

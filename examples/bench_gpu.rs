@@ -1,0 +1,777 @@
+//! GPU benchmark: fused, cached, dense f16 and dense f32 GEMV, the decode-only kernel, and a buffer copy that
+//! gives the bandwidth ceiling, all timed with timestamp queries in one run on one device.
+//!
+//! ```text
+//! cargo build --release --example bench_gpu
+//! XDG_RUNTIME_DIR=/tmp target/release/examples/bench_gpu [--smol FILE] [--runs N] [--quick]
+//! target/release/examples/bench_gpu extract SmolLM2-135M-Instruct.Q4_1.gguf smol_layers.ecq.safetensors
+//! ```
+//!
+//! Method: each timed run is bracketed by timestamp writes; `--warmup` runs (at least one per copy) are dropped,
+//! the median of `--runs`
+//! runs is reported. Every strategy holds at least 4 copies of its weights on the device, more until the
+//! copies add up to `--rotate-mib` (default 256 MiB, several times an H100/H200 L2), and run `i` reads copy
+//! `i % copies`, so no run finds its weights in the cache. Each timed batch is one submission that starts with
+//! about `--heat-ms` (default 100 ms) of buffer copies, so the clocks are up when the first run starts. The
+//! ceiling is the better of a `copy_buffer_to_buffer` and a copy kernel (16-byte loads and stores) over
+//! `--copy-mib` (default 1024 MiB), counted as bytes read plus bytes written, measured before and after.
+//!
+//! Synthetic weights: Gaussian rows with log-normal row scales (heavy-tailed overall), quantized to 4 bits in
+//! groups of 64 (f16 scales) and encoded with `EncodeOptions::default()`. Decode-only on real symbols reads a
+//! file made by `extract` from SmolLM2-135M's Q4_1 GGUF (lossless import, groups of 32); `--smol FILE` or
+//! `ECQ_SMOL` names it, and the part is skipped with a message when it is absent.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ecq::format::{ContainerWriter, EcFile, EcTensor, EncodeOptions, GgufFile};
+use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
+use ecq::gpu::shaders::Spec;
+use ecq::gpu::{time_on_device, DenseDtype, DenseGemv, GpuContext, GpuScales, Kernel};
+use ecq::quant::{quantize, QuantConfig, QuantizedMatrix};
+use ecq::rans::{entropy_bits, joint_counts};
+use ecq::{EcMatmul, Result, Strategy};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+/// The shapes of the issue: Llama-like 4096/14336 and SmolLM2-135M's 576/1536 (rows x cols).
+const SHAPES: [(usize, usize); 5] = [(4096, 4096), (14336, 4096), (4096, 14336), (576, 1536), (1536, 576)];
+/// Layers of SmolLM2-135M that `extract` keeps (the whole model would not travel).
+const EXTRACT_LAYERS: usize = 8;
+
+struct Opts {
+    runs: usize,
+    warmup: usize,
+    copy_mib: u64,
+    rotate_mib: u64,
+    shapes: Vec<(usize, usize)>,
+    ms: Vec<usize>,
+    smol: Option<PathBuf>,
+    heat_ms: u64,
+    variants: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
+         [--ms 1,4] [--heat-ms N] [--variants] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
+    );
+    std::process::exit(2)
+}
+
+fn parse_opts(args: &[String]) -> Opts {
+    let mut o = Opts {
+        runs: 30,
+        warmup: 5,
+        copy_mib: 1024,
+        rotate_mib: 256,
+        shapes: SHAPES.to_vec(),
+        ms: vec![1, 4],
+        smol: std::env::var_os("ECQ_SMOL").map(PathBuf::from),
+        heat_ms: 100,
+        variants: false,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().unwrap_or_else(|| usage());
+        let num = |s: String| s.parse::<u64>().unwrap_or_else(|_| usage());
+        match a.as_str() {
+            "--runs" => o.runs = num(val()) as usize,
+            "--warmup" => o.warmup = num(val()) as usize,
+            "--copy-mib" => o.copy_mib = num(val()),
+            "--rotate-mib" => o.rotate_mib = num(val()),
+            "--heat-ms" => o.heat_ms = num(val()),
+            // Also time rans_decode with one part of a step left out (see DECODE_VARIANTS).
+            "--variants" => o.variants = true,
+            "--smol" => o.smol = Some(PathBuf::from(val())),
+            "--ms" => o.ms = val().split(',').map(|s| num(s.to_string()) as usize).collect(),
+            "--shapes" => {
+                o.shapes = val()
+                    .split(',')
+                    .map(|s| {
+                        let (r, c) = s.split_once('x').unwrap_or_else(|| usage());
+                        (num(r.to_string()) as usize, num(c.to_string()) as usize)
+                    })
+                    .collect()
+            }
+            // Small and fast, for checking the harness on a software device.
+            "--quick" => {
+                o.runs = 3;
+                o.warmup = 1;
+                o.copy_mib = 64;
+                o.rotate_mib = 8;
+                o.shapes = vec![(576, 1536), (1536, 576)];
+                o.heat_ms = 1;
+            }
+            _ => usage(),
+        }
+    }
+    o
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = if args.first().map(String::as_str) == Some("extract") {
+        if args.len() != 3 {
+            usage();
+        }
+        extract(Path::new(&args[1]), Path::new(&args[2]))
+    } else {
+        run(&parse_opts(&args))
+    };
+    if let Err(e) = result {
+        eprintln!("bench_gpu: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Writes the Q4_1 weights of SmolLM2-135M's first layers, stacked by column count (576 and 1536), as two
+/// encoded tensors, plus layer 0's tensors one by one. Every tensor's row count is a multiple of 32, so no
+/// tile of a stack spans two tensors; a stack shares one frequency table.
+fn extract(gguf: &Path, out: &Path) -> Result<()> {
+    let file = GgufFile::open(gguf)?;
+    let mut writer = ContainerWriter::create(out)?;
+    let mut stacks: Vec<(usize, QuantizedMatrix)> = Vec::new();
+    for layer in 0..EXTRACT_LAYERS {
+        let prefix = format!("blk.{layer}.");
+        let names: Vec<String> = file
+            .tensors()
+            .iter()
+            .filter(|t| t.name.starts_with(&prefix) && t.ggml_type.name() == Some("Q4_1"))
+            .map(|t| t.name.clone())
+            .collect();
+        for name in names {
+            let q = file.quantized(&name)?;
+            if layer == 0 {
+                writer.add_encoded(&name, &EcTensor::encode(&q, EncodeOptions::default())?)?;
+            }
+            match stacks.iter_mut().find(|(c, _)| *c == q.cols) {
+                Some((_, s)) => {
+                    s.rows += q.rows;
+                    s.symbols.extend_from_slice(&q.symbols);
+                    s.scales.extend_from_slice(&q.scales);
+                    s.biases.extend_from_slice(&q.biases);
+                }
+                None => stacks.push((q.cols, q)),
+            }
+        }
+    }
+    for (cols, q) in &stacks {
+        let t = EcTensor::encode(q, EncodeOptions::default())?;
+        println!(
+            "stack_k{cols}: {} x {cols}, {:.3} bits/weight stream, order-0 entropy {:.3}",
+            q.rows,
+            t.stream_bits() as f64 / (q.rows * q.cols) as f64,
+            symbol_entropy(&q.symbols, q.bits)
+        );
+        writer.add_encoded(&format!("stack_k{cols}"), &t)?;
+    }
+    writer.set_metadata("source", &format!("{} layers 0..{EXTRACT_LAYERS}", gguf.display()))?;
+    writer.finish()
+}
+
+/// Order-0 entropy of the symbols in bits per weight.
+fn symbol_entropy(symbols: &[u8], bits: u32) -> f64 {
+    let mut counts = vec![0u64; 1 << bits];
+    for &s in symbols {
+        counts[s as usize] += 1;
+    }
+    entropy_bits(&counts)
+}
+
+/// Heavy-tailed synthetic weights: a scale mixture of Gaussians, each row Gaussian with a log-normal scale
+/// (so the matrix as a whole has heavy tails, while min/max groups of 64 see Gaussian values, as real weights do).
+fn synthetic_weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut w = vec![0f32; rows * cols];
+    w.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+        let mut rng = StdRng::seed_from_u64(seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut normal = || {
+            let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        };
+        let row_scale = 0.02 * (0.5 * normal()).exp();
+        for v in row.iter_mut() {
+            *v = (row_scale * normal()) as f32;
+        }
+    });
+    w
+}
+
+/// One timed configuration: median device time and the bytes it moves.
+struct Row {
+    shape: String,
+    what: String,
+    m: usize,
+    time: Duration,
+    bytes: u64,
+    weights: u64,
+    copies: usize,
+    cached: Option<Duration>,
+}
+
+/// A load recorded in front of every timed batch, in the same submission, so the clocks are up before the first
+/// timed run (a GPU left idle while the host prepares the next case drops its clocks).
+struct Heater {
+    src: wgpu::Buffer,
+    dst: wgpu::Buffer,
+    copies: usize,
+}
+
+impl Heater {
+    fn new(ctx: &GpuContext, heat_ms: u64) -> Result<Self> {
+        let bytes = 256u64 << 20;
+        let src = copy_buffer(ctx, "heater src", bytes.min(ctx.limits().max_buffer_size));
+        let dst = copy_buffer(ctx, "heater dst", bytes.min(ctx.limits().max_buffer_size));
+        let mut h = Self { src, dst, copies: 4 };
+        // Size it from a measured copy: enough copies for `heat_ms` at the measured speed.
+        let t = time_on_device(ctx, 8, |enc| {
+            h.record(enc, 1);
+            Ok(())
+        })?;
+        let one = t.iter().min().copied().unwrap_or_default().as_secs_f64().max(1e-6);
+        h.copies = ((heat_ms as f64 * 1e-3 / one).ceil() as usize).clamp(1, 2000);
+        Ok(h)
+    }
+
+    fn record(&self, enc: &mut wgpu::CommandEncoder, copies: usize) {
+        for _ in 0..copies {
+            enc.copy_buffer_to_buffer(&self.src, 0, &self.dst, 0, self.src.size());
+        }
+    }
+}
+
+/// Times `record(encoder, run)` for the warm-up runs (at least one per copy, so no timed run is the first to
+/// touch its buffers) and the timed runs, back to back behind the heater; the median of the timed ones.
+fn median_time(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    copies: usize,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder, usize) -> Result<()>,
+) -> Result<Duration> {
+    let warmup = o.warmup.max(copies);
+    let mut run = 0;
+    let times = time_on_device(ctx, 1 + warmup + o.runs, |enc| {
+        run += 1;
+        if run == 1 {
+            heater.record(enc, heater.copies);
+            return Ok(());
+        }
+        record(enc, run - 2)
+    })?;
+    let mut t: Vec<Duration> = times[1 + warmup..].to_vec();
+    t.sort();
+    Ok(t[t.len() / 2])
+}
+
+/// Copies needed so the rotation reads at least `rotate_mib` (and never fewer than 4).
+fn copies_for(o: &Opts, bytes: u64) -> usize {
+    ((o.rotate_mib << 20).div_ceil(bytes.max(1)) as usize).clamp(4, 512)
+}
+
+fn storage(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(16).next_multiple_of(16),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+fn copy_buffer(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes,
+        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// A plain copy kernel: 16 bytes per invocation per step, grid-stride.
+const COPY_WGSL: &str = "
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+    let len = arrayLength(&dst);
+    for (var i = g.x; i < len; i += n.x * 256u) {
+        dst[i] = src[i];
+    }
+}
+";
+
+/// Bandwidth of a device-to-device copy, bytes read plus bytes written per second: `copy_buffer_to_buffer`
+/// and a copy kernel (16-byte loads and stores); the better of the two is the ceiling.
+fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
+    let limit = ctx.limits().max_buffer_size.min(ctx.limits().max_storage_buffer_binding_size);
+    let bytes = (o.copy_mib << 20).min(limit / 16 * 16);
+    let src = copy_buffer(ctx, "copy src", bytes);
+    let dst = copy_buffer(ctx, "copy dst", bytes);
+    // Nonzero contents, so a compressing memory system cannot shortcut the copy.
+    let chunk: Vec<u32> = (0..(1u32 << 20)).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+    for off in (0..bytes).step_by(4 << 20) {
+        let n = ((bytes - off) as usize).min(4 << 20);
+        ctx.queue().write_buffer(&src, off, &bytemuck::cast_slice(&chunk)[..n]);
+    }
+    let t_copy = median_time(ctx, o, heater, 1, |enc, _| {
+        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        Ok(())
+    })?;
+    let device = ctx.device();
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("copy kernel"),
+        source: wgpu::ShaderSource::Wgsl(COPY_WGSL.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("copy kernel"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("copy kernel"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
+        ],
+    });
+    let groups = ((bytes / 16).div_ceil(256) as u32).min(ctx.limits().max_compute_workgroups_per_dimension).min(8192);
+    let t_kernel = median_time(ctx, o, heater, 1, |enc, _| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(groups, 1, 1);
+        Ok(())
+    })?;
+    let bw = |t: Duration| 2.0 * bytes as f64 / t.as_secs_f64();
+    println!(
+        "copy {} MiB: copy_buffer_to_buffer {:.1} us = {:.0} GB/s; copy kernel {:.1} us = {:.0} GB/s (read + write)",
+        bytes >> 20,
+        us(t_copy),
+        bw(t_copy) / 1e9,
+        us(t_kernel),
+        bw(t_kernel) / 1e9
+    );
+    Ok(bw(t_copy).max(bw(t_kernel)))
+}
+
+fn us(t: Duration) -> f64 {
+    t.as_secs_f64() * 1e6
+}
+
+fn random_x(ctx: &GpuContext, len: usize, seed: u64) -> wgpu::Buffer {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let buf = storage(ctx, "x", len as u64 * 4);
+    ctx.queue().write_buffer(&buf, 0, bytemuck::cast_slice(&x));
+    buf
+}
+
+/// Largest |a - b| over the largest |b|: a cross-check that two strategies compute the same product.
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)).max(1e-30);
+    a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs())) / scale
+}
+
+fn bench_shape(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    rows: usize,
+    cols: usize,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let shape = format!("{rows}x{cols}");
+    let started = std::time::Instant::now();
+    let w = synthetic_weights(rows, cols, 0x5eed ^ (rows * 31 + cols) as u64);
+    let q = quantize(&w, rows, cols, QuantConfig::default())?;
+    let tensor = EcTensor::encode(&q, EncodeOptions::default())?;
+    let n = (rows * cols) as u64;
+    let pairs = joint_counts(&q.symbols, tensor.layout())?;
+    println!(
+        "\n{shape}: order-0 entropy {:.3} bits/weight, pair entropy {:.3}, stream {:.3} bits/weight, \
+         segment {}, {} tiles (prepared in {:.1} s)",
+        symbol_entropy(&q.symbols, q.bits),
+        entropy_bits(&pairs) / 2.0,
+        tensor.stream_bits() as f64 / n as f64,
+        tensor.layout().segment(),
+        tensor.layout().tiles(),
+        started.elapsed().as_secs_f64()
+    );
+    let max_m = o.ms.iter().copied().max().unwrap_or(1);
+    let x = random_x(ctx, max_m * cols, 7);
+    let y = storage(ctx, "y", (max_m * rows * 4) as u64);
+    let io_bytes = |m: usize| (m * (cols + rows) * 4) as u64;
+
+    // Cross-check once: fused and cached agree, and both are close to the dense f32 product.
+    {
+        let mut rng = StdRng::seed_from_u64(3);
+        let xh: Vec<f32> = (0..cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let mut yf = vec![0f32; rows];
+        let mut yc = vec![0f32; rows];
+        let mut yd = vec![0f32; rows];
+        EcMatmul::new(ctx, &tensor, Strategy::Fused)?.matvec(&xh, &mut yf)?;
+        EcMatmul::new(ctx, &tensor, Strategy::Cached)?.matvec(&xh, &mut yc)?;
+        DenseGemv::new(ctx, &q.dequantize(), rows, cols, DenseDtype::F32)?.matmul(&xh, 1, &mut yd)?;
+        let (fc, fd) = (rel_diff(&yf, &yc), rel_diff(&yf, &yd));
+        println!("check: fused vs cached {fc:.1e}, fused vs dense f32 of the dequantized weights {fd:.1e}");
+        if !(fc < 1e-4 && fd < 1e-4) {
+            return Err(ecq::Error::Gpu(format!("{shape}: products disagree ({fc:e}, {fd:e})")));
+        }
+    }
+
+    let mut cached_time = std::collections::HashMap::new();
+    for strategy in ["cached", "fused", "dense f16", "dense f32"] {
+        let (copies, held): (usize, u64);
+        enum Held {
+            Ec(Vec<EcMatmul>),
+            Dense(Vec<DenseGemv>),
+        }
+        let built = match strategy {
+            "cached" | "fused" => {
+                let s = if strategy == "cached" { Strategy::Cached } else { Strategy::Fused };
+                let first = EcMatmul::new(ctx, &tensor, s)?;
+                held = first.device_bytes();
+                copies = copies_for(o, held);
+                let mut v = vec![first];
+                for _ in 1..copies {
+                    v.push(EcMatmul::new(ctx, &tensor, s)?);
+                }
+                Held::Ec(v)
+            }
+            _ => {
+                let dtype = if strategy == "dense f16" { DenseDtype::F16 } else { DenseDtype::F32 };
+                let first = DenseGemv::new(ctx, &w, rows, cols, dtype)?;
+                held = first.device_bytes();
+                copies = copies_for(o, held);
+                let mut v = vec![first];
+                for _ in 1..copies {
+                    v.push(DenseGemv::new(ctx, &w, rows, cols, dtype)?);
+                }
+                Held::Dense(v)
+            }
+        };
+        for &m in &o.ms {
+            let time = median_time(ctx, o, heater, copies, |enc, run| match &built {
+                Held::Ec(v) => v[run % v.len()].encode(enc, &x, &y, m),
+                Held::Dense(v) => v[run % v.len()].encode(enc, &x, &y, m),
+            })?;
+            if strategy == "cached" {
+                cached_time.insert(m, time);
+            }
+            out.push(Row {
+                shape: shape.clone(),
+                what: strategy.to_string(),
+                m,
+                time,
+                bytes: held + io_bytes(m),
+                weights: n,
+                copies,
+                cached: cached_time.get(&m).copied(),
+            });
+        }
+    }
+
+    // Decode-only: the stream to packed 4-bit symbols.
+    let streams: Vec<GpuStream> = {
+        let first = GpuStream::upload(ctx, &tensor)?;
+        let copies = copies_for(o, first.device_bytes() + first.packed_bytes());
+        let mut v = vec![first];
+        for _ in 1..copies {
+            v.push(GpuStream::upload(ctx, &tensor)?);
+        }
+        v
+    };
+    out.push(decode_row(ctx, o, heater, &shape, &streams)?);
+    if o.variants {
+        decode_variants(ctx, o, heater, &shape, &streams, out)?;
+        if rows * cols >= 1 << 24 {
+            row_variants(ctx, o, heater, &shape, &tensor, &w, &x, &y, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// q_gemv and gemv_f16 at M = 1 with other workgroup sizes, and with their x loads (or q_gemv's scale loads)
+/// left out (outputs wrong by design; only the times mean anything).
+#[allow(clippy::too_many_arguments)]
+fn row_variants(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    shape: &str,
+    tensor: &EcTensor,
+    w: &[f32],
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let (rows, cols) = (tensor.rows(), tensor.cols());
+    let call = kernels::call_params(ctx, 1)?;
+    let lanes = ctx.lane_mode();
+    // Cached: packed symbols and scales, rotated.
+    let first = GpuStream::upload(ctx, tensor)?;
+    let q_bytes = first.packed_bytes() + (tensor.scales().len() * 8) as u64;
+    let q_copies = copies_for(o, q_bytes);
+    let mut q_groups = Vec::new();
+    for _ in 0..q_copies {
+        let packed = kernels::decode_to_packed(ctx, &first)?;
+        let scales = GpuScales::upload(ctx, tensor)?;
+        q_groups.push(kernels::q_gemv_weights(ctx, &packed, &scales));
+    }
+    // Dense f16 weights, rotated.
+    let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let f16_copies = copies_for(o, half.len() as u64 * 2);
+    let params = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("dense params"),
+        size: 16,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    ctx.queue().write_buffer(&params, 0, bytemuck::cast_slice(&[rows as u32, cols as u32, 0, 0]));
+    let f16_bufs: Vec<wgpu::Buffer> = (0..f16_copies)
+        .map(|_| {
+            let b = storage(ctx, "dense f16", (half.len() * 2) as u64);
+            ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&half));
+            b
+        })
+        .collect();
+    let cases: [(Kernel, &str, u32, &str, &str, u32); 14] = [
+        (Kernel::QGemv, "q_gemv wg32", 32, "", "", 0),
+        (Kernel::QGemv, "q_gemv wg128", 128, "", "", 0),
+        (Kernel::QGemv, "q_gemv wg256", 256, "", "", 0),
+        (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[(xrow[v] + col) / 4u + j];", "let xv = vec4<f32>(f32(j));", 0),
+        (
+            Kernel::QGemv,
+            "q_gemv -scales",
+            64,
+            "return vec2<f32>(scales[g], biases[g]);",
+            "return vec2<f32>(f32(g & 1u), 1.0);",
+            0,
+        ),
+        (Kernel::GemvF16, "f16 wg32", 32, "", "", 0),
+        (Kernel::GemvF16, "f16 wg128", 128, "", "", 0),
+        (Kernel::GemvF16, "f16 wg256", 256, "", "", 0),
+        (Kernel::GemvF16, "f16 -half x", 64, "let p = x4[i];", "let p = vec4<f32>(f32(i));", 0),
+        (
+            Kernel::GemvF16,
+            "f16 -x -unpack",
+            64,
+            "let a = unpack2x16float(w.x);",
+            "let a = bitcast<vec2<f32>>(w.xy);",
+            0,
+        ),
+        // Fewer workgroups than rows: each loops over rows (grid-stride), no workgroup per row to start.
+        (Kernel::GemvF16, "f16 grid 1056", 64, "", "", 1056),
+        (Kernel::GemvF16, "f16 grid 4224", 64, "", "", 4224),
+        (Kernel::QGemv, "q_gemv grid 1056", 64, "", "", 1056),
+        (Kernel::QGemv, "q_gemv grid 4224", 64, "", "", 4224),
+    ];
+    for (kernel, name, wg, from, to, grid) in cases {
+        let bits = if kernel == Kernel::QGemv { tensor.bits() } else { 0 };
+        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg };
+        let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
+            if from.is_empty() {
+                return src;
+            }
+            assert!(src.contains(from), "{} no longer contains {from:?}", kernel.file());
+            let src = src.replace(from, to);
+            if name.ends_with("-unpack") {
+                // Also drop the x loads and the other conversions: what is left is the weight loads and FMAs.
+                return src
+                    .replace("let p = x4[i];", "let p = vec4<f32>(f32(i));")
+                    .replace("let b = unpack2x16float(w.y);", "let b = bitcast<vec2<f32>>(w.zw);")
+                    .replace("let c = unpack2x16float(w.z);", "let c = a;")
+                    .replace("let d = unpack2x16float(w.w);", "let d = b;");
+            }
+            src
+        })?;
+        let io = kernels::io_bind_group(ctx, kernel, x, y, Some(&call));
+        let dense_groups: Vec<wgpu::BindGroup> = if kernel == Kernel::GemvF16 {
+            f16_bufs
+                .iter()
+                .map(|b| {
+                    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("dense f16"),
+                        layout: &pipeline.get_bind_group_layout(0),
+                        entries: &[
+                            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                            wgpu::BindGroupEntry { binding: 1, resource: b.as_entire_binding() },
+                        ],
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let groups = if kernel == Kernel::QGemv { &q_groups } else { &dense_groups };
+        let grid = if grid == 0 { rows as u32 } else { grid }.min(ctx.limits().max_compute_workgroups_per_dimension);
+        let time = median_time(ctx, o, heater, groups.len(), |enc, run| {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &groups[run % groups.len()], &[]);
+            pass.set_bind_group(1, &io, &[]);
+            pass.dispatch_workgroups(grid, 1, 1);
+            Ok(())
+        })?;
+        let bytes = if kernel == Kernel::QGemv { q_bytes } else { half.len() as u64 * 2 };
+        out.push(Row {
+            shape: shape.to_string(),
+            what: name.to_string(),
+            m: 1,
+            time,
+            bytes: bytes + ((rows + cols) * 4) as u64,
+            weights: (rows * cols) as u64,
+            copies: groups.len(),
+            cached: None,
+        });
+    }
+    Ok(())
+}
+
+/// Edits of rans_decode.wgsl that each leave one part of a step out, to see which part the time goes to
+/// (their outputs are wrong by design; only their times mean anything).
+const DECODE_VARIANTS: [(&str, &str, &str); 4] = [
+    ("-table", "let e = table[x & (TABLE - 1u)];", "let e = (x & 0xffu) | 0x7ff00u;"),
+    ("-store", "packed[out] = acc;", "if (acc == 0x9e3779b9u) { packed[out] = acc; }"),
+    ("-word read", "let word = next_word(min(i, max(end, 1u) - 1u), need);", "let word = i & 0xffffu;"),
+    ("-ballot", "let rank = word_rank(need);", "let rank = vec2<u32>(select(0u, lane_row, need), 16u);"),
+];
+
+fn decode_variants(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    shape: &str,
+    streams: &[GpuStream],
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let outs: Vec<GpuPacked> = streams.iter().map(|s| GpuPacked::for_stream(ctx, s)).collect::<Result<_>>()?;
+    let status = storage(ctx, "status", 8);
+    for (name, from, to) in DECODE_VARIANTS {
+        let spec = kernels::rans_decode_spec(ctx, &streams[0]);
+        let pipeline = kernels::edited_pipeline(ctx, Kernel::RansDecode, spec, |src| {
+            assert!(src.contains(from), "rans_decode.wgsl no longer contains {from:?}");
+            src.replace(from, to)
+        })?;
+        let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
+            let i = run % streams.len();
+            kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline)
+        })?;
+        let l = streams[0].layout();
+        out.push(Row {
+            shape: shape.to_string(),
+            what: format!("decode {name}"),
+            m: 0,
+            time,
+            bytes: streams[0].device_bytes() + streams[0].packed_bytes(),
+            weights: (l.rows() * l.cols()) as u64,
+            copies: streams.len(),
+            cached: None,
+        });
+    }
+    Ok(())
+}
+
+/// Times the decode-only kernel over rotating copies of one stream (every copy checked once first).
+fn decode_row(ctx: &GpuContext, o: &Opts, heater: &Heater, shape: &str, streams: &[GpuStream]) -> Result<Row> {
+    let outs: Vec<GpuPacked> = streams.iter().map(|s| GpuPacked::for_stream(ctx, s)).collect::<Result<_>>()?;
+    for (s, p) in streams.iter().zip(&outs) {
+        kernels::decode_into(ctx, s, p)?;
+    }
+    let status = storage(ctx, "status", 8);
+    let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
+        let i = run % streams.len();
+        kernels::rans_decode(ctx, enc, &streams[i], &outs[i], &status)
+    })?;
+    let l = streams[0].layout();
+    Ok(Row {
+        shape: shape.to_string(),
+        what: "decode only".into(),
+        m: 0,
+        time,
+        bytes: streams[0].device_bytes() + streams[0].packed_bytes(),
+        weights: (l.rows() * l.cols()) as u64,
+        copies: streams.len(),
+        cached: None,
+    })
+}
+
+fn bench_smol(ctx: &GpuContext, o: &Opts, heater: &Heater, path: &Path, out: &mut Vec<Row>) -> Result<()> {
+    let file = EcFile::open(path)?;
+    let names: Vec<String> = file.encoded_names().map(str::to_string).collect();
+    println!("\nreal SmolLM2-135M Q4_1 symbols from {} ({} tensors)", path.display(), names.len());
+    for name in names.iter().filter(|n| n.starts_with("stack_")) {
+        let t = file.tensor(name)?;
+        let first = GpuStream::upload(ctx, &t)?;
+        let copies = copies_for(o, first.device_bytes() + first.packed_bytes());
+        let mut streams = vec![first];
+        for _ in 1..copies {
+            streams.push(GpuStream::upload(ctx, &t)?);
+        }
+        let mut row = decode_row(ctx, o, heater, &format!("smol {name} {}x{}", t.rows(), t.cols()), &streams)?;
+        row.what = "decode only".into();
+        out.push(row);
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Row], copy_bw: f64) {
+    println!(
+        "\n{:<30} {:<16} {:>2} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>6}",
+        "shape", "kernel", "M", "us", "MB moved", "GB/s", "% copy", "x cached", "G wt/s", "copies"
+    );
+    for r in rows {
+        let bw = r.bytes as f64 / r.time.as_secs_f64();
+        let ratio = r.cached.map_or("".to_string(), |c| format!("{:.2}", r.time.as_secs_f64() / c.as_secs_f64()));
+        let m = if r.m == 0 { "-".to_string() } else { r.m.to_string() };
+        println!(
+            "{:<30} {:<16} {:>2} {:>9.1} {:>9.2} {:>8.0} {:>6.1}% {:>8} {:>9.1} {:>6}",
+            r.shape,
+            r.what,
+            m,
+            us(r.time),
+            r.bytes as f64 / 1e6,
+            bw / 1e9,
+            100.0 * bw / copy_bw,
+            ratio,
+            r.weights as f64 / r.time.as_secs_f64() / 1e9,
+            r.copies
+        );
+    }
+}
+
+fn run(o: &Opts) -> Result<()> {
+    if o.runs == 0 {
+        usage();
+    }
+    let ctx = GpuContext::new()?;
+    println!("device: {}", ctx.describe());
+    println!(
+        "method: max({}, copies) warm-up + {} timed runs (median), timestamp queries; weights rotated over >= 4 copies and >= {} MiB",
+        o.warmup, o.runs, o.rotate_mib
+    );
+    let heater = Heater::new(&ctx, o.heat_ms)?;
+    println!("heater: {} copies of 256 MiB (about {} ms) before every timed batch", heater.copies, o.heat_ms);
+    let copy_bw = copy_bandwidth(&ctx, o, &heater)?;
+    let mut rows = Vec::new();
+    for &(r, c) in &o.shapes {
+        bench_shape(&ctx, o, &heater, r, c, &mut rows)?;
+    }
+    match &o.smol {
+        Some(p) if p.exists() => bench_smol(&ctx, o, &heater, p, &mut rows)?,
+        Some(p) => println!("\nSKIPPED decode-only on real SmolLM2 symbols: {} does not exist", p.display()),
+        None => println!("\nSKIPPED decode-only on real SmolLM2 symbols: no --smol FILE or ECQ_SMOL given"),
+    }
+    let copy_after = copy_bandwidth(&ctx, o, &heater)?;
+    println!(
+        "copy bandwidth used for '% copy': {:.0} GB/s (the better of before and after)",
+        copy_bw.max(copy_after) / 1e9
+    );
+    print_table(&rows, copy_bw.max(copy_after));
+    Ok(())
+}
