@@ -544,25 +544,25 @@ fn row_variants(
         (Kernel::QGemv, "q_gemv wg32", 32, "", "", 0),
         (Kernel::QGemv, "q_gemv wg128", 128, "", "", 0),
         (Kernel::QGemv, "q_gemv wg256", 256, "", "", 0),
-        (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[(xrow[v] + col) / 4u + j];", "let xv = vec4<f32>(f32(j));", 0),
+        (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[xb[v] + c4];", "let xv = vec4<f32>(f32(c4));", 0),
         (
             Kernel::QGemv,
             "q_gemv -scales",
             64,
-            "return vec2<f32>(scales[g], biases[g]);",
-            "return vec2<f32>(f32(g & 1u), 1.0);",
+            "return vec4<f32>(scales[gr.x + g], scales[gr.y + g], scales[gr.z + g], scales[gr.w + g]);",
+            "return vec4<f32>(f32(g & 1u));",
             0,
         ),
         (Kernel::GemvF16, "f16 wg32", 32, "", "", 0),
         (Kernel::GemvF16, "f16 wg128", 128, "", "", 0),
         (Kernel::GemvF16, "f16 wg256", 256, "", "", 0),
-        (Kernel::GemvF16, "f16 -half x", 64, "let p = x4[i];", "let p = vec4<f32>(f32(i));", 0),
+        (Kernel::GemvF16, "f16 -half x", 64, "let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));", 0),
         (
             Kernel::GemvF16,
             "f16 -x -unpack",
             64,
-            "let a = unpack2x16float(w.x);",
-            "let a = bitcast<vec2<f32>>(w.xy);",
+            "return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));",
+            "return bitcast<vec4<f32>>(w);",
             0,
         ),
         // Fewer workgroups than rows: each loops over rows (grid-stride), no workgroup per row to start.
@@ -582,11 +582,10 @@ fn row_variants(
             let src = src.replace(from, to);
             if name.ends_with("-unpack") {
                 // Also drop the x loads and the other conversions: what is left is the weight loads and FMAs.
-                return src
-                    .replace("let p = x4[i];", "let p = vec4<f32>(f32(i));")
-                    .replace("let b = unpack2x16float(w.y);", "let b = bitcast<vec2<f32>>(w.zw);")
-                    .replace("let c = unpack2x16float(w.z);", "let c = a;")
-                    .replace("let d = unpack2x16float(w.w);", "let d = b;");
+                return src.replace("let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));").replace(
+                    "return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));",
+                    "return bitcast<vec4<f32>>(w).wzyx;",
+                );
             }
             src
         })?;
@@ -609,7 +608,8 @@ fn row_variants(
             Vec::new()
         };
         let groups = if kernel == Kernel::QGemv { &q_groups } else { &dense_groups };
-        let grid = if grid == 0 { rows as u32 } else { grid }.min(ctx.limits().max_compute_workgroups_per_dimension);
+        let blocks = kernels::row_blocks(kernel, &spec, rows) as u32;
+        let grid = if grid == 0 { blocks } else { grid }.min(ctx.limits().max_compute_workgroups_per_dimension);
         let time = median_time(ctx, o, heater, groups.len(), |enc, run| {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&pipeline);

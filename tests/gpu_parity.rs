@@ -262,7 +262,8 @@ fn fused_and_cached_every_bit_width(ctx: &GpuContext) {
     }
 }
 
-/// 4160 columns (groups of 64, segments of 512: the last one holds 64 columns), 2-, 4- and 6-bit; and 8448.
+/// 4160 columns (groups of 64, segments of 512: the last one holds 64 columns), 2-, 4- and 6-bit; 8448; 1-bit
+/// 4096.
 fn fused_and_cached_wide_rows(ctx: &GpuContext) {
     for bits in [2, 4, 6] {
         let q = random_matrix(67, 4160, bits, 64, 300 + bits as u64);
@@ -275,6 +276,10 @@ fn fused_and_cached_wide_rows(ctx: &GpuContext) {
         let t = encode(&q, 512);
         check_products(ctx, &q, &t, &[1, 3], &format!("37x8448 {bits}-bit"));
     }
+    // 1-bit rows of whole vec4s (4096 columns: 32 vec4s of 128 symbols, each over four groups of 32).
+    let q = random_matrix(67, 4096, 1, 32, 315);
+    let t = encode(&q, 512);
+    check_products(ctx, &q, &t, &[1, 3], "67x4096 1-bit");
     // Two segments of 1024 8-bit columns: few slabs per workgroup, long tiles (about 14000 words each).
     let q = random_matrix(37, 2048, 8, 64, 320);
     let t = encode(&q, 1024);

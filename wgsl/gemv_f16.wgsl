@@ -1,11 +1,12 @@
 // Dense GEMV baseline, f16 weights: y[v][n] = sum_k W[n][k] x[v][k]. The weights are read as pairs with
 // unpack2x16float, so the kernel needs no shader-f16 feature.
 //
-// Specialization (prepended by the host): M (vectors per workgroup, 1..=8), WG (power of two).
-// Preamble: reduce.wgsl.
-// Grid: x strides over rows (one row per workgroup at a time), y = vector block of M vectors.
-// Where rows start on 16 bytes (cols % 8 == 0) each invocation reads 16 bytes (8 weights) at a time, four such
-// loads issued before their first use; otherwise it reads one pair at a time.
+// Specialization (prepended by the host): M (vectors per workgroup, 1..=8), NR (rows per row group, 4), WG
+// (power of two, a multiple of 32). Preamble: rows.wgsl.
+// Grid: x strides over row blocks (rows.wgsl), y = vector block of M vectors.
+// Where rows start on 16 bytes (cols % 8 == 0) a lane reads 16 bytes (8 weights) of each of its 4 rows at a
+// time, consecutive lanes consecutive vec4s, two such steps (8 loads) in flight before the first is used, and
+// loads the x values of those 8 columns once for all 4 rows; otherwise it reads one pair at a time.
 
 struct DenseParams {
     rows: u32,
@@ -32,20 +33,39 @@ struct CallParams {
 // The same input vectors as vec4s, read where every row of x starts on 16 bytes.
 @group(1) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 
-var<private> acc: array<f32, M>;
-var<private> xrow: array<u32, M>;
+var<private> acc: array<vec4<f32>, M>;
+// Each vector's first element in x, and (where cols % 4 == 0) its first vec4 in x4.
+var<private> xs: array<u32, M>;
+var<private> xb: array<u32, M>;
 
-// Adds the products of 8 weights starting at column `col` (a multiple of 8, as is cols) for every vector.
-fn dot8(w: vec4<u32>, col: u32) {
-    let a = unpack2x16float(w.x);
-    let b = unpack2x16float(w.y);
-    let c = unpack2x16float(w.z);
-    let d = unpack2x16float(w.w);
+// 8 f16 weights as two vec4s.
+fn lo8(w: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+fn hi8(w: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
+}
+
+// Adds the products of 8 weights of each of the 4 rows (w0 .. w3) at columns 8 c .. 8 c + 8 to acc (row r in
+// component r), for every vector.
+fn dot8(w0: vec4<u32>, w1: vec4<u32>, w2: vec4<u32>, w3: vec4<u32>, c: u32) {
+    let l0 = lo8(w0);
+    let h0 = hi8(w0);
+    let l1 = lo8(w1);
+    let h1 = hi8(w1);
+    let l2 = lo8(w2);
+    let h2 = hi8(w2);
+    let l3 = lo8(w3);
+    let h3 = hi8(w3);
     for (var v = 0u; v < M; v++) {
-        let i = (xrow[v] + col) / 4u;
-        let p = x4[i];
-        let q = x4[i + 1u];
-        acc[v] += a.x * p.x + a.y * p.y + b.x * p.z + b.y * p.w + c.x * q.x + c.y * q.y + d.x * q.z + d.y * q.w;
+        let p = x4[xb[v] + 2u * c];
+        let q = x4[xb[v] + 2u * c + 1u];
+        acc[v] += vec4<f32>(
+            dot(l0, p) + dot(h0, q),
+            dot(l1, p) + dot(h1, q),
+            dot(l2, p) + dot(h2, q),
+            dot(l3, p) + dot(h3, q),
+        );
     }
 }
 
@@ -58,54 +78,72 @@ fn main(
     @builtin(subgroup_invocation_id) sid: u32,
     @builtin(subgroup_id) sgid: u32,
     @builtin(num_subgroups) nsg: u32,
+    @builtin(subgroup_size) sg_size: u32,
 //#endif
 ) {
 //#if SUBGROUP
-    reduce_init(lid, sid, sgid, nsg);
+    rows_init(lid, sid, sgid, nsg, sg_size);
 //#else
-    reduce_init(lid);
+    rows_init(lid);
 //#endif
+    let rows = params.rows;
     let v0 = wid.y * M;
     for (var v = 0u; v < M; v++) {
-        xrow[v] = min(v0 + v, call.m - 1u) * params.cols;
+        xs[v] = min(v0 + v, call.m - 1u) * params.cols;
+        xb[v] = xs[v] / 4u;
     }
     let pairs = params.cols / 2u;
-    for (var row = wid.x; row < params.rows; row += nwg.x) {
+    for (var blk = wid.x; blk * rows_per_block() < rows; blk += nwg.x) {
+        let row0 = group_row0(blk);
+        // The 4 rows, clamped (a row past the end repeats the last; its sums are not written).
+        let r0 = min(row0, rows - 1u);
+        let r1 = min(row0 + 1u, rows - 1u);
+        let r2 = min(row0 + 2u, rows - 1u);
+        let r3 = min(row0 + 3u, rows - 1u);
         for (var v = 0u; v < M; v++) {
-            acc[v] = 0.0;
+            acc[v] = vec4<f32>(0.0);
         }
         if (pairs % 4u == 0u) {
             let n = pairs / 4u;
-            let base = row * n;
-            var c = lid;
-            for (; c + 3u * WG < n; c += 4u * WG) {
-                let w0 = weights[base + c];
-                let w1 = weights[base + c + WG];
-                let w2 = weights[base + c + 2u * WG];
-                let w3 = weights[base + c + 3u * WG];
-                dot8(w0, 8u * c);
-                dot8(w1, 8u * (c + WG));
-                dot8(w2, 8u * (c + 2u * WG));
-                dot8(w3, 8u * (c + 3u * WG));
+            let b0 = r0 * n;
+            let b1 = r1 * n;
+            let b2 = r2 * n;
+            let b3 = r3 * n;
+            let l = rg_lanes;
+            var c = rg_lane;
+            for (; c + l < n; c += 2u * l) {
+                let a0 = weights[b0 + c];
+                let a1 = weights[b1 + c];
+                let a2 = weights[b2 + c];
+                let a3 = weights[b3 + c];
+                let e0 = weights[b0 + c + l];
+                let e1 = weights[b1 + c + l];
+                let e2 = weights[b2 + c + l];
+                let e3 = weights[b3 + c + l];
+                dot8(a0, a1, a2, a3, c);
+                dot8(e0, e1, e2, e3, c + l);
             }
-            for (; c < n; c += WG) {
-                dot8(weights[base + c], 8u * c);
+            if (c < n) {
+                dot8(weights[b0 + c], weights[b1 + c], weights[b2 + c], weights[b3 + c], c);
             }
         } else {
-            for (var c = lid; c < pairs; c += WG) {
-                let i = row * pairs + c;
-                let w = unpack2x16float(weights[i / 4u][i % 4u]);
+            for (var c = rg_lane; c < pairs; c += rg_lanes) {
+                let i0 = r0 * pairs + c;
+                let i1 = r1 * pairs + c;
+                let i2 = r2 * pairs + c;
+                let i3 = r3 * pairs + c;
+                let w0 = unpack2x16float(weights[i0 / 4u][i0 % 4u]);
+                let w1 = unpack2x16float(weights[i1 / 4u][i1 % 4u]);
+                let w2 = unpack2x16float(weights[i2 / 4u][i2 % 4u]);
+                let w3 = unpack2x16float(weights[i3 / 4u][i3 % 4u]);
                 for (var v = 0u; v < M; v++) {
-                    let xi = xrow[v] + 2u * c;
-                    acc[v] += w.x * x[xi] + w.y * x[xi + 1u];
+                    let xv = vec2<f32>(x[xs[v] + 2u * c], x[xs[v] + 2u * c + 1u]);
+                    acc[v] += vec4<f32>(dot(w0, xv), dot(w1, xv), dot(w2, xv), dot(w3, xv));
                 }
             }
         }
         for (var v = 0u; v < M; v++) {
-            let total = workgroup_sum(acc[v]);
-            if (lid == 0u && v0 + v < call.m) {
-                y[(v0 + v) * params.rows + row] = total;
-            }
+            store_rows(acc[v], blk, v0 + v, rows, call.m);
         }
     }
 }

@@ -1,16 +1,15 @@
 // Quantized GEMV on MLX-packed symbols (the Cached path): y[v][n] = sum_k (s q[n][k] + b) x[v][k].
 //
-// Specialization (prepended by the host): BITS (1..=8), M (vectors per workgroup, 1..=8), WG (power of two).
-// Preamble: reduce.wgsl.
-// Grid: x strides over rows (one row per workgroup at a time), y = vector block: workgroup (i, j) computes
-// vectors j*M .. j*M + M of its rows, so any number of vectors runs as a tiled matmul of M-vector blocks.
-// Where BITS divides 32 (1, 2, 4, 8) each invocation takes whole packed words, consecutive invocations
-// consecutive words (coalesced): four at a time (16 bytes) for BITS 4 and 8 where rows hold whole vec4s, else one
-// at a time, with
-// their scales and biases loaded before the first is used; a word's 32 / BITS symbols lie in
-// one group, and their x values are read as vec4s. Other widths take chunks of 32 symbols (BITS words, always
-// inside one group since the group size is a multiple of 32). Either way a piece accumulates sum(q x) and
-// sum(x), then adds s * sum(q x) + b * sum(x).
+// Specialization (prepended by the host): BITS (1..=8), M (vectors per workgroup, 1..=8), NR (rows per row
+// group, 4), WG (power of two, a multiple of 32). Preamble: rows.wgsl.
+// Grid: x strides over row blocks (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
+// j*M .. j*M + M, so any number of vectors runs as a tiled matmul of M-vector blocks.
+// Where BITS divides 32 and rows hold whole vec4s of packed words, a lane takes 16 bytes (4 words) of each of
+// its 4 rows at a time, consecutive lanes consecutive vec4s (coalesced), two such steps (8 loads) in flight
+// before the first is used; it loads the x values of those columns once for all 4 rows. Otherwise a lane takes
+// chunks of 32 symbols (BITS words). Either way it accumulates sum(q x) and sum(x) over each group's part and
+// then adds s * sum(q x) + b * sum(x); 32 symbols, and for BITS >= 4 a whole vec4, lie in one group (the group
+// size is a multiple of 32).
 
 struct PackedParams {
     rows: u32,
@@ -46,13 +45,23 @@ const QMASK: u32 = (1u << BITS) - 1u;
 const SPW: u32 = 32u / BITS;
 const WORD_PATH: bool = 32u % BITS == 0u;
 
-var<private> acc: array<f32, M>;
-var<private> xrow: array<u32, M>;
+var<private> acc: array<vec4<f32>, M>;
+// sum(q x) per row (component) and sum(x), per vector, over the current group's part.
+var<private> qx: array<vec4<f32>, M>;
+var<private> sx: array<f32, M>;
+// Each vector's first vec4 in x4.
+var<private> xb: array<u32, M>;
 
 // q as f32 for q < 2^23, built from bits (2^23 + q has q in its mantissa) instead of an integer conversion,
 // which runs at a fraction of the FMA rate on some GPUs.
-fn small_to_f32(q: u32) -> f32 {
-    return bitcast<f32>(q | 0x4b000000u) - 8388608.0;
+fn small4(q: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(q | vec4<u32>(0x4b000000u)) - vec4<f32>(8388608.0);
+}
+
+// Symbols 4 t .. 4 t + 4 of a packed word, as f32 (BITS divides 32).
+fn quad(word: u32, t: u32) -> vec4<f32> {
+    let shifts = (vec4<u32>(0u, 1u, 2u, 3u) + vec4<u32>(4u * t)) * BITS;
+    return small4((vec4<u32>(word) >> shifts) & vec4<u32>(QMASK));
 }
 
 // Word `i` of the packed symbols.
@@ -60,60 +69,88 @@ fn packed_word(i: u32) -> u32 {
     return packed[i / 4u][i % 4u];
 }
 
-// Adds chunk `c` of row `row` (its BITS words in w[0..BITS], w[BITS] = 0) to the accumulators.
-fn chunk_dot(w: array<u32, 9>, row: u32, c: u32) {
-    let g = row * (params.cols / params.group_size) + c * 32u / params.group_size;
-    var qx: array<f32, M>;
-    var sx: array<f32, M>;
-    for (var v = 0u; v < M; v++) {
-        qx[v] = 0.0;
-        sx[v] = 0.0;
-    }
-    for (var i = 0u; i < 32u; i++) {
-        let bit = i * BITS;
-        let off = bit % 32u;
-        var q = w[bit / 32u] >> off;
-        if (off + BITS > 32u) {
-            q |= w[bit / 32u + 1u] << (32u - off);
-        }
-        let qf = small_to_f32(q & QMASK);
-        for (var v = 0u; v < M; v++) {
-            let xv = x[xrow[v] + c * 32u + i];
-            qx[v] += qf * xv;
-            sx[v] += xv;
-        }
-    }
-    let s = scales[g];
-    let b = biases[g];
+// The scales and the biases of group `g` of the 4 rows whose first groups are `gr`.
+fn scales4(gr: vec4<u32>, g: u32) -> vec4<f32> {
+    return vec4<f32>(scales[gr.x + g], scales[gr.y + g], scales[gr.z + g], scales[gr.w + g]);
+}
+fn biases4(gr: vec4<u32>, g: u32) -> vec4<f32> {
+    return vec4<f32>(biases[gr.x + g], biases[gr.y + g], biases[gr.z + g], biases[gr.w + g]);
+}
+
+// acc += s * qx + b * sx for every vector (s, b: the 4 rows' scales and biases); qx and sx restart.
+fn fold(s: vec4<f32>, b: vec4<f32>) {
     for (var v = 0u; v < M; v++) {
         acc[v] += s * qx[v] + b * sx[v];
+        qx[v] = vec4<f32>(0.0);
+        sx[v] = 0.0;
     }
 }
 
-// The scale and bias of the group of packed word `w` of row `row`.
-fn word_scale(row: u32, w: u32) -> vec2<f32> {
-    let g = row * (params.cols / params.group_size) + w * SPW / params.group_size;
-    return vec2<f32>(scales[g], biases[g]);
-}
-
-// Adds packed word `w` of row `row` (`word`, SPW symbols from column w * SPW, with its group's scale and bias
-// `sb`) to the accumulators.
-fn word_dot(word: u32, sb: vec2<f32>, w: u32) {
-    let col = w * SPW;
-    var q: array<f32, SPW>;
-    for (var i = 0u; i < SPW; i++) {
-        q[i] = small_to_f32((word >> (i * BITS)) & QMASK);
-    }
-    for (var v = 0u; v < M; v++) {
-        var qx = 0.0;
-        var sx = 0.0;
-        for (var j = 0u; j < SPW / 4u; j++) {
-            let xv = x4[(xrow[v] + col) / 4u + j];
-            qx += q[4u * j] * xv.x + q[4u * j + 1u] * xv.y + q[4u * j + 2u] * xv.z + q[4u * j + 3u] * xv.w;
-            sx += xv.x + xv.y + xv.z + xv.w;
+// Adds vec4 `c` (4 words from column c * 128 / BITS) of the 4 rows (a0 .. a3; first groups gr) to acc; for
+// BITS >= 4 the vec4 lies in one group, whose scales and biases are s and b.
+fn vec_step(a0: vec4<u32>, a1: vec4<u32>, a2: vec4<u32>, a3: vec4<u32>, s: vec4<f32>, b: vec4<f32>, gr: vec4<u32>, c: u32) {
+    let col = c * (128u / BITS);
+    for (var j = 0u; j < 4u; j++) {
+        let w0 = a0[j];
+        let w1 = a1[j];
+        let w2 = a2[j];
+        let w3 = a3[j];
+        for (var t = 0u; t < SPW / 4u; t++) {
+            let c4 = (col + j * SPW) / 4u + t;
+            let q0 = quad(w0, t);
+            let q1 = quad(w1, t);
+            let q2 = quad(w2, t);
+            let q3 = quad(w3, t);
+            for (var v = 0u; v < M; v++) {
+                let xv = x4[xb[v] + c4];
+                sx[v] += dot(xv, vec4<f32>(1.0));
+                qx[v] += vec4<f32>(dot(q0, xv), dot(q1, xv), dot(q2, xv), dot(q3, xv));
+            }
         }
-        acc[v] += sb.x * qx + sb.y * sx;
+        if (BITS < 4u) {
+            // A word of 32 / BITS symbols lies in one group, a vec4 may not.
+            let g = (col + j * SPW) / params.group_size;
+            fold(scales4(gr, g), biases4(gr, g));
+        }
     }
+    if (BITS >= 4u) {
+        fold(s, b);
+    }
+}
+
+// Adds chunk `c` (32 symbols, BITS words) of the 4 rows (first words rw, first groups gr) to acc.
+fn chunk_step(rw: vec4<u32>, gr: vec4<u32>, c: u32) {
+    for (var r = 0u; r < 4u; r++) {
+        // The row's BITS words, plus a zero so a symbol that straddles the last word reads nothing new.
+        var w: array<u32, 9>;
+        let base = rw[r] + c * BITS;
+        for (var i = 0u; i < BITS; i++) {
+            w[i] = packed_word(base + i);
+        }
+        w[BITS] = 0u;
+        for (var t = 0u; t < 8u; t++) {
+            var q: vec4<u32>;
+            for (var k = 0u; k < 4u; k++) {
+                let bit = (4u * t + k) * BITS;
+                let off = bit % 32u;
+                var sym = w[bit / 32u] >> off;
+                if (off + BITS > 32u) {
+                    sym |= w[bit / 32u + 1u] << (32u - off);
+                }
+                q[k] = sym & QMASK;
+            }
+            let qf = small4(q);
+            for (var v = 0u; v < M; v++) {
+                let xv = x4[xb[v] + c * 8u + t];
+                if (r == 0u) {
+                    sx[v] += dot(xv, vec4<f32>(1.0));
+                }
+                qx[v][r] += dot(qf, xv);
+            }
+        }
+    }
+    let g = c * 32u / params.group_size;
+    fold(scales4(gr, g), biases4(gr, g));
 }
 
 @compute @workgroup_size(WG)
@@ -125,89 +162,79 @@ fn main(
     @builtin(subgroup_invocation_id) sid: u32,
     @builtin(subgroup_id) sgid: u32,
     @builtin(num_subgroups) nsg: u32,
+    @builtin(subgroup_size) sg_size: u32,
 //#endif
 ) {
 //#if SUBGROUP
-    reduce_init(lid, sid, sgid, nsg);
+    rows_init(lid, sid, sgid, nsg, sg_size);
 //#else
-    reduce_init(lid);
+    rows_init(lid);
 //#endif
+    let rows = params.rows;
     let v0 = wid.y * M;
     for (var v = 0u; v < M; v++) {
-        xrow[v] = min(v0 + v, call.m - 1u) * params.cols;
+        xb[v] = min(v0 + v, call.m - 1u) * (params.cols / 4u);
     }
-    let chunks = params.cols / 32u;
-    for (var row = wid.x; row < params.rows; row += nwg.x) {
+    let gpr = params.cols / params.group_size;
+    let vec_path = WORD_PATH && params.words_per_row % 4u == 0u;
+    for (var blk = wid.x; blk * rows_per_block() < rows; blk += nwg.x) {
+        let row0 = group_row0(blk);
+        // The 4 rows, clamped (a row past the end repeats the last; its sums are not written).
+        let rs = min(vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(rows - 1u));
+        let gr = rs * gpr;
         for (var v = 0u; v < M; v++) {
-            acc[v] = 0.0;
+            acc[v] = vec4<f32>(0.0);
+            qx[v] = vec4<f32>(0.0);
+            sx[v] = 0.0;
         }
-        if (WORD_PATH && BITS >= 4u && params.words_per_row % 4u == 0u) {
-            // Rows of whole vec4s: each invocation takes 4 words (16 bytes, at most 32 symbols, so one group) at a
-            // time, two such loads with their scales and biases in flight before the first is used.
+        if (vec_path) {
             let n = params.words_per_row / 4u;
-            let base = row * n;
-            var c = lid;
-            for (; c + WG < n; c += 2u * WG) {
-                let a0 = packed[base + c];
-                let a1 = packed[base + c + WG];
-                let s0 = word_scale(row, 4u * c);
-                let s1 = word_scale(row, 4u * (c + WG));
-                word_dot(a0.x, s0, 4u * c);
-                word_dot(a0.y, s0, 4u * c + 1u);
-                word_dot(a0.z, s0, 4u * c + 2u);
-                word_dot(a0.w, s0, 4u * c + 3u);
-                word_dot(a1.x, s1, 4u * (c + WG));
-                word_dot(a1.y, s1, 4u * (c + WG) + 1u);
-                word_dot(a1.z, s1, 4u * (c + WG) + 2u);
-                word_dot(a1.w, s1, 4u * (c + WG) + 3u);
+            let bw = rs * n;
+            let l = rg_lanes;
+            var c = rg_lane;
+            // Two vec4s of every row, and their scales and biases, in flight before the first is used.
+            for (; c + l < n; c += 2u * l) {
+                let a0 = packed[bw.x + c];
+                let a1 = packed[bw.y + c];
+                let a2 = packed[bw.z + c];
+                let a3 = packed[bw.w + c];
+                let e0 = packed[bw.x + c + l];
+                let e1 = packed[bw.y + c + l];
+                let e2 = packed[bw.z + c + l];
+                let e3 = packed[bw.w + c + l];
+                var s0 = vec4<f32>(0.0);
+                var b0 = vec4<f32>(0.0);
+                var s1 = vec4<f32>(0.0);
+                var b1 = vec4<f32>(0.0);
+                if (BITS >= 4u) {
+                    let g0 = c * (128u / BITS) / params.group_size;
+                    let g1 = (c + l) * (128u / BITS) / params.group_size;
+                    s0 = scales4(gr, g0);
+                    b0 = biases4(gr, g0);
+                    s1 = scales4(gr, g1);
+                    b1 = biases4(gr, g1);
+                }
+                vec_step(a0, a1, a2, a3, s0, b0, gr, c);
+                vec_step(e0, e1, e2, e3, s1, b1, gr, c + l);
             }
-            for (; c < n; c += WG) {
-                let a = packed[base + c];
-                let sb = word_scale(row, 4u * c);
-                word_dot(a.x, sb, 4u * c);
-                word_dot(a.y, sb, 4u * c + 1u);
-                word_dot(a.z, sb, 4u * c + 2u);
-                word_dot(a.w, sb, 4u * c + 3u);
-            }
-        } else if (WORD_PATH) {
-            let words = params.words_per_row;
-            let base = row * words;
-            var w = lid;
-            // Four words and their scales and biases in flight before the first is used.
-            for (; w + 3u * WG < words; w += 4u * WG) {
-                let a0 = packed_word(base + w);
-                let a1 = packed_word(base + w + WG);
-                let a2 = packed_word(base + w + 2u * WG);
-                let a3 = packed_word(base + w + 3u * WG);
-                let s0 = word_scale(row, w);
-                let s1 = word_scale(row, w + WG);
-                let s2 = word_scale(row, w + 2u * WG);
-                let s3 = word_scale(row, w + 3u * WG);
-                word_dot(a0, s0, w);
-                word_dot(a1, s1, w + WG);
-                word_dot(a2, s2, w + 2u * WG);
-                word_dot(a3, s3, w + 3u * WG);
-            }
-            for (; w < words; w += WG) {
-                word_dot(packed_word(base + w), word_scale(row, w), w);
+            if (c < n) {
+                var s0 = vec4<f32>(0.0);
+                var b0 = vec4<f32>(0.0);
+                if (BITS >= 4u) {
+                    let g0 = c * (128u / BITS) / params.group_size;
+                    s0 = scales4(gr, g0);
+                    b0 = biases4(gr, g0);
+                }
+                vec_step(packed[bw.x + c], packed[bw.y + c], packed[bw.z + c], packed[bw.w + c], s0, b0, gr, c);
             }
         } else {
-            for (var c = lid; c < chunks; c += WG) {
-                // The chunk's BITS words, plus a zero so a symbol that straddles the last word reads nothing new.
-                var w: array<u32, 9>;
-                let base = row * params.words_per_row + c * BITS;
-                for (var i = 0u; i < BITS; i++) {
-                    w[i] = packed_word(base + i);
-                }
-                w[BITS] = 0u;
-                chunk_dot(w, row, c);
+            let rw = rs * params.words_per_row;
+            for (var c = rg_lane; c < params.cols / 32u; c += rg_lanes) {
+                chunk_step(rw, gr, c);
             }
         }
         for (var v = 0u; v < M; v++) {
-            let total = workgroup_sum(acc[v]);
-            if (lid == 0u && v0 + v < call.m) {
-                y[(v0 + v) * params.rows + row] = total;
-            }
+            store_rows(acc[v], blk, v0 + v, rows, call.m);
         }
     }
 }

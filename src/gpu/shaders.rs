@@ -19,6 +19,8 @@ pub const GEMV_F16: &str = include_str!("../../wgsl/gemv_f16.wgsl");
 pub const LANES: &str = include_str!("../../wgsl/lanes.wgsl");
 /// Preamble: workgroup sum (subgroupAdd or a tree in workgroup memory).
 pub const REDUCE: &str = include_str!("../../wgsl/reduce.wgsl");
+/// Preamble: row groups of several rows each and their sums (subgroupAdd or workgroup memory).
+pub const ROWS: &str = include_str!("../../wgsl/rows.wgsl");
 
 /// The kernels, one per WGSL file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,9 +56,9 @@ impl Kernel {
         match self {
             Kernel::RansDecode => (LANES, RANS_DECODE),
             Kernel::EcGemv => (LANES, EC_GEMV),
-            Kernel::QGemv => (REDUCE, Q_GEMV),
+            Kernel::QGemv => (ROWS, Q_GEMV),
             Kernel::GemvF32 => (REDUCE, GEMV_F32),
-            Kernel::GemvF16 => (REDUCE, GEMV_F16),
+            Kernel::GemvF16 => (ROWS, GEMV_F16),
         }
     }
 }
@@ -94,16 +96,23 @@ impl Spec {
         self.workgroup / 32
     }
 
+    /// Rows per row group of the kernels on rows.wgsl (q_gemv, gemv_f16): each lane keeps one vec4 of partial
+    /// sums (a component per row) per vector, and every x value it loads serves that many rows.
+    pub fn rows_per_group(&self) -> u32 {
+        4
+    }
+
     fn prefix(&self) -> String {
         let bits = self.bits.max(1);
         format!(
             "const BITS: u32 = {bits}u;\nconst KW: u32 = {}u;\nconst P: u32 = {}u;\nconst M: u32 = {}u;\n\
-             const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\n",
+             const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\nconst NR: u32 = {}u;\n",
             8 / bits,
             self.precision.max(1),
             self.m,
             self.workgroup,
             self.slabs().max(1),
+            self.rows_per_group(),
         )
     }
 }
