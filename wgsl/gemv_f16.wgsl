@@ -1,9 +1,9 @@
 // Dense GEMV baseline, f16 weights: y[v][n] = sum_k W[n][k] x[v][k]. The weights are read as pairs with
 // unpack2x16float, so the kernel needs no shader-f16 feature.
 //
-// Specialization (prepended by the host): M (vectors per workgroup, 1..=8), NR (rows per row group, 4), WG
+// Specialization (prepended by the host): M (vectors per workgroup, 1..=8), NR (rows per row block, 4), WG
 // (power of two, a multiple of 32). Preamble: rows.wgsl.
-// Grid: x strides over row blocks (rows.wgsl), y = vector block of M vectors.
+// Grid: x strides over row blocks of 4 rows (rows.wgsl), y = vector block of M vectors.
 // Where rows start on 16 bytes (cols % 8 == 0) a lane reads 16 bytes (8 weights) of each of its 4 rows at a
 // time, consecutive lanes consecutive vec4s, two such steps (8 loads) in flight before the first is used, and
 // loads the x values of those 8 columns once for all 4 rows; otherwise it reads one pair at a time.
@@ -78,11 +78,10 @@ fn main(
     @builtin(subgroup_invocation_id) sid: u32,
     @builtin(subgroup_id) sgid: u32,
     @builtin(num_subgroups) nsg: u32,
-    @builtin(subgroup_size) sg_size: u32,
 //#endif
 ) {
 //#if SUBGROUP
-    rows_init(lid, sid, sgid, nsg, sg_size);
+    rows_init(lid, sid, sgid, nsg);
 //#else
     rows_init(lid);
 //#endif

@@ -1,8 +1,8 @@
 // Quantized GEMV on MLX-packed symbols (the Cached path): y[v][n] = sum_k (s q[n][k] + b) x[v][k].
 //
 // Specialization (prepended by the host): BITS (1..=8), M (vectors per workgroup, 1..=8), NR (rows per row
-// group, 4), WG (power of two, a multiple of 32). Preamble: rows.wgsl.
-// Grid: x strides over row blocks (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
+// block, 4), WG (power of two, a multiple of 32). Preamble: rows.wgsl.
+// Grid: x strides over row blocks of 4 rows (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
 // j*M .. j*M + M, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 and rows hold whole vec4s of packed words, a lane takes 16 bytes (4 words) of each of
 // its 4 rows at a time, consecutive lanes consecutive vec4s (coalesced), two such steps (8 loads) in flight
@@ -162,11 +162,10 @@ fn main(
     @builtin(subgroup_invocation_id) sid: u32,
     @builtin(subgroup_id) sgid: u32,
     @builtin(num_subgroups) nsg: u32,
-    @builtin(subgroup_size) sg_size: u32,
 //#endif
 ) {
 //#if SUBGROUP
-    rows_init(lid, sid, sgid, nsg, sg_size);
+    rows_init(lid, sid, sgid, nsg);
 //#else
     rows_init(lid);
 //#endif

@@ -93,21 +93,15 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         Kernel::RansDecode => table + lanes,
         Kernel::EcGemv => table + lanes + 4 * wg,
         Kernel::GemvF32 => 4 * wg,
-        Kernel::QGemv | Kernel::GemvF16 => match spec.lanes {
-            LaneMode::Portable => 4 * wg * spec.rows_per_group() as u64,
-            LaneMode::SubgroupWide | LaneMode::SubgroupNarrow => 0,
-        },
+        Kernel::QGemv | Kernel::GemvF16 => 4 * wg * spec.rows_per_group() as u64,
     }
 }
 
-/// Workgroups along x that give every row of a row kernel one workgroup pass: one per row for gemv_f32; for
-/// q_gemv and gemv_f16 one per row block of `workgroup / 32` row groups of [`Spec::rows_per_group`] rows (with
-/// subgroups wider than 32 lanes a workgroup has fewer row groups and its row-block loop takes the rest).
+/// Workgroups along x that give every row of a row kernel one workgroup pass: one per row for gemv_f32, one
+/// per row block of [`Spec::rows_per_group`] rows for q_gemv and gemv_f16.
 pub fn row_blocks(kernel: Kernel, spec: &Spec, rows: usize) -> usize {
     match kernel {
-        Kernel::QGemv | Kernel::GemvF16 => {
-            rows.div_ceil((spec.workgroup as usize / 32).max(1) * spec.rows_per_group() as usize)
-        }
+        Kernel::QGemv | Kernel::GemvF16 => rows.div_ceil(spec.rows_per_group() as usize),
         _ => rows,
     }
 }
@@ -503,8 +497,8 @@ fn vectors_per_pass(m: usize) -> u32 {
 /// Records the quantized GEMV (or matmul) of `m` vectors on packed symbols: `weights` from
 /// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m`.
 ///
-/// Grid: x = one workgroup of 64 per row block ([`row_blocks`]: 2 row groups of 4 rows for up to 2 vectors,
-/// of 2 rows for more; capped, the kernel loops over the rest), y = `ceil(m / 8)` blocks of up to 8 vectors.
+/// Grid: x = one workgroup of 64 per row block of 4 rows ([`row_blocks`]; capped, the kernel loops over the
+/// rest), y = `ceil(m / 8)` blocks of up to 8 vectors.
 pub fn q_gemv(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,

@@ -19,7 +19,7 @@ pub const GEMV_F16: &str = include_str!("../../wgsl/gemv_f16.wgsl");
 pub const LANES: &str = include_str!("../../wgsl/lanes.wgsl");
 /// Preamble: workgroup sum (subgroupAdd or a tree in workgroup memory).
 pub const REDUCE: &str = include_str!("../../wgsl/reduce.wgsl");
-/// Preamble: row groups of several rows each and their sums (subgroupAdd or workgroup memory).
+/// Preamble: row blocks of 4 rows per workgroup and their sums (subgroupAdd or workgroup memory).
 pub const ROWS: &str = include_str!("../../wgsl/rows.wgsl");
 
 /// The kernels, one per WGSL file.
@@ -96,8 +96,8 @@ impl Spec {
         self.workgroup / 32
     }
 
-    /// Rows per row group of the kernels on rows.wgsl (q_gemv, gemv_f16): each lane keeps one vec4 of partial
-    /// sums (a component per row) per vector, and every x value it loads serves that many rows.
+    /// Rows per workgroup pass of the kernels on rows.wgsl (q_gemv, gemv_f16): each invocation keeps one vec4 of
+    /// partial sums (a component per row) per vector, and every x value it loads serves that many rows.
     pub fn rows_per_group(&self) -> u32 {
         4
     }
