@@ -594,8 +594,12 @@ fn row_variants(
             if from.is_empty() {
                 return src;
             }
-            assert!(src.contains(from), "{} no longer contains {from:?}", kernel.file());
-            let src = src.replace(from, to);
+            // Several edits are separated by "@@".
+            let mut src = src;
+            for (from, to) in from.split("@@").zip(to.split("@@")) {
+                assert!(src.contains(from), "{} no longer contains {from:?}", kernel.file());
+                src = src.replace(from, to);
+            }
             if name.ends_with("-unpack") {
                 // Also drop the x loads and the other conversions: what is left is the weight loads and FMAs.
                 return src.replace("let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));").replace(

@@ -5,8 +5,8 @@
 // (power of two, a multiple of 32). Preamble: rows.wgsl.
 // Grid: x strides over row blocks of 4 rows (rows.wgsl), y = vector block of M vectors.
 // Where rows start on 16 bytes (cols % 8 == 0) a lane reads 16 bytes (8 weights) of each of its 4 rows at a
-// time, consecutive lanes consecutive vec4s, two such steps (8 loads) in flight before the first is used, and
-// loads the x values of those 8 columns once for all 4 rows; otherwise it reads one pair at a time.
+// time (4 loads in flight), consecutive lanes consecutive vec4s, and loads the x values of those 8 columns once
+// for all 4 rows; otherwise it reads one pair at a time.
 
 struct DenseParams {
     rows: u32,
@@ -109,20 +109,8 @@ fn main(
             let b2 = r2 * n;
             let b3 = r3 * n;
             let l = rg_lanes;
-            var c = rg_lane;
-            for (; c + l < n; c += 2u * l) {
-                let a0 = weights[b0 + c];
-                let a1 = weights[b1 + c];
-                let a2 = weights[b2 + c];
-                let a3 = weights[b3 + c];
-                let e0 = weights[b0 + c + l];
-                let e1 = weights[b1 + c + l];
-                let e2 = weights[b2 + c + l];
-                let e3 = weights[b3 + c + l];
-                dot8(a0, a1, a2, a3, c);
-                dot8(e0, e1, e2, e3, c + l);
-            }
-            if (c < n) {
+            // One vec4 of every row per step (two steps in flight took more registers and ran slower on an H200).
+            for (var c = rg_lane; c < n; c += l) {
                 dot8(weights[b0 + c], weights[b1 + c], weights[b2 + c], weights[b3 + c], c);
             }
         } else {

@@ -5,8 +5,8 @@
 // Grid: x strides over row blocks of 4 rows (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
 // j*M .. j*M + M, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 and rows hold whole vec4s of packed words, a lane takes 16 bytes (4 words) of each of
-// its 4 rows at a time, consecutive lanes consecutive vec4s (coalesced), two such steps (8 loads) in flight
-// before the first is used; it loads the x values of those columns once for all 4 rows. Otherwise a lane takes
+// its 4 rows at a time (4 loads in flight), consecutive lanes consecutive vec4s (coalesced); it loads the x
+// values of those columns once for all 4 rows. Otherwise a lane takes
 // chunks of 32 symbols (BITS words). Either way it accumulates sum(q x) and sum(x) over each group's part and
 // then adds s * sum(q x) + b * sum(x); 32 symbols, and for BITS >= 4 a whole vec4, lie in one group (the group
 // size is a multiple of 32).
@@ -190,41 +190,21 @@ fn main(
             let n = params.words_per_row / 4u;
             let bw = rs * n;
             let l = rg_lanes;
-            var c = rg_lane;
-            // Two vec4s of every row, and their scales and biases, in flight before the first is used.
-            for (; c + l < n; c += 2u * l) {
+            // One vec4 of every row, and its scales and biases, per step (two steps in flight took more registers
+            // and ran slower on an H200).
+            for (var c = rg_lane; c < n; c += l) {
                 let a0 = packed[bw.x + c];
                 let a1 = packed[bw.y + c];
                 let a2 = packed[bw.z + c];
                 let a3 = packed[bw.w + c];
-                let e0 = packed[bw.x + c + l];
-                let e1 = packed[bw.y + c + l];
-                let e2 = packed[bw.z + c + l];
-                let e3 = packed[bw.w + c + l];
                 var s0 = vec4<f32>(0.0);
                 var b0 = vec4<f32>(0.0);
-                var s1 = vec4<f32>(0.0);
-                var b1 = vec4<f32>(0.0);
                 if (BITS >= 4u) {
                     let g0 = c * (128u / BITS) / params.group_size;
-                    let g1 = (c + l) * (128u / BITS) / params.group_size;
                     s0 = scales4(gr, g0);
                     b0 = biases4(gr, g0);
-                    s1 = scales4(gr, g1);
-                    b1 = biases4(gr, g1);
                 }
                 vec_step(a0, a1, a2, a3, s0, b0, gr, c);
-                vec_step(e0, e1, e2, e3, s1, b1, gr, c + l);
-            }
-            if (c < n) {
-                var s0 = vec4<f32>(0.0);
-                var b0 = vec4<f32>(0.0);
-                if (BITS >= 4u) {
-                    let g0 = c * (128u / BITS) / params.group_size;
-                    s0 = scales4(gr, g0);
-                    b0 = biases4(gr, g0);
-                }
-                vec_step(packed[bw.x + c], packed[bw.y + c], packed[bw.z + c], packed[bw.w + c], s0, b0, gr, c);
             }
         } else {
             let rw = rs * params.words_per_row;
