@@ -270,7 +270,8 @@ fn fused_and_cached_wide_rows(ctx: &GpuContext) {
         let t = encode(&q, 512);
         check_products(ctx, &q, &t, &[1, 3, 8, 33], &format!("67x4160 {bits}-bit"));
     }
-    // 8448 columns: 264 chunks of 32 per row, so q_gemv's four-chunk loop runs (4- and 8-bit read vec4s).
+    // 8448 columns: 264 chunks of 32 per row; 4- and 8-bit rows are read as vec4s, 264 (4-bit) or 528 (8-bit)
+    // per row over 64 invocations, so the last step is partial.
     for bits in [4, 8] {
         let q = random_matrix(37, 8448, bits, 64, 310 + bits as u64);
         let t = encode(&q, 512);
