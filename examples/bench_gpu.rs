@@ -765,6 +765,24 @@ fn print_table(rows: &[Row], copy_bw: f64) {
     }
 }
 
+/// Prints what a timed run costs with nothing in it, and with the smallest dense f16 GEMV (one row block of
+/// 4 x 64, one workgroup) in it: the fixed cost every row of the table includes.
+fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
+    let empty = median_time(ctx, o, heater, 1, |_, _| Ok(()))?;
+    let (rows, cols) = (4, 64);
+    let w: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 - 3.0).collect();
+    let gemv = DenseGemv::new(ctx, &w, rows, cols, DenseDtype::F16)?;
+    let x = random_x(ctx, cols, 5);
+    let y = storage(ctx, "y floor", (rows * 4) as u64);
+    let tiny = median_time(ctx, o, heater, 1, |enc, _| gemv.encode(enc, &x, &y, 1))?;
+    println!(
+        "timing floor: no dispatch {:.1} us; dense f16 {rows}x{cols} (one workgroup) {:.1} us",
+        us(empty),
+        us(tiny)
+    );
+    Ok(())
+}
+
 fn run(o: &Opts) -> Result<()> {
     if o.runs == 0 {
         usage();
@@ -781,6 +799,7 @@ fn run(o: &Opts) -> Result<()> {
         println!("batch: {} runs back to back per timestamp pair; times are per run", o.batch);
     }
     let copy_bw = copy_bandwidth(&ctx, o, &heater)?;
+    timing_floor(&ctx, o, &heater)?;
     let mut rows = Vec::new();
     for &(r, c) in &o.shapes {
         bench_shape(&ctx, o, &heater, r, c, &mut rows)?;
