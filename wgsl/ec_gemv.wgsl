@@ -104,7 +104,7 @@ fn main(
             var group_left = steps_per_group;
             words_begin(pos);
             for (var step = 0u; step < max_steps; step++) {
-                let live = lane_live && step < steps;
+                let live = lane_live & (step < steps);
                 if (live) {
                     let e = table[x_state & (TABLE - 1u)];
                     let sym = e & 0xffu;
@@ -132,13 +132,11 @@ fn main(
                         b = biases[g];
                     }
                 }
-                let need = live && x_state < 65536u;
+                let need = live & (x_state < 65536u);
                 let rank = word_rank(need);
                 // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
                 let word = next_word(min(pos + rank.x, tile_offsets[t + 1u]), need);
-                if (need) {
-                    x_state = (x_state << 16u) | word;
-                }
+                x_state = select(x_state, (x_state << 16u) | word, need);
                 pos += rank.y;
                 words_advance(pos);
             }

@@ -80,35 +80,39 @@ fn main(
         var acc = 0u;
         var nbits = 0u;
         words_begin(pos);
+        // Set when a lane needs a word past its tile's end; reported once, after the loop. (`&` and `|` rather
+        // than `&&` and `||` in the loop: naga turns the short-circuit forms into branches.)
+        var overrun = false;
         for (var step = 0u; step < max_steps; step++) {
-            let live = lane_live && step < steps;
-            if (live) {
-                // x = f * (x >> P) + (x mod 2^P) - cum, read off the table entry at slot x mod 2^P.
-                let e = table[x & (TABLE - 1u)];
-                let sym = e & 0xffu;
-                x = (((e >> 8u) & 0xfffu) + 1u) * (x >> P) + (e >> 20u);
-                // Append the joint symbol's KW * BITS bits to the row's bit stream.
-                acc |= sym << nbits;
-                nbits += STEP_BITS;
-                if (nbits >= 32u) {
+            let live = lane_live & (step < steps);
+            // x = f * (x >> P) + (x mod 2^P) - cum, read off the table entry at slot x mod 2^P. Computed on every
+            // lane and kept by `select`, so the per-step dependency chain has no branch to reconverge from.
+            let e = table[x & (TABLE - 1u)];
+            let sym = e & 0xffu;
+            x = select(x, (((e >> 8u) & 0xfffu) + 1u) * (x >> P) + (e >> 20u), live);
+            // Append the joint symbol's KW * BITS bits to the row's bit stream (every live lane of a tile is at
+            // the same step, so `nbits` is the same on all of them).
+            acc |= sym << nbits;
+            nbits += STEP_BITS;
+            if (nbits >= 32u) {
+                if (live) {
                     packed[out] = acc;
-                    out += 1u;
-                    nbits -= 32u;
-                    acc = select(0u, sym >> (STEP_BITS - nbits), nbits > 0u);
                 }
+                out += 1u;
+                nbits -= 32u;
+                acc = select(0u, sym >> (STEP_BITS - nbits), nbits > 0u);
             }
-            let need = live && x < 65536u;
+            let need = live & (x < 65536u);
             let rank = word_rank(need);
             let i = pos + rank.x;
             let word = next_word(min(i, max(end, 1u) - 1u), need);
-            if (need) {
-                x = (x << 16u) | word;
-                if (i >= end) {
-                    report_bad_tile(t);
-                }
-            }
+            x = select(x, (x << 16u) | word, need);
+            overrun = overrun | (need & (i >= end));
             pos += rank.y;
             words_advance(pos);
+        }
+        if (overrun) {
+            report_bad_tile(t);
         }
         // A correct tile ends with every active state back at 2^16 and all of its words consumed.
         if (lane_live && x != 65536u) {
