@@ -108,16 +108,18 @@ fn stream_word(i: u32) -> u32 {
 
 // The words a step needs. With full subgroups of 32 or more lanes (SUBGROUP, not NARROW) each slab keeps a window
 // of its tile's stream in registers, two u32s (four words) per lane: `win_cur` holds u32s win_base + 2 lane_row
-// and the next, `win_nxt` the 64 after the current 64, loaded one window (about 8 steps) ahead, so a step's word
-// comes from a shuffle instead of a global load on the per-step dependency chain. A step takes at most 32 words
-// (16 u32s), so a word a lane needs is always in the two windows. Elsewhere each lane reads its word from
-// global memory.
+// and the next, `win_nxt` the 64 after the current 64, so a step's word comes from a shuffle instead of a global
+// load on the per-step dependency chain. A step takes at most 32 words (16 u32s), so a word a lane needs is always
+// in the two windows. `win_far` holds the 64 after `win_nxt`; it is loaded again every step (from L1: the address
+// changes once a window) and used only at the next step's end, so moving the windows on is a few selects with
+// no branch and no wait on a load. Elsewhere each lane reads its word from global memory.
 //#if SUBGROUP
 //#if NARROW
 //#else
 var<private> win_base: u32;
 var<private> win_cur: vec2<u32>;
 var<private> win_nxt: vec2<u32>;
+var<private> win_far: vec2<u32>;
 
 fn word_pair(u: u32) -> u32 {
     return words[min(u, arrayLength(&words) - 1u)];
@@ -137,6 +139,7 @@ fn words_begin(pos: u32) {
     win_base = pos >> 1u;
     win_cur = window_at(win_base + 2u * lane_row);
     win_nxt = window_at(win_base + 64u + 2u * lane_row);
+    win_far = window_at(win_base + 128u + 2u * lane_row);
 //#endif
 //#endif
 }
@@ -161,17 +164,17 @@ fn next_word(i: u32, need: bool) -> u32 {
 //#endif
 }
 
-// Moves the window on once the slab's cursor `pos` (after a step) has left the first half. Call from uniform
+// Moves the windows on once the slab's cursor `pos` (after a step) has left the first. Call from uniform
 // control flow, once per step.
 fn words_advance(pos: u32) {
 //#if SUBGROUP
 //#if NARROW
 //#else
-    if ((pos >> 1u) - win_base >= 64u) {
-        win_base += 64u;
-        win_cur = win_nxt;
-        win_nxt = window_at(win_base + 64u + 2u * lane_row);
-    }
+    let move_on = (pos >> 1u) - win_base >= 64u;
+    win_base = select(win_base, win_base + 64u, move_on);
+    win_cur = select(win_cur, win_nxt, move_on);
+    win_nxt = select(win_nxt, win_far, move_on);
+    win_far = window_at(win_base + 128u + 2u * lane_row);
 //#endif
 //#endif
 }
