@@ -285,19 +285,14 @@ impl GpuContext {
             label: Some(kernel.file()),
             source: wgpu::ShaderSource::Wgsl(shaders::source(kernel, &spec).into()),
         };
-        let module = if matches!(kernel, Kernel::RansDecode | Kernel::EcGemv) {
-            // The tile kernels' step loop runs once per pair of weights; the loop counter naga adds to every loop
-            // (against infinite loops) costs instructions and a branch on each step.
-            let checks =
-                wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
-            // SAFETY: every loop of rans_decode.wgsl, ec_gemv.wgsl and lanes.wgsl counts a u32 up to a bound
-            // taken from the stream's shape (tiles, segments, steps, table size, vectors) by a positive stride
-            // and stops there; the shapes are far below 2^31, so no counter wraps and every loop ends. Bounds
-            // checks stay on.
-            unsafe { device.create_shader_module_trusted(descriptor, checks) }
-        } else {
-            device.create_shader_module(descriptor)
-        };
+        // The loop counter naga adds to every loop (against infinite loops) costs instructions and a branch on
+        // every trip, and keeps the driver from unrolling the loops over vectors and weights.
+        let checks = wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
+        // SAFETY: every loop of the crate's WGSL kernels counts a u32 up to a bound taken from the shape (tiles,
+        // segments, steps, rows, columns, table size, vectors) by a positive stride (a constant, the workgroup
+        // size, or the workgroup count) and stops there, or halves a stride down to 0; the shapes are far below
+        // 2^31, so no counter wraps and every loop ends. Bounds checks stay on.
+        let module = unsafe { device.create_shader_module_trusted(descriptor, checks) };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(kernel.file()),
             layout: Some(&layout),
