@@ -82,10 +82,7 @@ impl DenseGemv {
         }
         let host = self.host_io(m)?;
         let io = host.as_ref().expect("set by host_io");
-        io.stage(&self.ctx, x, y.len());
-        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
-        self.record(&mut encoder, &io.group, m)?;
-        io.finish(&self.ctx, encoder, y)
+        io.run(&self.ctx, x, y, |encoder, group| self.record(encoder, group, m))
     }
 
     /// The staging buffers for `m` vectors, rebuilt when `m` changes.

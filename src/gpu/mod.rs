@@ -64,14 +64,20 @@ impl HostIo {
         Ok(Self { m, x, y, group })
     }
 
-    /// Uploads `x` and poisons the output with NaN, so an element a kernel fails to write reads back as NaN.
-    pub fn stage(&self, ctx: &GpuContext, x: &[f32], y_len: usize) {
+    /// One call on host slices: uploads `x`, poisons the output with NaN (so an element a kernel fails to write
+    /// reads back as NaN), records the product with `record` over this staging's bind group, submits, waits
+    /// and copies `y.len()` outputs back.
+    pub fn run(
+        &self,
+        ctx: &GpuContext,
+        x: &[f32],
+        y: &mut [f32],
+        record: impl FnOnce(&mut wgpu::CommandEncoder, &wgpu::BindGroup) -> crate::Result<()>,
+    ) -> crate::Result<()> {
         ctx.queue().write_buffer(&self.x, 0, bytemuck::cast_slice(x));
-        ctx.queue().write_buffer(&self.y, 0, bytemuck::cast_slice(&vec![f32::NAN; y_len]));
-    }
-
-    /// Submits `encoder` and copies `y.len()` outputs back.
-    pub fn finish(&self, ctx: &GpuContext, encoder: wgpu::CommandEncoder, y: &mut [f32]) -> crate::Result<()> {
+        ctx.queue().write_buffer(&self.y, 0, bytemuck::cast_slice(&vec![f32::NAN; y.len()]));
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        record(&mut encoder, &self.group)?;
         ctx.submit_and_wait(encoder)?;
         let data = ctx.read_back(&self.y, (y.len() * 4) as u64)?;
         y.copy_from_slice(bytemuck::cast_slice(&data));
