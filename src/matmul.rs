@@ -149,7 +149,7 @@ impl EcMatmul {
     }
 }
 
-fn check_len(what: &str, actual: usize, expected: usize) -> Result<()> {
+pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<()> {
     if actual != expected {
         return Err(Error::ShapeMismatch { what: what.into(), expected, actual });
     }
@@ -270,7 +270,7 @@ mod gpu {
     use crate::error::Result;
     use crate::format::EcTensor;
     use crate::gpu::kernels::{self, GpuPacked, GpuScales, GpuStream, MAX_VECTORS_PER_PASS};
-    use crate::gpu::{GpuContext, HostIo, Kernel, MslGemv};
+    use crate::gpu::{GpuContext, HostIo, HostSlot, Kernel, MslGemv};
 
     /// The GPU side of [`super::EcMatmul`]: what each strategy holds on the device.
     pub(super) struct GpuMatmul {
@@ -290,7 +290,7 @@ mod gpu {
         /// The q_gemv call uniform per vector count.
         calls: Mutex<HashMap<usize, wgpu::Buffer>>,
         /// Staging for host-slice calls, per vector count.
-        host: Mutex<Option<HostIo>>,
+        host: HostSlot,
     }
 
     impl GpuMatmul {
@@ -321,7 +321,7 @@ mod gpu {
                 weights,
                 msl,
                 calls: Mutex::new(HashMap::new()),
-                host: Mutex::new(None),
+                host: HostSlot::default(),
             })
         }
 
@@ -396,31 +396,25 @@ mod gpu {
             self.record(encoder, &io, m)
         }
 
-        /// The staging buffers for `m` vectors, rebuilt when `m` changes.
-        fn host_io(&self, m: usize) -> Result<std::sync::MutexGuard<'_, Option<HostIo>>> {
-            let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
-            if host.as_ref().is_none_or(|h| h.m != m) {
-                *host = Some(HostIo::new(&self.ctx, m, self.cols, self.rows, |x, y| self.io_group(x, y, m))?);
-            }
-            Ok(host)
+        /// Runs `f` on the host staging for `m` vectors.
+        fn with_host<T>(&self, m: usize, f: impl FnOnce(&HostIo) -> Result<T>) -> Result<T> {
+            self.host.with(&self.ctx, (m, self.cols, self.rows), |x, y| self.io_group(x, y, m), f)
         }
 
         pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
             if m == 0 {
                 return Err(crate::Error::param("m", "time at least one vector"));
             }
-            let host = self.host_io(m)?;
-            let io = host.as_ref().expect("set by host_io");
-            crate::gpu::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
+            self.with_host(m, |io| {
+                crate::gpu::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
+            })
         }
 
         pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
             if m == 0 || self.rows == 0 {
                 return Ok(());
             }
-            let host = self.host_io(m)?;
-            let io = host.as_ref().expect("set by host_io");
-            io.run(&self.ctx, x, y, |encoder, group| self.record(encoder, group, m))
+            self.with_host(m, |io| io.run(&self.ctx, x, y, |encoder, group| self.record(encoder, group, m)))
         }
     }
 }

@@ -1,12 +1,11 @@
 //! [`DenseGemv`]: the dense baseline every figure is compared to.
 
-use std::sync::Mutex;
-
 use super::context::GpuContext;
 use super::kernels;
 use super::shaders::Kernel;
-use super::HostIo;
+use super::{HostIo, HostSlot};
 use crate::error::{Error, Result};
+use crate::matmul::check_len;
 
 /// Storage type of a dense weight on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -27,7 +26,7 @@ pub struct DenseGemv {
     params: wgpu::Buffer,
     weights: wgpu::Buffer,
     group: wgpu::BindGroup,
-    host: Mutex<Option<HostIo>>,
+    host: HostSlot,
 }
 
 impl DenseGemv {
@@ -52,7 +51,17 @@ impl DenseGemv {
         };
         let params = ctx.uniform("ecq dense params", &[rows as u32, cols as u32, 0, 0])?;
         let group = kernels::bind_group(ctx, kernel, 0, &[&params, &buffer]);
-        Ok(Self { ctx: ctx.clone(), rows, cols, dtype, kernel, params, weights: buffer, group, host: Mutex::new(None) })
+        Ok(Self {
+            ctx: ctx.clone(),
+            rows,
+            cols,
+            dtype,
+            kernel,
+            params,
+            weights: buffer,
+            group,
+            host: HostSlot::default(),
+        })
     }
 
     /// Records `y = W x` for `m` vectors: `x` holds `m x cols` f32, `y` `m x rows` f32 (both storage buffers).
@@ -80,21 +89,16 @@ impl DenseGemv {
         if m == 0 || self.rows == 0 {
             return Ok(());
         }
-        let host = self.host_io(m)?;
-        let io = host.as_ref().expect("set by host_io");
-        io.run(&self.ctx, x, y, |encoder, group| self.record(encoder, group, m))
+        self.with_host(m, |io| io.run(&self.ctx, x, y, |encoder, group| self.record(encoder, group, m)))
     }
 
-    /// The staging buffers for `m` vectors, rebuilt when `m` changes.
-    fn host_io(&self, m: usize) -> Result<std::sync::MutexGuard<'_, Option<HostIo>>> {
-        let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
-        if host.as_ref().is_none_or(|h| h.m != m) {
-            *host = Some(HostIo::new(&self.ctx, m, self.cols, self.rows, |x, y| {
-                let call = kernels::call_params(&self.ctx, m)?;
-                Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call)))
-            })?);
-        }
-        Ok(host)
+    /// Runs `f` on the host staging for `m` vectors.
+    fn with_host<T>(&self, m: usize, f: impl FnOnce(&HostIo) -> Result<T>) -> Result<T> {
+        let group = |x: &wgpu::Buffer, y: &wgpu::Buffer| {
+            let call = kernels::call_params(&self.ctx, m)?;
+            Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call)))
+        };
+        self.host.with(&self.ctx, (m, self.cols, self.rows), group, f)
     }
 
     /// Device time of `runs` back-to-back products of `m` vectors, measured with timestamp queries (see
@@ -103,9 +107,7 @@ impl DenseGemv {
         if m == 0 {
             return Err(Error::param("m", "time at least one vector"));
         }
-        let host = self.host_io(m)?;
-        let io = host.as_ref().expect("set by host_io");
-        super::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
+        self.with_host(m, |io| super::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m)))
     }
 
     /// Bytes of weights held on the device.
@@ -119,13 +121,6 @@ fn padded16(bytes: &[u8]) -> Vec<u8> {
     let mut v = bytes.to_vec();
     v.resize(bytes.len().next_multiple_of(16), 0);
     v
-}
-
-pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<()> {
-    if actual != expected {
-        return Err(Error::ShapeMismatch { what: what.into(), expected, actual });
-    }
-    Ok(())
 }
 
 /// Checks that device buffers hold `m` vectors in and out.

@@ -84,5 +84,27 @@ impl HostIo {
         Ok(())
     }
 }
+/// The host staging of one product, kept between calls and rebuilt when the vector count changes.
+#[derive(Default)]
+pub(crate) struct HostSlot(std::sync::Mutex<Option<HostIo>>);
+
+impl HostSlot {
+    /// Runs `f` on the staging for `m` vectors of `cols` in and `rows` out, building it first (with `group`
+    /// making its bind group) unless the last call had the same `m`.
+    pub fn with<T>(
+        &self,
+        ctx: &GpuContext,
+        (m, cols, rows): (usize, usize, usize),
+        group: impl FnOnce(&wgpu::Buffer, &wgpu::Buffer) -> crate::Result<wgpu::BindGroup>,
+        f: impl FnOnce(&HostIo) -> crate::Result<T>,
+    ) -> crate::Result<T> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_none_or(|h| h.m != m) {
+            *slot = Some(HostIo::new(ctx, m, cols, rows, group)?);
+        }
+        f(slot.as_ref().expect("set above"))
+    }
+}
+
 pub(crate) use dense::check_buffers;
 pub(crate) use metal::MslGemv;
