@@ -41,6 +41,9 @@ use rayon::prelude::*;
 const SHAPES: [(usize, usize); 5] = [(4096, 4096), (14336, 4096), (4096, 14336), (576, 1536), (1536, 576)];
 /// Layers of SmolLM2-135M that `extract` keeps (the whole model would not travel).
 const EXTRACT_LAYERS: usize = 8;
+/// The decode-only part also times each extracted stack repeated this many times (8 x 4 = 32 layers' worth of
+/// tiles, about SmolLM2-135M's 30), so the GPU sees a whole model's tile count.
+const SMOL_REPEAT: usize = 4;
 
 struct Opts {
     runs: usize,
@@ -53,12 +56,13 @@ struct Opts {
     heat_ms: u64,
     batch: usize,
     variants: bool,
+    experiments: Vec<Experiment>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
-         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
+         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
     );
     std::process::exit(2)
 }
@@ -75,6 +79,7 @@ fn parse_opts(args: &[String]) -> Opts {
         heat_ms: 100,
         batch: 1,
         variants: false,
+        experiments: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -90,6 +95,14 @@ fn parse_opts(args: &[String]) -> Opts {
             // Also time rans_decode with one part of a step left out (see DECODE_VARIANTS).
             "--variants" => o.variants = true,
             "--smol" => o.smol = Some(PathBuf::from(val())),
+            // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
+            "--experiments" => {
+                let dir = PathBuf::from(val());
+                o.experiments = load_experiments(&dir).unwrap_or_else(|e| {
+                    eprintln!("bench_gpu: reading {}: {e}", dir.display());
+                    std::process::exit(2)
+                })
+            }
             "--ms" => o.ms = val().split(',').map(|s| num(s.to_string()) as usize).collect(),
             "--shapes" => {
                 o.shapes = val()
@@ -497,57 +510,23 @@ fn bench_shape(
     out.push(decode_row(ctx, o, heater, &shape, &streams)?);
     if o.variants {
         decode_variants(ctx, o, heater, &shape, &streams, out)?;
-        if rows * cols >= 1 << 24 {
-            row_variants(ctx, o, heater, &shape, &tensor, &w, &x, &y, out)?;
+    }
+    decode_experiments(ctx, o, heater, &o.experiments, &shape, &streams, out)?;
+    let big = rows * cols >= 1 << 24;
+    if (o.variants && big) || !o.experiments.is_empty() {
+        let rw = RowWeights::new(ctx, o, heater, &tensor, &w, &x, &y)?;
+        if o.variants && big {
+            row_variants(ctx, &rw, &shape, out)?;
         }
+        row_experiments(ctx, &rw, &o.experiments, &shape, out)?;
     }
     Ok(())
 }
 
 /// q_gemv and gemv_f16 at M = 1 with other workgroup sizes, and with their x loads (or q_gemv's scale loads)
 /// left out (outputs wrong by design; only the times mean anything).
-#[allow(clippy::too_many_arguments)]
-fn row_variants(
-    ctx: &GpuContext,
-    o: &Opts,
-    heater: &Heater,
-    shape: &str,
-    tensor: &EcTensor,
-    w: &[f32],
-    x: &wgpu::Buffer,
-    y: &wgpu::Buffer,
-    out: &mut Vec<Row>,
-) -> Result<()> {
-    let (rows, cols) = (tensor.rows(), tensor.cols());
-    let call = kernels::call_params(ctx, 1)?;
+fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Row>) -> Result<()> {
     let lanes = ctx.lane_mode();
-    // Cached: packed symbols and scales, rotated.
-    let first = GpuStream::upload(ctx, tensor)?;
-    let q_bytes = first.packed_bytes() + (tensor.scales().len() * 8) as u64;
-    let q_copies = copies_for(o, q_bytes);
-    let mut q_groups = Vec::new();
-    for _ in 0..q_copies {
-        let packed = kernels::decode_to_packed(ctx, &first)?;
-        let scales = GpuScales::upload(ctx, tensor)?;
-        q_groups.push(kernels::q_gemv_weights(ctx, &packed, &scales));
-    }
-    // Dense f16 weights, rotated.
-    let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
-    let f16_copies = copies_for(o, half.len() as u64 * 2);
-    let params = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("dense params"),
-        size: 16,
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    ctx.queue().write_buffer(&params, 0, bytemuck::cast_slice(&[rows as u32, cols as u32, 0, 0]));
-    let f16_bufs: Vec<wgpu::Buffer> = (0..f16_copies)
-        .map(|_| {
-            let b = storage(ctx, "dense f16", (half.len() * 2) as u64);
-            ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&half));
-            b
-        })
-        .collect();
     let cases: [(Kernel, &str, u32, &str, &str, u32); 15] = [
         (Kernel::QGemv, "q_gemv wg32", 32, "", "", 0),
         (Kernel::QGemv, "q_gemv wg128", 128, "", "", 0),
@@ -569,37 +548,34 @@ fn row_variants(
             "return bitcast<vec4<f32>>(vec4<u32>(word) + shifts);",
             0,
         ),
-        (Kernel::GemvF16, "f16 wg32", 32, "", "", 0),
+        (Kernel::GemvF16, "f16 wg64", 64, "", "", 0),
         (Kernel::GemvF16, "f16 wg128", 128, "", "", 0),
-        (Kernel::GemvF16, "f16 wg256", 256, "", "", 0),
-        (Kernel::GemvF16, "f16 -half x", 64, "let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));", 0),
+        (Kernel::GemvF16, "f16 wg512", 512, "", "", 0),
+        (Kernel::GemvF16, "f16 -half x", 256, "let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));", 0),
         (
             Kernel::GemvF16,
             "f16 -x -unpack",
-            64,
+            256,
             "return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));",
             "return bitcast<vec4<f32>>(w);",
             0,
         ),
         // Fewer workgroups than rows: each loops over rows (grid-stride), no workgroup per row to start.
-        (Kernel::GemvF16, "f16 grid 1056", 64, "", "", 1056),
-        (Kernel::GemvF16, "f16 grid 4224", 64, "", "", 4224),
+        (Kernel::GemvF16, "f16 grid 1056", 256, "", "", 1056),
+        (Kernel::GemvF16, "f16 grid 4224", 256, "", "", 4224),
         (Kernel::QGemv, "q_gemv grid 1056", 64, "", "", 1056),
         (Kernel::QGemv, "q_gemv grid 4224", 64, "", "", 4224),
     ];
     for (kernel, name, wg, from, to, grid) in cases {
-        let bits = if kernel == Kernel::QGemv { tensor.bits() } else { 0 };
+        let bits = if kernel == Kernel::QGemv { rw.bits } else { 0 };
         let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg };
         let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
             if from.is_empty() {
                 return src;
             }
-            // Several edits are separated by "@@".
             let mut src = src;
-            for (from, to) in from.split("@@").zip(to.split("@@")) {
-                assert!(src.contains(from), "{} no longer contains {from:?}", kernel.file());
-                src = src.replace(from, to);
-            }
+            assert!(src.contains(from), "{} no longer contains {from:?}", kernel.file());
+            src = src.replace(from, to);
             if name.ends_with("-unpack") {
                 // Also drop the x loads and the other conversions: what is left is the weight loads and FMAs.
                 return src.replace("let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));").replace(
@@ -609,44 +585,298 @@ fn row_variants(
             }
             src
         })?;
-        let io = kernels::io_bind_group(ctx, kernel, x, y, Some(&call));
-        let dense_groups: Vec<wgpu::BindGroup> = if kernel == Kernel::GemvF16 {
-            f16_bufs
-                .iter()
-                .map(|b| {
-                    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some("dense f16"),
-                        layout: &pipeline.get_bind_group_layout(0),
-                        entries: &[
-                            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
-                            wgpu::BindGroupEntry { binding: 1, resource: b.as_entire_binding() },
-                        ],
-                    })
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let groups = if kernel == Kernel::QGemv { &q_groups } else { &dense_groups };
-        let blocks = kernels::row_blocks(kernel, &spec, rows) as u32;
+        let blocks = kernels::row_blocks(kernel, 1, rw.rows) as u32;
         let grid = if grid == 0 { blocks } else { grid }.min(ctx.limits().max_compute_workgroups_per_dimension);
-        let time = median_time(ctx, o, heater, groups.len(), |enc, run| {
+        out.push(rw.time(ctx, shape, kernel, name, &pipeline, grid)?);
+    }
+    Ok(())
+}
+
+/// What the row-kernel variants and experiments bind: the quantized (packed symbols and scales) and the dense
+/// f16 weights of one shape, rotated over copies, and one x and y (M = 1).
+struct RowWeights<'a> {
+    o: &'a Opts,
+    heater: &'a Heater,
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    q_groups: Vec<wgpu::BindGroup>,
+    q_bytes: u64,
+    f16_groups: Vec<wgpu::BindGroup>,
+    f16_bytes: u64,
+    io: [wgpu::BindGroup; 2],
+    y: &'a wgpu::Buffer,
+}
+
+impl<'a> RowWeights<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &GpuContext,
+        o: &'a Opts,
+        heater: &'a Heater,
+        tensor: &EcTensor,
+        w: &[f32],
+        x: &wgpu::Buffer,
+        y: &'a wgpu::Buffer,
+    ) -> Result<Self> {
+        let (rows, cols) = (tensor.rows(), tensor.cols());
+        let call = kernels::call_params(ctx, 1)?;
+        let first = GpuStream::upload(ctx, tensor)?;
+        let q_bytes = first.packed_bytes() + (tensor.scales().len() * 8) as u64;
+        let mut q_groups = Vec::new();
+        for _ in 0..copies_for(o, q_bytes) {
+            let packed = kernels::decode_to_packed(ctx, &first)?;
+            let scales = GpuScales::upload(ctx, tensor)?;
+            q_groups.push(kernels::q_gemv_weights(ctx, &packed, &scales));
+        }
+        let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let f16_bytes = half.len() as u64 * 2;
+        let params = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dense params"),
+            size: 16,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.queue().write_buffer(&params, 0, bytemuck::cast_slice(&[rows as u32, cols as u32, 0, 0]));
+        let dense_spec = Spec {
+            lanes: ctx.lane_mode(),
+            bits: 0,
+            precision: 0,
+            m: 1,
+            workgroup: kernels::row_workgroup(Kernel::GemvF16, 1),
+        };
+        let layout = kernels::edited_pipeline(ctx, Kernel::GemvF16, dense_spec, |s| s)?.get_bind_group_layout(0);
+        let f16_groups = (0..copies_for(o, f16_bytes))
+            .map(|_| {
+                let b = storage(ctx, "dense f16", f16_bytes.next_multiple_of(16));
+                ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&half));
+                ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("dense f16"),
+                    layout: &layout,
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 1, resource: b.as_entire_binding() },
+                    ],
+                })
+            })
+            .collect();
+        let io = [Kernel::QGemv, Kernel::GemvF16].map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call)));
+        let bits = tensor.bits();
+        Ok(Self { o, heater, rows, cols, bits, q_groups, q_bytes, f16_groups, f16_bytes, io, y })
+    }
+
+    fn groups(&self, kernel: Kernel) -> (&[wgpu::BindGroup], &wgpu::BindGroup, u64) {
+        if kernel == Kernel::QGemv {
+            (&self.q_groups, &self.io[0], self.q_bytes)
+        } else {
+            (&self.f16_groups, &self.io[1], self.f16_bytes)
+        }
+    }
+
+    /// y after one run of `pipeline` on the first weight copy (y poisoned with NaN first).
+    fn product(
+        &self,
+        ctx: &GpuContext,
+        kernel: Kernel,
+        pipeline: &wgpu::ComputePipeline,
+        grid: u32,
+    ) -> Result<Vec<f32>> {
+        let (groups, io, _) = self.groups(kernel);
+        ctx.queue().write_buffer(self.y, 0, bytemuck::cast_slice(&vec![f32::NAN; self.rows]));
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipeline);
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &groups[0], &[]);
+            pass.set_bind_group(1, io, &[]);
+            pass.dispatch_workgroups(grid, 1, 1);
+        }
+        ctx.queue().submit([enc.finish()]);
+        Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(self.y, (self.rows * 4) as u64)?))
+    }
+
+    fn time(
+        &self,
+        ctx: &GpuContext,
+        shape: &str,
+        kernel: Kernel,
+        name: &str,
+        pipeline: &wgpu::ComputePipeline,
+        grid: u32,
+    ) -> Result<Row> {
+        let (groups, io, bytes) = self.groups(kernel);
+        let time = median_time(ctx, self.o, self.heater, groups.len(), |enc, run| {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &groups[run % groups.len()], &[]);
-            pass.set_bind_group(1, &io, &[]);
+            pass.set_bind_group(1, io, &[]);
             pass.dispatch_workgroups(grid, 1, 1);
             Ok(())
         })?;
-        let bytes = if kernel == Kernel::QGemv { q_bytes } else { half.len() as u64 * 2 };
-        out.push(Row {
+        Ok(Row {
             shape: shape.to_string(),
             what: name.to_string(),
             m: 1,
             time,
-            bytes: bytes + ((rows + cols) * 4) as u64,
-            weights: (rows * cols) as u64,
+            bytes: bytes + ((self.rows + self.cols) * 4) as u64,
+            weights: (self.rows * self.cols) as u64,
             copies: groups.len(),
+            cached: None,
+        })
+    }
+}
+
+/// A kernel variant read at run time (`--experiments DIR`): file `KERNEL.LABEL.wgsl` (KERNEL one of
+/// rans_decode, q_gemv, gemv_f16) replaces the kernel's WGSL file (after its usual preamble, or on its own
+/// with a `//@ whole` line). Optional `//@` lines set `wg=N` (invocations per workgroup, default the kernel's
+/// own), `per=N` (tiles per workgroup for rans_decode, rows per workgroup for the row kernels, default the
+/// kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units). Each is checked against the kernel it replaces on the first weight copy (decoded symbols
+/// equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is reported
+/// and not timed.
+struct Experiment {
+    kernel: Kernel,
+    label: String,
+    body: String,
+    whole: bool,
+    wg: Option<u32>,
+    per: Option<u32>,
+    grid: Option<u32>,
+}
+
+fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let (kernel, label) = stem.split_once('.').unwrap_or((&stem, ""));
+        let kernel = match kernel {
+            "rans_decode" => Kernel::RansDecode,
+            "q_gemv" => Kernel::QGemv,
+            "gemv_f16" => Kernel::GemvF16,
+            _ => {
+                println!("experiments: skipping {} (not rans_decode, q_gemv or gemv_f16)", path.display());
+                continue;
+            }
+        };
+        let body = std::fs::read_to_string(&path)?;
+        let mut e =
+            Experiment { kernel, label: label.to_string(), body, whole: false, wg: None, per: None, grid: None };
+        for line in e.body.lines().filter_map(|l| l.trim().strip_prefix("//@")) {
+            for word in line.split_whitespace() {
+                match word.split_once('=') {
+                    Some(("wg", v)) => e.wg = v.parse().ok(),
+                    Some(("per", v)) => e.per = v.parse().ok(),
+                    Some(("grid", v)) => e.grid = v.parse().ok(),
+                    None if word == "whole" => e.whole = true,
+                    _ => println!("experiments: {}: unknown directive {word}", path.display()),
+                }
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+impl Experiment {
+    fn pipeline(&self, ctx: &GpuContext, spec: Spec) -> Result<wgpu::ComputePipeline> {
+        let src = ecq::gpu::shaders::source_with_body(self.kernel, &spec, &self.body, !self.whole);
+        kernels::edited_pipeline(ctx, self.kernel, spec, |_| src.clone())
+    }
+}
+
+/// Times the row-kernel experiments on one shape, each checked first against the kernel it replaces.
+fn row_experiments(
+    ctx: &GpuContext,
+    rw: &RowWeights,
+    exps: &[Experiment],
+    shape: &str,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let lanes = ctx.lane_mode();
+    for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16)) {
+        let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
+        let own = Spec { lanes, bits, precision: 0, m: 1, workgroup: kernels::row_workgroup(e.kernel, 1) };
+        let own_grid = kernels::row_blocks(e.kernel, 1, rw.rows) as u32;
+        let reference = rw.product(ctx, e.kernel, &kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?, own_grid)?;
+        let spec = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
+        let per = e.per.unwrap_or(kernels::rows_per_group(e.kernel, 1)) as usize;
+        let grid =
+            e.grid.unwrap_or(rw.rows.div_ceil(per) as u32).min(ctx.limits().max_compute_workgroups_per_dimension);
+        let name = format!("x {}", e.label);
+        let pipeline = match e.pipeline(ctx, spec) {
+            Ok(p) => p,
+            Err(err) => {
+                println!("{shape} {name}: {err}");
+                continue;
+            }
+        };
+        let diff = rel_diff(&rw.product(ctx, e.kernel, &pipeline, grid)?, &reference);
+        println!("{shape} {name}: vs {} {diff:.1e}", e.kernel.file());
+        if !(diff <= 1e-5) {
+            println!("{shape} {name}: WRONG, not timed");
+            continue;
+        }
+        out.push(rw.time(ctx, shape, e.kernel, &name, &pipeline, grid)?);
+    }
+    Ok(())
+}
+
+/// Times the rans_decode experiments on `streams`, each checked first: its symbols must equal the kernel's.
+fn decode_experiments(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    exps: &[Experiment],
+    shape: &str,
+    streams: &[GpuStream],
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let outs: Vec<GpuPacked> = streams.iter().map(|s| GpuPacked::for_stream(ctx, s)).collect::<Result<_>>()?;
+    let status = storage(ctx, "status", 8);
+    let reference = kernels::decode_to_packed(ctx, &streams[0])?.read(ctx)?;
+    for e in exps.iter().filter(|e| e.kernel == Kernel::RansDecode) {
+        let own = kernels::rans_decode_spec(ctx, &streams[0]);
+        let spec = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
+        let per = e.per.unwrap_or(own.workgroup / 32) as usize;
+        // A fixed grid: as many tiles per workgroup as make that many workgroups (the kernel loops over the rest).
+        let per = e.grid.map_or(per, |g| streams[0].layout().tiles().div_ceil(g.max(1) as usize));
+        let name = format!("x {}", e.label);
+        let pipeline = match e.pipeline(ctx, spec) {
+            Ok(p) => p,
+            Err(err) => {
+                println!("{shape} {name}: {err}");
+                continue;
+            }
+        };
+        let check = &outs[0];
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        enc.clear_buffer(check.buffer(), 0, None);
+        kernels::rans_decode_with(ctx, &mut enc, &streams[0], check, &status, &pipeline, per)?;
+        ctx.queue().submit([enc.finish()]);
+        let got = check.read(ctx)?;
+        let wrong = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
+        println!("{shape} {name}: {wrong} of {} packed words differ from rans_decode", reference.len());
+        if wrong != 0 {
+            println!("{shape} {name}: WRONG, not timed");
+            continue;
+        }
+        let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
+            let i = run % streams.len();
+            kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline, per)
+        })?;
+        let l = streams[0].layout();
+        out.push(Row {
+            shape: shape.to_string(),
+            what: name,
+            m: 0,
+            time,
+            bytes: streams[0].device_bytes() + streams[0].packed_bytes(),
+            weights: (l.rows() * l.cols()) as u64,
+            copies: streams.len(),
             cached: None,
         });
     }
@@ -680,7 +910,7 @@ fn decode_variants(
         })?;
         let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
             let i = run % streams.len();
-            kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline)
+            kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline, 4)
         })?;
         let l = streams[0].layout();
         out.push(Row {
@@ -727,15 +957,30 @@ fn bench_smol(ctx: &GpuContext, o: &Opts, heater: &Heater, path: &Path, out: &mu
     println!("\nreal SmolLM2-135M Q4_1 symbols from {} ({} tensors)", path.display(), names.len());
     for name in names.iter().filter(|n| n.starts_with("stack_")) {
         let t = file.tensor(name)?;
-        let first = GpuStream::upload(ctx, &t)?;
-        let copies = copies_for(o, first.device_bytes() + first.packed_bytes());
-        let mut streams = vec![first];
-        for _ in 1..copies {
-            streams.push(GpuStream::upload(ctx, &t)?);
+        // The stack as extracted (layers 0..8), and the same symbols repeated to about the whole model's 30
+        // layers in one tensor (REPEAT times the rows, REPEAT times the tiles; same frequency table).
+        let repeated = {
+            let q = t.to_quantized()?;
+            let mut r = q.clone();
+            for _ in 1..SMOL_REPEAT {
+                r.rows += q.rows;
+                r.symbols.extend_from_slice(&q.symbols);
+                r.scales.extend_from_slice(&q.scales);
+                r.biases.extend_from_slice(&q.biases);
+            }
+            EcTensor::encode(&r, EncodeOptions::default())?
+        };
+        for (t, label) in [(&t, String::new()), (&repeated, format!(" x{SMOL_REPEAT}"))] {
+            let first = GpuStream::upload(ctx, t)?;
+            let copies = copies_for(o, first.device_bytes() + first.packed_bytes());
+            let mut streams = vec![first];
+            for _ in 1..copies {
+                streams.push(GpuStream::upload(ctx, t)?);
+            }
+            let shape = format!("smol {name}{label} {}x{}", t.rows(), t.cols());
+            out.push(decode_row(ctx, o, heater, &shape, &streams)?);
+            decode_experiments(ctx, o, heater, &o.experiments, &shape, &streams, out)?;
         }
-        let mut row = decode_row(ctx, o, heater, &format!("smol {name} {}x{}", t.rows(), t.cols()), &streams)?;
-        row.what = "decode only".into();
-        out.push(row);
     }
     Ok(())
 }
@@ -765,20 +1010,46 @@ fn print_table(rows: &[Row], copy_bw: f64) {
     }
 }
 
-/// Prints what a timed run costs with nothing in it, and with the smallest dense f16 GEMV (one row block of
-/// 4 x 64, one workgroup) in it: the fixed cost every row of the table includes.
+/// Prints what a timed run costs with nothing in it, with one dispatch of an empty kernel (one workgroup, no
+/// memory access), and with the smallest dense f16 GEMV (one row block of 4 x 64, one workgroup) reading one
+/// copy every time or 64 copies in turn: the fixed cost every row of the table includes, and how much of it is
+/// the dispatch and how much the first touch of a buffer.
 fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
     let empty = median_time(ctx, o, heater, 1, |_, _| Ok(()))?;
+    let device = ctx.device();
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("empty kernel"),
+        source: wgpu::ShaderSource::Wgsl("@compute @workgroup_size(32) fn main() {}".into()),
+    });
+    let nothing = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("empty kernel"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let dispatch = median_time(ctx, o, heater, 1, |enc, _| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&nothing);
+        pass.dispatch_workgroups(1, 1, 1);
+        Ok(())
+    })?;
     let (rows, cols) = (4, 64);
     let w: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 - 3.0).collect();
-    let gemv = DenseGemv::new(ctx, &w, rows, cols, DenseDtype::F16)?;
+    let gemvs: Vec<DenseGemv> =
+        (0..64).map(|_| DenseGemv::new(ctx, &w, rows, cols, DenseDtype::F16)).collect::<Result<_>>()?;
     let x = random_x(ctx, cols, 5);
     let y = storage(ctx, "y floor", (rows * 4) as u64);
-    let tiny = median_time(ctx, o, heater, 1, |enc, _| gemv.encode(enc, &x, &y, 1))?;
+    let same = median_time(ctx, o, heater, 1, |enc, _| gemvs[0].encode(enc, &x, &y, 1))?;
+    let rotated = median_time(ctx, o, heater, gemvs.len(), |enc, run| gemvs[run % gemvs.len()].encode(enc, &x, &y, 1))?;
     println!(
-        "timing floor: no dispatch {:.1} us; dense f16 {rows}x{cols} (one workgroup) {:.1} us",
+        "timing floor: no dispatch {:.1} us; empty kernel {:.1} us; dense f16 {rows}x{cols} (one workgroup) {:.1} us \
+         on one copy, {:.1} us on 64 copies in turn",
         us(empty),
-        us(tiny)
+        us(dispatch),
+        us(same),
+        us(rotated)
     );
     Ok(())
 }

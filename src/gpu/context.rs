@@ -272,40 +272,54 @@ impl GpuContext {
         if let Some(p) = cache.get(&(kernel, spec)) {
             return Ok(p.clone());
         }
+        let pipeline = self
+            .build_pipeline(kernel, kernel.file(), shaders::source(kernel, &spec))
+            .map_err(|e| Error::Gpu(format!("building {} with {spec:?} failed: {e}", kernel.file())))?;
+        cache.insert((kernel, spec), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// A pipeline of `kernel`'s bind group layouts from `source`, uncached; the error is the validation
+    /// message. Built as the crate's kernels are: without naga's loop counters, with its bounds checks, so every
+    /// loop of `source` must end by itself (see the SAFETY note inside).
+    pub(crate) fn build_pipeline(
+        &self,
+        kernel: Kernel,
+        label: &str,
+        source: String,
+    ) -> std::result::Result<wgpu::ComputePipeline, String> {
         let device = &self.shared.device;
         let layouts = self.layouts(kernel);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
         let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(kernel.file()),
+            label: Some(label),
             bind_group_layouts: &groups,
             immediate_size: 0,
         });
-        let descriptor = wgpu::ShaderModuleDescriptor {
-            label: Some(kernel.file()),
-            source: wgpu::ShaderSource::Wgsl(shaders::source(kernel, &spec).into()),
-        };
+        let descriptor =
+            wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) };
         // The loop counter naga adds to every loop (against infinite loops) costs instructions and a branch on
         // every trip, and keeps the driver from unrolling the loops over vectors and weights.
         let checks = wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
         // SAFETY: every loop of the crate's WGSL kernels counts a u32 up to a bound taken from the shape (tiles,
         // segments, steps, rows, columns, table size, vectors) by a positive stride (a constant, the workgroup
         // size, or the workgroup count) and stops there, or halves a stride down to 0; the shapes are far below
-        // 2^31, so no counter wraps and every loop ends. Bounds checks stay on.
+        // 2^31, so no counter wraps and every loop ends. Bounds checks stay on. (Edited sources from
+        // `kernels::edited_pipeline` carry the same obligation, stated there.)
         let module = unsafe { device.create_shader_module_trusted(descriptor, checks) };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel.file()),
+            label: Some(label),
             layout: Some(&layout),
             module: &module,
             entry_point: Some("main"),
             compilation_options: Default::default(),
             cache: None,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("building {} with {spec:?} failed: {e}", kernel.file())));
+        match pollster::block_on(scope.pop()) {
+            Some(e) => Err(e.to_string()),
+            None => Ok(pipeline),
         }
-        cache.insert((kernel, spec), pipeline.clone());
-        Ok(pipeline)
     }
 
     /// The bind group layouts of `kernel`, built once.
@@ -395,7 +409,7 @@ impl GpuContext {
     }
 
     /// Copies `bytes` bytes of `buffer` (which needs `COPY_SRC`) back to the host.
-    pub(crate) fn read_back(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    pub fn read_back(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let device = &self.shared.device;
         let size = bytes.max(4).next_multiple_of(4);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {

@@ -11,12 +11,30 @@ use crate::format::EcTensor;
 use crate::quant::mlx_words_per_row;
 use crate::rans::TileLayout;
 
-/// Invocations per workgroup of rans_decode: 4 slabs of 32 lanes, 4 tiles at once.
-pub const TILE_WORKGROUP: u32 = 128;
+/// Invocations per workgroup of rans_decode: 8 slabs of 32 lanes, 8 tiles at once sharing one decode table.
+pub const TILE_WORKGROUP: u32 = 256;
 /// Most slabs of 32 lanes in one ec_gemv workgroup: up to 8 segments of a row tile decode at once.
 pub const MAX_GEMV_SLABS: usize = 8;
-/// Invocations per workgroup of the row kernels (q_gemv, gemv_f32, gemv_f16).
-pub const ROW_WORKGROUP: u32 = 64;
+/// Invocations per workgroup of the row kernels for `m` vectors per workgroup: 64, but 256 for gemv_f16 at
+/// `m` = 1.
+pub fn row_workgroup(kernel: Kernel, m: u32) -> u32 {
+    match kernel {
+        Kernel::GemvF16 if m == 1 => 256,
+        _ => 64,
+    }
+}
+
+/// Rows per workgroup pass of the row kernels for `m` vectors per workgroup (`NR` of the kernels on rows.wgsl,
+/// declared in each kernel file): q_gemv 4, gemv_f16 2 at `m` = 1 and 4 above, gemv_f32 1. Each invocation keeps
+/// one vec4 of partial sums (a component per row) per vector, and every x value it loads serves that many rows.
+pub fn rows_per_group(kernel: Kernel, m: u32) -> u32 {
+    match kernel {
+        Kernel::QGemv => 4,
+        Kernel::GemvF16 if m == 1 => 2,
+        Kernel::GemvF16 => 4,
+        _ => 1,
+    }
+}
 /// Most vectors one workgroup of ec_gemv or q_gemv keeps accumulators for; more vectors run in blocks.
 pub const MAX_VECTORS_PER_PASS: usize = 8;
 
@@ -93,17 +111,14 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         Kernel::RansDecode => table + lanes,
         Kernel::EcGemv => table + lanes + 4 * wg,
         Kernel::GemvF32 => 4 * wg,
-        Kernel::QGemv | Kernel::GemvF16 => 4 * wg * spec.rows_per_group() as u64,
+        Kernel::QGemv | Kernel::GemvF16 => 4 * wg * rows_per_group(kernel, spec.m) as u64,
     }
 }
 
-/// Workgroups along x that give every row of a row kernel one workgroup pass: one per row for gemv_f32, one
-/// per row block of [`Spec::rows_per_group`] rows for q_gemv and gemv_f16.
-pub fn row_blocks(kernel: Kernel, spec: &Spec, rows: usize) -> usize {
-    match kernel {
-        Kernel::QGemv | Kernel::GemvF16 => rows.div_ceil(spec.rows_per_group() as usize),
-        _ => rows,
-    }
+/// Workgroups along x that give every row of a row kernel one workgroup pass: one per row block of
+/// [`rows_per_group`] rows (one row for gemv_f32), for `m` vectors per workgroup.
+pub fn row_blocks(kernel: Kernel, m: u32, rows: usize) -> usize {
+    rows.div_ceil(rows_per_group(kernel, m) as usize)
 }
 
 /// Workgroups for `units` units of work along one grid dimension: every unit gets one, up to the device's
@@ -277,7 +292,7 @@ pub fn rans_decode(
 ) -> Result<()> {
     let spec = rans_decode_spec(ctx, stream);
     let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
-    rans_decode_with(ctx, encoder, stream, out, status, &pipeline)
+    rans_decode_with(ctx, encoder, stream, out, status, &pipeline, TILE_WORKGROUP as usize / 32)
 }
 
 /// The spec [`rans_decode`] builds its pipeline with for `stream` on `ctx`.
@@ -288,7 +303,8 @@ pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
 
 /// A pipeline of `kernel` under `spec` built, uncached, from its WGSL source passed through `edit`: for
 /// benchmarks that time variants of a kernel with one part changed or left out (what an edited kernel writes
-/// is whatever the edit makes it). It binds the kernel's usual bind groups.
+/// is whatever the edit makes it). It binds the kernel's usual bind groups and is built as the crate's own
+/// kernels are (no loop counters, bounds checks on), so every loop of the edited source must end by itself.
 pub fn edited_pipeline(
     ctx: &GpuContext,
     kernel: Kernel,
@@ -296,34 +312,12 @@ pub fn edited_pipeline(
     edit: impl Fn(String) -> String,
 ) -> Result<wgpu::ComputePipeline> {
     let source = edit(super::shaders::source(kernel, &spec));
-    let device = ctx.device();
-    let layouts = ctx.layouts(kernel);
-    let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-        label: Some("edited kernel"),
-        bind_group_layouts: &groups,
-        immediate_size: 0,
-    });
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("edited kernel"),
-        source: wgpu::ShaderSource::Wgsl(source.into()),
-    });
-    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("edited kernel"),
-        layout: Some(&layout),
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
-    if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())));
-    }
-    Ok(pipeline)
+    ctx.build_pipeline(kernel, "edited kernel", source)
+        .map_err(|e| Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())))
 }
 
-/// [`rans_decode`] with a given pipeline (its own, or one from [`edited_pipeline`]).
+/// [`rans_decode`] with a given pipeline (its own, or one from [`edited_pipeline`]) that decodes
+/// `tiles_per_group` tiles per workgroup (its own: 4).
 pub fn rans_decode_with(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
@@ -331,6 +325,7 @@ pub fn rans_decode_with(
     out: &GpuPacked,
     status: &wgpu::Buffer,
     pipeline: &wgpu::ComputePipeline,
+    tiles_per_group: usize,
 ) -> Result<()> {
     let l = stream.layout;
     if out.rows != l.rows() || out.cols != l.cols() || out.bits != l.bits() {
@@ -356,7 +351,7 @@ pub fn rans_decode_with(
     let mut pass = encoder.begin_compute_pass(&Default::default());
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &group, &[]);
-    pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(TILE_WORKGROUP as usize / 32)), 1, 1);
+    pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(tiles_per_group.max(1))), 1, 1);
     Ok(())
 }
 
@@ -551,7 +546,8 @@ fn row_kernel(
         return Ok(());
     }
     let per_pass = vectors_per_pass(m);
-    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup: ROW_WORKGROUP };
+    let spec =
+        Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup: row_workgroup(kernel, per_pass) };
     let pipeline = ctx.pipeline(kernel, spec, workgroup_bytes(kernel, &spec))?;
     let blocks = m.div_ceil(per_pass as usize);
     if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {
@@ -561,7 +557,7 @@ fn row_kernel(
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
-    pass.dispatch_workgroups(grid(ctx, row_blocks(kernel, &spec, rows)), blocks as u32, 1);
+    pass.dispatch_workgroups(grid(ctx, row_blocks(kernel, per_pass, rows)), blocks as u32, 1);
     Ok(())
 }
 

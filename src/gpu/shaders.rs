@@ -96,23 +96,16 @@ impl Spec {
         self.workgroup / 32
     }
 
-    /// Rows per workgroup pass of the kernels on rows.wgsl (q_gemv, gemv_f16): each invocation keeps one vec4 of
-    /// partial sums (a component per row) per vector, and every x value it loads serves that many rows.
-    pub fn rows_per_group(&self) -> u32 {
-        4
-    }
-
     fn prefix(&self) -> String {
         let bits = self.bits.max(1);
         format!(
             "const BITS: u32 = {bits}u;\nconst KW: u32 = {}u;\nconst P: u32 = {}u;\nconst M: u32 = {}u;\n\
-             const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\nconst NR: u32 = {}u;\n",
+             const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\n",
             8 / bits,
             self.precision.max(1),
             self.m,
             self.workgroup,
             self.slabs().max(1),
-            self.rows_per_group(),
         )
     }
 }
@@ -120,15 +113,33 @@ impl Spec {
 /// The complete WGSL source of `kernel` specialized by `spec`.
 pub fn source(kernel: Kernel, spec: &Spec) -> String {
     let (preamble, body) = kernel.parts();
-    let flags: &[&str] = match spec.lanes {
-        LaneMode::Portable => &[],
-        LaneMode::SubgroupWide => &["SUBGROUP"],
-        LaneMode::SubgroupNarrow => &["SUBGROUP", "NARROW"],
-    };
+    let flags = spec_flags(spec);
     let mut out = spec.prefix();
     out.push_str(&preprocess(preamble, flags));
     out.push_str(&preprocess(body, flags));
     out
+}
+
+/// The source of `kernel` specialized by `spec` with `body` in place of its WGSL file, and its preamble unless
+/// `with_preamble` is false (`body` then brings its own): for benchmarks that time a kernel variant read at
+/// run time. `body` may carry the same `//#if` lines as the kernel files.
+pub fn source_with_body(kernel: Kernel, spec: &Spec, body: &str, with_preamble: bool) -> String {
+    let (preamble, _) = kernel.parts();
+    let flags = spec_flags(spec);
+    let mut out = spec.prefix();
+    if with_preamble {
+        out.push_str(&preprocess(preamble, flags));
+    }
+    out.push_str(&preprocess(body, flags));
+    out
+}
+
+fn spec_flags(spec: &Spec) -> &'static [&'static str] {
+    match spec.lanes {
+        LaneMode::Portable => &[],
+        LaneMode::SubgroupWide => &["SUBGROUP"],
+        LaneMode::SubgroupNarrow => &["SUBGROUP", "NARROW"],
+    }
 }
 
 /// Every `(kernel, spec)` pair the host functions of [`super::kernels`] can build, for checks that cover all
@@ -136,7 +147,7 @@ pub fn source(kernel: Kernel, spec: &Spec) -> String {
 /// decode-table precision 1..=12 for the tile kernels, vector count 1..=8 for the GEMV kernels, and the
 /// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
 pub fn specializations() -> Vec<(Kernel, Spec)> {
-    use super::kernels::{MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, ROW_WORKGROUP, TILE_WORKGROUP};
+    use super::kernels::{row_workgroup, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, TILE_WORKGROUP};
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
     let precisions = 1..=crate::rans::MAX_PRECISION;
@@ -153,12 +164,15 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                 }
             }
             for m in vectors.clone() {
-                out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup: ROW_WORKGROUP }));
+                out.push((
+                    Kernel::QGemv,
+                    Spec { lanes, bits, precision: 0, m, workgroup: row_workgroup(Kernel::QGemv, m) },
+                ));
             }
         }
         for kernel in [Kernel::GemvF32, Kernel::GemvF16] {
             for m in vectors.clone() {
-                out.push((kernel, Spec { lanes, bits: 0, precision: 0, m, workgroup: ROW_WORKGROUP }));
+                out.push((kernel, Spec { lanes, bits: 0, precision: 0, m, workgroup: row_workgroup(kernel, m) }));
             }
         }
     }
@@ -214,7 +228,10 @@ mod tests {
                 };
                 for bits in bit_widths {
                     for m in [1, 8] {
-                        let workgroup = if matches!(kernel, Kernel::RansDecode | Kernel::EcGemv) { 128 } else { 64 };
+                        let workgroup = match kernel {
+                            Kernel::RansDecode | Kernel::EcGemv => 256,
+                            k => super::super::kernels::row_workgroup(k, m),
+                        };
                         validate(kernel, &Spec { lanes, bits, precision: 12, m, workgroup });
                     }
                 }
