@@ -57,12 +57,13 @@ struct Opts {
     batch: usize,
     variants: bool,
     experiments: Vec<Experiment>,
+    encode: EncodeOptions,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
-         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
+         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
     );
     std::process::exit(2)
 }
@@ -80,6 +81,7 @@ fn parse_opts(args: &[String]) -> Opts {
         batch: 1,
         variants: false,
         experiments: Vec::new(),
+        encode: EncodeOptions::default(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -95,6 +97,9 @@ fn parse_opts(args: &[String]) -> Opts {
             // Also time rans_decode with one part of a step left out (see DECODE_VARIANTS).
             "--variants" => o.variants = true,
             "--smol" => o.smol = Some(PathBuf::from(val())),
+            // Encoder settings of the synthetic shapes and of the repeated SmolLM2 stacks (default: the crate's).
+            "--precision" => o.encode.precision = num(val()) as u32,
+            "--segment" => o.encode.segment = num(val()) as usize,
             // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
             "--experiments" => {
                 let dir = PathBuf::from(val());
@@ -410,7 +415,7 @@ fn bench_shape(
     let started = std::time::Instant::now();
     let w = synthetic_weights(rows, cols, 0x5eed ^ (rows * 31 + cols) as u64);
     let q = quantize(&w, rows, cols, QuantConfig::default())?;
-    let tensor = EcTensor::encode(&q, EncodeOptions::default())?;
+    let tensor = EcTensor::encode(&q, o.encode)?;
     let n = (rows * cols) as u64;
     let pairs = joint_counts(&q.symbols, tensor.layout())?;
     println!(
@@ -512,6 +517,7 @@ fn bench_shape(
         decode_variants(ctx, o, heater, &shape, &streams, out)?;
     }
     decode_experiments(ctx, o, heater, &o.experiments, &shape, &streams, out)?;
+    fused_experiments(ctx, o, heater, &o.experiments, &shape, &tensor, &x, &y, out)?;
     let big = rows * cols >= 1 << 24;
     if (o.variants && big) || !o.experiments.is_empty() {
         let rw = RowWeights::new(ctx, o, heater, &tensor, &w, &x, &y)?;
@@ -727,10 +733,11 @@ impl<'a> RowWeights<'a> {
 }
 
 /// A kernel variant read at run time (`--experiments DIR`): file `KERNEL.LABEL.wgsl` (KERNEL one of
-/// rans_decode, q_gemv, gemv_f16) replaces the kernel's WGSL file (after its usual preamble, or on its own
+/// rans_decode, ec_gemv, q_gemv, gemv_f16) replaces the kernel's WGSL file (after its usual preamble, or on its own
 /// with a `//@ whole` line). Optional `//@` lines set `wg=N` (invocations per workgroup, default the kernel's
 /// own), `per=N` (tiles per workgroup for rans_decode, rows per workgroup for the row kernels, default the
-/// kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units). Each is checked against the kernel it replaces on the first weight copy (decoded symbols
+/// kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units);
+/// `//@ unchecked` times a variant whose output is wrong by design (a part left out). Each is checked against the kernel it replaces on the first weight copy (decoded symbols
 /// equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is reported
 /// and not timed.
 struct Experiment {
@@ -741,6 +748,8 @@ struct Experiment {
     wg: Option<u32>,
     per: Option<u32>,
     grid: Option<u32>,
+    /// Timed even when its output differs (a variant with a part left out on purpose).
+    unchecked: bool,
 }
 
 fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
@@ -757,14 +766,23 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
             "rans_decode" => Kernel::RansDecode,
             "q_gemv" => Kernel::QGemv,
             "gemv_f16" => Kernel::GemvF16,
+            "ec_gemv" => Kernel::EcGemv,
             _ => {
-                println!("experiments: skipping {} (not rans_decode, q_gemv or gemv_f16)", path.display());
+                println!("experiments: skipping {} (not rans_decode, ec_gemv, q_gemv or gemv_f16)", path.display());
                 continue;
             }
         };
         let body = std::fs::read_to_string(&path)?;
-        let mut e =
-            Experiment { kernel, label: label.to_string(), body, whole: false, wg: None, per: None, grid: None };
+        let mut e = Experiment {
+            kernel,
+            label: label.to_string(),
+            body,
+            whole: false,
+            wg: None,
+            per: None,
+            grid: None,
+            unchecked: false,
+        };
         for line in e.body.lines().filter_map(|l| l.trim().strip_prefix("//@")) {
             for word in line.split_whitespace() {
                 match word.split_once('=') {
@@ -772,6 +790,7 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
                     Some(("per", v)) => e.per = v.parse().ok(),
                     Some(("grid", v)) => e.grid = v.parse().ok(),
                     None if word == "whole" => e.whole = true,
+                    None if word == "unchecked" => e.unchecked = true,
                     _ => println!("experiments: {}: unknown directive {word}", path.display()),
                 }
             }
@@ -816,11 +835,103 @@ fn row_experiments(
         };
         let diff = rel_diff(&rw.product(ctx, e.kernel, &pipeline, grid)?, &reference);
         println!("{shape} {name}: vs {} {diff:.1e}", e.kernel.file());
-        if !(diff <= 1e-5) {
+        let close = diff <= 1e-5; // false for NaN
+        if !close && !e.unchecked {
             println!("{shape} {name}: WRONG, not timed");
             continue;
         }
         out.push(rw.time(ctx, shape, e.kernel, &name, &pipeline, grid)?);
+    }
+    Ok(())
+}
+
+/// Times the ec_gemv experiments at M = 1 (`per` = row tiles per workgroup, default 1), each checked first
+/// against ec_gemv's product.
+#[allow(clippy::too_many_arguments)]
+fn fused_experiments(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    exps: &[Experiment],
+    shape: &str,
+    tensor: &EcTensor,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    if !exps.iter().any(|e| e.kernel == Kernel::EcGemv) {
+        return Ok(());
+    }
+    let first = GpuStream::upload(ctx, tensor)?;
+    let bytes = first.device_bytes() + (tensor.scales().len() * 8) as u64;
+    let mut held = Vec::new();
+    for _ in 0..copies_for(o, bytes) {
+        let stream = GpuStream::upload(ctx, tensor)?;
+        let scales = GpuScales::upload(ctx, tensor)?;
+        held.push(kernels::ec_gemv_weights(ctx, &stream, &scales));
+    }
+    let io = kernels::io_bind_group(ctx, Kernel::EcGemv, x, y, None);
+    let l = *first.layout();
+    let rows = l.rows();
+    let product = |pipeline: &wgpu::ComputePipeline, grid: u32| -> Result<Vec<f32>> {
+        ctx.queue().write_buffer(y, 0, bytemuck::cast_slice(&vec![f32::NAN; rows]));
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &held[0], &[]);
+            pass.set_bind_group(1, &io, &[]);
+            pass.dispatch_workgroups(grid, 1, 1);
+        }
+        ctx.queue().submit([enc.finish()]);
+        Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(y, (rows * 4) as u64)?))
+    };
+    let own = Spec {
+        lanes: ctx.lane_mode(),
+        bits: l.bits(),
+        precision: tensor.table().precision(),
+        m: 1,
+        workgroup: 32 * l.segments().clamp(1, kernels::MAX_GEMV_SLABS) as u32,
+    };
+    let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32)?;
+    for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
+        let spec = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
+        let per = e.per.unwrap_or(1) as usize;
+        let grid =
+            e.grid.unwrap_or(l.row_tiles().div_ceil(per) as u32).min(ctx.limits().max_compute_workgroups_per_dimension);
+        let name = format!("x {}", e.label);
+        let pipeline = match e.pipeline(ctx, spec) {
+            Ok(p) => p,
+            Err(err) => {
+                println!("{shape} {name}: {err}");
+                continue;
+            }
+        };
+        let diff = rel_diff(&product(&pipeline, grid)?, &reference);
+        println!("{shape} {name}: vs ec_gemv.wgsl {diff:.1e}");
+        let close = diff <= 1e-5; // false for NaN
+        if !close && !e.unchecked {
+            println!("{shape} {name}: WRONG, not timed");
+            continue;
+        }
+        let time = median_time(ctx, o, heater, held.len(), |enc, run| {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &held[run % held.len()], &[]);
+            pass.set_bind_group(1, &io, &[]);
+            pass.dispatch_workgroups(grid, 1, 1);
+            Ok(())
+        })?;
+        out.push(Row {
+            shape: shape.to_string(),
+            what: name,
+            m: 1,
+            time,
+            bytes: bytes + ((rows + l.cols()) * 4) as u64,
+            weights: (rows * l.cols()) as u64,
+            copies: held.len(),
+            cached: None,
+        });
     }
     Ok(())
 }
@@ -860,7 +971,7 @@ fn decode_experiments(
         let got = check.read(ctx)?;
         let wrong = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
         println!("{shape} {name}: {wrong} of {} packed words differ from rans_decode", reference.len());
-        if wrong != 0 {
+        if wrong != 0 && !e.unchecked {
             println!("{shape} {name}: WRONG, not timed");
             continue;
         }
@@ -968,7 +1079,7 @@ fn bench_smol(ctx: &GpuContext, o: &Opts, heater: &Heater, path: &Path, out: &mu
                 r.scales.extend_from_slice(&q.scales);
                 r.biases.extend_from_slice(&q.biases);
             }
-            EcTensor::encode(&r, EncodeOptions::default())?
+            EcTensor::encode(&r, o.encode)?
         };
         for (t, label) in [(&t, String::new()), (&repeated, format!(" x{SMOL_REPEAT}"))] {
             let first = GpuStream::upload(ctx, t)?;

@@ -103,26 +103,30 @@ fn main(
             var b = biases[g];
             var group_left = steps_per_group;
             words_begin(pos);
+            let end = tile_offsets[t + 1u];
             for (var step = 0u; step < max_steps; step++) {
                 let live = lane_live & (step < steps);
-                if (live) {
-                    let e = table[x_state & (TABLE - 1u)];
-                    let sym = e & 0xffu;
-                    x_state = (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u);
-                    let col = col0 + step * KW;
-                    for (var i = 0u; i < KW; i++) {
-                        let q = small_to_f32((sym >> (i * BITS)) & QMASK);
-                        for (var v = 0u; v < M; v++) {
-                            let xv = x[v * params.cols + col + i];
-                            qx[v] += q * xv;
-                            sx[v] += xv;
-                        }
+                // The decode step on every lane, kept by `select` (no branch on the per-step chain: measured on an
+                // H200, 184.9 -> 174.9 us on 14336x4096 and 88.2 -> 77.0 us on 4096x4096 against the branch).
+                let e = table[x_state & (TABLE - 1u)];
+                let sym = select(0u, e & 0xffu, live);
+                x_state = select(x_state, (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u), live);
+                let col = min(col0 + step * KW, params.cols - KW);
+                for (var i = 0u; i < KW; i++) {
+                    let q = small_to_f32((sym >> (i * BITS)) & QMASK);
+                    for (var v = 0u; v < M; v++) {
+                        let xv = select(0.0, x[v * params.cols + col + i], live);
+                        qx[v] += q * xv;
+                        sx[v] += xv;
                     }
-                    // Last step of a group: apply its scale and bias once, and fetch the next group's.
+                }
+                // Last step of a group: apply its scale and bias once, and fetch the next group's (every lane of a
+                // slab is at the same step, so the branch is uniform).
+                if (step < steps) {
                     group_left -= 1u;
                     if (group_left == 0u) {
                         for (var v = 0u; v < M; v++) {
-                            acc[v] += s * qx[v] + b * sx[v];
+                            acc[v] += select(0.0, s * qx[v] + b * sx[v], lane_live);
                             qx[v] = 0.0;
                             sx[v] = 0.0;
                         }
@@ -135,7 +139,7 @@ fn main(
                 let need = live & (x_state < 65536u);
                 let rank = word_rank(need);
                 // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
-                let word = next_word(min(pos + rank.x, tile_offsets[t + 1u]), need);
+                let word = next_word(min(pos + rank.x, end), need);
                 x_state = select(x_state, (x_state << 16u) | word, need);
                 pos += rank.y;
                 words_advance(pos);
