@@ -106,16 +106,18 @@ fn main(
             let end = tile_offsets[t + 1u];
             for (var step = 0u; step < max_steps; step++) {
                 let live = lane_live & (step < steps);
-                // The decode step on every lane, kept by `select` (no branch on the per-step chain: measured on an
-                // H200, 184.9 -> 174.9 us on 14336x4096 and 88.2 -> 77.0 us on 4096x4096 against the branch).
+                // The decode step on every lane, the state kept by `select` (no branch on the per-step chain:
+                // measured on an H200, 184.9 -> 174.9 us on 14336x4096 and 88.2 -> 77.0 us on 4096x4096 against the
+                // branch). What a lane that is not live adds to qx and sx is never folded into acc: its steps come
+                // after the last group of its segment, or its fold is masked below.
                 let e = table[x_state & (TABLE - 1u)];
-                let sym = select(0u, e & 0xffu, live);
+                let sym = e & 0xffu;
                 x_state = select(x_state, (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u), live);
                 let col = min(col0 + step * KW, params.cols - KW);
                 for (var i = 0u; i < KW; i++) {
                     let q = small_to_f32((sym >> (i * BITS)) & QMASK);
                     for (var v = 0u; v < M; v++) {
-                        let xv = select(0.0, x[v * params.cols + col + i], live);
+                        let xv = x[v * params.cols + col + i];
                         qx[v] += q * xv;
                         sx[v] += xv;
                     }
