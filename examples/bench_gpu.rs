@@ -514,7 +514,7 @@ fn bench_shape(
     };
     out.push(decode_row(ctx, o, heater, &shape, &streams)?);
     if o.variants {
-        decode_variants(ctx, o, heater, &shape, &streams, out)?;
+        decode_experiments(ctx, o, heater, &decode_variants(), &shape, &streams, out)?;
     }
     decode_experiments(ctx, o, heater, &o.experiments, &shape, &streams, out)?;
     fused_experiments(ctx, o, heater, &o.experiments, &shape, &tensor, &x, &y, out)?;
@@ -801,10 +801,48 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
 }
 
 impl Experiment {
-    fn pipeline(&self, ctx: &GpuContext, spec: Spec) -> Result<wgpu::ComputePipeline> {
-        let src = ecq::gpu::shaders::source_with_body(self.kernel, &spec, &self.body, !self.whole);
-        kernels::edited_pipeline(ctx, self.kernel, spec, |_| src.clone())
+    fn name(&self) -> String {
+        format!("x {}", self.label)
     }
+
+    /// Workgroups for `units` units of work (tiles or rows), `per` to a workgroup unless the file says otherwise.
+    fn grid(&self, ctx: &GpuContext, units: usize, per: u32) -> u32 {
+        let per = self.per.unwrap_or(per).max(1) as usize;
+        self.grid.unwrap_or(units.div_ceil(per) as u32).min(ctx.limits().max_compute_workgroups_per_dimension)
+    }
+
+    /// The variant built under `spec` (its workgroup size replaced by the file's) and checked by `check`, which
+    /// runs it once and returns whether its output matches the kernel it replaces and a line saying by how much.
+    /// None, with the reason printed, where it does not build or is wrong (unless marked `unchecked`).
+    fn checked_pipeline(
+        &self,
+        ctx: &GpuContext,
+        spec: Spec,
+        shape: &str,
+        check: impl FnOnce(&wgpu::ComputePipeline) -> Result<(bool, String)>,
+    ) -> Result<Option<wgpu::ComputePipeline>> {
+        let spec = Spec { workgroup: self.wg.unwrap_or(spec.workgroup), ..spec };
+        let src = ecq::gpu::shaders::source_with_body(self.kernel, &spec, &self.body, !self.whole);
+        let pipeline = match kernels::edited_pipeline(ctx, self.kernel, spec, |_| src.clone()) {
+            Ok(p) => p,
+            Err(err) => {
+                println!("{shape} {}: {err}", self.name());
+                return Ok(None);
+            }
+        };
+        let (good, line) = check(&pipeline)?;
+        println!("{shape} {}: {line}", self.name());
+        if !good && !self.unchecked {
+            println!("{shape} {}: WRONG, not timed", self.name());
+            return Ok(None);
+        }
+        Ok(Some(pipeline))
+    }
+}
+
+/// Products within this of max |y| count as the same (false for NaN).
+fn same_product(diff: f64) -> bool {
+    diff <= 1e-5
 }
 
 /// Times the row-kernel experiments on one shape, each checked first against the kernel it replaces.
@@ -821,25 +859,15 @@ fn row_experiments(
         let own = Spec { lanes, bits, precision: 0, m: 1, workgroup: kernels::row_workgroup(e.kernel, 1) };
         let own_grid = kernels::row_blocks(e.kernel, 1, rw.rows) as u32;
         let reference = rw.product(ctx, e.kernel, &kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?, own_grid)?;
-        let spec = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
-        let per = e.per.unwrap_or(kernels::rows_per_group(e.kernel, 1)) as usize;
-        let grid =
-            e.grid.unwrap_or(rw.rows.div_ceil(per) as u32).min(ctx.limits().max_compute_workgroups_per_dimension);
-        let name = format!("x {}", e.label);
-        let pipeline = match e.pipeline(ctx, spec) {
-            Ok(p) => p,
-            Err(err) => {
-                println!("{shape} {name}: {err}");
-                continue;
-            }
-        };
-        let diff = rel_diff(&rw.product(ctx, e.kernel, &pipeline, grid)?, &reference);
-        println!("{shape} {name}: vs {} {diff:.1e}", e.kernel.file());
-        let close = diff <= 1e-5; // false for NaN
-        if !close && !e.unchecked {
-            println!("{shape} {name}: WRONG, not timed");
+        let grid = e.grid(ctx, rw.rows, kernels::rows_per_group(e.kernel, 1));
+        let Some(pipeline) = e.checked_pipeline(ctx, own, shape, |p| {
+            let diff = rel_diff(&rw.product(ctx, e.kernel, p, grid)?, &reference);
+            Ok((same_product(diff), format!("vs {} {diff:.1e}", e.kernel.file())))
+        })?
+        else {
             continue;
-        }
+        };
+        let name = e.name();
         out.push(rw.time(ctx, shape, e.kernel, &name, &pipeline, grid)?);
     }
     Ok(())
@@ -895,25 +923,15 @@ fn fused_experiments(
     };
     let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32)?;
     for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
-        let spec = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
-        let per = e.per.unwrap_or(1) as usize;
-        let grid =
-            e.grid.unwrap_or(l.row_tiles().div_ceil(per) as u32).min(ctx.limits().max_compute_workgroups_per_dimension);
-        let name = format!("x {}", e.label);
-        let pipeline = match e.pipeline(ctx, spec) {
-            Ok(p) => p,
-            Err(err) => {
-                println!("{shape} {name}: {err}");
-                continue;
-            }
-        };
-        let diff = rel_diff(&product(&pipeline, grid)?, &reference);
-        println!("{shape} {name}: vs ec_gemv.wgsl {diff:.1e}");
-        let close = diff <= 1e-5; // false for NaN
-        if !close && !e.unchecked {
-            println!("{shape} {name}: WRONG, not timed");
+        let grid = e.grid(ctx, l.row_tiles(), 1);
+        let Some(pipeline) = e.checked_pipeline(ctx, own, shape, |p| {
+            let diff = rel_diff(&product(p, grid)?, &reference);
+            Ok((same_product(diff), format!("vs ec_gemv.wgsl {diff:.1e}")))
+        })?
+        else {
             continue;
-        }
+        };
+        let name = e.name();
         let time = median_time(ctx, o, heater, held.len(), |enc, run| {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&pipeline);
@@ -951,30 +969,23 @@ fn decode_experiments(
     let reference = kernels::decode_to_packed(ctx, &streams[0])?.read(ctx)?;
     for e in exps.iter().filter(|e| e.kernel == Kernel::RansDecode) {
         let own = kernels::rans_decode_spec(ctx, &streams[0]);
-        let spec = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
-        let per = e.per.unwrap_or(own.workgroup / 32) as usize;
-        // A fixed grid: as many tiles per workgroup as make that many workgroups (the kernel loops over the rest).
-        let per = e.grid.map_or(per, |g| streams[0].layout().tiles().div_ceil(g.max(1) as usize));
-        let name = format!("x {}", e.label);
-        let pipeline = match e.pipeline(ctx, spec) {
-            Ok(p) => p,
-            Err(err) => {
-                println!("{shape} {name}: {err}");
-                continue;
-            }
-        };
-        let check = &outs[0];
-        let mut enc = ctx.device().create_command_encoder(&Default::default());
-        enc.clear_buffer(check.buffer(), 0, None);
-        kernels::rans_decode_with(ctx, &mut enc, &streams[0], check, &status, &pipeline, per)?;
-        ctx.queue().submit([enc.finish()]);
-        let got = check.read(ctx)?;
-        let wrong = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
-        println!("{shape} {name}: {wrong} of {} packed words differ from rans_decode", reference.len());
-        if wrong != 0 && !e.unchecked {
-            println!("{shape} {name}: WRONG, not timed");
+        // Tiles per workgroup that give the experiment's grid (the kernel loops over the rest).
+        let tiles = streams[0].layout().tiles();
+        let per = tiles.div_ceil(e.grid(ctx, tiles, own.workgroup / 32).max(1) as usize);
+        let Some(pipeline) = e.checked_pipeline(ctx, own, shape, |p| {
+            let check = &outs[0];
+            let mut enc = ctx.device().create_command_encoder(&Default::default());
+            enc.clear_buffer(check.buffer(), 0, None);
+            kernels::rans_decode_with(ctx, &mut enc, &streams[0], check, &status, p, per)?;
+            ctx.queue().submit([enc.finish()]);
+            let got = check.read(ctx)?;
+            let wrong = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
+            Ok((wrong == 0, format!("{wrong} of {} packed words differ from rans_decode", reference.len())))
+        })?
+        else {
             continue;
-        }
+        };
+        let name = e.name();
         let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
             let i = run % streams.len();
             kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline, per)
@@ -998,44 +1009,30 @@ fn decode_experiments(
 /// (their outputs are wrong by design; only their times mean anything).
 const DECODE_VARIANTS: [(&str, &str, &str); 4] = [
     ("-table", "let e = table[x & (TABLE - 1u)];", "let e = (x & 0xffu) | 0x7ff00u;"),
-    ("-store", "packed[out] = acc;", "if (acc == 0x9e3779b9u) { packed[out] = acc; }"),
+    ("-store", "packed[out >> 2u] = q;", "if (q.x == 0x9e3779b9u) { packed[out >> 2u] = q; }"),
     ("-word read", "let word = next_word(min(i, max(end, 1u) - 1u), need);", "let word = i & 0xffffu;"),
     ("-ballot", "let rank = word_rank(need);", "let rank = vec2<u32>(select(0u, lane_row, need), 16u);"),
 ];
 
-fn decode_variants(
-    ctx: &GpuContext,
-    o: &Opts,
-    heater: &Heater,
-    shape: &str,
-    streams: &[GpuStream],
-    out: &mut Vec<Row>,
-) -> Result<()> {
-    let outs: Vec<GpuPacked> = streams.iter().map(|s| GpuPacked::for_stream(ctx, s)).collect::<Result<_>>()?;
-    let status = storage(ctx, "status", 8);
-    for (name, from, to) in DECODE_VARIANTS {
-        let spec = kernels::rans_decode_spec(ctx, &streams[0]);
-        let pipeline = kernels::edited_pipeline(ctx, Kernel::RansDecode, spec, |src| {
-            assert!(src.contains(from), "rans_decode.wgsl no longer contains {from:?}");
-            src.replace(from, to)
-        })?;
-        let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
-            let i = run % streams.len();
-            kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline, 4)
-        })?;
-        let l = streams[0].layout();
-        out.push(Row {
-            shape: shape.to_string(),
-            what: format!("decode {name}"),
-            m: 0,
-            time,
-            bytes: streams[0].device_bytes() + streams[0].packed_bytes(),
-            weights: (l.rows() * l.cols()) as u64,
-            copies: streams.len(),
-            cached: None,
-        });
-    }
-    Ok(())
+/// The decode variants as experiments: timed whatever they write.
+fn decode_variants() -> Vec<Experiment> {
+    DECODE_VARIANTS
+        .iter()
+        .map(|&(name, from, to)| {
+            let kernel = ecq::gpu::shaders::RANS_DECODE;
+            assert!(kernel.contains(from), "rans_decode.wgsl no longer contains {from:?}");
+            Experiment {
+                kernel: Kernel::RansDecode,
+                label: format!("decode {name}"),
+                body: kernel.replace(from, to),
+                whole: false,
+                wg: None,
+                per: None,
+                grid: None,
+                unchecked: true,
+            }
+        })
+        .collect()
 }
 
 /// Times the decode-only kernel over rotating copies of one stream (every copy checked once first).
