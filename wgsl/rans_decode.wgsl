@@ -26,8 +26,9 @@ struct StreamParams {
 @group(0) @binding(2) var<storage, read> tile_offsets: array<u32>;
 // 32 initial states per tile.
 @group(0) @binding(3) var<storage, read> states: array<u32>;
-// Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20.
-@group(0) @binding(4) var<storage, read> decode_table: array<u32>;
+// Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20; four to a vec4 (the buffer is
+// padded to 16 bytes).
+@group(0) @binding(4) var<storage, read> decode_table: array<vec4<u32>>;
 // Output: packed symbols, rows * words_per_row u32 words, four to a vec4 (the buffer is padded to 16 bytes).
 @group(0) @binding(5) var<storage, read_write> packed: array<vec4<u32>>;
 // [0]: number of tiles that failed the end-state or word-count check; [1]: lowest such tile (host sets ~0).
@@ -65,8 +66,18 @@ fn main(
 //#else
     lanes_init(lid);
 //#endif
-    for (var i = lid; i < TABLE; i += WG) {
-        table[i] = decode_table[i];
+    // 16 bytes at a time (4x fewer loads, each lane with more in flight: measured on an H200, fused 1536x576
+    // 85.2 -> 77.5 us, where a workgroup is one slab and loads the whole table alone).
+    for (var i = lid; i < (TABLE + 3u) / 4u; i += WG) {
+        let e = decode_table[i];
+        table[4u * i] = e.x;
+        if (TABLE > 1u) {
+            table[4u * i + 1u] = e.y;
+        }
+        if (TABLE > 2u) {
+            table[4u * i + 2u] = e.z;
+            table[4u * i + 3u] = e.w;
+        }
     }
     workgroupBarrier();
 

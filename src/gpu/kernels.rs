@@ -150,7 +150,9 @@ impl GpuStream {
         if words.len() % 2 == 1 {
             words.push(0);
         }
-        let decode_table = tensor.table().decode_table();
+        // Padded to 16 bytes: the tile kernels read the table as vec4<u32>.
+        let mut decode_table = tensor.table().decode_table();
+        decode_table.resize(decode_table.len().next_multiple_of(4), 0);
         let params = [
             layout.rows() as u32,
             layout.cols() as u32,
