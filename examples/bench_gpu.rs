@@ -919,7 +919,7 @@ fn fused_experiments(
         bits: l.bits(),
         precision: tensor.table().precision(),
         m: 1,
-        workgroup: 32 * l.segments().clamp(1, kernels::MAX_GEMV_SLABS) as u32,
+        workgroup: 32 * kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
     };
     let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32)?;
     for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {

@@ -158,7 +158,9 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                 let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP };
                 out.push((Kernel::RansDecode, spec));
                 for m in vectors.clone() {
-                    for slabs in 1..=MAX_GEMV_SLABS as u32 {
+                    // What `gemv_slabs` returns: 1..=8, then powers of two up to the most.
+                    let powers = (4..=MAX_GEMV_SLABS.ilog2()).map(|k| 1u32 << k);
+                    for slabs in (1..=8).chain(powers) {
                         out.push((Kernel::EcGemv, Spec { lanes, bits, precision, m, workgroup: 32 * slabs }));
                     }
                 }
@@ -249,6 +251,33 @@ mod tests {
                 assert!(!src.contains(token), "{} portable source uses {token}", kernel.file());
             }
         }
+    }
+
+    /// The ec_gemv workgroup the host picks for any segment count and device limit is one of the listed
+    /// specializations, never above the limit, and takes all segments in one round up to 32.
+    #[test]
+    fn gemv_slabs_are_listed_specializations() {
+        use super::super::kernels::gemv_slabs;
+        let listed: Vec<u32> = specializations()
+            .iter()
+            .filter(|(k, s)| *k == Kernel::EcGemv && s.m == 1 && s.bits == 4 && s.precision == 12)
+            .filter(|(_, s)| s.lanes == LaneMode::SubgroupWide)
+            .map(|(_, s)| s.workgroup / 32)
+            .collect();
+        for max_invocations in [32, 64, 256, 768, 1024, 2048] {
+            for segments in 0..=70 {
+                let slabs = gemv_slabs(segments, max_invocations);
+                assert!(listed.contains(&slabs), "{segments} segments, limit {max_invocations}: {slabs} slabs");
+                assert!(32 * slabs <= max_invocations.max(32));
+                if max_invocations >= 1024 && (1..=32).contains(&segments) {
+                    assert!(slabs as usize >= segments, "{segments} segments in one round");
+                }
+            }
+        }
+        assert_eq!(
+            (gemv_slabs(3, 1024), gemv_slabs(9, 1024), gemv_slabs(28, 1024), gemv_slabs(28, 256)),
+            (3, 16, 32, 8)
+        );
     }
 
     #[test]
