@@ -21,6 +21,12 @@ var<private> rank_step: u32;
 
 //#if SUBGROUP
 var<private> sg_lane: u32;
+// Per-lane constants of the wide path, set once: the ballot bits of the lanes below this one, the ballot word
+// holding this lane, the slab's first lane in the subgroup, and this lane's far-window offset.
+var<private> lt_mask: u32;
+var<private> ballot_word: u32;
+var<private> slab_lane0: u32;
+var<private> far_off: u32;
 var<private> sg_width: u32;
 var<private> sg_index: u32;
 //#if NARROW
@@ -42,6 +48,11 @@ fn lanes_init(sid: u32, sgs: u32, sgid: u32) {
     lane_slab = linear / 32u;
     lane_row = linear % 32u;
     rank_step = 0u;
+    lt_mask = (1u << (sid % 32u)) - 1u;
+    ballot_word = sid / 32u;
+    // A 64-lane subgroup holds two slabs; each shuffles within its own.
+    slab_lane0 = sid - lane_row;
+    far_off = 128u + 2u * lane_row;
 }
 //#else
 fn lanes_init(lid: u32) {
@@ -82,8 +93,8 @@ fn word_rank(need: bool) -> vec2<u32> {
     return vec2<u32>(before + below, total);
 //#else
     let ballot = subgroupBallot(need);
-    let bits = ballot[sg_lane / 32u];
-    let below = countOneBits(bits & ((1u << (sg_lane % 32u)) - 1u));
+    let bits = ballot[ballot_word];
+    let below = countOneBits(bits & lt_mask);
     return vec2<u32>(below, countOneBits(bits));
 //#endif
 //#else
@@ -121,12 +132,11 @@ var<private> win_cur: vec2<u32>;
 var<private> win_nxt: vec2<u32>;
 var<private> win_far: vec2<u32>;
 
-fn word_pair(u: u32) -> u32 {
-    return words[min(u, arrayLength(&words) - 1u)];
-}
-
+// u32s u and u + 1 of the words, the index clamped once: the host pads the words with two zero u32s, so a
+// clamped window only ever covers padding.
 fn window_at(u: u32) -> vec2<u32> {
-    return vec2<u32>(word_pair(u), word_pair(u + 1u));
+    let c = min(u, max(arrayLength(&words), 2u) - 2u);
+    return vec2<u32>(words[c], words[c + 1u]);
 }
 //#endif
 //#endif
@@ -151,9 +161,9 @@ fn next_word(i: u32, need: bool) -> u32 {
 //#if NARROW
     return select(0u, stream_word(i), need);
 //#else
-    let off = select(0u, (i >> 1u) - win_base, need);
-    // The slab's first lane in the subgroup, so a 64-lane subgroup shuffles within each of its two slabs.
-    let src = sg_lane - lane_row + ((off & 63u) >> 1u);
+    // Any offset is a lane of the slab, so lanes that need no word shuffle harmlessly (their result is dropped).
+    let off = (i >> 1u) - win_base;
+    let src = slab_lane0 + ((off & 63u) >> 1u);
     let cur = vec2<u32>(subgroupShuffle(win_cur.x, src), subgroupShuffle(win_cur.y, src));
     let nxt = vec2<u32>(subgroupShuffle(win_nxt.x, src), subgroupShuffle(win_nxt.y, src));
     let pair = select(nxt, cur, off < 64u);
@@ -174,7 +184,7 @@ fn words_advance(pos: u32) {
     win_base = select(win_base, win_base + 64u, move_on);
     win_cur = select(win_cur, win_nxt, move_on);
     win_nxt = select(win_nxt, win_far, move_on);
-    win_far = window_at(win_base + 128u + 2u * lane_row);
+    win_far = window_at(win_base + far_off);
 //#endif
 //#endif
 }

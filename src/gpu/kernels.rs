@@ -159,10 +159,10 @@ impl GpuStream {
         let layout = *tensor.layout();
         check_gpu_shape(tensor)?;
         let s = tensor.stream();
+        // Whole u32s, then two zero u32s of padding: the register windows of lanes.wgsl clamp a window's index once
+        // and so may cover the last two u32s of the buffer shifted.
         let mut words = s.words.clone();
-        if words.len() % 2 == 1 {
-            words.push(0);
-        }
+        words.resize(words.len().next_multiple_of(2) + 4, 0);
         // Padded to 16 bytes: the tile kernels read the table as vec4<u32>.
         let mut decode_table = tensor.table().decode_table();
         decode_table.resize(decode_table.len().next_multiple_of(4), 0);
