@@ -296,8 +296,8 @@ impl GpuPacked {
 /// end-state or word-count check are counted in `status[0]`, the lowest in `status[1]` (the caller sets
 /// `status` to `[0, u32::MAX]` first).
 ///
-/// Grid: `ceil(tiles / 4)` workgroups of 128 lanes (4 tiles each), capped at the dimension limit; the
-/// kernel loops over the rest.
+/// Grid: `ceil(tiles / 8)` workgroups of [`TILE_WORKGROUP`] = 256 lanes (8 tiles each), capped at the dimension
+/// limit; the kernel loops over the rest.
 pub fn rans_decode(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
@@ -524,7 +524,8 @@ pub fn q_gemv(
 /// of the dense weight (as [`crate::gpu::DenseGemv`] builds it), `io` from [`io_bind_group`] with the uniform of
 /// [`call_params`].
 ///
-/// Grid: as [`q_gemv`] for gemv_f16; one workgroup per row for gemv_f32.
+/// Grid: x over row blocks of [`rows_per_group`] rows ([`row_workgroup`] lanes each: gemv_f16 2 rows by 256
+/// lanes at `m` = 1, else 4 by 64; gemv_f32 one row by 64), y over blocks of up to 8 vectors.
 pub fn gemv_dense(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,

@@ -19,7 +19,8 @@ pub const GEMV_F16: &str = include_str!("../../wgsl/gemv_f16.wgsl");
 pub const LANES: &str = include_str!("../../wgsl/lanes.wgsl");
 /// Preamble: workgroup sum (subgroupAdd or a tree in workgroup memory).
 pub const REDUCE: &str = include_str!("../../wgsl/reduce.wgsl");
-/// Preamble: row blocks of 4 rows per workgroup and their sums (subgroupAdd or workgroup memory).
+/// Preamble: row blocks of NR rows per workgroup (declared by each kernel) and their sums (subgroupAdd or
+/// workgroup memory).
 pub const ROWS: &str = include_str!("../../wgsl/rows.wgsl");
 
 /// The kernels, one per WGSL file.
