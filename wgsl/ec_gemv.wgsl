@@ -1,33 +1,12 @@
 // Fused GEMV: decode rANS tiles, dequantize and multiply, y[v][n] = sum_k W[n][k] x[v][k], for M vectors.
 //
 // Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS.
-// Preamble: lanes.wgsl.
+// Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles. Within one row tile, slab s decodes segments s, s + SLABS, ...; lane r
 // keeps M accumulators for row r. Per group it accumulates sum(q * x) and sum(x) and applies the group's scale
 // and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x). The slabs' partial sums are then added in
 // workgroup memory.
 
-struct StreamParams {
-    rows: u32,
-    cols: u32,
-    segment: u32,
-    segments: u32,
-    row_tiles: u32,
-    tiles: u32,
-    group_size: u32,
-    words_per_row: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: StreamParams;
-// The tiles' 16-bit words, two to a u32 (little-endian), all tiles back to back.
-@group(0) @binding(1) var<storage, read> words: array<u32>;
-// Start of each tile in `words` (in 16-bit words), tiles + 1 entries.
-@group(0) @binding(2) var<storage, read> tile_offsets: array<u32>;
-// 32 initial states per tile.
-@group(0) @binding(3) var<storage, read> states: array<u32>;
-// Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20; four to a vec4 (the buffer is
-// padded to 16 bytes).
-@group(0) @binding(4) var<storage, read> decode_table: array<vec4<u32>>;
 // Per-group scales and biases, row-major rows x (cols / group_size).
 @group(0) @binding(5) var<storage, read> scales: array<f32>;
 @group(0) @binding(6) var<storage, read> biases: array<f32>;
@@ -36,9 +15,7 @@ struct StreamParams {
 // Output, row-major M x rows.
 @group(1) @binding(1) var<storage, read_write> y: array<f32>;
 
-const TABLE: u32 = 1u << P;
 const QMASK: u32 = (1u << BITS) - 1u;
-var<workgroup> table: array<u32, TABLE>;
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
 
@@ -64,19 +41,7 @@ fn main(
 //#else
     lanes_init(lid);
 //#endif
-    // 16 bytes at a time (4x fewer loads, each lane with more in flight: measured on an H200, fused 1536x576
-    // 85.2 -> 77.5 us, where a workgroup is one slab and loads the whole table alone).
-    for (var i = lid; i < (TABLE + 3u) / 4u; i += WG) {
-        let e = decode_table[i];
-        table[4u * i] = e.x;
-        if (TABLE > 1u) {
-            table[4u * i + 1u] = e.y;
-        }
-        if (TABLE > 2u) {
-            table[4u * i + 2u] = e.z;
-            table[4u * i + 3u] = e.w;
-        }
-    }
+    load_table(lid);
     workgroupBarrier();
 
     let max_steps = params.segment / KW;

@@ -1,42 +1,20 @@
 // Tile decode: rANS tiles -> MLX-packed symbols (each row a little-endian bit stream in u32 words).
 //
 // Specialization (prepended by the host): BITS, KW = 8 / BITS weights per joint symbol, P (table precision),
-// SLABS tiles per workgroup, WG = 32 * SLABS invocations. Preamble: lanes.wgsl.
+// SLABS tiles per workgroup, WG = 32 * SLABS invocations. Preamble: lanes.wgsl (the stream bindings 0 to 4, the
+// decode table, the word positions).
 // Grid: workgroups stride over groups of SLABS consecutive tiles; slab s of a workgroup decodes tile
 // base + s, lane r decodes row r of that tile and writes that row's packed words itself, four at a time (one
 // 16-byte store) where the tile's words start on 16 bytes in every row, else one by one. (Measured on an H200:
 // 16-byte stores, which write a quarter as many scattered lines as 4-byte ones, and 8 tiles per workgroup
 // instead of 4 took 14336x4096 from 192 to 142 us; either alone, 178 and 230 us.)
 
-struct StreamParams {
-    rows: u32,
-    cols: u32,
-    segment: u32,
-    segments: u32,
-    row_tiles: u32,
-    tiles: u32,
-    group_size: u32,
-    words_per_row: u32,   // packed u32 words per output row, cols * BITS / 32
-}
-
-@group(0) @binding(0) var<uniform> params: StreamParams;
-// The tiles' 16-bit words, two to a u32 (little-endian), all tiles back to back.
-@group(0) @binding(1) var<storage, read> words: array<u32>;
-// Start of each tile in `words` (in 16-bit words), tiles + 1 entries.
-@group(0) @binding(2) var<storage, read> tile_offsets: array<u32>;
-// 32 initial states per tile.
-@group(0) @binding(3) var<storage, read> states: array<u32>;
-// Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20; four to a vec4 (the buffer is
-// padded to 16 bytes).
-@group(0) @binding(4) var<storage, read> decode_table: array<vec4<u32>>;
 // Output: packed symbols, rows * words_per_row u32 words, four to a vec4 (the buffer is padded to 16 bytes).
 @group(0) @binding(5) var<storage, read_write> packed: array<vec4<u32>>;
 // [0]: number of tiles that failed the end-state or word-count check; [1]: lowest such tile (host sets ~0).
 @group(0) @binding(6) var<storage, read_write> status: array<atomic<u32>>;
 
-const TABLE: u32 = 1u << P;
 const STEP_BITS: u32 = KW * BITS;
-var<workgroup> table: array<u32, TABLE>;
 
 // Stores the first `n` of the words `q` (packed words out .. out + n) one by one.
 fn store_words(q: vec4<u32>, out: u32, n: u32) {
@@ -66,19 +44,7 @@ fn main(
 //#else
     lanes_init(lid);
 //#endif
-    // 16 bytes at a time (4x fewer loads, each lane with more in flight: measured on an H200, fused 1536x576
-    // 85.2 -> 77.5 us, where a workgroup is one slab and loads the whole table alone).
-    for (var i = lid; i < (TABLE + 3u) / 4u; i += WG) {
-        let e = decode_table[i];
-        table[4u * i] = e.x;
-        if (TABLE > 1u) {
-            table[4u * i + 1u] = e.y;
-        }
-        if (TABLE > 2u) {
-            table[4u * i + 2u] = e.z;
-            table[4u * i + 3u] = e.w;
-        }
-    }
+    load_table(lid);
     workgroupBarrier();
 
     let max_steps = params.segment / KW;

@@ -145,7 +145,7 @@ pub struct GpuStream {
     layout: TileLayout,
     group_size: usize,
     precision: u32,
-    /// `StreamParams` of the WGSL files.
+    /// `StreamParams` of wgsl/lanes.wgsl.
     params: wgpu::Buffer,
     words: wgpu::Buffer,
     tile_offsets: wgpu::Buffer,
