@@ -635,37 +635,12 @@ impl<'a> RowWeights<'a> {
             let scales = GpuScales::upload(ctx, tensor)?;
             q_groups.push(kernels::q_gemv_weights(ctx, &packed, &scales));
         }
-        let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
-        let f16_bytes = half.len() as u64 * 2;
-        let params = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("dense params"),
-            size: 16,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        ctx.queue().write_buffer(&params, 0, bytemuck::cast_slice(&[rows as u32, cols as u32, 0, 0]));
-        let dense_spec = Spec {
-            lanes: ctx.lane_mode(),
-            bits: 0,
-            precision: 0,
-            m: 1,
-            workgroup: kernels::row_workgroup(Kernel::GemvF16, 1),
-        };
-        let layout = kernels::edited_pipeline(ctx, Kernel::GemvF16, dense_spec, |s| s)?.get_bind_group_layout(0);
-        let f16_groups = (0..copies_for(o, f16_bytes))
-            .map(|_| {
-                let b = storage(ctx, "dense f16", f16_bytes.next_multiple_of(16));
-                ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&half));
-                ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("dense f16"),
-                    layout: &layout,
-                    entries: &[
-                        wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
-                        wgpu::BindGroupEntry { binding: 1, resource: b.as_entire_binding() },
-                    ],
-                })
-            })
-            .collect();
+        // Dense f16 copies; their bind groups keep the buffers alive.
+        let f16: Vec<DenseGemv> = (0..copies_for(o, (rows * cols * 2) as u64))
+            .map(|_| DenseGemv::new(ctx, w, rows, cols, DenseDtype::F16))
+            .collect::<Result<_>>()?;
+        let f16_bytes = f16[0].device_bytes();
+        let f16_groups = f16.iter().map(|d| d.weights_bind_group().clone()).collect();
         let io = [Kernel::QGemv, Kernel::GemvF16].map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call)));
         let bits = tensor.bits();
         Ok(Self { o, heater, rows, cols, bits, q_groups, q_bytes, f16_groups, f16_bytes, io, y })
@@ -854,14 +829,20 @@ fn row_experiments(
     out: &mut Vec<Row>,
 ) -> Result<()> {
     let lanes = ctx.lane_mode();
+    // Each kernel's own product, computed once for all its experiments.
+    let mut references: Vec<(Kernel, Vec<f32>)> = Vec::new();
     for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16)) {
         let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
         let own = Spec { lanes, bits, precision: 0, m: 1, workgroup: kernels::row_workgroup(e.kernel, 1) };
-        let own_grid = kernels::row_blocks(e.kernel, 1, rw.rows) as u32;
-        let reference = rw.product(ctx, e.kernel, &kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?, own_grid)?;
+        if !references.iter().any(|(k, _)| *k == e.kernel) {
+            let own_grid = kernels::row_blocks(e.kernel, 1, rw.rows) as u32;
+            let pipeline = kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?;
+            references.push((e.kernel, rw.product(ctx, e.kernel, &pipeline, own_grid)?));
+        }
+        let reference = &references.iter().find(|(k, _)| *k == e.kernel).expect("computed above").1;
         let grid = e.grid(ctx, rw.rows, kernels::rows_per_group(e.kernel, 1));
         let Some(pipeline) = e.checked_pipeline(ctx, own, shape, |p| {
-            let diff = rel_diff(&rw.product(ctx, e.kernel, p, grid)?, &reference);
+            let diff = rel_diff(&rw.product(ctx, e.kernel, p, grid)?, reference);
             Ok((same_product(diff), format!("vs {} {diff:.1e}", e.kernel.file())))
         })?
         else {

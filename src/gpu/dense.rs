@@ -114,6 +114,12 @@ impl DenseGemv {
     pub fn device_bytes(&self) -> u64 {
         self.weights.size() + self.params.size()
     }
+
+    /// The group-0 bind group (parameters and weights) in the layout of the dtype's kernel, for dispatching
+    /// another pipeline built on that layout (as [`super::kernels::edited_pipeline`] builds them).
+    pub fn weights_bind_group(&self) -> &wgpu::BindGroup {
+        &self.group
+    }
 }
 
 /// `bytes` followed by zeros up to a multiple of 16.
