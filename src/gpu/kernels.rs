@@ -98,16 +98,22 @@ pub(crate) fn bind_group_layouts(device: &wgpu::Device, kernel: Kernel) -> Vec<w
 
 /// A bind group of `buffers` (whole buffers, in binding order) for group `group` of `kernel`.
 pub(crate) fn bind_group(ctx: &GpuContext, kernel: Kernel, group: usize, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+    whole_buffers(ctx, kernel.file(), &ctx.layouts(kernel)[group], buffers)
+}
+
+/// A bind group in `layout` of `buffers`, whole, in binding order.
+pub(crate) fn whole_buffers(
+    ctx: &GpuContext,
+    label: &str,
+    layout: &wgpu::BindGroupLayout,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
     let entries: Vec<wgpu::BindGroupEntry> = buffers
         .iter()
         .enumerate()
         .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
         .collect();
-    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(kernel.file()),
-        layout: &ctx.layouts(kernel)[group],
-        entries: &entries,
-    })
+    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor { label: Some(label), layout, entries: &entries })
 }
 
 /// Workgroup memory in bytes of `kernel` under `spec`, mirroring the `var<workgroup>` declarations of its

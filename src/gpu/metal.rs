@@ -373,16 +373,7 @@ fn vectors(m: usize) -> Result<u32> {
 
 /// A bind group of whole `buffers`, in binding order, for group `group`.
 fn bind_group(ctx: &GpuContext, group: usize, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = buffers
-        .iter()
-        .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-        .collect();
-    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("ec_gemv.metal"),
-        layout: &layouts(ctx)[group],
-        entries: &entries,
-    })
+    super::kernels::whole_buffers(ctx, "ec_gemv.metal", &layouts(ctx)[group], buffers)
 }
 
 #[cfg(test)]
