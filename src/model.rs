@@ -427,32 +427,6 @@ fn float_dtype(d: Dtype) -> Option<ScaleDtype> {
     d.to_scale_dtype()
 }
 
-/// Whether `output` is one of `inputs` (by path or, on Unix, by device and inode).
-fn refuse_overwrite(inputs: &[PathBuf], output: &Path) -> Result<()> {
-    let Ok(out_meta) = std::fs::metadata(output) else { return Ok(()) };
-    for input in inputs {
-        let Ok(in_meta) = std::fs::metadata(input) else { continue };
-        let same_path = matches!((input.canonicalize(), output.canonicalize()), (Ok(a), Ok(b)) if a == b);
-        #[cfg(unix)]
-        let same_inode = {
-            use std::os::unix::fs::MetadataExt;
-            in_meta.dev() == out_meta.dev() && in_meta.ino() == out_meta.ino()
-        };
-        #[cfg(not(unix))]
-        let same_inode = {
-            let _ = (&in_meta, &out_meta);
-            false
-        };
-        if same_path || same_inode {
-            return Err(Error::param(
-                "output",
-                format!("refusing to overwrite the input {}: choose a different output path", input.display()),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// MLX quantization parameters: a default and per-stem overrides, as config.json's `quantization` holds them.
 #[derive(Default)]
 struct MlxConfig {
@@ -777,7 +751,7 @@ pub fn convert(
     let source = Source::open(input)?;
     let mut inputs = source.paths();
     inputs.push(input.to_path_buf());
-    refuse_overwrite(&inputs, output)?;
+    crate::format::refuse_overwrite(&inputs, output)?;
     let jobs = plan(&source, input, options)?;
 
     let mut writer = ContainerWriter::create(output)?;

@@ -160,30 +160,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Refuses to write `output` when it is the same file as `input` (by path or, on Unix, by inode).
-fn refuse_same_file(input: &Path, output: &Path) -> CliResult<()> {
-    let Ok(out_meta) = std::fs::metadata(output) else { return Ok(()) };
-    let in_meta = std::fs::metadata(input).map_err(|e| format!("{}: {e}", input.display()))?;
-    let same_path = match (input.canonicalize(), output.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    #[cfg(unix)]
-    let same_inode = {
-        use std::os::unix::fs::MetadataExt;
-        in_meta.dev() == out_meta.dev() && in_meta.ino() == out_meta.ino()
-    };
-    #[cfg(not(unix))]
-    let same_inode = {
-        let _ = (&in_meta, &out_meta);
-        false
-    };
-    if same_path || same_inode {
-        return Err(format!("refusing to overwrite the input {}: choose a different output path", input.display()));
-    }
-    Ok(())
-}
-
 fn progress(len: usize) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
@@ -433,7 +409,7 @@ fn quantization_config(per_stem: &[(String, (u32, usize))]) -> Option<serde_json
 }
 
 fn unpack(input: &Path, output: &Path) -> CliResult<()> {
-    refuse_same_file(input, output)?;
+    ecq::format::refuse_overwrite(&[input], output).map_err(err)?;
     let file = open(input)?;
     let mut writer = ContainerWriter::create(output).map_err(err)?;
     for (k, v) in file.user_metadata() {

@@ -35,6 +35,35 @@ pub const RAW_CRC_KEY: &str = "ecq.raw_crc32";
 /// decoded size of a tensor is bounded by its number of states, which the file must actually hold.
 pub const MAX_SEGMENT: usize = 1 << 16;
 
+/// Refuses (an `InvalidParameter` error naming `output`) when `output` exists and is one of `inputs`, by path or,
+/// on Unix, by device and inode: for writers that must not overwrite what they read. Inputs that do not exist
+/// are skipped (opening them fails later with its own error).
+pub fn refuse_overwrite<P: AsRef<Path>>(inputs: &[P], output: &Path) -> Result<()> {
+    let Ok(out_meta) = std::fs::metadata(output) else { return Ok(()) };
+    for input in inputs {
+        let input = input.as_ref();
+        let Ok(in_meta) = std::fs::metadata(input) else { continue };
+        let same_path = matches!((input.canonicalize(), output.canonicalize()), (Ok(a), Ok(b)) if a == b);
+        #[cfg(unix)]
+        let same_inode = {
+            use std::os::unix::fs::MetadataExt;
+            in_meta.dev() == out_meta.dev() && in_meta.ino() == out_meta.ino()
+        };
+        #[cfg(not(unix))]
+        let same_inode = {
+            let _ = (&in_meta, &out_meta);
+            false
+        };
+        if same_path || same_inode {
+            return Err(Error::param(
+                "output",
+                format!("refusing to overwrite the input {}: choose a different output path", input.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Name suffixes of the four stream arrays, reserved for encoded tensors.
 const STREAM_SUFFIXES: [&str; 4] = [".ecq.words", ".ecq.tile_offsets", ".ecq.states", ".ecq.freqs"];
 

@@ -7,7 +7,8 @@ mod safetensors_file;
 mod tensor;
 
 pub use container::{
-    ArrayNames, Checksums, ContainerWriter, EcFile, EncodedInfo, FORMAT_VERSION, MAX_SEGMENT, RAW_CRC_KEY, VERSION_KEY,
+    refuse_overwrite, ArrayNames, Checksums, ContainerWriter, EcFile, EncodedInfo, FORMAT_VERSION, MAX_SEGMENT,
+    RAW_CRC_KEY, VERSION_KEY,
 };
 pub use gguf::{GgmlType, GgufFile, GgufTensor, GgufTensorInfo, GgufValue};
 pub use mlx::{export_mlx, import_mlx, import_mlx_from, MlxArray, MlxQuantized};
