@@ -17,8 +17,11 @@
 //!   `SmallContiguousLookupDecoderModel` to decode, its fastest decoder. It codes the same pair symbols in one
 //!   stream, in the order ecq's lanes would see them row by row.
 
+#[path = "../tests/common/student_t.rs"]
+mod student_t;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+use student_t::student_t;
 
 use constriction::stream::model::{SmallContiguousCategoricalEntropyModel, SmallContiguousLookupDecoderModel};
 use constriction::stream::stack::SmallAnsCoder;
@@ -27,8 +30,6 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ecq::format::{EcTensor, EncodeOptions};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix};
 use ecq::rans::*;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// Rows and columns of the timed layer (4M weights: large enough to leave the caches, quick to repeat).
 const BENCH_ROWS: usize = 1024;
@@ -36,21 +37,6 @@ const BENCH_COLS: usize = 4096;
 /// The size table's layer: the 4096 x 4096 of the issue.
 const SIZE_ROWS: usize = 4096;
 const SIZE_COLS: usize = 4096;
-
-/// Student-t samples with `nu` degrees of freedom by Bailey's polar method: for `(u, v)` uniform in the unit
-/// disc, `w = u^2 + v^2`, `t = u * sqrt(nu * (w^(-2/nu) - 1) / w)`.
-fn student_t(n: usize, nu: f64, scale: f64, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let (u, v): (f64, f64) = (rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0));
-        let w = u * u + v * v;
-        if w > 0.0 && w < 1.0 {
-            out.push((scale * u * (nu * (w.powf(-2.0 / nu) - 1.0) / w).sqrt()) as f32);
-        }
-    }
-    out
-}
 
 fn layer(rows: usize, cols: usize, group_size: usize) -> QuantizedMatrix {
     let config = QuantConfig { group_size, ..QuantConfig::default() };

@@ -1,27 +1,15 @@
 //! The `ecq` binary end to end on a small synthetic model written with the `safetensors` crate.
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{ecq, text};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use ecq::format::{ArrayNames, EcFile, EncodeOptions};
 use ecq::quant::{quantize, unpack_mlx, QuantConfig, QuantizedMatrix, ScaleDtype};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-
-const ECQ: &str = env!("CARGO_BIN_EXE_ecq");
-
-fn ecq(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(ECQ);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().expect("run ecq")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn weights(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;

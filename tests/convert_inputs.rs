@@ -6,8 +6,10 @@
 #[path = "gguf_support/mod.rs"]
 mod support;
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{ecq, text};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use ecq::format::gguf::GgufFile;
 use ecq::format::mlx::{export_mlx, MlxQuantized};
@@ -16,20 +18,6 @@ use ecq::model::{convert, ConvertOptions, InputFormat, ModelTensor, Progress, St
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix, ScaleDtype};
 use ecq::{EcModel, Error};
 use support::*;
-
-const ECQ: &str = env!("CARGO_BIN_EXE_ecq");
-
-fn ecq(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(ECQ);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().expect("run ecq")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> =

@@ -1,29 +1,15 @@
 //! Stored size against the entropy bound on the layer the format is designed for: 4096 x 4096 heavy-tailed
 //! weights, 4-bit, group 64, the default segment and precision.
 
+#[path = "common/student_t.rs"]
+mod student_t;
 use ecq::format::{EcTensor, EncodeOptions};
 use ecq::quant::{quantize, QuantConfig};
 use ecq::rans::entropy_bits;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use student_t::student_t;
 
 /// Largest allowed excess of the stored stream over the order-0 entropy of the weight symbols (issue 2: 2.5%).
 const MAX_EXCESS: f64 = 0.025;
-
-/// Student-t samples with `nu` degrees of freedom by Bailey's polar method: for `(u, v)` uniform in the unit
-/// disc, `w = u^2 + v^2`, `t = u * sqrt(nu * (w^(-2/nu) - 1) / w)`.
-fn student_t(n: usize, nu: f64, scale: f64, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let (u, v): (f64, f64) = (rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0));
-        let w = u * u + v * v;
-        if w > 0.0 && w < 1.0 {
-            out.push((scale * u * (nu * (w.powf(-2.0 / nu) - 1.0) / w).sqrt()) as f32);
-        }
-    }
-    out
-}
 
 #[test]
 fn default_layer_is_within_2_5_percent_of_entropy() {

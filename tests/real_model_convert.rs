@@ -6,7 +6,9 @@
 #[path = "gguf_support/mod.rs"]
 mod support;
 
-use std::process::{Command, Output};
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{ecq, text};
 
 use ecq::format::gguf::{GgmlType, GgufFile};
 use ecq::format::mlx::import_mlx_from;
@@ -14,26 +16,12 @@ use ecq::format::{Dtype, SafetensorsFile};
 use ecq::model::TensorStats;
 use ecq::EcModel;
 
-const ECQ: &str = env!("CARGO_BIN_EXE_ecq");
-
 /// Largest allowed excess of the total stored symbol stream (words, states, offsets, tables) over the sum of
 /// the tensors' order-0 entropy bounds.
 const MAX_STREAM_OVERHEAD: f64 = 0.02;
 /// Relative tolerance of an f32 matrix-vector product against the float64 reference, per output, scaled by
 /// the sum of absolute products.
 const MATVEC_TOL: f64 = 1e-5;
-
-fn ecq(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(ECQ);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().expect("run ecq")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn bits_of(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
