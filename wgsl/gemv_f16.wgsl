@@ -2,8 +2,8 @@
 // unpack2x16float, so the kernel needs no shader-f16 feature.
 //
 // Specialization (prepended by the host): M (vectors per workgroup, 1..=8), WG (power of two, a multiple of 32;
-// the host uses 256 for M = 1, else 64). Preamble: rows.wgsl, with NR rows per row block (declared below): 2 for
-// M = 1, 4 for more vectors, where each x value loaded serves more rows.
+// the host uses 256 for M = 1, else 64). Preambles: row_io.wgsl (group 1), rows.wgsl with NR rows per row block
+// (declared below): 2 for M = 1, 4 for more vectors, where each x value loaded serves more rows.
 // Grid: x strides over row blocks of NR rows (rows.wgsl), y = vector block of M vectors.
 // Where rows start on 16 bytes (cols % 8 == 0) a lane reads 16 bytes (8 weights) of each of its NR rows at a
 // time, consecutive lanes consecutive vec4s, and loads the x values of those 8 columns once for all NR rows;
@@ -17,23 +17,9 @@ struct DenseParams {
     _pad1: u32,
 }
 
-struct CallParams {
-    m: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> params: DenseParams;
 // Weights, row-major rows x cols as f16, eight to a vec4<u32> (cols is even; the buffer is padded to 16 bytes).
 @group(0) @binding(1) var<storage, read> weights: array<vec4<u32>>;
-// Input vectors, row-major m x cols.
-@group(1) @binding(0) var<storage, read> x: array<f32>;
-// Output, row-major m x rows.
-@group(1) @binding(1) var<storage, read_write> y: array<f32>;
-@group(1) @binding(2) var<uniform> call: CallParams;
-// The same input vectors as vec4s, read where every row of x starts on 16 bytes.
-@group(1) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 
 // Rows per row block (rows.wgsl): 2 for M = 1, else 4; the host's `rows_per_group` matches it.
 const NR: u32 = 4u - 2u * (1u / M);

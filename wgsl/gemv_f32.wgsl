@@ -1,7 +1,7 @@
 // Dense GEMV baseline, f32 weights: y[v][n] = sum_k W[n][k] x[v][k].
 //
 // Specialization (prepended by the host): M (vectors per workgroup, 1..=8), WG (power of two).
-// Preamble: reduce.wgsl.
+// Preambles: row_io.wgsl (group 1), reduce.wgsl.
 // Grid: x strides over rows (one row per workgroup at a time), y = vector block of M vectors.
 // Where rows start on 16 bytes (cols % 4 == 0) each invocation reads 16 bytes (4 weights) at a time, four such
 // loads issued before their first use; otherwise it reads one weight at a time.
@@ -13,23 +13,9 @@ struct DenseParams {
     _pad1: u32,
 }
 
-struct CallParams {
-    m: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> params: DenseParams;
 // Weights, row-major rows x cols, four to a vec4 (the buffer is padded to 16 bytes).
 @group(0) @binding(1) var<storage, read> weights: array<vec4<f32>>;
-// Input vectors, row-major m x cols.
-@group(1) @binding(0) var<storage, read> x: array<f32>;
-// Output, row-major m x rows.
-@group(1) @binding(1) var<storage, read_write> y: array<f32>;
-@group(1) @binding(2) var<uniform> call: CallParams;
-// The same input vectors as vec4s, read where every row of x starts on 16 bytes.
-@group(1) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 
 var<private> acc: array<f32, M>;
 var<private> xrow: array<u32, M>;

@@ -1,7 +1,7 @@
 // Quantized GEMV on MLX-packed symbols (the Cached path): y[v][n] = sum_k (s q[n][k] + b) x[v][k].
 //
 // Specialization (prepended by the host): BITS (1..=8), M (vectors per workgroup, 1..=8), WG (power of two, a
-// multiple of 32). Preamble: rows.wgsl, with NR = 4 rows per row block (declared below).
+// multiple of 32). Preambles: row_io.wgsl (group 1), rows.wgsl with NR = 4 rows per row block (declared below).
 // Grid: x strides over row blocks of 4 rows (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
 // j*M .. j*M + M, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 and rows hold whole vec4s of packed words, a lane takes 16 bytes (4 words) of each of
@@ -18,13 +18,6 @@ struct PackedParams {
     words_per_row: u32,   // cols * BITS / 32
 }
 
-struct CallParams {
-    m: u32,               // vectors in x and y
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> params: PackedParams;
 // Packed symbols, rows * words_per_row u32 words, four to a vec4 (the buffer is padded to 16 bytes): each row
 // a little-endian bit stream of BITS-bit symbols.
@@ -32,13 +25,6 @@ struct CallParams {
 // Per-group scales and biases, row-major rows x (cols / group_size).
 @group(0) @binding(2) var<storage, read> scales: array<f32>;
 @group(0) @binding(3) var<storage, read> biases: array<f32>;
-// Input vectors, row-major m x cols.
-@group(1) @binding(0) var<storage, read> x: array<f32>;
-// Output, row-major m x rows.
-@group(1) @binding(1) var<storage, read_write> y: array<f32>;
-@group(1) @binding(2) var<uniform> call: CallParams;
-// The same input vectors as vec4s (cols is a multiple of 32, so every row of x starts on 16 bytes).
-@group(1) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 
 // Rows per row block (rows.wgsl); the host's `rows_per_group(Kernel::QGemv)` matches it.
 const NR: u32 = 4u;

@@ -73,7 +73,7 @@ fn layout_entries(kinds: &str) -> Vec<wgpu::BindGroupLayoutEntry> {
         .collect()
 }
 
-/// The binding kinds of each group of `kernel`, as in its WGSL file.
+/// The binding kinds of each group of `kernel`, as in its WGSL file and preambles.
 pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
         Kernel::RansDecode => &["urrrrww"],

@@ -1,7 +1,7 @@
 //! Every WGSL source of the crate, loaded from one place, and the specialization that turns one into a module.
 //!
-//! A kernel's final source is: a block of `const` declarations (its [`Spec`]), then the shared preamble it
-//! needs, then the kernel file. Both files may carry `//#if FLAG`, `//#else`, `//#endif` lines (nestable)
+//! A kernel's final source is: a block of `const` declarations (its [`Spec`]), then the shared preambles it
+//! needs, then the kernel file. All of them may carry `//#if FLAG`, `//#else`, `//#endif` lines (nestable)
 //! with the flags `SUBGROUP` (use subgroup operations) and `NARROW` (subgroups narrower than 32 lanes), so the
 //! portable variant never names a subgroup built-in and compiles on devices without the feature.
 
@@ -19,6 +19,8 @@ pub const GEMV_F16: &str = include_str!("../../wgsl/gemv_f16.wgsl");
 pub const LANES: &str = include_str!("../../wgsl/lanes.wgsl");
 /// Preamble: workgroup sum (subgroupAdd or a tree in workgroup memory).
 pub const REDUCE: &str = include_str!("../../wgsl/reduce.wgsl");
+/// Preamble: the call's bindings (group 1) of the row kernels.
+pub const ROW_IO: &str = include_str!("../../wgsl/row_io.wgsl");
 /// Preamble: row blocks of NR rows per workgroup (declared by each kernel) and their sums (subgroupAdd or
 /// workgroup memory).
 pub const ROWS: &str = include_str!("../../wgsl/rows.wgsl");
@@ -53,13 +55,14 @@ impl Kernel {
         }
     }
 
-    fn parts(self) -> (&'static str, &'static str) {
+    /// The preambles the kernel needs, in order, and its own file.
+    fn parts(self) -> (&'static [&'static str], &'static str) {
         match self {
-            Kernel::RansDecode => (LANES, RANS_DECODE),
-            Kernel::EcGemv => (LANES, EC_GEMV),
-            Kernel::QGemv => (ROWS, Q_GEMV),
-            Kernel::GemvF32 => (REDUCE, GEMV_F32),
-            Kernel::GemvF16 => (ROWS, GEMV_F16),
+            Kernel::RansDecode => (&[LANES], RANS_DECODE),
+            Kernel::EcGemv => (&[LANES], EC_GEMV),
+            Kernel::QGemv => (&[ROW_IO, ROWS], Q_GEMV),
+            Kernel::GemvF32 => (&[ROW_IO, REDUCE], GEMV_F32),
+            Kernel::GemvF16 => (&[ROW_IO, ROWS], GEMV_F16),
         }
     }
 }
@@ -113,23 +116,19 @@ impl Spec {
 
 /// The complete WGSL source of `kernel` specialized by `spec`.
 pub fn source(kernel: Kernel, spec: &Spec) -> String {
-    let (preamble, body) = kernel.parts();
-    let flags = spec_flags(spec);
-    let mut out = spec.prefix();
-    out.push_str(&preprocess(preamble, flags));
-    out.push_str(&preprocess(body, flags));
-    out
+    source_with_body(kernel, spec, kernel.parts().1, true)
 }
 
-/// The source of `kernel` specialized by `spec` with `body` in place of its WGSL file, and its preamble unless
+/// The source of `kernel` specialized by `spec` with `body` in place of its WGSL file, and its preambles unless
 /// `with_preamble` is false (`body` then brings its own): for benchmarks that time a kernel variant read at
 /// run time. `body` may carry the same `//#if` lines as the kernel files.
 pub fn source_with_body(kernel: Kernel, spec: &Spec, body: &str, with_preamble: bool) -> String {
-    let (preamble, _) = kernel.parts();
     let flags = spec_flags(spec);
     let mut out = spec.prefix();
     if with_preamble {
-        out.push_str(&preprocess(preamble, flags));
+        for preamble in kernel.parts().0 {
+            out.push_str(&preprocess(preamble, flags));
+        }
     }
     out.push_str(&preprocess(body, flags));
     out
