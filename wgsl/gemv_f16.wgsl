@@ -2,8 +2,8 @@
 // unpack2x16float, so the kernel needs no shader-f16 feature.
 //
 // Specialization (prepended by the host): M (vectors per workgroup, 1..=8), WG (power of two, a multiple of 32;
-// the host uses 256 for M = 1, else 64). Preambles: row_io.wgsl (group 1), rows.wgsl with NR rows per row block
-// (declared below): 2 for M = 1, 4 for more vectors, where each x value loaded serves more rows.
+// the host uses 256 for M = 1, else 64), NR (rows per row block: 2 for M = 1, 4 for more vectors, where each x
+// value loaded serves more rows). Preambles: row_io.wgsl (group 1), rows.wgsl.
 // Grid: x strides over row blocks of NR rows (rows.wgsl), y = vector block of M vectors.
 // Where rows start on 16 bytes (cols % 8 == 0) a lane reads 16 bytes (8 weights) of each of its NR rows at a
 // time, consecutive lanes consecutive vec4s, and loads the x values of those 8 columns once for all NR rows;
@@ -20,9 +20,6 @@ struct DenseParams {
 @group(0) @binding(0) var<uniform> params: DenseParams;
 // Weights, row-major rows x cols as f16, eight to a vec4<u32> (cols is even; the buffer is padded to 16 bytes).
 @group(0) @binding(1) var<storage, read> weights: array<vec4<u32>>;
-
-// Rows per row block (rows.wgsl): 2 for M = 1, else 4; the host's `rows_per_group` matches it.
-const NR: u32 = 4u - 2u * (1u / M);
 
 var<private> acc: array<vec4<f32>, M>;
 // Each vector's first element in x, and (where cols % 4 == 0) its first vec4 in x4.

@@ -1,7 +1,7 @@
 // Quantized GEMV on MLX-packed symbols (the Cached path): y[v][n] = sum_k (s q[n][k] + b) x[v][k].
 //
 // Specialization (prepended by the host): BITS (1..=8), M (vectors per workgroup, 1..=8), WG (power of two, a
-// multiple of 32). Preambles: row_io.wgsl (group 1), rows.wgsl with NR = 4 rows per row block (declared below).
+// multiple of 32), NR (rows per row block, 4). Preambles: row_io.wgsl (group 1), rows.wgsl.
 // Grid: x strides over row blocks of 4 rows (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
 // j*M .. j*M + M, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 and rows hold whole vec4s of packed words, a lane takes 16 bytes (4 words) of each of
@@ -26,8 +26,6 @@ struct PackedParams {
 @group(0) @binding(2) var<storage, read> scales: array<f32>;
 @group(0) @binding(3) var<storage, read> biases: array<f32>;
 
-// Rows per row block (rows.wgsl); the host's `rows_per_group(Kernel::QGemv)` matches it.
-const NR: u32 = 4u;
 const QMASK: u32 = (1u << BITS) - 1u;
 // Symbols per packed word, where BITS divides 32.
 const SPW: u32 = 32u / BITS;

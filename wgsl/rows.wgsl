@@ -1,5 +1,5 @@
 // Shared by q_gemv.wgsl and gemv_f16.wgsl: a workgroup takes NR consecutive rows at a time (a row block; NR <= 4,
-// declared by the kernel file), and its WG invocations stride over the columns together (consecutive
+// set by the host), and its WG invocations stride over the columns together (consecutive
 // invocations read consecutive 16-byte pieces of every row), so each x value an invocation loads serves NR rows;
 // each keeps a vec4 of partial sums
 // (one component per row) per vector. The sums: SUBGROUP, subgroupAdd, then one vec4 per subgroup through

@@ -37,8 +37,8 @@ pub fn row_workgroup(kernel: Kernel, m: u32) -> u32 {
     }
 }
 
-/// Rows per workgroup pass of the row kernels for `m` vectors per workgroup (`NR` of the kernels on rows.wgsl,
-/// declared in each kernel file): q_gemv 4, gemv_f16 2 at `m` = 1 and 4 above, gemv_f32 1. Each invocation keeps
+/// Rows per workgroup pass of the row kernels for `m` vectors per workgroup (the `NR` the kernels are specialized
+/// with): q_gemv 4, gemv_f16 2 at `m` = 1 and 4 above, gemv_f32 1. Each invocation keeps
 /// one vec4 of partial sums (a component per row) per vector, and every x value it loads serves that many rows.
 pub fn rows_per_group(kernel: Kernel, m: u32) -> u32 {
     match kernel {

@@ -21,7 +21,7 @@ pub const LANES: &str = include_str!("../../wgsl/lanes.wgsl");
 pub const REDUCE: &str = include_str!("../../wgsl/reduce.wgsl");
 /// Preamble: the call's bindings (group 1) of the row kernels.
 pub const ROW_IO: &str = include_str!("../../wgsl/row_io.wgsl");
-/// Preamble: row blocks of NR rows per workgroup (declared by each kernel) and their sums (subgroupAdd or
+/// Preamble: row blocks of NR rows per workgroup and their sums (subgroupAdd or
 /// workgroup memory).
 pub const ROWS: &str = include_str!("../../wgsl/rows.wgsl");
 
@@ -100,16 +100,19 @@ impl Spec {
         self.workgroup / 32
     }
 
-    fn prefix(&self) -> String {
+    /// The `const` block of `kernel` under this spec; `NR` is the row block of the row kernels
+    /// ([`super::kernels::rows_per_group`], so host and kernel share one definition).
+    fn prefix(&self, kernel: Kernel) -> String {
         let bits = self.bits.max(1);
         format!(
             "const BITS: u32 = {bits}u;\nconst KW: u32 = {}u;\nconst P: u32 = {}u;\nconst M: u32 = {}u;\n\
-             const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\n",
+             const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\nconst NR: u32 = {}u;\n",
             8 / bits,
             self.precision.max(1),
             self.m,
             self.workgroup,
             self.slabs().max(1),
+            super::kernels::rows_per_group(kernel, self.m),
         )
     }
 }
@@ -124,7 +127,7 @@ pub fn source(kernel: Kernel, spec: &Spec) -> String {
 /// run time. `body` may carry the same `//#if` lines as the kernel files.
 pub fn source_with_body(kernel: Kernel, spec: &Spec, body: &str, with_preamble: bool) -> String {
     let flags = spec_flags(spec);
-    let mut out = spec.prefix();
+    let mut out = spec.prefix(kernel);
     if with_preamble {
         for preamble in kernel.parts().0 {
             out.push_str(&preprocess(preamble, flags));
