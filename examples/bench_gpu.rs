@@ -1100,7 +1100,7 @@ fn print_table(rows: &[Row], copy_bw: f64) {
 }
 
 /// Prints what a timed run costs with nothing in it, with one dispatch of an empty kernel (one workgroup, no
-/// memory access), and with the smallest dense f16 GEMV (one row block of 4 x 64, one workgroup) reading one
+/// memory access) and 16 of them in one pass, and with the smallest dense f16 GEMV (one row block of 4 x 64, one workgroup) reading one
 /// copy every time or 64 copies in turn: the fixed cost every row of the table includes, and how much of it is
 /// the dispatch and how much the first touch of a buffer.
 fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
@@ -1124,6 +1124,15 @@ fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
         pass.dispatch_workgroups(1, 1, 1);
         Ok(())
     })?;
+    // The same dispatches, 16 in one pass: what a dispatch costs without a pass of its own.
+    let in_one_pass = median_time(ctx, o, heater, 1, |enc, _| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&nothing);
+        for _ in 0..16 {
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        Ok(())
+    })?;
     let (rows, cols) = (4, 64);
     let w: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 - 3.0).collect();
     let gemvs: Vec<DenseGemv> =
@@ -1133,10 +1142,11 @@ fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
     let same = median_time(ctx, o, heater, 1, |enc, _| gemvs[0].encode(enc, &x, &y, 1))?;
     let rotated = median_time(ctx, o, heater, gemvs.len(), |enc, run| gemvs[run % gemvs.len()].encode(enc, &x, &y, 1))?;
     println!(
-        "timing floor: no dispatch {:.1} us; empty kernel {:.1} us; dense f16 {rows}x{cols} (one workgroup) {:.1} us \
-         on one copy, {:.1} us on 64 copies in turn",
+        "timing floor: no dispatch {:.1} us; empty kernel {:.1} us (16 in one pass {:.1} us); dense f16 {rows}x{cols} \
+         (one workgroup) {:.1} us on one copy, {:.1} us on 64 copies in turn",
         us(empty),
         us(dispatch),
+        us(in_one_pass),
         us(same),
         us(rotated)
     );
