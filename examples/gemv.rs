@@ -233,7 +233,10 @@ fn run_gpu(tensor: &EcTensor, x: &[f32], reference: &[f64]) -> ecq::Result<()> {
                 Ok(mut times) => {
                     times.sort();
                     let t = times[times.len() / 2].as_secs_f64();
-                    println!("  M = {m}: device time (timestamp queries) median {:8.1} us over {runs} runs", t * 1e6);
+                    println!(
+                        "  M = {m}: device time (the pass's timestamps) median {:8.1} us over {runs} runs",
+                        t * 1e6
+                    );
                 }
                 Err(e) => println!("  M = {m}: no device timing ({e})"),
             }

@@ -111,9 +111,9 @@ impl EcMatmul {
         self.matmul(&x, m, y)
     }
 
-    /// Records `Y = X W^T` for `m` vectors into `encoder`, for use inside another wgpu program without copies:
-    /// `x` is a storage buffer of `m x cols` f32, `y` a storage buffer of `m x rows` f32, both on this product's
-    /// device. Nothing is submitted. Fails for [`Strategy::Cpu`].
+    /// Records `Y = X W^T` for `m` vectors into `encoder`, in a compute pass of its own, for use inside another
+    /// wgpu program without copies: `x` is a storage buffer of `m x cols` f32, `y` a storage buffer of
+    /// `m x rows` f32, both on this product's device. Nothing is submitted. Fails for [`Strategy::Cpu`].
     #[cfg(feature = "gpu")]
     pub fn encode(
         &self,
@@ -122,15 +122,31 @@ impl EcMatmul {
         y: &wgpu::Buffer,
         m: usize,
     ) -> Result<()> {
+        self.encode_pass(&mut encoder.begin_compute_pass(&Default::default()), x, y, m)
+    }
+
+    /// [`encode`](Self::encode) into a compute pass the caller began, so that many products (a whole layer, a
+    /// whole model) share one pass: wgpu places the barriers between dispatches that read what an earlier one
+    /// wrote, and records every pass as command buffers of its own, which cost about 6 us each on an H200's
+    /// driver against well under 1 us for a dispatch inside a pass (BENCHMARKS.md, the timing floor).
+    #[cfg(feature = "gpu")]
+    pub fn encode_pass(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+    ) -> Result<()> {
         match &self.backend {
             Backend::Cpu(_) => Err(Error::param("strategy", "Strategy::Cpu has no device; use matmul")),
-            Backend::Gpu(g) => g.encode(encoder, x, y, m),
+            Backend::Gpu(g) => g.encode_pass(pass, x, y, m),
         }
     }
 
-    /// Device time of `runs` back-to-back products of `m` vectors (whatever the vectors hold), measured with
-    /// timestamp queries; see [`crate::gpu::time_on_device`]. Fails for [`Strategy::Cpu`] and on devices
-    /// without `Features::TIMESTAMP_QUERY`.
+    /// Device time of `runs` back-to-back products of `m` vectors (whatever the vectors hold), each in a
+    /// compute pass of its own and measured with that pass's timestamps; see
+    /// [`crate::gpu::time_passes_on_device`]. Fails for [`Strategy::Cpu`] and on devices without
+    /// `Features::TIMESTAMP_QUERY`.
     #[cfg(feature = "gpu")]
     pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
         match &self.backend {
@@ -362,28 +378,29 @@ mod gpu {
             Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, Some(&call)))
         }
 
-        fn record(&self, encoder: &mut wgpu::CommandEncoder, io: &wgpu::BindGroup, m: usize) -> Result<()> {
+        fn record(&self, pass: &mut wgpu::ComputePass<'_>, io: &wgpu::BindGroup, m: usize) -> Result<()> {
             match (&self.stream, &self.packed) {
                 (Some(stream), _) if m <= MAX_VECTORS_PER_PASS => match &self.msl {
-                    Some(msl) => msl.record(&self.ctx, encoder, io, m),
-                    None => kernels::ec_gemv(&self.ctx, encoder, stream, &self.weights, io, m),
+                    Some(msl) => msl.record(&self.ctx, pass, io, m),
+                    None => kernels::ec_gemv(&self.ctx, pass, stream, &self.weights, io, m),
                 },
                 (Some(stream), _) => {
-                    // Many vectors: decode once into scratch packed symbols, then the tiled quantized matmul.
+                    // Many vectors: decode once into scratch packed symbols, then the tiled quantized matmul (wgpu
+                    // places the barrier between the two dispatches).
                     let scratch = GpuPacked::for_stream(&self.ctx, stream)?;
                     let status = self.ctx.storage("decode status", 8, wgpu::BufferUsages::empty())?;
-                    kernels::rans_decode(&self.ctx, encoder, stream, &scratch, &status)?;
+                    kernels::rans_decode(&self.ctx, pass, stream, &scratch, &status)?;
                     let weights = kernels::q_gemv_weights(&self.ctx, &scratch, &self.scales);
-                    kernels::q_gemv(&self.ctx, encoder, &scratch, &weights, io, m)
+                    kernels::q_gemv(&self.ctx, pass, &scratch, &weights, io, m)
                 }
-                (None, Some(packed)) => kernels::q_gemv(&self.ctx, encoder, packed, &self.weights, io, m),
+                (None, Some(packed)) => kernels::q_gemv(&self.ctx, pass, packed, &self.weights, io, m),
                 (None, None) => unreachable!("a GPU product holds a stream or packed symbols"),
             }
         }
 
-        pub fn encode(
+        pub fn encode_pass(
             &self,
-            encoder: &mut wgpu::CommandEncoder,
+            pass: &mut wgpu::ComputePass<'_>,
             x: &wgpu::Buffer,
             y: &wgpu::Buffer,
             m: usize,
@@ -393,7 +410,7 @@ mod gpu {
                 return Ok(());
             }
             let io = self.io_group(x, y, m)?;
-            self.record(encoder, &io, m)
+            self.record(pass, &io, m)
         }
 
         /// Runs `f` on the host staging for `m` vectors.
@@ -406,7 +423,7 @@ mod gpu {
                 return Err(crate::Error::param("m", "time at least one vector"));
             }
             self.with_host(m, |io| {
-                crate::gpu::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m))
+                crate::gpu::time_passes_on_device(&self.ctx, runs, |pass| self.record(pass, &io.group, m))
             })
         }
 
@@ -414,7 +431,7 @@ mod gpu {
             if m == 0 || self.rows == 0 {
                 return Ok(());
             }
-            self.with_host(m, |io| io.run(&self.ctx, x, y, |encoder, group| self.record(encoder, group, m)))
+            self.with_host(m, |io| io.run(&self.ctx, x, y, |pass, group| self.record(pass, group, m)))
         }
     }
 }

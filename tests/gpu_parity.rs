@@ -111,6 +111,7 @@ per_path!(
     fused_and_cached_every_bit_width,
     fused_and_cached_wide_rows,
     encode_into_caller_buffers,
+    products_chained_in_one_pass,
     f16_inputs,
     dense_baselines,
     corrupt_stream_is_refused,
@@ -296,20 +297,10 @@ fn encode_into_caller_buffers(ctx: &GpuContext) {
         for m in [1, 3, 33] {
             let x = random_vectors(m * q.cols, 500 + m as u64);
             let (want, mag) = reference(&q, &x, m);
-            let device = ctx.device();
-            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-            let make = |len: usize| {
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: None,
-                    size: len as u64 * 4,
-                    usage,
-                    mapped_at_creation: false,
-                })
-            };
-            let (xb, yb) = (make(x.len()), make(m * q.rows));
+            let (xb, yb) = (storage(ctx, x.len()), storage(ctx, m * q.rows));
             ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
             ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; m * q.rows]));
-            let mut encoder = device.create_command_encoder(&Default::default());
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
             mm.encode(&mut encoder, &xb, &yb, m).unwrap();
             let y = read_buffer(ctx, encoder, &yb, m * q.rows);
             assert_close(&format!("encode {strategy:?} m={m}"), &y, &want, &mag, GEMV_REL_TOL);
@@ -324,6 +315,49 @@ fn encode_into_caller_buffers(ctx: &GpuContext) {
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         assert!(matches!(mm.encode(&mut encoder, &small, &small, 1), Err(Error::ShapeMismatch { .. })));
     }
+}
+
+/// `EcMatmul::encode_pass`: two products in one compute pass, the second reading what the first wrote (so a
+/// missing barrier would feed it the NaN poison), and with 33 vectors the fused path's own two dispatches.
+fn products_chained_in_one_pass(ctx: &GpuContext) {
+    let qa = random_matrix(64, 1088, 4, 32, 410);
+    let qb = random_matrix(40, 64, 4, 32, 420);
+    let (ta, tb) = (encode(&qa, 256), encode(&qb, 64));
+    for strategy in [Strategy::Fused, Strategy::Cached] {
+        let (a, b) = (EcMatmul::new(ctx, &ta, strategy).unwrap(), EcMatmul::new(ctx, &tb, strategy).unwrap());
+        for m in [1, 33] {
+            let x = random_vectors(m * qa.cols, 600 + m as u64);
+            let (xb, y1, y2) = (storage(ctx, m * qa.cols), storage(ctx, m * qa.rows), storage(ctx, m * qb.rows));
+            ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
+            for y in [&y1, &y2] {
+                ctx.queue().write_buffer(y, 0, bytemuck::cast_slice(&vec![f32::NAN; (y.size() / 4) as usize]));
+            }
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                a.encode_pass(&mut pass, &xb, &y1, m).unwrap();
+                b.encode_pass(&mut pass, &y1, &y2, m).unwrap();
+            }
+            let got2 = read_buffer(ctx, encoder, &y2, m * qb.rows);
+            let got1 = read_buffer(ctx, ctx.device().create_command_encoder(&Default::default()), &y1, m * qa.rows);
+            let what = format!("one pass {strategy:?} m={m}");
+            let (want1, mag1) = reference(&qa, &x, m);
+            assert_close(&format!("{what}, first"), &got1, &want1, &mag1, GEMV_REL_TOL);
+            // The second product's reference takes the first's output as the device computed it.
+            let (want2, mag2) = reference(&qb, &got1, m);
+            assert_close(&format!("{what}, second"), &got2, &want2, &mag2, GEMV_REL_TOL);
+        }
+    }
+}
+
+/// A storage buffer of `len` f32 that can be written and read back.
+fn storage(ctx: &GpuContext, len: usize) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: len as u64 * 4,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
 }
 
 /// Submits `encoder` after copying `len` f32 of `buffer` into a mappable buffer, and returns them.

@@ -64,7 +64,8 @@ impl DenseGemv {
         })
     }
 
-    /// Records `y = W x` for `m` vectors: `x` holds `m x cols` f32, `y` `m x rows` f32 (both storage buffers).
+    /// Records `y = W x` for `m` vectors in a compute pass of its own: `x` holds `m x cols` f32, `y` `m x rows`
+    /// f32 (both storage buffers).
     pub fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -72,14 +73,25 @@ impl DenseGemv {
         y: &wgpu::Buffer,
         m: usize,
     ) -> Result<()> {
+        self.encode_pass(&mut encoder.begin_compute_pass(&Default::default()), x, y, m)
+    }
+
+    /// [`encode`](Self::encode) into a compute pass the caller began (see [`crate::EcMatmul::encode_pass`]).
+    pub fn encode_pass(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+    ) -> Result<()> {
         check_buffers(x, y, m, self.cols, self.rows)?;
         let call = kernels::call_params(&self.ctx, m)?;
         let io = kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call));
-        self.record(encoder, &io, m)
+        self.record(pass, &io, m)
     }
 
-    fn record(&self, encoder: &mut wgpu::CommandEncoder, io: &wgpu::BindGroup, m: usize) -> Result<()> {
-        kernels::gemv_dense(&self.ctx, encoder, self.dtype, self.rows, &self.group, io, m)
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, io: &wgpu::BindGroup, m: usize) -> Result<()> {
+        kernels::gemv_dense(&self.ctx, pass, self.dtype, self.rows, &self.group, io, m)
     }
 
     /// `Y = X W^T` for `m` host vectors: `x` row-major `m x cols`, `y` row-major `m x rows`.
@@ -89,7 +101,7 @@ impl DenseGemv {
         if m == 0 || self.rows == 0 {
             return Ok(());
         }
-        self.with_host(m, |io| io.run(&self.ctx, x, y, |encoder, group| self.record(encoder, group, m)))
+        self.with_host(m, |io| io.run(&self.ctx, x, y, |pass, group| self.record(pass, group, m)))
     }
 
     /// Runs `f` on the host staging for `m` vectors.
@@ -101,13 +113,13 @@ impl DenseGemv {
         self.host.with(&self.ctx, (m, self.cols, self.rows), group, f)
     }
 
-    /// Device time of `runs` back-to-back products of `m` vectors, measured with timestamp queries (see
-    /// [`time_on_device`](super::time_on_device)).
+    /// Device time of `runs` back-to-back products of `m` vectors, each in a compute pass of its own, measured
+    /// with the pass's timestamps (see [`time_passes_on_device`](super::time_passes_on_device)).
     pub fn device_times(&self, m: usize, runs: usize) -> Result<Vec<std::time::Duration>> {
         if m == 0 {
             return Err(Error::param("m", "time at least one vector"));
         }
-        self.with_host(m, |io| super::time_on_device(&self.ctx, runs, |encoder| self.record(encoder, &io.group, m)))
+        self.with_host(m, |io| super::time_passes_on_device(&self.ctx, runs, |pass| self.record(pass, &io.group, m)))
     }
 
     /// Bytes of weights held on the device.

@@ -3,6 +3,9 @@
 //! Every kernel has an explicit bind group layout (not one derived from the shader), so one bind group serves
 //! every specialization of a kernel: the subgroup and portable variants and every vector count.
 //! Group 0 holds the weights (built once per weight), group 1 the call's vectors (built per buffer pair).
+//! Each host function records its dispatch into a compute pass the caller began, so several products share
+//! one pass (wgpu places the barriers between them); wgpu turns every pass into command buffers of its own,
+//! which cost about 6 us each on an H200's driver (see BENCHMARKS.md).
 
 use super::context::GpuContext;
 use super::shaders::{Kernel, LaneMode, Spec};
@@ -306,14 +309,14 @@ impl GpuPacked {
 /// limit; the kernel loops over the rest.
 pub fn rans_decode(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     stream: &GpuStream,
     out: &GpuPacked,
     status: &wgpu::Buffer,
 ) -> Result<()> {
     let spec = rans_decode_spec(ctx, stream);
     let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
-    rans_decode_with(ctx, encoder, stream, out, status, &pipeline, TILE_WORKGROUP as usize / 32)
+    rans_decode_with(ctx, pass, stream, out, status, &pipeline, TILE_WORKGROUP as usize / 32)
 }
 
 /// The spec [`rans_decode`] builds its pipeline with for `stream` on `ctx`.
@@ -338,10 +341,10 @@ pub fn edited_pipeline(
 }
 
 /// [`rans_decode`] with a given pipeline (its own, or one from [`edited_pipeline`]) that decodes
-/// `tiles_per_group` tiles per workgroup (its own: 4).
+/// `tiles_per_group` tiles per workgroup (its own: 8).
 pub fn rans_decode_with(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     stream: &GpuStream,
     out: &GpuPacked,
     status: &wgpu::Buffer,
@@ -369,7 +372,6 @@ pub fn rans_decode_with(
             status,
         ],
     );
-    let mut pass = encoder.begin_compute_pass(&Default::default());
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &group, &[]);
     pass.dispatch_workgroups(grid(ctx, l.tiles().div_ceil(tiles_per_group.max(1))), 1, 1);
@@ -389,7 +391,7 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
     let status =
         ctx.storage_init("decode status", bytemuck::cast_slice(&[0u32, u32::MAX]), wgpu::BufferUsages::COPY_SRC)?;
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    rans_decode(ctx, &mut encoder, stream, out, &status)?;
+    rans_decode(ctx, &mut encoder.begin_compute_pass(&Default::default()), stream, out, &status)?;
     ctx.submit_and_wait(encoder)?;
     let status: Vec<u32> = bytemuck::pod_collect_to_vec(&ctx.read_back(&status, 8)?);
     if status[0] != 0 {
@@ -427,7 +429,7 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
 /// `s`, `s + slabs`, ...
 pub fn ec_gemv(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     stream: &GpuStream,
     weights: &wgpu::BindGroup,
     io: &wgpu::BindGroup,
@@ -448,7 +450,6 @@ pub fn ec_gemv(
     if l.rows() == 0 {
         return Ok(());
     }
-    let mut pass = encoder.begin_compute_pass(&Default::default());
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
@@ -517,13 +518,13 @@ fn vectors_per_pass(m: usize) -> u32 {
 /// rest), y = `ceil(m / 8)` blocks of up to 8 vectors.
 pub fn q_gemv(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     packed: &GpuPacked,
     weights: &wgpu::BindGroup,
     io: &wgpu::BindGroup,
     m: usize,
 ) -> Result<()> {
-    row_kernel(ctx, encoder, Kernel::QGemv, packed.bits, packed.rows, weights, io, m)
+    row_kernel(ctx, pass, Kernel::QGemv, packed.bits, packed.rows, weights, io, m)
 }
 
 /// Records the dense GEMV (gemv_f32 or gemv_f16 by `dtype`) of `m` vectors: `weights` the group-0 bind group
@@ -534,14 +535,14 @@ pub fn q_gemv(
 /// lanes at `m` = 1, else 4 by 64; gemv_f32 one row by 64), y over blocks of up to 8 vectors.
 pub fn gemv_dense(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     dtype: super::DenseDtype,
     rows: usize,
     weights: &wgpu::BindGroup,
     io: &wgpu::BindGroup,
     m: usize,
 ) -> Result<()> {
-    row_kernel(ctx, encoder, dense_kernel(dtype), 0, rows, weights, io, m)
+    row_kernel(ctx, pass, dense_kernel(dtype), 0, rows, weights, io, m)
 }
 
 /// The kernel of a dense dtype.
@@ -556,7 +557,7 @@ pub(crate) fn dense_kernel(dtype: super::DenseDtype) -> Kernel {
 #[allow(clippy::too_many_arguments)]
 fn row_kernel(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     kernel: Kernel,
     bits: u32,
     rows: usize,
@@ -575,7 +576,6 @@ fn row_kernel(
     if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {
         return Err(Error::param("m", format!("{m} vectors need {blocks} workgroup rows, above the device limit")));
     }
-    let mut pass = encoder.begin_compute_pass(&Default::default());
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);

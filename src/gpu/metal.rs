@@ -279,12 +279,13 @@ impl MslGemv {
         Ok(bind_group(ctx, 1, &[x, y, &self.tile_status, &p]))
     }
 
-    /// Records the product of `m` (1..=8) vectors; `io` from [`io_group`](Self::io_group) for the same `m`.
+    /// Records the product of `m` (1..=8) vectors into `pass`; `io` from [`io_group`](Self::io_group) for the
+    /// same `m`.
     /// Grid: one threadgroup of 256 threads per row tile.
     pub fn record(
         &self,
         ctx: &GpuContext,
-        encoder: &mut wgpu::CommandEncoder,
+        pass: &mut wgpu::ComputePass<'_>,
         io: &wgpu::BindGroup,
         m: usize,
     ) -> Result<()> {
@@ -301,7 +302,6 @@ impl MslGemv {
                 self.row_tiles
             )));
         }
-        let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &self.weights, &[]);
         pass.set_bind_group(1, io, &[]);
@@ -320,7 +320,7 @@ impl MslGemv {
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         // A tile the kernel skipped reads as failed.
         encoder.clear_buffer(&self.tile_status, 0, None);
-        self.record(ctx, &mut encoder, &io, 1)?;
+        self.record(ctx, &mut encoder.begin_compute_pass(&Default::default()), &io, 1)?;
         ctx.submit_and_wait(encoder)?;
         let status: Vec<u32> =
             bytemuck::pod_collect_to_vec(&ctx.read_back(&self.tile_status, (self.tiles * 4) as u64)?);

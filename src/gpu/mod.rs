@@ -2,9 +2,9 @@
 //!
 //! - [`GpuContext`] opens an adapter (or wraps a device the caller opened) and caches pipelines.
 //! - [`kernels`] holds the device-side arrays ([`GpuStream`], [`GpuPacked`], [`GpuScales`]) and one host
-//!   function per kernel, each recording into a caller's `wgpu::CommandEncoder`.
+//!   function per kernel, each recording into a caller's `wgpu::ComputePass`.
 //! - [`DenseGemv`] is the dense f32 / f16 baseline.
-//! - [`time_on_device`] times recorded work with timestamp queries.
+//! - [`time_on_device`] and [`time_passes_on_device`] time recorded work with timestamp queries.
 //! - [`shaders`] holds every WGSL source, loaded from `wgsl/` in one place.
 //!
 //! On Metal, fused products of up to 8 vectors run the hand-written MSL kernel (`msl/ec_gemv.metal`) through
@@ -38,7 +38,7 @@ pub use dense::{DenseDtype, DenseGemv};
 pub use kernels::{GpuPacked, GpuScales, GpuStream};
 pub use metal::{FusedSource, FORCE_WGSL_ENV};
 pub use shaders::{Kernel, LaneMode};
-pub use timing::time_on_device;
+pub use timing::{time_on_device, time_passes_on_device};
 
 /// Host-side staging for calls that take host slices: an input and an output buffer for `m` vectors, and the
 /// group-1 bind group over them, kept between calls with the same `m`.
@@ -65,19 +65,20 @@ impl HostIo {
     }
 
     /// One call on host slices: uploads `x`, poisons the output with NaN (so an element a kernel fails to write
-    /// reads back as NaN), records the product with `record` over this staging's bind group, submits, waits
+    /// reads back as NaN), records the product with `record` into one compute pass over this staging's bind
+    /// group, submits, waits
     /// and copies `y.len()` outputs back.
     pub fn run(
         &self,
         ctx: &GpuContext,
         x: &[f32],
         y: &mut [f32],
-        record: impl FnOnce(&mut wgpu::CommandEncoder, &wgpu::BindGroup) -> crate::Result<()>,
+        record: impl FnOnce(&mut wgpu::ComputePass<'_>, &wgpu::BindGroup) -> crate::Result<()>,
     ) -> crate::Result<()> {
         ctx.queue().write_buffer(&self.x, 0, bytemuck::cast_slice(x));
         ctx.queue().write_buffer(&self.y, 0, bytemuck::cast_slice(&vec![f32::NAN; y.len()]));
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        record(&mut encoder, &self.group)?;
+        record(&mut encoder.begin_compute_pass(&Default::default()), &self.group)?;
         ctx.submit_and_wait(encoder)?;
         let data = ctx.read_back(&self.y, (y.len() * 4) as u64)?;
         y.copy_from_slice(bytemuck::cast_slice(&data));

@@ -8,11 +8,61 @@ use crate::error::{Error, Result};
 /// Runs `record` `runs` times in one submission and returns how long the device took for each run, measured
 /// with timestamp queries written by empty compute passes just before and just after the run's commands
 /// (only `Features::TIMESTAMP_QUERY` is needed). The runs execute back to back, so the first ones include
-/// any warm-up; callers discard what they need to.
+/// any warm-up; callers discard what they need to. Each run's time includes what its passes cost beyond
+/// their dispatches: wgpu records every compute pass as command buffers of its own, about 6 us each on an
+/// H200's driver (see BENCHMARKS.md); [`time_passes_on_device`] leaves that out.
 pub fn time_on_device(
     ctx: &GpuContext,
     runs: usize,
     mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+) -> Result<Vec<Duration>> {
+    timed(ctx, runs, |encoder, queries, run| {
+        mark(encoder, queries, Some(2 * run), None);
+        record(encoder)?;
+        mark(encoder, queries, None, Some(2 * run + 1));
+        Ok(())
+    })
+}
+
+/// Runs `record` `runs` times in one submission, each time into a compute pass of its own whose first and last
+/// commands write timestamps, and returns how long each pass took on the device: the dispatches `record` makes
+/// and the barriers between them, not what the pass itself costs around them (see [`time_on_device`]).
+pub fn time_passes_on_device(
+    ctx: &GpuContext,
+    runs: usize,
+    mut record: impl FnMut(&mut wgpu::ComputePass<'_>) -> Result<()>,
+) -> Result<Vec<Duration>> {
+    timed(ctx, runs, |encoder, queries, run| {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("ecq timed pass"),
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set: queries,
+                beginning_of_pass_write_index: Some(2 * run),
+                end_of_pass_write_index: Some(2 * run + 1),
+            }),
+        });
+        record(&mut pass)
+    })
+}
+
+/// An empty compute pass that writes timestamp `begin` at its start and `end` at its end.
+fn mark(encoder: &mut wgpu::CommandEncoder, queries: &wgpu::QuerySet, begin: Option<u32>, end: Option<u32>) {
+    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("ecq timestamp"),
+        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+            query_set: queries,
+            beginning_of_pass_write_index: begin,
+            end_of_pass_write_index: end,
+        }),
+    });
+}
+
+/// Records run `i` with `record(encoder, queries, i)`, which writes timestamps `2 i` and `2 i + 1`, for every
+/// run in one submission, and returns the time between each pair.
+fn timed(
+    ctx: &GpuContext,
+    runs: usize,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder, &wgpu::QuerySet, u32) -> Result<()>,
 ) -> Result<Vec<Duration>> {
     if !ctx.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
         return Err(Error::Gpu(format!(
@@ -40,20 +90,8 @@ pub fn time_on_device(
         mapped_at_creation: false,
     });
     let mut encoder = device.create_command_encoder(&Default::default());
-    let mark = |encoder: &mut wgpu::CommandEncoder, begin: Option<u32>, end: Option<u32>| {
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("ecq timestamp"),
-            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                query_set: &queries,
-                beginning_of_pass_write_index: begin,
-                end_of_pass_write_index: end,
-            }),
-        });
-    };
     for run in 0..runs as u32 {
-        mark(&mut encoder, Some(2 * run), None);
-        record(&mut encoder)?;
-        mark(&mut encoder, None, Some(2 * run + 1));
+        record(&mut encoder, &queries, run)?;
     }
     encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
     ctx.submit_and_wait(encoder)?;
