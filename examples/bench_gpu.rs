@@ -7,14 +7,16 @@
 //! target/release/examples/bench_gpu extract SmolLM2-135M-Instruct.Q4_1.gguf smol_layers.ecq.safetensors
 //! ```
 //!
-//! Method: each timed run is bracketed by timestamp writes; `--warmup` runs (at least one per copy) are dropped,
-//! the median of `--runs`
-//! runs is reported. With `--batch N` a timed run is N runs back to back (each on the next weight copy) between
-//! one pair of timestamps, and its time over N is what counts: the fixed cost of the timestamp passes and of
-//! the barrier before each dispatch is then shared by N runs. Every strategy holds at least 4 copies of its weights on the device, more until the
+//! Method: every case is timed twice. First each timed run is one compute pass that writes timestamps at its
+//! start and end (the `us` column: the dispatches, and the barriers between them where a run has several);
+//! then each run is recorded in a compute pass of its own between two empty passes that write the timestamps
+//! (`own us`: adds what a pass costs the device beyond its dispatches, since wgpu records every pass as command
+//! buffers of its own). `--warmup` runs (at least one per copy) are dropped, the median of `--runs` runs is
+//! reported. With `--batch N` a timed run is N runs back to back (each on the next weight copy; in one pass, or
+//! N passes), and its time over N is what counts. Every strategy holds at least 4 copies of its weights on the device, more until the
 //! copies add up to `--rotate-mib` (default 256 MiB, several times an H100/H200 L2), and run `i` reads copy
-//! `i % copies`, so no run finds its weights in the cache. Each timed batch is one submission that starts with
-//! about `--heat-ms` (default 100 ms) of buffer copies, so the clocks are up when the first run starts. The
+//! `i % copies`, so no run finds its weights in the cache. Each timed batch is one submission that follows one
+//! of about `--heat-ms` (default 100 ms) of buffer copies, so the clocks are up when the first run starts. The
 //! ceiling is the better of a `copy_buffer_to_buffer` and a copy kernel (16-byte loads and stores) over
 //! `--copy-mib` (default 1024 MiB), counted as bytes read plus bytes written, measured before and after.
 //!
@@ -29,7 +31,7 @@ use std::time::Duration;
 use ecq::format::{ContainerWriter, EcFile, EcTensor, EncodeOptions, GgufFile};
 use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
 use ecq::gpu::shaders::Spec;
-use ecq::gpu::{time_on_device, DenseDtype, DenseGemv, GpuContext, GpuScales, Kernel};
+use ecq::gpu::{time_on_device, time_passes_on_device, DenseDtype, DenseGemv, GpuContext, GpuScales, Kernel};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix};
 use ecq::rans::{entropy_bits, joint_counts};
 use ecq::{EcMatmul, Result, Strategy};
@@ -226,15 +228,24 @@ struct Row {
     shape: String,
     what: String,
     m: usize,
-    time: Duration,
+    time: Timed,
     bytes: u64,
     weights: u64,
     copies: usize,
     cached: Option<Duration>,
 }
 
-/// A load recorded in front of every timed batch, in the same submission, so the clocks are up before the first
-/// timed run (a GPU left idle while the host prepares the next case drops its clocks).
+/// Median device times of one case, measured twice: `pass`, a compute pass per timed run that writes its own
+/// timestamps (the dispatches and the barriers between them); `own`, every run in a compute pass of its own
+/// between two empty timestamp passes (adds what wgpu's command buffers per pass cost on the device).
+#[derive(Clone, Copy)]
+struct Timed {
+    pass: Duration,
+    own: Duration,
+}
+
+/// A load submitted just before every timed batch (nothing waits between the two submissions), so the clocks
+/// are up before the first timed run (a GPU left idle while the host prepares the next case drops its clocks).
 struct Heater {
     src: wgpu::Buffer,
     dst: wgpu::Buffer,
@@ -262,33 +273,61 @@ impl Heater {
             enc.copy_buffer_to_buffer(&self.src, 0, &self.dst, 0, self.src.size());
         }
     }
+
+    fn submit(&self, ctx: &GpuContext) {
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        self.record(&mut enc, self.copies);
+        ctx.queue().submit([enc.finish()]);
+    }
 }
 
-/// Times `record(encoder, run)` for the warm-up runs (at least one per copy, so no timed run is the first to
-/// touch its buffers) and the timed runs, back to back behind the heater; the median of the timed ones.
+/// The median over the timed runs of `time(runs)`, which records that many runs (the warm-up ones first: at least
+/// one per copy, so no timed run is the first to touch its buffers) in one submission behind the heater and
+/// returns each run's time; per run of a batch.
+fn median_of(
+    ctx: &GpuContext,
+    o: &Opts,
+    heater: &Heater,
+    copies: usize,
+    time: impl FnOnce(usize) -> Result<Vec<Duration>>,
+) -> Result<Duration> {
+    let warmup = o.warmup.max(copies);
+    heater.submit(ctx);
+    let mut t: Vec<Duration> = time(warmup + o.runs)?[warmup..].to_vec();
+    t.sort();
+    Ok(t[t.len() / 2] / o.batch as u32)
+}
+
+/// Times `record(pass, run)` both ways of [`Timed`]: a timed run is `--batch` runs, in one timed pass or each
+/// in a pass of its own.
 fn median_time(
     ctx: &GpuContext,
     o: &Opts,
     heater: &Heater,
     copies: usize,
-    mut record: impl FnMut(&mut wgpu::CommandEncoder, usize) -> Result<()>,
-) -> Result<Duration> {
-    let warmup = o.warmup.max(copies);
+    mut record: impl FnMut(&mut wgpu::ComputePass<'_>, usize) -> Result<()>,
+) -> Result<Timed> {
     let mut run = 0;
-    let times = time_on_device(ctx, 1 + warmup + o.runs, |enc| {
-        run += 1;
-        if run == 1 {
-            heater.record(enc, heater.copies);
-            return Ok(());
-        }
-        for k in 0..o.batch {
-            record(enc, (run - 2) * o.batch + k)?;
-        }
-        Ok(())
+    let pass = median_of(ctx, o, heater, copies, |runs| {
+        time_passes_on_device(ctx, runs, |pass| {
+            for _ in 0..o.batch {
+                record(pass, run)?;
+                run += 1;
+            }
+            Ok(())
+        })
     })?;
-    let mut t: Vec<Duration> = times[1 + warmup..].to_vec();
-    t.sort();
-    Ok(t[t.len() / 2] / o.batch as u32)
+    let mut run = 0;
+    let own = median_of(ctx, o, heater, copies, |runs| {
+        time_on_device(ctx, runs, |enc| {
+            for _ in 0..o.batch {
+                record(&mut enc.begin_compute_pass(&Default::default()), run)?;
+                run += 1;
+            }
+            Ok(())
+        })
+    })?;
+    Ok(Timed { pass, own })
 }
 
 /// Copies needed so the rotation reads at least `rotate_mib` (and never fewer than 4).
@@ -340,9 +379,13 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
         let n = ((bytes - off) as usize).min(4 << 20);
         ctx.queue().write_buffer(&src, off, &bytemuck::cast_slice(&chunk)[..n]);
     }
-    let t_copy = median_time(ctx, o, heater, 1, |enc, _| {
-        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
-        Ok(())
+    let t_copy = median_of(ctx, o, heater, 1, |runs| {
+        time_on_device(ctx, runs, |enc| {
+            for _ in 0..o.batch {
+                enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            }
+            Ok(())
+        })
     })?;
     let device = ctx.device();
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -366,8 +409,7 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
         ],
     });
     let groups = ((bytes / 16).div_ceil(256) as u32).min(ctx.limits().max_compute_workgroups_per_dimension).min(8192);
-    let t_kernel = median_time(ctx, o, heater, 1, |enc, _| {
-        let mut pass = enc.begin_compute_pass(&Default::default());
+    let t_kernel = median_time(ctx, o, heater, 1, |pass, _| {
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &group, &[]);
         pass.dispatch_workgroups(groups, 1, 1);
@@ -375,14 +417,17 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
     })?;
     let bw = |t: Duration| 2.0 * bytes as f64 / t.as_secs_f64();
     println!(
-        "copy {} MiB: copy_buffer_to_buffer {:.1} us = {:.0} GB/s; copy kernel {:.1} us = {:.0} GB/s (read + write)",
+        "copy {} MiB: copy_buffer_to_buffer {:.1} us = {:.0} GB/s; copy kernel {:.1} us = {:.0} GB/s (read + write; \
+         own pass {:.1} us = {:.0} GB/s)",
         bytes >> 20,
         us(t_copy),
         bw(t_copy) / 1e9,
-        us(t_kernel),
-        bw(t_kernel) / 1e9
+        us(t_kernel.pass),
+        bw(t_kernel.pass) / 1e9,
+        us(t_kernel.own),
+        bw(t_kernel.own) / 1e9
     );
-    Ok(bw(t_copy).max(bw(t_kernel)))
+    Ok(bw(t_copy).max(bw(t_kernel.pass)).max(bw(t_kernel.own)))
 }
 
 fn us(t: Duration) -> f64 {
@@ -482,12 +527,12 @@ fn bench_shape(
             }
         };
         for &m in &o.ms {
-            let time = median_time(ctx, o, heater, copies, |enc, run| match &built {
-                Held::Ec(v) => v[run % v.len()].encode(enc, &x, &y, m),
-                Held::Dense(v) => v[run % v.len()].encode(enc, &x, &y, m),
+            let time = median_time(ctx, o, heater, copies, |pass, run| match &built {
+                Held::Ec(v) => v[run % v.len()].encode_pass(pass, &x, &y, m),
+                Held::Dense(v) => v[run % v.len()].encode_pass(pass, &x, &y, m),
             })?;
             if strategy == "cached" {
-                cached_time.insert(m, time);
+                cached_time.insert(m, time.pass);
             }
             out.push(Row {
                 shape: shape.clone(),
@@ -686,8 +731,7 @@ impl<'a> RowWeights<'a> {
         grid: u32,
     ) -> Result<Row> {
         let (groups, io, bytes) = self.groups(kernel);
-        let time = median_time(ctx, self.o, self.heater, groups.len(), |enc, run| {
-            let mut pass = enc.begin_compute_pass(&Default::default());
+        let time = median_time(ctx, self.o, self.heater, groups.len(), |pass, run| {
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &groups[run % groups.len()], &[]);
             pass.set_bind_group(1, io, &[]);
@@ -913,8 +957,7 @@ fn fused_experiments(
             continue;
         };
         let name = e.name();
-        let time = median_time(ctx, o, heater, held.len(), |enc, run| {
-            let mut pass = enc.begin_compute_pass(&Default::default());
+        let time = median_time(ctx, o, heater, held.len(), |pass, run| {
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &held[run % held.len()], &[]);
             pass.set_bind_group(1, &io, &[]);
@@ -957,7 +1000,15 @@ fn decode_experiments(
             let check = &outs[0];
             let mut enc = ctx.device().create_command_encoder(&Default::default());
             enc.clear_buffer(check.buffer(), 0, None);
-            kernels::rans_decode_with(ctx, &mut enc, &streams[0], check, &status, p, per)?;
+            kernels::rans_decode_with(
+                ctx,
+                &mut enc.begin_compute_pass(&Default::default()),
+                &streams[0],
+                check,
+                &status,
+                p,
+                per,
+            )?;
             ctx.queue().submit([enc.finish()]);
             let got = check.read(ctx)?;
             let wrong = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
@@ -967,9 +1018,9 @@ fn decode_experiments(
             continue;
         };
         let name = e.name();
-        let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
+        let time = median_time(ctx, o, heater, streams.len(), |pass, run| {
             let i = run % streams.len();
-            kernels::rans_decode_with(ctx, enc, &streams[i], &outs[i], &status, &pipeline, per)
+            kernels::rans_decode_with(ctx, pass, &streams[i], &outs[i], &status, &pipeline, per)
         })?;
         let l = streams[0].layout();
         out.push(Row {
@@ -1023,9 +1074,9 @@ fn decode_row(ctx: &GpuContext, o: &Opts, heater: &Heater, shape: &str, streams:
         kernels::decode_into(ctx, s, p)?;
     }
     let status = storage(ctx, "status", 8);
-    let time = median_time(ctx, o, heater, streams.len(), |enc, run| {
+    let time = median_time(ctx, o, heater, streams.len(), |pass, run| {
         let i = run % streams.len();
-        kernels::rans_decode(ctx, enc, &streams[i], &outs[i], &status)
+        kernels::rans_decode(ctx, pass, &streams[i], &outs[i], &status)
     })?;
     let l = streams[0].layout();
     Ok(Row {
@@ -1074,35 +1125,41 @@ fn bench_smol(ctx: &GpuContext, o: &Opts, heater: &Heater, path: &Path, out: &mu
     Ok(())
 }
 
+/// The table: `us`, `GB/s`, `% copy`, `x cached` and `G wt/s` from the timed-pass median; `own us` and
+/// `own %` the same case with every run in a pass of its own.
 fn print_table(rows: &[Row], copy_bw: f64) {
     println!(
-        "\n{:<30} {:<16} {:>2} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>6}",
-        "shape", "kernel", "M", "us", "MB moved", "GB/s", "% copy", "x cached", "G wt/s", "copies"
+        "\n{:<30} {:<16} {:>2} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>9} {:>6}",
+        "shape", "kernel", "M", "us", "own us", "MB moved", "GB/s", "% copy", "own %", "x cached", "G wt/s", "copies"
     );
     for r in rows {
-        let bw = r.bytes as f64 / r.time.as_secs_f64();
-        let ratio = r.cached.map_or("".to_string(), |c| format!("{:.2}", r.time.as_secs_f64() / c.as_secs_f64()));
+        let (t, own) = (r.time.pass.as_secs_f64(), r.time.own.as_secs_f64());
+        let bw = r.bytes as f64 / t;
+        let ratio = r.cached.map_or("".to_string(), |c| format!("{:.2}", t / c.as_secs_f64()));
         let m = if r.m == 0 { "-".to_string() } else { r.m.to_string() };
         println!(
-            "{:<30} {:<16} {:>2} {:>9.1} {:>9.2} {:>8.0} {:>6.1}% {:>8} {:>9.1} {:>6}",
+            "{:<30} {:<16} {:>2} {:>9.1} {:>9.1} {:>9.2} {:>8.0} {:>6.1}% {:>6.1}% {:>8} {:>9.1} {:>6}",
             r.shape,
             r.what,
             m,
-            us(r.time),
+            t * 1e6,
+            own * 1e6,
             r.bytes as f64 / 1e6,
             bw / 1e9,
             100.0 * bw / copy_bw,
+            100.0 * r.bytes as f64 / own / copy_bw,
             ratio,
-            r.weights as f64 / r.time.as_secs_f64() / 1e9,
+            r.weights as f64 / t / 1e9,
             r.copies
         );
     }
 }
 
-/// Prints what a timed run costs with nothing in it, with one dispatch of an empty kernel (one workgroup, no
-/// memory access) and 16 of them in one pass, and with the smallest dense f16 GEMV (one row block of 4 x 64, one workgroup) reading one
-/// copy every time or 64 copies in turn: the fixed cost every row of the table includes, and how much of it is
-/// the dispatch and how much the first touch of a buffer.
+/// Prints what a timed run costs (both ways of [`Timed`]) with nothing in it, with one dispatch of an empty
+/// kernel (one workgroup, no memory access) and with 16 of them, and with the smallest dense f16 GEMV (one row
+/// block of 4 x 64, one workgroup) reading one copy every time or 64 copies in turn: the fixed cost every row of
+/// the table includes, how much of it is the pass and how much the dispatch, and whether the first touch of a
+/// buffer adds to it.
 fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
     let empty = median_time(ctx, o, heater, 1, |_, _| Ok(()))?;
     let device = ctx.device();
@@ -1118,15 +1175,13 @@ fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
         compilation_options: Default::default(),
         cache: None,
     });
-    let dispatch = median_time(ctx, o, heater, 1, |enc, _| {
-        let mut pass = enc.begin_compute_pass(&Default::default());
+    let dispatch = median_time(ctx, o, heater, 1, |pass, _| {
         pass.set_pipeline(&nothing);
         pass.dispatch_workgroups(1, 1, 1);
         Ok(())
     })?;
-    // The same dispatches, 16 in one pass: what a dispatch costs without a pass of its own.
-    let in_one_pass = median_time(ctx, o, heater, 1, |enc, _| {
-        let mut pass = enc.begin_compute_pass(&Default::default());
+    // The same dispatch 16 times in one pass: what a dispatch costs without a pass of its own.
+    let in_one_pass = median_time(ctx, o, heater, 1, |pass, _| {
         pass.set_pipeline(&nothing);
         for _ in 0..16 {
             pass.dispatch_workgroups(1, 1, 1);
@@ -1139,16 +1194,18 @@ fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
         (0..64).map(|_| DenseGemv::new(ctx, &w, rows, cols, DenseDtype::F16)).collect::<Result<_>>()?;
     let x = random_x(ctx, cols, 5);
     let y = storage(ctx, "y floor", (rows * 4) as u64);
-    let same = median_time(ctx, o, heater, 1, |enc, _| gemvs[0].encode(enc, &x, &y, 1))?;
-    let rotated = median_time(ctx, o, heater, gemvs.len(), |enc, run| gemvs[run % gemvs.len()].encode(enc, &x, &y, 1))?;
+    let same = median_time(ctx, o, heater, 1, |pass, _| gemvs[0].encode_pass(pass, &x, &y, 1))?;
+    let rotated =
+        median_time(ctx, o, heater, gemvs.len(), |pass, run| gemvs[run % gemvs.len()].encode_pass(pass, &x, &y, 1))?;
+    let both = |t: Timed| format!("{:.1} / {:.1} us", us(t.pass), us(t.own));
     println!(
-        "timing floor: no dispatch {:.1} us; empty kernel {:.1} us (16 in one pass {:.1} us); dense f16 {rows}x{cols} \
-         (one workgroup) {:.1} us on one copy, {:.1} us on 64 copies in turn",
-        us(empty),
-        us(dispatch),
-        us(in_one_pass),
-        us(same),
-        us(rotated)
+        "timing floor (timed pass / own pass): nothing {}; one empty kernel {}; 16 empty kernels in one pass {}; \
+         dense f16 {rows}x{cols} (one workgroup) {} on one copy, {} on 64 copies in turn",
+        both(empty),
+        both(dispatch),
+        both(in_one_pass),
+        both(same),
+        both(rotated)
     );
     Ok(())
 }
@@ -1166,7 +1223,7 @@ fn run(o: &Opts) -> Result<()> {
     let heater = Heater::new(&ctx, o.heat_ms)?;
     println!("heater: {} copies of 256 MiB (about {} ms) before every timed batch", heater.copies, o.heat_ms);
     if o.batch > 1 {
-        println!("batch: {} runs back to back per timestamp pair; times are per run", o.batch);
+        println!("batch: {} runs back to back per timed run (in one pass, or a pass each); times are per run", o.batch);
     }
     let copy_bw = copy_bandwidth(&ctx, o, &heater)?;
     timing_floor(&ctx, o, &heater)?;
