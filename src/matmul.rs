@@ -127,8 +127,9 @@ impl EcMatmul {
 
     /// [`encode`](Self::encode) into a compute pass the caller began, so that many products (a whole layer, a
     /// whole model) share one pass: wgpu places the barriers between dispatches that read what an earlier one
-    /// wrote, and records every pass as command buffers of its own, which cost about 6 us each on an H200's
-    /// driver against well under 1 us for a dispatch inside a pass (BENCHMARKS.md, the timing floor).
+    /// wrote, and records every pass as command buffers of its own: on an H200's driver an empty pass costs
+    /// about 3.4 us of device time back to back, one more dispatch inside a pass 0.2-0.4 us (BENCHMARKS.md, the
+    /// timing floor).
     #[cfg(feature = "gpu")]
     pub fn encode_pass(
         &self,

@@ -5,7 +5,7 @@
 //! Group 0 holds the weights (built once per weight), group 1 the call's vectors (built per buffer pair).
 //! Each host function records its dispatch into a compute pass the caller began, so several products share
 //! one pass (wgpu places the barriers between them); wgpu turns every pass into command buffers of its own,
-//! which cost about 6 us each on an H200's driver (see BENCHMARKS.md).
+//! about 3.4 us of device time each back to back on an H200's driver (see BENCHMARKS.md).
 
 use super::context::GpuContext;
 use super::shaders::{Kernel, LaneMode, Spec};

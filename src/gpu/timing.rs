@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 /// with timestamp queries written by empty compute passes just before and just after the run's commands
 /// (only `Features::TIMESTAMP_QUERY` is needed). The runs execute back to back, so the first ones include
 /// any warm-up; callers discard what they need to. Each run's time includes what its passes cost beyond
-/// their dispatches: wgpu records every compute pass as command buffers of its own, about 6 us each on an
-/// H200's driver (see BENCHMARKS.md); [`time_passes_on_device`] leaves that out.
+/// their dispatches: wgpu records every compute pass as command buffers of its own, and the two timestamp
+/// passes add about 6 us on an H200's driver (see BENCHMARKS.md); [`time_passes_on_device`] leaves that out.
 pub fn time_on_device(
     ctx: &GpuContext,
     runs: usize,
