@@ -756,7 +756,8 @@ impl<'a> RowWeights<'a> {
 /// with a `//@ whole` line). Optional `//@` lines set `wg=N` (invocations per workgroup, default the kernel's
 /// own), `per=N` (tiles per workgroup for rans_decode, rows per workgroup for the row kernels, default the
 /// kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units);
-/// `//@ unchecked` times a variant whose output is wrong by design (a part left out). Each is checked against the kernel it replaces on the first weight copy (decoded symbols
+/// `//@ unchecked` times a variant whose output is wrong by design (a part left out); `//@ nobounds` builds it
+/// without naga's bounds checks. Each is checked against the kernel it replaces on the first weight copy (decoded symbols
 /// equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is reported
 /// and not timed.
 struct Experiment {
@@ -769,6 +770,8 @@ struct Experiment {
     grid: Option<u32>,
     /// Timed even when its output differs (a variant with a part left out on purpose).
     unchecked: bool,
+    /// Built without naga's bounds checks.
+    no_bounds: bool,
 }
 
 fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
@@ -801,6 +804,7 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
             per: None,
             grid: None,
             unchecked: false,
+            no_bounds: false,
         };
         for line in e.body.lines().filter_map(|l| l.trim().strip_prefix("//@")) {
             for word in line.split_whitespace() {
@@ -810,6 +814,7 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
                     Some(("grid", v)) => e.grid = v.parse().ok(),
                     None if word == "whole" => e.whole = true,
                     None if word == "unchecked" => e.unchecked = true,
+                    None if word == "nobounds" => e.no_bounds = true,
                     _ => println!("experiments: {}: unknown directive {word}", path.display()),
                 }
             }
@@ -842,7 +847,14 @@ impl Experiment {
     ) -> Result<Option<wgpu::ComputePipeline>> {
         let spec = Spec { workgroup: self.wg.unwrap_or(spec.workgroup), ..spec };
         let src = ecq::gpu::shaders::source_with_body(self.kernel, &spec, &self.body, !self.whole);
-        let pipeline = match kernels::edited_pipeline(ctx, self.kernel, spec, |_| src.clone()) {
+        let built = if self.no_bounds {
+            // SAFETY: a benchmark of a variant whose author asked for it (`//@ nobounds`) on the bench's own
+            // well-formed weights; the product is checked below before it is timed.
+            unsafe { kernels::edited_pipeline_without_bounds_checks(ctx, self.kernel, spec, |_| src.clone()) }
+        } else {
+            kernels::edited_pipeline(ctx, self.kernel, spec, |_| src.clone())
+        };
+        let pipeline = match built {
             Ok(p) => p,
             Err(err) => {
                 println!("{shape} {}: {err}", self.name());
@@ -1062,6 +1074,7 @@ fn decode_variants() -> Vec<Experiment> {
                 per: None,
                 grid: None,
                 unchecked: true,
+                no_bounds: false,
             }
         })
         .collect()

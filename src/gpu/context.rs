@@ -273,20 +273,22 @@ impl GpuContext {
             return Ok(p.clone());
         }
         let pipeline = self
-            .build_pipeline(kernel, kernel.file(), shaders::source(kernel, &spec))
+            .build_pipeline(kernel, kernel.file(), shaders::source(kernel, &spec), true)
             .map_err(|e| Error::Gpu(format!("building {} with {spec:?} failed: {e}", kernel.file())))?;
         cache.insert((kernel, spec), pipeline.clone());
         Ok(pipeline)
     }
 
     /// A pipeline of `kernel`'s bind group layouts from `source`, uncached; the error is the validation
-    /// message. Built as the crate's kernels are: without naga's loop counters, with its bounds checks, so every
-    /// loop of `source` must end by itself (see the SAFETY note inside).
+    /// message. Built as the crate's kernels are: without naga's loop counters, with its bounds checks (unless
+    /// `bounds_checks` is false, for timing what they cost), so every loop of `source` must end by itself (see
+    /// the SAFETY note inside).
     pub(crate) fn build_pipeline(
         &self,
         kernel: Kernel,
         label: &str,
         source: String,
+        bounds_checks: bool,
     ) -> std::result::Result<wgpu::ComputePipeline, String> {
         let device = &self.shared.device;
         let layouts = self.layouts(kernel);
@@ -301,7 +303,11 @@ impl GpuContext {
             wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) };
         // The loop counter naga adds to every loop (against infinite loops) costs instructions and a branch on
         // every trip, and keeps the driver from unrolling the loops over vectors and weights.
-        let checks = wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
+        let checks = wgpu::ShaderRuntimeChecks {
+            force_loop_bounding: false,
+            bounds_checks,
+            ..wgpu::ShaderRuntimeChecks::checked()
+        };
         // SAFETY: every loop of the crate's WGSL kernels counts a u32 up to a bound taken from the shape (tiles,
         // segments, steps, rows, columns, table size, vectors) by a positive stride (a constant, the workgroup
         // size, or the workgroup count) and stops there, or halves a stride down to 0; the shapes are far below

@@ -336,7 +336,23 @@ pub fn edited_pipeline(
     edit: impl Fn(String) -> String,
 ) -> Result<wgpu::ComputePipeline> {
     let source = edit(super::shaders::source(kernel, &spec));
-    ctx.build_pipeline(kernel, "edited kernel", source)
+    ctx.build_pipeline(kernel, "edited kernel", source, true)
+        .map_err(|e| Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())))
+}
+
+/// [`edited_pipeline`] without naga's bounds checks, for timing what they cost.
+///
+/// # Safety
+/// Every index the edited source computes, from any data it is run on, must lie within its array: nothing
+/// clamps them.
+pub unsafe fn edited_pipeline_without_bounds_checks(
+    ctx: &GpuContext,
+    kernel: Kernel,
+    spec: Spec,
+    edit: impl Fn(String) -> String,
+) -> Result<wgpu::ComputePipeline> {
+    let source = edit(super::shaders::source(kernel, &spec));
+    ctx.build_pipeline(kernel, "edited kernel", source, false)
         .map_err(|e| Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())))
 }
 
