@@ -125,7 +125,7 @@ fn main(
             }
         }
         for (var v = 0u; v < M; v++) {
-            store_rows(acc[v], blk, v0 + v, rows, call.m);
+            store_rows(acc[v], blk, 0u, v0 + v, rows, call.m);
         }
     }
 }

@@ -31,20 +31,23 @@ pub fn gemv_slabs(segments: usize, max_invocations: u32) -> u32 {
     // The largest power of two within the cap, so the result is always one of 1..=8, 16, 32.
     wanted.min(1 << cap.ilog2())
 }
-/// Invocations per workgroup of the row kernels for `m` vectors per workgroup: 64, but 256 for gemv_f16 at
-/// `m` = 1.
+/// Invocations per workgroup of the row kernels for `m` vectors per workgroup: 64, but at `m` = 1 256 for
+/// gemv_f16 and 128 for q_gemv.
 pub fn row_workgroup(kernel: Kernel, m: u32) -> u32 {
     match kernel {
         Kernel::GemvF16 if m == 1 => 256,
+        Kernel::QGemv if m == 1 => 128,
         _ => 64,
     }
 }
 
 /// Rows per workgroup pass of the row kernels for `m` vectors per workgroup (the `NR` the kernels are specialized
-/// with): q_gemv 4, gemv_f16 2 at `m` = 1 and 4 above, gemv_f32 1. Each invocation keeps
-/// one vec4 of partial sums (a component per row) per vector, and every x value it loads serves that many rows.
+/// with): q_gemv 8 at `m` = 1 and 4 above, gemv_f16 2 at `m` = 1 and 4 above, gemv_f32 1. Each invocation keeps
+/// a vec4 of partial sums (a component per row) per quad of up to 4 rows per vector, and every x value it loads
+/// serves that many rows.
 pub fn rows_per_group(kernel: Kernel, m: u32) -> u32 {
     match kernel {
+        Kernel::QGemv if m == 1 => 8,
         Kernel::QGemv => 4,
         Kernel::GemvF16 if m == 1 => 2,
         Kernel::GemvF16 => 4,
@@ -133,7 +136,8 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         Kernel::RansDecode => table + lanes,
         Kernel::EcGemv => table + lanes + 4 * wg,
         Kernel::GemvF32 => 4 * wg,
-        Kernel::QGemv | Kernel::GemvF16 => 4 * wg * rows_per_group(kernel, spec.m) as u64,
+        // rows.wgsl's sums, a quad of up to 4 rows at a time.
+        Kernel::QGemv | Kernel::GemvF16 => 4 * wg * rows_per_group(kernel, spec.m).min(4) as u64,
     }
 }
 
@@ -530,8 +534,8 @@ fn vectors_per_pass(m: usize) -> u32 {
 /// Records the quantized GEMV (or matmul) of `m` vectors on packed symbols: `weights` from
 /// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m`.
 ///
-/// Grid: x = one workgroup of 64 per row block of 4 rows ([`row_blocks`]; capped, the kernel loops over the
-/// rest), y = `ceil(m / 8)` blocks of up to 8 vectors.
+/// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes for one vector, else 4 rows by
+/// 64; capped, the kernel loops over the rest), y = `ceil(m / 8)` blocks of up to 8 vectors.
 pub fn q_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
