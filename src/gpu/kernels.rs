@@ -31,23 +31,23 @@ pub fn gemv_slabs(segments: usize, max_invocations: u32) -> u32 {
     // The largest power of two within the cap, so the result is always one of 1..=8, 16, 32.
     wanted.min(1 << cap.ilog2())
 }
-/// Invocations per workgroup of the row kernels for `m` vectors per workgroup: 64, but at `m` = 1 256 for
-/// gemv_f16 and 128 for q_gemv.
+/// Invocations per workgroup of the row kernels for `m` vectors per workgroup: 64, but 256 for gemv_f16 at `m`
+/// = 1 and 128 for q_gemv at `m` <= 4.
 pub fn row_workgroup(kernel: Kernel, m: u32) -> u32 {
     match kernel {
         Kernel::GemvF16 if m == 1 => 256,
-        Kernel::QGemv if m == 1 => 128,
+        Kernel::QGemv if m <= 4 => 128,
         _ => 64,
     }
 }
 
 /// Rows per workgroup pass of the row kernels for `m` vectors per workgroup (the `NR` the kernels are specialized
-/// with): q_gemv 8 at `m` = 1 and 4 above, gemv_f16 2 at `m` = 1 and 4 above, gemv_f32 1. Each invocation keeps
+/// with): q_gemv 8 up to `m` = 4 and 4 above, gemv_f16 2 at `m` = 1 and 4 above, gemv_f32 1. Each invocation keeps
 /// a vec4 of partial sums (a component per row) per quad of up to 4 rows per vector, and every x value it loads
 /// serves that many rows.
 pub fn rows_per_group(kernel: Kernel, m: u32) -> u32 {
     match kernel {
-        Kernel::QGemv if m == 1 => 8,
+        Kernel::QGemv if m <= 4 => 8,
         Kernel::QGemv => 4,
         Kernel::GemvF16 if m == 1 => 2,
         Kernel::GemvF16 => 4,
@@ -534,8 +534,8 @@ fn vectors_per_pass(m: usize) -> u32 {
 /// Records the quantized GEMV (or matmul) of `m` vectors on packed symbols: `weights` from
 /// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m`.
 ///
-/// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes for one vector, else 4 rows by
-/// 64; capped, the kernel loops over the rest), y = `ceil(m / 8)` blocks of up to 8 vectors.
+/// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes for up to 4 vectors, else 4 rows
+/// by 64; capped, the kernel loops over the rest), y = `ceil(m / 8)` blocks of up to 8 vectors.
 pub fn q_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
