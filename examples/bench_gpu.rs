@@ -636,7 +636,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
             }
             src
         })?;
-        let blocks = kernels::row_blocks(kernel, 1, rw.rows) as u32;
+        let blocks = kernels::row_blocks(kernel, &spec, rw.rows) as u32;
         let grid = if grid == 0 { blocks } else { grid }.min(ctx.limits().max_compute_workgroups_per_dimension);
         out.push(rw.time(ctx, shape, kernel, name, &pipeline, grid)?);
     }
@@ -689,6 +689,12 @@ impl<'a> RowWeights<'a> {
         let io = [Kernel::QGemv, Kernel::GemvF16].map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call)));
         let bits = tensor.bits();
         Ok(Self { o, heater, rows, cols, bits, q_groups, q_bytes, f16_groups, f16_bytes, io, y })
+    }
+
+    /// The workgroup the crate picks for `kernel` at M = 1 on these weights.
+    fn workgroup(&self, kernel: Kernel) -> u32 {
+        let row_bytes = if kernel == Kernel::QGemv { self.cols * self.bits as usize / 8 } else { self.cols * 2 };
+        kernels::row_workgroup(kernel, 1, row_bytes)
     }
 
     fn groups(&self, kernel: Kernel) -> (&[wgpu::BindGroup], &wgpu::BindGroup, u64) {
@@ -889,14 +895,16 @@ fn row_experiments(
     let mut references: Vec<(Kernel, Vec<f32>)> = Vec::new();
     for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16)) {
         let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
-        let own = Spec { lanes, bits, precision: 0, m: 1, workgroup: kernels::row_workgroup(e.kernel, 1) };
+        let own = Spec { lanes, bits, precision: 0, m: 1, workgroup: rw.workgroup(e.kernel) };
         if !references.iter().any(|(k, _)| *k == e.kernel) {
-            let own_grid = kernels::row_blocks(e.kernel, 1, rw.rows) as u32;
+            let own_grid = kernels::row_blocks(e.kernel, &own, rw.rows) as u32;
             let pipeline = kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?;
             references.push((e.kernel, rw.product(ctx, e.kernel, &pipeline, own_grid)?));
         }
         let reference = &references.iter().find(|(k, _)| *k == e.kernel).expect("computed above").1;
-        let grid = e.grid(ctx, rw.rows, kernels::rows_per_group(e.kernel, 1));
+        // The rows per workgroup of the spec it is built under (its own workgroup, if it sets one).
+        let built = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
+        let grid = e.grid(ctx, rw.rows, kernels::rows_per_group(e.kernel, &built));
         let Some(pipeline) = e.checked_pipeline(ctx, own, shape, |p| {
             let diff = rel_diff(&rw.product(ctx, e.kernel, p, grid)?, reference);
             Ok((same_product(diff), format!("vs {} {diff:.1e}", e.kernel.file())))

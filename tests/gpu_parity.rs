@@ -264,7 +264,7 @@ fn fused_and_cached_every_bit_width(ctx: &GpuContext) {
 }
 
 /// 4160 columns (groups of 64, segments of 512: the last one holds 64 columns), 2-, 4- and 6-bit; 8448; 1-bit
-/// 4096.
+/// 4096; 16384 at 1 to 3 bits.
 fn fused_and_cached_wide_rows(ctx: &GpuContext) {
     for bits in [2, 4, 6] {
         let q = random_matrix(67, 4160, bits, 64, 300 + bits as u64);
@@ -286,6 +286,15 @@ fn fused_and_cached_wide_rows(ctx: &GpuContext) {
     let q = random_matrix(37, 2048, 8, 64, 320);
     let t = encode(&q, 1024);
     check_products(ctx, &q, &t, &[1, 3], "37x2048 8-bit S=1024");
+    // Rows of at least Q_GEMV_WIDE_ROW_BYTES at 1, 2 and 3 bits: q_gemv's 8-row workgroups on the word path with a
+    // fold per word, and on the chunk path; 21 rows leave the last block's second quad partly past the end.
+    for bits in [1, 2, 3] {
+        let cols = 16384;
+        assert!(cols * bits as usize / 8 >= ecq::gpu::kernels::Q_GEMV_WIDE_ROW_BYTES);
+        let q = random_matrix(21, cols, bits, 64, 330 + bits as u64);
+        let t = encode(&q, 512);
+        check_products(ctx, &q, &t, &[1, 3, 5], &format!("21x{cols} {bits}-bit"));
+    }
 }
 
 /// `EcMatmul::encode` records into a caller's encoder and buffers; nothing unwritten survives the NaN poison.

@@ -91,7 +91,7 @@ impl DenseGemv {
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, io: &wgpu::BindGroup, m: usize) -> Result<()> {
-        kernels::gemv_dense(&self.ctx, pass, self.dtype, self.rows, &self.group, io, m)
+        kernels::gemv_dense(&self.ctx, pass, self.dtype, (self.rows, self.cols), &self.group, io, m)
     }
 
     /// `Y = X W^T` for `m` host vectors: `x` row-major `m x cols`, `y` row-major `m x rows`.

@@ -112,7 +112,7 @@ impl Spec {
             self.m,
             self.workgroup,
             self.slabs().max(1),
-            super::kernels::rows_per_group(kernel, self.m),
+            super::kernels::rows_per_group(kernel, self),
         )
     }
 }
@@ -169,15 +169,18 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                 }
             }
             for m in vectors.clone() {
-                out.push((
-                    Kernel::QGemv,
-                    Spec { lanes, bits, precision: 0, m, workgroup: row_workgroup(Kernel::QGemv, m) },
-                ));
+                // Narrow rows and wide ones (`Q_GEMV_WIDE_ROW_BYTES`).
+                let mut workgroups =
+                    vec![row_workgroup(Kernel::QGemv, m, 0), row_workgroup(Kernel::QGemv, m, usize::MAX)];
+                workgroups.dedup();
+                for workgroup in workgroups {
+                    out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup }));
+                }
             }
         }
         for kernel in [Kernel::GemvF32, Kernel::GemvF16] {
             for m in vectors.clone() {
-                out.push((kernel, Spec { lanes, bits: 0, precision: 0, m, workgroup: row_workgroup(kernel, m) }));
+                out.push((kernel, Spec { lanes, bits: 0, precision: 0, m, workgroup: row_workgroup(kernel, m, 0) }));
             }
         }
     }
@@ -233,11 +236,13 @@ mod tests {
                 };
                 for bits in bit_widths {
                     for m in [1, 8] {
-                        let workgroup = match kernel {
-                            Kernel::RansDecode | Kernel::EcGemv => 256,
-                            k => super::super::kernels::row_workgroup(k, m),
-                        };
-                        validate(kernel, &Spec { lanes, bits, precision: 12, m, workgroup });
+                        for row_bytes in [0, usize::MAX] {
+                            let workgroup = match kernel {
+                                Kernel::RansDecode | Kernel::EcGemv => 256,
+                                k => super::super::kernels::row_workgroup(k, m, row_bytes),
+                            };
+                            validate(kernel, &Spec { lanes, bits, precision: 12, m, workgroup });
+                        }
                     }
                 }
             }
