@@ -345,9 +345,7 @@ pub fn edited_pipeline(
     spec: Spec,
     edit: impl Fn(String) -> String,
 ) -> Result<wgpu::ComputePipeline> {
-    let source = edit(super::shaders::source(kernel, &spec));
-    ctx.build_pipeline(kernel, "edited kernel", source, true)
-        .map_err(|e| Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())))
+    build_edited(ctx, kernel, spec, edit, true)
 }
 
 /// [`edited_pipeline`] without naga's bounds checks, for timing what they cost.
@@ -361,8 +359,18 @@ pub unsafe fn edited_pipeline_without_bounds_checks(
     spec: Spec,
     edit: impl Fn(String) -> String,
 ) -> Result<wgpu::ComputePipeline> {
+    build_edited(ctx, kernel, spec, edit, false)
+}
+
+fn build_edited(
+    ctx: &GpuContext,
+    kernel: Kernel,
+    spec: Spec,
+    edit: impl Fn(String) -> String,
+    bounds_checks: bool,
+) -> Result<wgpu::ComputePipeline> {
     let source = edit(super::shaders::source(kernel, &spec));
-    ctx.build_pipeline(kernel, "edited kernel", source, false)
+    ctx.build_pipeline(kernel, "edited kernel", source, bounds_checks)
         .map_err(|e| Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())))
 }
 
