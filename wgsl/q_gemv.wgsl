@@ -1,17 +1,18 @@
 // Quantized GEMV on MLX-packed symbols (the Cached path): y[v][n] = sum_k (s q[n][k] + b) x[v][k].
 //
 // Specialization (prepended by the host): BITS (1..=8), M (vectors per workgroup, 1..=8), WG (power of two, a
-// multiple of 32), NR (rows per row block: 8 for M <= 4, else 4; two quads of 4 rows or one). Preambles:
-// row_io.wgsl (group 1), rows.wgsl.
+// multiple of 32), NR (rows per row block: 8 with 128 lanes, which the host picks for M <= 4 on rows of at least
+// 2048 bytes, else 4; two quads of 4 rows or one). Preambles: row_io.wgsl (group 1), rows.wgsl.
 // Grid: x strides over row blocks of NR rows (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
 // j*M .. j*M + M, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 and rows hold whole vec4s of packed words, a lane takes 16 bytes (4 words) of each of
 // its NR rows at a time (NR loads in flight), consecutive lanes consecutive vec4s (coalesced); it loads the x
 // values of those columns once for all NR rows. (Measured on an H200, 8 rows by 128 lanes against 4 rows by
 // 64: at M = 1 back to back 21.7 against 23.3 us on 14336x4096, one product per run the same; at M = 4 82.1
-// against 91.1 us.) Otherwise a lane takes chunks of 32 symbols (BITS words), a quad of rows at a time. Either way it accumulates sum(f x) and sum(x) over each group's part, with
-// f = 1 + q / 2^BITS (see `unit4`), and then adds s 2^BITS (sum(f x) - sum(x)) + b sum(x) = s sum(q x) + b sum(x);
-// 32 symbols, and for BITS >= 4 a whole vec4, lie in one group (the group size is a multiple of 32).
+// against 91.1 us.) Otherwise a lane takes chunks of 32 symbols (BITS words), a quad of rows at a time. Either
+// way it accumulates sum(f x) and sum(x) over each group's part, with f = 1 + q / 2^BITS (see `unit4`), and then
+// adds s 2^BITS (sum(f x) - sum(x)) + b sum(x) = s sum(q x) + b sum(x); 32 symbols, and for BITS >= 4 a whole
+// vec4, lie in one group (the group size is a multiple of 32).
 
 struct PackedParams {
     rows: u32,
