@@ -1061,8 +1061,12 @@ fn decode_experiments(
 /// (their outputs are wrong by design; only their times mean anything).
 const DECODE_VARIANTS: [(&str, &str, &str); 4] = [
     ("-table", "let e = table[x & (TABLE - 1u)];", "let e = (x & 0xffu) | 0x7ff00u;"),
-    ("-store", "packed[out >> 2u] = q;", "if (q.x == 0x9e3779b9u) { packed[out >> 2u] = q; }"),
-    ("-word read", "let word = next_word(min(i, max(end, 1u) - 1u), need);", "let word = i & 0xffffu;"),
+    ("-store", "packed[out_at >> 2u] = out_q;", "if (out_q.x == 0x9e3779b9u) { packed[out_at >> 2u] = out_q; }"),
+    (
+        "-word read",
+        "let word = next_word(dec_pos + rank.x, need, max(dec_end, 1u) - 1u);",
+        "let word = (dec_pos + rank.x) & 0xffffu;",
+    ),
     ("-ballot", "let rank = word_rank(need);", "let rank = vec2<u32>(select(0u, lane_row, need), 16u);"),
 ];
 

@@ -116,8 +116,9 @@ fn main(
                 }
                 let need = live & (x_state < 65536u);
                 let rank = word_rank(need);
-                // Clamped so a corrupt stream cannot read past the words; rans_decode reports it.
-                let word = next_word(min(pos + rank.x, end), need);
+                // Clamped (on the paths that read memory) so a corrupt stream cannot read past the words;
+                // rans_decode reports it.
+                let word = next_word(pos + rank.x, need, end);
                 x_state = select(x_state, (x_state << 16u) | word, need);
                 pos += rank.y;
                 words_advance(pos);

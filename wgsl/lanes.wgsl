@@ -198,11 +198,13 @@ fn words_begin(pos: u32) {
 }
 
 // Word `i` for a lane that `need`s one (`i` then lies within 32 words of the slab's cursor); any value for the
-// others. Call from uniform control flow, on every lane.
-fn next_word(i: u32, need: bool) -> u32 {
+// others. The global-memory paths read word min(i, last) (the caller's clamp, so a corrupt stream cannot read
+// past the words); the register window reads no memory and needs none. Call from uniform control flow, on
+// every lane.
+fn next_word(i: u32, need: bool, last: u32) -> u32 {
 //#if SUBGROUP
 //#if NARROW
-    return select(0u, stream_word(i), need);
+    return select(0u, stream_word(min(i, last)), need);
 //#else
     // Any offset is a lane of the slab, so lanes that need no word shuffle harmlessly (their result is dropped).
     let off = (i >> 1u) - win_base;
@@ -213,7 +215,7 @@ fn next_word(i: u32, need: bool) -> u32 {
     return (select(pair.x, pair.y, (off & 1u) == 1u) >> ((i & 1u) * 16u)) & 0xffffu;
 //#endif
 //#else
-    return select(0u, stream_word(i), need);
+    return select(0u, stream_word(min(i, last)), need);
 //#endif
 }
 
