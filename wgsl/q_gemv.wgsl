@@ -99,9 +99,16 @@ fn fold(s: vec4<f32>, b: vec4<f32>, s2: vec4<f32>, b2: vec4<f32>) {
     }
 }
 
-// The first groups of the block's row quads (gr, gr2) and the scales and biases of their group `g`, folded.
+// The first groups of the block's row quads (gr, gr2) and the scales and biases of their group `g`, folded (the
+// second quad's loaded only where NQ = 2).
 fn fold_group(gr: vec4<u32>, gr2: vec4<u32>, g: u32) {
-    fold(scales4(gr, g), biases4(gr, g), scales4(gr2, g), biases4(gr2, g));
+    var s2 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    if (NQ == 2u) {
+        s2 = scales4(gr2, g);
+        b2 = biases4(gr2, g);
+    }
+    fold(scales4(gr, g), biases4(gr, g), s2, b2);
 }
 
 // Adds vec4 `c` (4 words from column c * 128 / BITS) of the block's rows (a0 .. a3 the first quad, a4 .. a7 the
