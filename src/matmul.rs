@@ -280,14 +280,12 @@ fn dot_f32(q: &[f32], x: &[f32]) -> f32 {
 
 #[cfg(feature = "gpu")]
 mod gpu {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
 
     use super::Strategy;
     use crate::error::Result;
     use crate::format::EcTensor;
     use crate::gpu::kernels::{self, GpuPacked, GpuScales, GpuStream, MAX_VECTORS_PER_PASS};
-    use crate::gpu::{GpuContext, HostIo, HostSlot, Kernel, MslGemv};
+    use crate::gpu::{CallParams, GpuContext, HostIo, HostSlot, Kernel, MslGemv};
 
     /// The GPU side of [`super::EcMatmul`]: what each strategy holds on the device.
     pub(super) struct GpuMatmul {
@@ -305,7 +303,7 @@ mod gpu {
         /// Fused on a context whose fused kernel is the MSL one: that kernel, for up to 8 vectors.
         msl: Option<MslGemv>,
         /// The q_gemv call uniform per vector count.
-        calls: Mutex<HashMap<usize, wgpu::Buffer>>,
+        calls: CallParams,
         /// Staging for host-slice calls, per vector count.
         host: HostSlot,
     }
@@ -337,7 +335,7 @@ mod gpu {
                 scales,
                 weights,
                 msl,
-                calls: Mutex::new(HashMap::new()),
+                calls: CallParams::default(),
                 host: HostSlot::default(),
             })
         }
@@ -367,15 +365,7 @@ mod gpu {
             if kernel == Kernel::EcGemv {
                 return Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, None));
             }
-            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-            let call = match calls.get(&m) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = kernels::call_params(&self.ctx, m)?;
-                    calls.insert(m, c.clone());
-                    c
-                }
-            };
+            let call = self.calls.get(&self.ctx, m)?;
             Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, Some(&call)))
         }
 

@@ -3,7 +3,7 @@
 use super::context::GpuContext;
 use super::kernels;
 use super::shaders::Kernel;
-use super::{HostIo, HostSlot};
+use super::{CallParams, HostIo, HostSlot};
 use crate::error::{Error, Result};
 use crate::matmul::check_len;
 
@@ -26,6 +26,8 @@ pub struct DenseGemv {
     params: wgpu::Buffer,
     weights: wgpu::Buffer,
     group: wgpu::BindGroup,
+    /// The call uniform per vector count.
+    calls: CallParams,
     host: HostSlot,
 }
 
@@ -60,6 +62,7 @@ impl DenseGemv {
             params,
             weights: buffer,
             group,
+            calls: CallParams::default(),
             host: HostSlot::default(),
         })
     }
@@ -85,7 +88,7 @@ impl DenseGemv {
         m: usize,
     ) -> Result<()> {
         check_buffers(x, y, m, self.cols, self.rows)?;
-        let call = kernels::call_params(&self.ctx, m)?;
+        let call = self.calls.get(&self.ctx, m)?;
         let io = kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call));
         self.record(pass, &io, m)
     }
@@ -107,7 +110,7 @@ impl DenseGemv {
     /// Runs `f` on the host staging for `m` vectors.
     fn with_host<T>(&self, m: usize, f: impl FnOnce(&HostIo) -> Result<T>) -> Result<T> {
         let group = |x: &wgpu::Buffer, y: &wgpu::Buffer| {
-            let call = kernels::call_params(&self.ctx, m)?;
+            let call = self.calls.get(&self.ctx, m)?;
             Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call)))
         };
         self.host.with(&self.ctx, (m, self.cols, self.rows), group, f)

@@ -85,6 +85,24 @@ impl HostIo {
         Ok(())
     }
 }
+/// The row kernels' call uniform ([`kernels::call_params`]) per vector count, built once per count and kept, so
+/// recording a product allocates no buffer.
+#[derive(Default)]
+pub(crate) struct CallParams(std::sync::Mutex<std::collections::HashMap<usize, wgpu::Buffer>>);
+
+impl CallParams {
+    /// The uniform for `m` vectors.
+    pub fn get(&self, ctx: &GpuContext, m: usize) -> crate::Result<wgpu::Buffer> {
+        let mut calls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = calls.get(&m) {
+            return Ok(c.clone());
+        }
+        let c = kernels::call_params(ctx, m)?;
+        calls.insert(m, c.clone());
+        Ok(c)
+    }
+}
+
 /// The host staging of one product, kept between calls and rebuilt when the vector count changes.
 #[derive(Default)]
 pub(crate) struct HostSlot(std::sync::Mutex<Option<HostIo>>);
