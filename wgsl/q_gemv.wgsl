@@ -78,8 +78,8 @@ fn quad(word: u32, t: u32) -> vec4<f32> {
 }
 
 // a + dot(q, x) as a chain of multiply-adds (a dot product then an add took one instruction more per 4 symbols).
-// With `quad`'s masks, measured on an H200 against the kernel before (4-bit, M = 1): back to back 21.7 -> 19.9 us
-// on 14336x4096 and 21.1 -> 18.4 on 4096x14336, one product per run 27.7 -> 25.8 and 28.0 -> 25.8.
+// With `quad`'s masks, measured on an H200 against the kernel before in one run (4-bit, M = 1): back to back
+// 21.8 -> 19.9 us on 14336x4096 and 21.3 -> 18.4 on 4096x14336, one product per run 27.7 -> 25.2 and 28.0 -> 26.0.
 fn dot_acc(q: vec4<f32>, x: vec4<f32>, a: f32) -> f32 {
     return fma(q.w, x.w, fma(q.z, x.z, fma(q.y, x.y, fma(q.x, x.x, a))));
 }
