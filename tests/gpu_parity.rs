@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 
 use ecq::format::{EcTensor, EncodeOptions};
 use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
+use ecq::gpu::shaders::{Kernel, Spec};
 use ecq::gpu::{DenseDtype, DenseGemv, GpuContext, KernelPath};
 use ecq::quant::{pack_mlx, unpack_mlx, QuantizedMatrix, ScaleDtype};
 use ecq::{EcMatmul, Error, Strategy};
@@ -482,6 +483,24 @@ fn workgroup_memory_above_limit_is_refused() {
     match fused.matvec(&vec![0f32; q.cols], &mut y) {
         Err(Error::Gpu(msg)) => assert!(msg.contains("workgroup memory"), "{msg}"),
         other => panic!("expected Error::Gpu, got {other:?}"),
+    }
+}
+
+/// A kernel source that declares more workgroup memory than the device allows is refused before wgpu (which
+/// does not check it) hands it to the driver: an edited decode kernel with a 64 KiB array added, on a device
+/// limited to 32 KiB.
+#[test]
+fn edited_kernel_above_workgroup_limit_is_refused() {
+    let Some(ctx) = limited_context(|l| l.max_compute_workgroup_storage_size = 32 * 1024) else { return };
+    let spec = Spec { lanes: ctx.lane_mode(), bits: 4, precision: 11, m: 1, workgroup: 256 };
+    let own = kernels::edited_pipeline(&ctx, Kernel::RansDecode, spec, |s| s);
+    assert!(own.is_ok(), "the kernel as it is: {:?}", own.err());
+    let grown =
+        kernels::edited_pipeline(&ctx, Kernel::RansDecode, spec, |s| s + "var<workgroup> extra: array<u32, 16384>;\n");
+    match grown {
+        Err(Error::Gpu(msg)) => assert!(msg.contains("workgroup memory"), "{msg}"),
+        Err(e) => panic!("expected Error::Gpu, got {e}"),
+        Ok(_) => panic!("a kernel above the workgroup memory limit was built"),
     }
 }
 

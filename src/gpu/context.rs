@@ -280,7 +280,7 @@ impl GpuContext {
     }
 
     /// A pipeline of `kernel`'s bind group layouts from `source`, uncached; the error is the validation
-    /// message. Built as the crate's kernels are: without naga's loop counters, with its bounds checks (unless
+    /// message, or the workgroup memory `source` declares where that is past the device's limit. Built as the crate's kernels are: without naga's loop counters, with its bounds checks (unless
     /// `bounds_checks` is false, for timing what they cost), so every loop of `source` must end by itself (see
     /// the SAFETY note inside).
     pub(crate) fn build_pipeline(
@@ -291,6 +291,13 @@ impl GpuContext {
         bounds_checks: bool,
     ) -> std::result::Result<wgpu::ComputePipeline, String> {
         let device = &self.shared.device;
+        // wgpu does not hold a kernel's workgroup memory to the device's limit (and one past it may hang the
+        // device), so the source's own declarations are.
+        let bytes = shaders::declared_workgroup_bytes(&source)?;
+        let limit = self.shared.limits.max_compute_workgroup_storage_size as u64;
+        if bytes > limit {
+            return Err(format!("it declares {bytes} bytes of workgroup memory, the device allows {limit}"));
+        }
         let layouts = self.layouts(kernel);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();

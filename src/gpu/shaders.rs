@@ -145,6 +145,23 @@ fn spec_flags(spec: &Spec) -> &'static [&'static str] {
     }
 }
 
+/// Bytes of workgroup memory `source` (a whole WGSL kernel) declares: the sizes of its `var<workgroup>`
+/// variables as naga lays them out (a driver may add padding between them). wgpu does not check this against
+/// the device's limit, and a kernel past it may hang the device, so every pipeline is checked before it is
+/// built ([`super::GpuContext`]).
+pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
+    use wgpu::naga;
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string(source))?;
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).map_err(|e| e.to_string())?;
+    Ok(module
+        .global_variables
+        .iter()
+        .filter(|(_, var)| var.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, var)| u64::from(layouter[var.ty].size))
+        .sum())
+}
+
 /// Every `(kernel, spec)` pair the host functions of [`super::kernels`] can build, for checks that cover all
 /// of them (e.g. the WGSL-to-MSL translation test): each lane mode, bit width 1..=8 (0 for the dense kernels),
 /// decode-table precision 1..=12 for the tile kernels, vector count 1..=8 for the GEMV kernels, and the
@@ -247,6 +264,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The workgroup memory the host expects of each kernel (`kernels::workgroup_bytes`, which is what is held
+    /// to the device's limit before a pipeline is built, with advice) is what its source declares, in every lane
+    /// mode, for the extreme decode-table precisions and every vector count and workgroup size the host builds.
+    #[test]
+    fn host_workgroup_bytes_match_the_sources() {
+        let mut checked = 0;
+        for (kernel, spec) in specializations() {
+            if ![0, 1, crate::rans::MAX_PRECISION].contains(&spec.precision) || ![1, 3, 8].contains(&spec.bits.max(1)) {
+                continue;
+            }
+            let declared = declared_workgroup_bytes(&source(kernel, &spec)).unwrap();
+            assert_eq!(declared, super::super::kernels::workgroup_bytes(kernel, &spec), "{} {spec:?}", kernel.file());
+            checked += 1;
+        }
+        assert!(checked > 1000, "only {checked} specializations checked");
+    }
+
+    /// Every `var<workgroup>` counts, at its laid-out size, and nothing else does.
+    #[test]
+    fn declared_workgroup_bytes_adds_every_workgroup_variable() {
+        let src = "var<workgroup> a: array<u32, 1000>;\nvar<workgroup> b: array<vec4<f32>, 10>;\n\
+                   var<private> c: array<u32, 4096>;\n@compute @workgroup_size(1) fn main() { a[0] = 1u; b[0] = vec4<f32>(0.0); c[0] = 1u; }";
+        assert_eq!(declared_workgroup_bytes(src).unwrap(), 4000 + 160);
     }
 
     /// The portable variants name no subgroup built-in, so they compile on devices without the feature.
