@@ -638,7 +638,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
         })?;
         let blocks = kernels::row_blocks(kernel, &spec, rw.rows) as u32;
         let grid = if grid == 0 { blocks } else { grid }.min(ctx.limits().max_compute_workgroups_per_dimension);
-        out.push(rw.time(ctx, shape, kernel, name, &pipeline, grid)?);
+        out.push(rw.time(ctx, shape, kernel, name, &pipeline, grid, 1)?);
     }
     Ok(())
 }
@@ -655,7 +655,9 @@ struct RowWeights<'a> {
     q_bytes: u64,
     f16_groups: Vec<wgpu::BindGroup>,
     f16_bytes: u64,
-    io: [wgpu::BindGroup; 2],
+    /// Per vector count (1 and every `--ms` up to [`kernels::MAX_VECTORS_PER_PASS`]), q_gemv's and gemv_f16's
+    /// group 1.
+    io: Vec<(usize, [wgpu::BindGroup; 2])>,
     y: &'a wgpu::Buffer,
 }
 
@@ -671,7 +673,6 @@ impl<'a> RowWeights<'a> {
         y: &'a wgpu::Buffer,
     ) -> Result<Self> {
         let (rows, cols) = (tensor.rows(), tensor.cols());
-        let call = kernels::call_params(ctx, 1)?;
         let first = GpuStream::upload(ctx, tensor)?;
         let q_bytes = first.packed_bytes() + (tensor.scales().len() * 8) as u64;
         let mut q_groups = Vec::new();
@@ -686,35 +687,50 @@ impl<'a> RowWeights<'a> {
             .collect::<Result<_>>()?;
         let f16_bytes = f16[0].device_bytes();
         let f16_groups = f16.iter().map(|d| d.weights_bind_group().clone()).collect();
-        let io = [Kernel::QGemv, Kernel::GemvF16].map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call)));
+        let mut ms: Vec<usize> = std::iter::once(1).chain(o.ms.iter().copied()).collect();
+        ms.retain(|&m| m <= kernels::MAX_VECTORS_PER_PASS);
+        ms.sort_unstable();
+        ms.dedup();
+        let mut io = Vec::new();
+        for m in ms {
+            let call = kernels::call_params(ctx, m)?;
+            io.push((m, [Kernel::QGemv, Kernel::GemvF16].map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call)))));
+        }
         let bits = tensor.bits();
         Ok(Self { o, heater, rows, cols, bits, q_groups, q_bytes, f16_groups, f16_bytes, io, y })
     }
 
-    /// The workgroup the crate picks for `kernel` at M = 1 on these weights.
-    fn workgroup(&self, kernel: Kernel) -> u32 {
-        let row_bytes = if kernel == Kernel::QGemv { self.cols * self.bits as usize / 8 } else { self.cols * 2 };
-        kernels::row_workgroup(kernel, 1, row_bytes)
+    /// The vector counts the experiments run at: 1 and every `--ms` up to one workgroup's most.
+    fn ms(&self) -> impl Iterator<Item = usize> + '_ {
+        self.io.iter().map(|(m, _)| *m)
     }
 
-    fn groups(&self, kernel: Kernel) -> (&[wgpu::BindGroup], &wgpu::BindGroup, u64) {
+    /// The workgroup the crate picks for `kernel` at `m` vectors on these weights.
+    fn workgroup(&self, kernel: Kernel, m: usize) -> u32 {
+        let row_bytes = if kernel == Kernel::QGemv { self.cols * self.bits as usize / 8 } else { self.cols * 2 };
+        kernels::row_workgroup(kernel, m as u32, row_bytes)
+    }
+
+    fn groups(&self, kernel: Kernel, m: usize) -> (&[wgpu::BindGroup], &wgpu::BindGroup, u64) {
+        let io = &self.io.iter().find(|(n, _)| *n == m).expect("a vector count the weights were set up for").1;
         if kernel == Kernel::QGemv {
-            (&self.q_groups, &self.io[0], self.q_bytes)
+            (&self.q_groups, &io[0], self.q_bytes)
         } else {
-            (&self.f16_groups, &self.io[1], self.f16_bytes)
+            (&self.f16_groups, &io[1], self.f16_bytes)
         }
     }
 
-    /// y after one run of `pipeline` on the first weight copy (y poisoned with NaN first).
+    /// y (`m` vectors) after one run of `pipeline` on the first weight copy (y poisoned with NaN first).
     fn product(
         &self,
         ctx: &GpuContext,
         kernel: Kernel,
         pipeline: &wgpu::ComputePipeline,
         grid: u32,
+        m: usize,
     ) -> Result<Vec<f32>> {
-        let (groups, io, _) = self.groups(kernel);
-        ctx.queue().write_buffer(self.y, 0, bytemuck::cast_slice(&vec![f32::NAN; self.rows]));
+        let (groups, io, _) = self.groups(kernel, m);
+        ctx.queue().write_buffer(self.y, 0, bytemuck::cast_slice(&vec![f32::NAN; m * self.rows]));
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -724,9 +740,10 @@ impl<'a> RowWeights<'a> {
             pass.dispatch_workgroups(grid, 1, 1);
         }
         ctx.queue().submit([enc.finish()]);
-        Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(self.y, (self.rows * 4) as u64)?))
+        Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(self.y, (m * self.rows * 4) as u64)?))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn time(
         &self,
         ctx: &GpuContext,
@@ -735,8 +752,9 @@ impl<'a> RowWeights<'a> {
         name: &str,
         pipeline: &wgpu::ComputePipeline,
         grid: u32,
+        m: usize,
     ) -> Result<Row> {
-        let (groups, io, bytes) = self.groups(kernel);
+        let (groups, io, bytes) = self.groups(kernel, m);
         let time = median_time(ctx, self.o, self.heater, groups.len(), |pass, run| {
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &groups[run % groups.len()], &[]);
@@ -747,9 +765,9 @@ impl<'a> RowWeights<'a> {
         Ok(Row {
             shape: shape.to_string(),
             what: name.to_string(),
-            m: 1,
+            m,
             time,
-            bytes: bytes + ((self.rows + self.cols) * 4) as u64,
+            bytes: bytes + (m * (self.rows + self.cols) * 4) as u64,
             weights: (self.rows * self.cols) as u64,
             copies: groups.len(),
             cached: None,
@@ -763,9 +781,9 @@ impl<'a> RowWeights<'a> {
 /// own), `per=N` (tiles per workgroup for rans_decode, rows per workgroup for the row kernels, default the
 /// kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units);
 /// `//@ unchecked` times a variant whose output is wrong by design (a part left out); `//@ nobounds` builds it
-/// without naga's bounds checks. Each is checked against the kernel it replaces on the first weight copy (decoded symbols
-/// equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is reported
-/// and not timed.
+/// without naga's bounds checks. Each is checked against the kernel it replaces on the first weight copy (decoded
+/// symbols equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is
+/// reported and not timed. Row-kernel variants run at M = 1 and at each `--ms` up to 8 vectors, checked at each.
 struct Experiment {
     kernel: Kernel,
     label: String,
@@ -882,7 +900,8 @@ fn same_product(diff: f64) -> bool {
     diff <= 1e-5
 }
 
-/// Times the row-kernel experiments on one shape, each checked first against the kernel it replaces.
+/// Times the row-kernel experiments on one shape at M = 1 and at every `--ms` up to one workgroup's most
+/// vectors, each checked first against the kernel it replaces at the same M.
 fn row_experiments(
     ctx: &GpuContext,
     rw: &RowWeights,
@@ -891,29 +910,32 @@ fn row_experiments(
     out: &mut Vec<Row>,
 ) -> Result<()> {
     let lanes = ctx.lane_mode();
-    // Each kernel's own product, computed once for all its experiments.
-    let mut references: Vec<(Kernel, Vec<f32>)> = Vec::new();
-    for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16)) {
-        let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
-        let own = Spec { lanes, bits, precision: 0, m: 1, workgroup: rw.workgroup(e.kernel) };
-        if !references.iter().any(|(k, _)| *k == e.kernel) {
-            let own_grid = kernels::row_blocks(e.kernel, &own, rw.rows) as u32;
-            let pipeline = kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?;
-            references.push((e.kernel, rw.product(ctx, e.kernel, &pipeline, own_grid)?));
+    for m in rw.ms() {
+        // Each kernel's own product at this vector count, computed once for all its experiments.
+        let mut references: Vec<(Kernel, Vec<f32>)> = Vec::new();
+        for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16)) {
+            let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
+            let own = Spec { lanes, bits, precision: 0, m: m as u32, workgroup: rw.workgroup(e.kernel, m) };
+            if !references.iter().any(|(k, _)| *k == e.kernel) {
+                let own_grid = kernels::row_blocks(e.kernel, &own, rw.rows) as u32;
+                let pipeline = kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?;
+                references.push((e.kernel, rw.product(ctx, e.kernel, &pipeline, own_grid, m)?));
+            }
+            let reference = &references.iter().find(|(k, _)| *k == e.kernel).expect("computed above").1;
+            // The rows per workgroup of the spec it is built under (its own workgroup, if it sets one).
+            let built = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
+            let grid = e.grid(ctx, rw.rows, kernels::rows_per_group(e.kernel, &built));
+            let shape_m = format!("{shape} m={m}");
+            let Some(pipeline) = e.checked_pipeline(ctx, own, &shape_m, |p| {
+                let diff = rel_diff(&rw.product(ctx, e.kernel, p, grid, m)?, reference);
+                Ok((same_product(diff), format!("vs {} {diff:.1e}", e.kernel.file())))
+            })?
+            else {
+                continue;
+            };
+            let name = e.name();
+            out.push(rw.time(ctx, shape, e.kernel, &name, &pipeline, grid, m)?);
         }
-        let reference = &references.iter().find(|(k, _)| *k == e.kernel).expect("computed above").1;
-        // The rows per workgroup of the spec it is built under (its own workgroup, if it sets one).
-        let built = Spec { workgroup: e.wg.unwrap_or(own.workgroup), ..own };
-        let grid = e.grid(ctx, rw.rows, kernels::rows_per_group(e.kernel, &built));
-        let Some(pipeline) = e.checked_pipeline(ctx, own, shape, |p| {
-            let diff = rel_diff(&rw.product(ctx, e.kernel, p, grid)?, reference);
-            Ok((same_product(diff), format!("vs {} {diff:.1e}", e.kernel.file())))
-        })?
-        else {
-            continue;
-        };
-        let name = e.name();
-        out.push(rw.time(ctx, shape, e.kernel, &name, &pipeline, grid)?);
     }
     Ok(())
 }
