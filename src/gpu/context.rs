@@ -249,17 +249,9 @@ impl GpuContext {
         )
     }
 
-    /// The pipeline of `kernel` specialized by `spec`, built on first use and cached. `workgroup_bytes` is
-    /// the kernel's workgroup memory, checked here against the device limit (wgpu does not check it).
-    pub(crate) fn pipeline(&self, kernel: Kernel, spec: Spec, workgroup_bytes: u64) -> Result<wgpu::ComputePipeline> {
-        let limit = self.shared.limits.max_compute_workgroup_storage_size as u64;
-        if workgroup_bytes > limit {
-            return Err(Error::Gpu(format!(
-                "{} with {spec:?} needs {workgroup_bytes} bytes of workgroup memory, the device allows {limit}; \
-                 re-encode with a lower precision P (the decode table takes 4 * 2^P bytes)",
-                kernel.file()
-            )));
-        }
+    /// The pipeline of `kernel` specialized by `spec`, built on first use and cached; refused where it needs
+    /// more workgroup memory or invocations than the device allows (see [`build_pipeline`](Self::build_pipeline)).
+    pub(crate) fn pipeline(&self, kernel: Kernel, spec: Spec) -> Result<wgpu::ComputePipeline> {
         let limit = self.shared.limits.max_compute_invocations_per_workgroup;
         if spec.workgroup > limit {
             return Err(Error::Gpu(format!(
@@ -280,9 +272,10 @@ impl GpuContext {
     }
 
     /// A pipeline of `kernel`'s bind group layouts from `source`, uncached; the error is the validation
-    /// message, or the workgroup memory `source` declares where that is past the device's limit. Built as the crate's kernels are: without naga's loop counters, with its bounds checks (unless
-    /// `bounds_checks` is false, for timing what they cost), so every loop of `source` must end by itself (see
-    /// the SAFETY note inside).
+    /// message, or the workgroup memory `source` declares where that is past the device's limit. Built as the
+    /// crate's kernels are: without naga's loop counters, with its bounds checks (unless `bounds_checks` is
+    /// false, for timing what they cost), so every loop of `source` must end by itself (see the SAFETY note
+    /// inside).
     pub(crate) fn build_pipeline(
         &self,
         kernel: Kernel,
@@ -296,7 +289,13 @@ impl GpuContext {
         let bytes = shaders::declared_workgroup_bytes(&source)?;
         let limit = self.shared.limits.max_compute_workgroup_storage_size as u64;
         if bytes > limit {
-            return Err(format!("it declares {bytes} bytes of workgroup memory, the device allows {limit}"));
+            let advice = match kernel {
+                Kernel::RansDecode | Kernel::EcGemv => {
+                    "; re-encode with a lower precision P (the decode table takes 4 * 2^P bytes)"
+                }
+                _ => "",
+            };
+            return Err(format!("it declares {bytes} bytes of workgroup memory, the device allows {limit}{advice}"));
         }
         let layouts = self.layouts(kernel);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);

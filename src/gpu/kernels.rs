@@ -128,8 +128,9 @@ pub(crate) fn whole_buffers(
     ctx.device().create_bind_group(&wgpu::BindGroupDescriptor { label: Some(label), layout, entries: &entries })
 }
 
-/// Workgroup memory in bytes of `kernel` under `spec`, mirroring the `var<workgroup>` declarations of its
-/// WGSL file and preamble.
+/// Workgroup memory in bytes of `kernel` under `spec`: what the `var<workgroup>` declarations of its WGSL file
+/// and preambles add up to (a test holds the two equal), for sizing a decode table's precision against a
+/// device's limit before encoding; pipelines are checked against the limit from their source itself.
 pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
     let wg = spec.workgroup as u64;
     let lanes = match spec.lanes {
@@ -325,7 +326,7 @@ pub fn rans_decode(
     status: &wgpu::Buffer,
 ) -> Result<()> {
     let spec = rans_decode_spec(ctx, stream);
-    let pipeline = ctx.pipeline(Kernel::RansDecode, spec, workgroup_bytes(Kernel::RansDecode, &spec))?;
+    let pipeline = ctx.pipeline(Kernel::RansDecode, spec)?;
     rans_decode_with(ctx, pass, stream, out, status, &pipeline, TILE_WORKGROUP as usize / 32)
 }
 
@@ -480,7 +481,7 @@ pub fn ec_gemv(
         m: m as u32,
         workgroup: 32 * gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
     };
-    let pipeline = ctx.pipeline(Kernel::EcGemv, spec, workgroup_bytes(Kernel::EcGemv, &spec))?;
+    let pipeline = ctx.pipeline(Kernel::EcGemv, spec)?;
     if l.rows() == 0 {
         return Ok(());
     }
@@ -609,7 +610,7 @@ fn row_kernel(
     let per_pass = vectors_per_pass(m);
     let workgroup = row_workgroup(kernel, per_pass, row_bytes);
     let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup };
-    let pipeline = ctx.pipeline(kernel, spec, workgroup_bytes(kernel, &spec))?;
+    let pipeline = ctx.pipeline(kernel, spec)?;
     let blocks = m.div_ceil(per_pass as usize);
     if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {
         return Err(Error::param("m", format!("{m} vectors need {blocks} workgroup rows, above the device limit")));

@@ -266,9 +266,9 @@ mod tests {
         }
     }
 
-    /// The workgroup memory the host expects of each kernel (`kernels::workgroup_bytes`, which is what is held
-    /// to the device's limit before a pipeline is built, with advice) is what its source declares, in every lane
-    /// mode, for the extreme decode-table precisions and every vector count and workgroup size the host builds.
+    /// The workgroup memory the host computes for each kernel (`kernels::workgroup_bytes`) is what its source
+    /// declares, in every lane mode, for the extreme decode-table precisions and every vector count and
+    /// workgroup size the host builds.
     #[test]
     fn host_workgroup_bytes_match_the_sources() {
         let mut checked = 0;
