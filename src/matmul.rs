@@ -280,7 +280,6 @@ fn dot_f32(q: &[f32], x: &[f32]) -> f32 {
 
 #[cfg(feature = "gpu")]
 mod gpu {
-
     use super::Strategy;
     use crate::error::Result;
     use crate::format::EcTensor;

@@ -66,8 +66,7 @@ impl HostIo {
 
     /// One call on host slices: uploads `x`, poisons the output with NaN (so an element a kernel fails to write
     /// reads back as NaN), records the product with `record` into one compute pass over this staging's bind
-    /// group, submits, waits
-    /// and copies `y.len()` outputs back.
+    /// group, submits, waits and copies `y.len()` outputs back.
     pub fn run(
         &self,
         ctx: &GpuContext,
@@ -85,6 +84,7 @@ impl HostIo {
         Ok(())
     }
 }
+
 /// The row kernels' call uniform ([`kernels::call_params`]) per vector count, built once per count and kept, so
 /// recording a product allocates no buffer.
 #[derive(Default)]
