@@ -595,7 +595,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
             Kernel::QGemv,
             "q_gemv -dequant",
             64,
-            "return bitcast<vec4<f32>>((placed & vec4<u32>(QMASK << LO)) | vec4<u32>(0x3f800000u));",
+            "return bitcast<vec4<f32>>((placed & vec4<u32>(k_mask)) | vec4<u32>(k_one));",
             "return bitcast<vec4<f32>>(vec4<u32>(word) + pos);",
             0,
         ),
