@@ -575,49 +575,59 @@ fn bench_shape(
 }
 
 /// q_gemv and gemv_f16 at M = 1 with other workgroup sizes, and with their x loads (or q_gemv's scale loads)
-/// left out (outputs wrong by design; only the times mean anything).
+/// left out (outputs wrong by design; only the times mean anything): (kernel, name, workgroup, the line of the
+/// kernel replaced, its replacement, workgroups or 0 for one per row block).
+const ROW_VARIANTS: [(Kernel, &str, u32, &str, &str, u32); 15] = [
+    (Kernel::QGemv, "q_gemv wg32", 32, "", "", 0),
+    (Kernel::QGemv, "q_gemv wg128", 128, "", "", 0),
+    (Kernel::QGemv, "q_gemv wg256", 256, "", "", 0),
+    (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[xb[v] + c4];", "let xv = vec4<f32>(f32(c4));", 0),
+    (
+        Kernel::QGemv,
+        "q_gemv -scales",
+        64,
+        "return vec4<f32>(scales[gr.x + g], scales[gr.y + g], scales[gr.z + g], scales[gr.w + g]);",
+        "return vec4<f32>(f32(g & 1u));",
+        0,
+    ),
+    (
+        Kernel::QGemv,
+        "q_gemv -dequant",
+        64,
+        "return bitcast<vec4<f32>>((placed & vec4<u32>(k_mask)) | vec4<u32>(k_one));",
+        "return bitcast<vec4<f32>>(vec4<u32>(word) + pos);",
+        0,
+    ),
+    (Kernel::GemvF16, "f16 wg64", 64, "", "", 0),
+    (Kernel::GemvF16, "f16 wg128", 128, "", "", 0),
+    (Kernel::GemvF16, "f16 wg512", 512, "", "", 0),
+    (Kernel::GemvF16, "f16 -half x", 256, "let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));", 0),
+    (
+        Kernel::GemvF16,
+        "f16 -x -unpack",
+        256,
+        "return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));",
+        "return bitcast<vec4<f32>>(w);",
+        0,
+    ),
+    // Fewer workgroups than rows: each loops over rows (grid-stride), no workgroup per row to start.
+    (Kernel::GemvF16, "f16 grid 1056", 256, "", "", 1056),
+    (Kernel::GemvF16, "f16 grid 4224", 256, "", "", 4224),
+    (Kernel::QGemv, "q_gemv grid 1056", 64, "", "", 1056),
+    (Kernel::QGemv, "q_gemv grid 4224", 64, "", "", 4224),
+];
+
+/// What the `-unpack` row variant replaces besides its own line: the x loads and the other conversions, so what
+/// is left is the weight loads and FMAs.
+const UNPACK_ALSO: [(&str, &str); 2] = [
+    ("let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));"),
+    ("return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));", "return bitcast<vec4<f32>>(w).wzyx;"),
+];
+
+/// Times [`ROW_VARIANTS`] on one shape.
 fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Row>) -> Result<()> {
     let lanes = ctx.lane_mode();
-    let cases: [(Kernel, &str, u32, &str, &str, u32); 15] = [
-        (Kernel::QGemv, "q_gemv wg32", 32, "", "", 0),
-        (Kernel::QGemv, "q_gemv wg128", 128, "", "", 0),
-        (Kernel::QGemv, "q_gemv wg256", 256, "", "", 0),
-        (Kernel::QGemv, "q_gemv -x", 64, "let xv = x4[xb[v] + c4];", "let xv = vec4<f32>(f32(c4));", 0),
-        (
-            Kernel::QGemv,
-            "q_gemv -scales",
-            64,
-            "return vec4<f32>(scales[gr.x + g], scales[gr.y + g], scales[gr.z + g], scales[gr.w + g]);",
-            "return vec4<f32>(f32(g & 1u));",
-            0,
-        ),
-        (
-            Kernel::QGemv,
-            "q_gemv -dequant",
-            64,
-            "return bitcast<vec4<f32>>((placed & vec4<u32>(k_mask)) | vec4<u32>(k_one));",
-            "return bitcast<vec4<f32>>(vec4<u32>(word) + pos);",
-            0,
-        ),
-        (Kernel::GemvF16, "f16 wg64", 64, "", "", 0),
-        (Kernel::GemvF16, "f16 wg128", 128, "", "", 0),
-        (Kernel::GemvF16, "f16 wg512", 512, "", "", 0),
-        (Kernel::GemvF16, "f16 -half x", 256, "let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));", 0),
-        (
-            Kernel::GemvF16,
-            "f16 -x -unpack",
-            256,
-            "return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));",
-            "return bitcast<vec4<f32>>(w);",
-            0,
-        ),
-        // Fewer workgroups than rows: each loops over rows (grid-stride), no workgroup per row to start.
-        (Kernel::GemvF16, "f16 grid 1056", 256, "", "", 1056),
-        (Kernel::GemvF16, "f16 grid 4224", 256, "", "", 4224),
-        (Kernel::QGemv, "q_gemv grid 1056", 64, "", "", 1056),
-        (Kernel::QGemv, "q_gemv grid 4224", 64, "", "", 4224),
-    ];
-    for (kernel, name, wg, from, to, grid) in cases {
+    for (kernel, name, wg, from, to, grid) in ROW_VARIANTS {
         let bits = if kernel == Kernel::QGemv { rw.bits } else { 0 };
         let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg };
         let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
@@ -628,11 +638,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
             assert!(src.contains(from), "{} no longer contains {from:?}", kernel.file());
             src = src.replace(from, to);
             if name.ends_with("-unpack") {
-                // Also drop the x loads and the other conversions: what is left is the weight loads and FMAs.
-                return src.replace("let p = x4[xb[v] + 2u * c];", "let p = vec4<f32>(f32(c));").replace(
-                    "return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));",
-                    "return bitcast<vec4<f32>>(w).wzyx;",
-                );
+                return UNPACK_ALSO.iter().fold(src, |src, (from, to)| src.replace(from, to));
             }
             src
         })?;
@@ -644,7 +650,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
 }
 
 /// What the row-kernel variants and experiments bind: the quantized (packed symbols and scales) and the dense
-/// f16 weights of one shape, rotated over copies, and one x and y (M = 1).
+/// f16 weights of one shape, rotated over copies, and one x and y (sized for the most vectors of `--ms`).
 struct RowWeights<'a> {
     o: &'a Opts,
     heater: &'a Heater,
@@ -1290,4 +1296,29 @@ fn run(o: &Opts) -> Result<()> {
     );
     print_table(&rows, copy_bw.max(copy_after));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ecq::gpu::LaneMode;
+
+    /// Every line `--variants` replaces is still in the kernel it edits (a stale one stopped the run part way).
+    #[test]
+    fn variant_edits_name_current_kernel_lines() {
+        for (kernel, name, workgroup, from, _, _) in ROW_VARIANTS {
+            let bits = if kernel == Kernel::QGemv { 4 } else { 0 };
+            let spec = Spec { lanes: LaneMode::SubgroupWide, bits, precision: 0, m: 1, workgroup };
+            let src = ecq::gpu::shaders::source(kernel, &spec);
+            assert!(src.contains(from), "{name}: {} no longer contains {from:?}", kernel.file());
+            if name.ends_with("-unpack") {
+                for (also, _) in UNPACK_ALSO {
+                    assert!(src.contains(also), "{name}: {} no longer contains {also:?}", kernel.file());
+                }
+            }
+        }
+        for (name, from, _) in DECODE_VARIANTS {
+            assert!(ecq::gpu::shaders::RANS_DECODE.contains(from), "decode {name}: rans_decode.wgsl lost {from:?}");
+        }
+    }
 }
