@@ -594,7 +594,7 @@ const ROW_VARIANTS: [(Kernel, &str, u32, &str, &str, u32); 15] = [
         Kernel::QGemv,
         "q_gemv -dequant",
         64,
-        "return bitcast<vec4<f32>>((placed & vec4<u32>(k_mask)) | vec4<u32>(k_one));",
+        "return bitcast<vec4<f32>>((placed & vec4<u32>(k_mask)) | vec4<u32>(0x3f800000u));",
         "return bitcast<vec4<f32>>(vec4<u32>(word) + pos);",
         0,
     ),
