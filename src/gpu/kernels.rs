@@ -541,17 +541,28 @@ pub fn call_params(ctx: &GpuContext, m: usize) -> Result<wgpu::Buffer> {
     ctx.uniform("ecq call params", &[m as u32, 0, 0, 0])
 }
 
-/// Vectors per workgroup for `m` vectors: all of them up to 8, else blocks of 8.
-fn vectors_per_pass(m: usize) -> u32 {
-    m.clamp(1, MAX_VECTORS_PER_PASS) as u32
+/// Vectors per workgroup of `kernel` for `m` vectors (the grid's y covers the blocks of that many): the dense
+/// kernels all of them up to 8, else blocks of 8; q_gemv up to 3 in one block, more in blocks of 2. q_gemv's
+/// accumulators for many vectors cost it more than reading the weights once per block: measured on an H200 (one
+/// dispatch timed by its pass, one block against blocks of 2), 4 vectors 77.2 -> 62.0 us and 8 vectors 274.6 ->
+/// 107.3 on 14336x4096, 66.0 -> 52.8 and 214.1 -> 92.4 on 4096x14336, 27.7 -> 21.5 and 72.4 -> 35.7 on 4096x4096;
+/// 3 vectors as one block of 2 and one of 1 were slower on 14336x4096 (52.4 -> 62.0) and faster on the other two
+/// (56.2 -> 52.5, 25.0 -> 21.5), so 3 stay one block. (5 to 7 vectors were not measured.)
+fn vectors_per_pass(kernel: Kernel, m: usize) -> u32 {
+    let most = match kernel {
+        Kernel::QGemv if m <= 3 => 3,
+        Kernel::QGemv => 2,
+        _ => MAX_VECTORS_PER_PASS,
+    };
+    m.clamp(1, most) as u32
 }
 
 /// Records the quantized GEMV (or matmul) of `m` vectors on packed symbols: `weights` from
 /// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m`.
 ///
-/// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes for up to 4 vectors on rows of
-/// at least [`Q_GEMV_WIDE_ROW_BYTES`], else 4 rows by 64; capped, the kernel loops over the rest), y =
-/// `ceil(m / 8)` blocks of up to 8 vectors.
+/// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes on rows of at least
+/// [`Q_GEMV_WIDE_ROW_BYTES`], else 4 rows by 64; capped, the kernel loops over the rest), y = one block of up
+/// to 3 vectors, or `ceil(m / 2)` blocks of 2 for more (see `vectors_per_pass`).
 pub fn q_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
@@ -607,7 +618,7 @@ fn row_kernel(
     if m == 0 || rows == 0 {
         return Ok(());
     }
-    let per_pass = vectors_per_pass(m);
+    let per_pass = vectors_per_pass(kernel, m);
     let workgroup = row_workgroup(kernel, per_pass, row_bytes);
     let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup };
     let pipeline = ctx.pipeline(kernel, spec)?;
