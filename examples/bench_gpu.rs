@@ -789,7 +789,8 @@ impl<'a> RowWeights<'a> {
 /// `//@ unchecked` times a variant whose output is wrong by design (a part left out); `//@ nobounds` builds it
 /// without naga's bounds checks. Each is checked against the kernel it replaces on the first weight copy (decoded
 /// symbols equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is
-/// reported and not timed. Row-kernel variants run at M = 1 and at each `--ms` up to 8 vectors, checked at each.
+/// reported and not timed. Row-kernel variants run at M = 1 and at each `--ms` the crate takes in one workgroup
+/// (`kernels::vectors_per_pass`), checked at each.
 struct Experiment {
     kernel: Kernel,
     label: String,
@@ -919,7 +920,10 @@ fn row_experiments(
     for m in rw.ms() {
         // Each kernel's own product at this vector count, computed once for all its experiments.
         let mut references: Vec<(Kernel, Vec<f32>)> = Vec::new();
-        for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16)) {
+        // An experiment is one workgroup's worth of vectors; where the crate takes `m` vectors in smaller
+        // blocks (q_gemv above 3), there is no kernel at that M to compare with.
+        let one_block = |k: Kernel| kernels::vectors_per_pass(k, m) as usize == m;
+        for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16) && one_block(e.kernel)) {
             let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
             let own = Spec { lanes, bits, precision: 0, m: m as u32, workgroup: rw.workgroup(e.kernel, m) };
             if !references.iter().any(|(k, _)| *k == e.kernel) {

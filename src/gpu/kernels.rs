@@ -548,7 +548,7 @@ pub fn call_params(ctx: &GpuContext, m: usize) -> Result<wgpu::Buffer> {
 /// 107.3 on 14336x4096, 66.0 -> 52.8 and 214.1 -> 92.4 on 4096x14336, 27.7 -> 21.5 and 72.4 -> 35.7 on 4096x4096;
 /// 3 vectors as one block of 2 and one of 1 were slower on 14336x4096 (52.4 -> 62.0) and faster on the other two
 /// (56.2 -> 52.5, 25.0 -> 21.5), so 3 stay one block. (5 to 7 vectors were not measured.)
-fn vectors_per_pass(kernel: Kernel, m: usize) -> u32 {
+pub fn vectors_per_pass(kernel: Kernel, m: usize) -> u32 {
     let most = match kernel {
         Kernel::QGemv if m <= 3 => 3,
         Kernel::QGemv => 2,
@@ -562,7 +562,7 @@ fn vectors_per_pass(kernel: Kernel, m: usize) -> u32 {
 ///
 /// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes on rows of at least
 /// [`Q_GEMV_WIDE_ROW_BYTES`], else 4 rows by 64; capped, the kernel loops over the rest), y = one block of up
-/// to 3 vectors, or `ceil(m / 2)` blocks of 2 for more (see `vectors_per_pass`).
+/// to 3 vectors, or `ceil(m / 2)` blocks of 2 for more (see [`vectors_per_pass`]).
 pub fn q_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
