@@ -142,7 +142,10 @@ fn convert_inspect_verify_unpack_round_trip() {
         let got = f.tensor(input.name).unwrap().to_quantized().unwrap();
         assert_eq!(got, expected(input, 4, 64), "{}", input.name);
         let info = f.encoded_info(input.name).unwrap();
-        assert_eq!((info.precision, info.layout.segment().min(input.shape[1])), (12, input.shape[1].min(512)));
+        assert_eq!(
+            (info.precision, info.layout.segment().min(input.shape[1])),
+            (ecq::rans::DEFAULT_PRECISION, input.shape[1].min(512))
+        );
     }
     for input in s.inputs.iter().filter(|i| !ENCODED.contains(&i.name)) {
         assert_eq!(f.raw(input.name).unwrap().data, &input.bytes()[..], "{}", input.name);

@@ -136,8 +136,9 @@ fn random_matrix(rows: usize, cols: usize, bits: u32, group_size: usize, seed: u
     QuantizedMatrix { rows, cols, bits, group_size, symbols, scales, biases, scale_dtype: ScaleDtype::F16 }
 }
 
+/// Encoded at the default precision, the table size users get.
 fn encode(q: &QuantizedMatrix, segment: usize) -> EcTensor {
-    encode_at(q, segment, 12)
+    encode_at(q, segment, ecq::rans::DEFAULT_PRECISION)
 }
 
 fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
@@ -227,11 +228,13 @@ fn decode_equals_cpu_every_bit_width(ctx: &GpuContext) {
         let q = random_matrix(67, 1088, bits, 32, bits as u64);
         check_decode(ctx, &encode(&q, 256), &format!("67x1088 {bits}-bit"));
     }
-    // A smaller table (P = 10 instead of 12) specializes the kernels' table size.
+    // Other table sizes than the default (the largest, P = 12, and P = 10) specialize the kernels' table size.
     let q = random_matrix(67, 1088, 4, 32, 9);
-    let t = encode_at(&q, 256, 10);
-    check_decode(ctx, &t, "67x1088 4-bit P=10");
-    check_products(ctx, &q, &t, &[1, 3], "67x1088 4-bit P=10");
+    for precision in [10, ecq::rans::MAX_PRECISION] {
+        let t = encode_at(&q, 256, precision);
+        check_decode(ctx, &t, &format!("67x1088 4-bit P={precision}"));
+        check_products(ctx, &q, &t, &[1, 3], &format!("67x1088 4-bit P={precision}"));
+    }
 }
 
 /// One tile: 20 rows (12 inactive lanes) by one segment.

@@ -239,18 +239,22 @@ fn row_tiles_decode_alone() {
 /// word-count checks, by both kernels, and reported for the right tile.
 ///
 /// Not every change can be caught: a state whose low `P` bits change may be the valid encoding of other symbols
-/// (two adjacent symbols of frequency 1 differ only in their slot). So: every change at or above bit `P` is
-/// caught, at least 99% of all changes are caught, and any change that is not caught decodes (identically in
-/// both kernels) to symbols other than the original.
+/// (two adjacent symbols of frequency 1 differ only in their slot), and a change at or above bit `P` leaves the
+/// slot, and so the symbol, as it was and may happen to end at the same final state (at `P = 11` here, 2 of
+/// about 1700 such changes did). So: at least 99.5% of the changes at or above bit `P` and 99% of all changes are
+/// caught, and any change that is not caught decodes (identically in both kernels) to symbols other than the
+/// original.
 #[test]
 fn tampered_states_are_caught() {
     const MIN_CAUGHT: f64 = 0.99;
+    const MIN_CAUGHT_HIGH: f64 = 0.995;
     let (rows, cols, bits, segment) = (40, 512, 4, 256);
     let layout = TileLayout::new(rows, cols, bits, segment).unwrap();
     let q = symbols(rows, cols, bits, Dist::Skewed, 11);
     let table = FreqTable::from_counts(&joint_counts(&q, &layout).unwrap(), DEFAULT_PRECISION).unwrap();
     let stream = encode(&q, &layout, &table).unwrap();
     let (mut tried, mut caught) = (0usize, 0usize);
+    let (mut tried_high, mut caught_high) = (0usize, 0usize);
     for tile in 0..layout.tiles() {
         for lane in 0..layout.tile(tile).rows {
             for bit in 0..32 {
@@ -266,7 +270,6 @@ fn tampered_states_are_caught() {
                 for kernel in Kernel::ALL.into_iter().filter(|&k| k != Kernel::Reference) {
                     match (decode_with(&bad, &layout, &table, kernel), &by_reference) {
                         (Ok(a), Ok(b)) => {
-                            assert!(bit < DEFAULT_PRECISION, "tile {tile} lane {lane} bit {bit} not caught");
                             assert_eq!(&a, b);
                             assert_ne!(a, q);
                         }
@@ -278,10 +281,18 @@ fn tampered_states_are_caught() {
                     }
                 }
                 caught += by_reference.is_err() as usize;
+                if bit >= DEFAULT_PRECISION {
+                    tried_high += 1;
+                    caught_high += by_reference.is_err() as usize;
+                }
             }
         }
     }
     assert!(caught as f64 >= MIN_CAUGHT * tried as f64, "caught {caught} of {tried}");
+    assert!(
+        caught_high as f64 >= MIN_CAUGHT_HIGH * tried_high as f64,
+        "caught {caught_high} of {tried_high} at or above bit {DEFAULT_PRECISION}"
+    );
 }
 
 /// Run-time dispatch: `Fast` decodes with AVX2 where the CPU has it, and with the reference loop elsewhere.
