@@ -475,7 +475,7 @@ fn corrupt_stream_is_refused(ctx: &GpuContext) {
 fn workgroup_memory_above_limit_is_refused() {
     let Some(ctx) = limited_context(|l| l.max_compute_workgroup_storage_size = 8192) else { return };
     let q = random_matrix(67, 1088, 4, 32, 900);
-    let t = encode(&q, 256);
+    let t = encode_at(&q, 256, ecq::rans::MAX_PRECISION);
     match EcMatmul::new(&ctx, &t, Strategy::Cached) {
         Err(Error::Gpu(msg)) => assert!(msg.contains("workgroup memory"), "{msg}"),
         Err(e) => panic!("expected Error::Gpu, got {e}"),
