@@ -113,7 +113,7 @@ impl GpuContext {
     }
 
     /// Wraps a device the caller already opened. The kernels use what the device was created with: subgroup
-    /// kernels need `Features::SUBGROUP`, and the fused kernel's 16 KiB decode table needs
+    /// kernels need `Features::SUBGROUP`, and a 16 KiB decode table (`P = 12`) needs
     /// `max_compute_workgroup_storage_size` above the WebGPU default.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let info = device.adapter_info();
