@@ -784,13 +784,13 @@ impl<'a> RowWeights<'a> {
 /// A kernel variant read at run time (`--experiments DIR`): file `KERNEL.LABEL.wgsl` (KERNEL one of
 /// rans_decode, ec_gemv, q_gemv, gemv_f16) replaces the kernel's WGSL file (after its usual preamble, or on its own
 /// with a `//@ whole` line). Optional `//@` lines set `wg=N` (invocations per workgroup, default the kernel's
-/// own), `per=N` (tiles per workgroup for rans_decode, rows per workgroup for the row kernels, default the
-/// kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units);
+/// own), `per=N` (tiles per workgroup for rans_decode, row tiles per workgroup for ec_gemv, rows per workgroup
+/// for the row kernels, default the kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units);
 /// `//@ unchecked` times a variant whose output is wrong by design (a part left out); `//@ nobounds` builds it
 /// without naga's bounds checks. Each is checked against the kernel it replaces on the first weight copy (decoded
 /// symbols equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is
-/// reported and not timed. Row-kernel variants run at M = 1 and at each `--ms` the crate takes in one workgroup
-/// (`kernels::vectors_per_pass`), checked at each.
+/// reported and not timed. Row-kernel and ec_gemv variants run at M = 1 and at each `--ms` the crate takes in one
+/// pass (`kernels::vectors_per_pass`), checked at each.
 struct Experiment {
     kernel: Kernel,
     label: String,
@@ -950,8 +950,8 @@ fn row_experiments(
     Ok(())
 }
 
-/// Times the ec_gemv experiments at M = 1 (`per` = row tiles per workgroup, default 1), each checked first
-/// against ec_gemv's product.
+/// Times the ec_gemv experiments at M = 1 and at every `--ms` up to one pass's most vectors (`per` = row tiles
+/// per workgroup, default 1), each checked first against ec_gemv's product at the same M.
 #[allow(clippy::too_many_arguments)]
 fn fused_experiments(
     ctx: &GpuContext,
@@ -978,8 +978,8 @@ fn fused_experiments(
     let io = kernels::io_bind_group(ctx, Kernel::EcGemv, x, y, None);
     let l = *first.layout();
     let rows = l.rows();
-    let product = |pipeline: &wgpu::ComputePipeline, grid: u32| -> Result<Vec<f32>> {
-        ctx.queue().write_buffer(y, 0, bytemuck::cast_slice(&vec![f32::NAN; rows]));
+    let product = |pipeline: &wgpu::ComputePipeline, grid: u32, m: usize| -> Result<Vec<f32>> {
+        ctx.queue().write_buffer(y, 0, bytemuck::cast_slice(&vec![f32::NAN; m * rows]));
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -989,43 +989,50 @@ fn fused_experiments(
             pass.dispatch_workgroups(grid, 1, 1);
         }
         ctx.queue().submit([enc.finish()]);
-        Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(y, (rows * 4) as u64)?))
+        Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(y, (m * rows * 4) as u64)?))
     };
-    let own = Spec {
-        lanes: ctx.lane_mode(),
-        bits: l.bits(),
-        precision: tensor.table().precision(),
-        m: 1,
-        workgroup: 32 * kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
-    };
-    let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32)?;
-    for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
-        let grid = e.grid(ctx, l.row_tiles(), 1);
-        let Some(pipeline) = e.checked_pipeline(ctx, own, shape, |p| {
-            let diff = rel_diff(&product(p, grid)?, &reference);
-            Ok((same_product(diff), format!("vs ec_gemv.wgsl {diff:.1e}")))
-        })?
-        else {
-            continue;
+    let mut ms: Vec<usize> = std::iter::once(1)
+        .chain(o.ms.iter().copied().filter(|&m| kernels::vectors_per_pass(Kernel::EcGemv, m) as usize == m))
+        .collect();
+    ms.sort_unstable();
+    ms.dedup();
+    for m in ms {
+        let own = Spec {
+            lanes: ctx.lane_mode(),
+            bits: l.bits(),
+            precision: tensor.table().precision(),
+            m: m as u32,
+            workgroup: 32 * kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
         };
-        let name = e.name();
-        let time = median_time(ctx, o, heater, held.len(), |pass, run| {
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &held[run % held.len()], &[]);
-            pass.set_bind_group(1, &io, &[]);
-            pass.dispatch_workgroups(grid, 1, 1);
-            Ok(())
-        })?;
-        out.push(Row {
-            shape: shape.to_string(),
-            what: name,
-            m: 1,
-            time,
-            bytes: bytes + ((rows + l.cols()) * 4) as u64,
-            weights: (rows * l.cols()) as u64,
-            copies: held.len(),
-            cached: None,
-        });
+        let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32, m)?;
+        for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
+            let grid = e.grid(ctx, l.row_tiles(), 1);
+            let Some(pipeline) = e.checked_pipeline(ctx, own, &format!("{shape} m={m}"), |p| {
+                let diff = rel_diff(&product(p, grid, m)?, &reference);
+                Ok((same_product(diff), format!("vs ec_gemv.wgsl {diff:.1e}")))
+            })?
+            else {
+                continue;
+            };
+            let name = e.name();
+            let time = median_time(ctx, o, heater, held.len(), |pass, run| {
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &held[run % held.len()], &[]);
+                pass.set_bind_group(1, &io, &[]);
+                pass.dispatch_workgroups(grid, 1, 1);
+                Ok(())
+            })?;
+            out.push(Row {
+                shape: shape.to_string(),
+                what: name,
+                m,
+                time,
+                bytes: bytes + (m * (rows + l.cols()) * 4) as u64,
+                weights: (rows * l.cols()) as u64,
+                copies: held.len(),
+                cached: None,
+            });
+        }
     }
     Ok(())
 }
