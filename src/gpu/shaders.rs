@@ -126,7 +126,7 @@ pub fn source(kernel: Kernel, spec: &Spec) -> String {
 /// `with_preamble` is false (`body` then brings its own): for benchmarks that time a kernel variant read at
 /// run time. `body` may carry the same `//#if` lines as the kernel files.
 pub fn source_with_body(kernel: Kernel, spec: &Spec, body: &str, with_preamble: bool) -> String {
-    let flags = spec_flags(spec);
+    let flags = &spec_flags(kernel, spec);
     let mut out = spec.prefix(kernel);
     if with_preamble {
         for preamble in kernel.parts().0 {
@@ -137,12 +137,18 @@ pub fn source_with_body(kernel: Kernel, spec: &Spec, body: &str, with_preamble: 
     out
 }
 
-fn spec_flags(spec: &Spec) -> &'static [&'static str] {
-    match spec.lanes {
-        LaneMode::Portable => &[],
-        LaneMode::SubgroupWide => &["SUBGROUP"],
-        LaneMode::SubgroupNarrow => &["SUBGROUP", "NARROW"],
+/// The `//#if` flags of `kernel` under `spec`: the lane mode's, and `PAIRS` where ec_gemv's steps take an even
+/// number of weights (4 bits or fewer), so it reads x a pair of columns at a time.
+fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
+    let mut flags = match spec.lanes {
+        LaneMode::Portable => vec![],
+        LaneMode::SubgroupWide => vec!["SUBGROUP"],
+        LaneMode::SubgroupNarrow => vec!["SUBGROUP", "NARROW"],
+    };
+    if kernel == Kernel::EcGemv && (8 / spec.bits.max(1)) % 2 == 0 {
+        flags.push("PAIRS");
     }
+    flags
 }
 
 /// Bytes of workgroup memory `source` (a whole WGSL kernel) declares: the sizes of its `var<workgroup>`
