@@ -3,7 +3,8 @@
 //! A kernel's final source is: a block of `const` declarations (its [`Spec`]), then the shared preambles it
 //! needs, then the kernel file. All of them may carry `//#if FLAG`, `//#else`, `//#endif` lines (nestable)
 //! with the flags `SUBGROUP` (use subgroup operations) and `NARROW` (subgroups narrower than 32 lanes), so the
-//! portable variant never names a subgroup built-in and compiles on devices without the feature.
+//! portable variant never names a subgroup built-in and compiles on devices without the feature, and, for
+//! ec_gemv only, `PAIRS` (a step takes an even number of weights, so x is read a pair of columns at a time).
 
 /// Tile decode to MLX-packed symbols.
 pub const RANS_DECODE: &str = include_str!("../../wgsl/rans_decode.wgsl");
