@@ -785,7 +785,8 @@ impl<'a> RowWeights<'a> {
 /// rans_decode, ec_gemv, q_gemv, gemv_f16) replaces the kernel's WGSL file (after its usual preamble, or on its own
 /// with a `//@ whole` line). Optional `//@` lines set `wg=N` (invocations per workgroup, default the kernel's
 /// own), `per=N` (tiles per workgroup for rans_decode, row tiles per workgroup for ec_gemv, rows per workgroup
-/// for the row kernels, default the kernel's own) and `grid=N` (workgroups, each looping over its share; default one per `per` units);
+/// for the row kernels, default the kernel's own) and `grid=N` (workgroups, each looping over its share;
+/// default one per `per` units);
 /// `//@ unchecked` times a variant whose output is wrong by design (a part left out); `//@ nobounds` builds it
 /// without naga's bounds checks. Each is checked against the kernel it replaces on the first weight copy (decoded
 /// symbols equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is
