@@ -693,12 +693,8 @@ impl<'a> RowWeights<'a> {
             .collect::<Result<_>>()?;
         let f16_bytes = f16[0].device_bytes();
         let f16_groups = f16.iter().map(|d| d.weights_bind_group().clone()).collect();
-        let mut ms: Vec<usize> = std::iter::once(1).chain(o.ms.iter().copied()).collect();
-        ms.retain(|&m| m <= kernels::MAX_VECTORS_PER_PASS);
-        ms.sort_unstable();
-        ms.dedup();
         let mut io = Vec::new();
-        for m in ms {
+        for m in experiment_ms(o) {
             let call = kernels::call_params(ctx, m)?;
             io.push((m, [Kernel::QGemv, Kernel::GemvF16].map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call)))));
         }
@@ -951,6 +947,16 @@ fn row_experiments(
     Ok(())
 }
 
+/// The vector counts experiments run at: 1 and each `--ms` one pass of a kernel takes (at most
+/// [`kernels::MAX_VECTORS_PER_PASS`]), ascending.
+fn experiment_ms(o: &Opts) -> Vec<usize> {
+    let mut ms: Vec<usize> =
+        std::iter::once(1).chain(o.ms.iter().copied()).filter(|&m| m <= kernels::MAX_VECTORS_PER_PASS).collect();
+    ms.sort_unstable();
+    ms.dedup();
+    ms
+}
+
 /// Times the ec_gemv experiments at M = 1 and at every `--ms` up to one pass's most vectors (`per` = row tiles
 /// per workgroup, default 1), each checked first against ec_gemv's product at the same M.
 #[allow(clippy::too_many_arguments)]
@@ -992,12 +998,7 @@ fn fused_experiments(
         ctx.queue().submit([enc.finish()]);
         Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(y, (m * rows * 4) as u64)?))
     };
-    let mut ms: Vec<usize> = std::iter::once(1)
-        .chain(o.ms.iter().copied().filter(|&m| kernels::vectors_per_pass(Kernel::EcGemv, m) as usize == m))
-        .collect();
-    ms.sort_unstable();
-    ms.dedup();
-    for m in ms {
+    for m in experiment_ms(o) {
         let own = Spec {
             lanes: ctx.lane_mode(),
             bits: l.bits(),

@@ -101,6 +101,11 @@ impl Spec {
         self.workgroup / 32
     }
 
+    /// Weights per joint symbol, `k = 8 / bits` (the kernels' `KW`).
+    fn weights_per_step(&self) -> u32 {
+        8 / self.bits.max(1)
+    }
+
     /// The `const` block of `kernel` under this spec; `NR` is the row block of the row kernels
     /// ([`super::kernels::rows_per_group`], so host and kernel share one definition).
     fn prefix(&self, kernel: Kernel) -> String {
@@ -108,7 +113,7 @@ impl Spec {
         format!(
             "const BITS: u32 = {bits}u;\nconst KW: u32 = {}u;\nconst P: u32 = {}u;\nconst M: u32 = {}u;\n\
              const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\nconst NR: u32 = {}u;\n",
-            8 / bits,
+            self.weights_per_step(),
             self.precision.max(1),
             self.m,
             self.workgroup,
@@ -146,7 +151,7 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
         LaneMode::SubgroupWide => vec!["SUBGROUP"],
         LaneMode::SubgroupNarrow => vec!["SUBGROUP", "NARROW"],
     };
-    if kernel == Kernel::EcGemv && (8 / spec.bits.max(1)) % 2 == 0 {
+    if kernel == Kernel::EcGemv && spec.weights_per_step() % 2 == 0 {
         flags.push("PAIRS");
     }
     flags
