@@ -163,10 +163,12 @@ fn stream_word(i: u32) -> u32 {
 // The words a step needs. With full subgroups of 32 or more lanes (SUBGROUP, not NARROW) each slab keeps a window
 // of its tile's stream in registers, two u32s (four words) per lane: `win_cur` holds u32s win_base + 2 lane_row
 // and the next, `win_nxt` the 64 after the current 64, so a step's word comes from a shuffle instead of a global
-// load on the per-step dependency chain. A step takes at most 32 words (16 u32s), so a word a lane needs is always
-// in the two windows. `win_far` holds the 64 after `win_nxt`; it is loaded again every step (from L1: the address
-// changes once a window) and used only at the next step's end, so moving the windows on is a few selects with
-// no branch and no wait on a load. Elsewhere each lane reads its word from global memory.
+// load on the per-step dependency chain. A step takes at most 32 words (16 u32s), so 4 steps take at most 64 u32s:
+// with the cursor in the first window when 4 steps begin, every word they need lies in the two windows, and the
+// windows move on (by at most one) only after every 4 steps. `win_far` holds the 64 after `win_nxt`; it is loaded
+// again at each of those points (from L1 unless the windows just moved) and used only at the next, so moving the
+// windows on is a few selects with no branch and no wait on a load. Elsewhere each lane reads its word from
+// global memory.
 //#if SUBGROUP
 //#if NARROW
 //#else
@@ -219,8 +221,8 @@ fn next_word(i: u32, need: bool, last: u32) -> u32 {
 //#endif
 }
 
-// Moves the windows on once the slab's cursor `pos` (after a step) has left the first. Call from uniform
-// control flow, once per step.
+// Moves the windows on once the slab's cursor `pos` has left the first. Call from uniform control flow after every
+// 4 steps (or fewer: after any number from 1 to 4).
 fn words_advance(pos: u32) {
 //#if SUBGROUP
 //#if NARROW
