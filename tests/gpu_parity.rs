@@ -111,6 +111,7 @@ per_path!(
     decode_and_gemv_thousands_of_tiles,
     fused_and_cached_every_bit_width,
     fused_and_cached_wide_rows,
+    groups_with_zero_or_tiny_scales,
     encode_into_caller_buffers,
     products_chained_in_one_pass,
     f16_inputs,
@@ -298,6 +299,26 @@ fn fused_and_cached_wide_rows(ctx: &GpuContext) {
         let q = random_matrix(21, cols, bits, 64, 330 + bits as u64);
         let t = encode(&q, 512);
         check_products(ctx, &q, &t, &[1, 3, 5], &format!("21x{cols} {bits}-bit"));
+    }
+}
+
+/// Groups whose scale is 0, -0 or so small that bias / scale overflows f32, with nonzero symbols and biases (the
+/// weights are then the bias alone, or nearly): fused products with several vectors fold b / s into the symbols
+/// and must take such groups another way. 2-, 3- and 4-bit, 1 to 8 vectors.
+fn groups_with_zero_or_tiny_scales(ctx: &GpuContext) {
+    for bits in [2, 3, 4] {
+        let mut q = random_matrix(67, 1088, bits, 32, 340 + bits as u64);
+        q.scale_dtype = ScaleDtype::F32;
+        for (g, s) in q.scales.iter_mut().enumerate() {
+            match g % 5 {
+                0 => *s = 0.0,
+                1 => *s = -0.0,
+                2 => *s = 1e-38,
+                _ => {}
+            }
+        }
+        let t = encode(&q, 256);
+        check_products(ctx, &q, &t, &[1, 2, 3, 4, 8], &format!("67x1088 {bits}-bit, zero and tiny scales"));
     }
 }
 

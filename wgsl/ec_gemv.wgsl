@@ -4,21 +4,25 @@
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles. Within one row tile, slab s decodes segments s, s + SLABS, ...; lane r
 // keeps M accumulators for row r. Per group it accumulates sum(q * x) and sum(x) and applies the group's scale
-// and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x). The slabs' partial sums are then added in
-// workgroup memory.
+// and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x); or, with QUADS, sum((q + b / s) x) alone and
+// then s * sum((q + b / s) x) (see `bias_ratio`). The slabs' partial sums are then added in workgroup memory.
 
 // Per-group scales and biases, row-major rows x (cols / group_size).
 @group(0) @binding(5) var<storage, read> scales: array<f32>;
 @group(0) @binding(6) var<storage, read> biases: array<f32>;
-// Input vectors, row-major M x cols; read a pair of columns at a time where a step takes an even number of weights
-// (PAIRS: 4 bits or fewer; the host sets the flag), since a step's first column is then even. With `symbol_f32`,
-// measured on an H200 against one column at a time and each symbol shifted down first (4-bit, P = 11, outputs
-// identical): M = 4 157.4 -> 151.4 us on 14336x4096, 73.0 -> 67.2 on 4096x4096, 147.3 -> 141.0 on 4096x14336;
-// M = 1 within 1%.
+// Input vectors, row-major M x cols. Where a step takes an even number of weights (4 bits or fewer) the host sets
+// PAIRS for one vector, QUADS for more: x is read a pair of columns at a time, or four (one 16-byte load per vector
+// serves two steps of 4-bit weights), since a step's first column is then even. With `symbol_f32`, measured on an
+// H200 against one column at a time and each symbol shifted down first (4-bit, P = 11, outputs identical): M = 4
+// 157.4 -> 151.4 us on 14336x4096, 73.0 -> 67.2 on 4096x4096, 147.3 -> 141.0 on 4096x14336; M = 1 within 1%.
+//#if QUADS
+@group(1) @binding(0) var<storage, read> x: array<vec4<f32>>;
+//#else
 //#if PAIRS
 @group(1) @binding(0) var<storage, read> x: array<vec2<f32>>;
 //#else
 @group(1) @binding(0) var<storage, read> x: array<f32>;
+//#endif
 //#endif
 // Output, row-major M x rows.
 @group(1) @binding(1) var<storage, read_write> y: array<f32>;
@@ -34,6 +38,34 @@ fn symbol_f32(e: u32, i: u32) -> f32 {
     let magic = (150u - i * BITS) << 23u;
     return bitcast<f32>((e & (QMASK << (i * BITS))) | magic) - bitcast<f32>(magic);
 }
+
+//#if QUADS
+// With several vectors, sum(x) per vector costs an add per weight per vector; b / s added to each symbol costs one
+// per weight, whatever the number of vectors: s (q + b / s) = s q + b. That holds where b / s is finite (the
+// result's rounding is then that of the weights' own); a group where it is not (s = 0, or so small that b / s
+// overflows) adds 0 to its symbols and b times its columns' sum of x at its fold (`group_sum`), as the other form
+// does. Measured on an H200 (4-bit, P = 11, M = 4) against x read in pairs with sum(x): 122.7 against 140.8
+// us on 14336x4096, 113.2 against 136.8 on 4096x14336, 70.6 against 70.2 on 4096x4096, 54.8 against 56.7 on
+// 576x1536; the 16-byte loads with sum(x) kept: 127.7, 119.9, 77.0, 53.0. At M = 1 either was slower than the
+// pairs (100.2 against 98.0 us with b / s on 14336x4096, 101.6 with the 16-byte loads). At M = 8 against the
+// kernel before (pairs, sum(x), two steps a trip): 161.8 against 215.1 us on 14336x4096, 156.8 against 192.0 on
+// 4096x14336, but 124.2 against 97.2 on 4096x4096, where the driver spills registers and waits on each load.
+// (b / s, 1) for a group's scale `s` and bias `b` where |b / s| <= 1e30, else (0, 0). Decided on s and b
+// themselves, not on an infinite or NaN quotient, which a compiler may assume never occurs.
+fn bias_ratio(s: f32, b: f32) -> vec2<f32> {
+    let finite = (s != 0.0) & (abs(b) <= abs(s) * 1e30);
+    return select(vec2<f32>(0.0), vec2<f32>(b / s, 1.0), finite);
+}
+
+// sum(x) of vector v over the group starting at column `c` (a multiple of 32).
+fn group_sum(v: u32, c: u32) -> f32 {
+    var sum = 0.0;
+    for (var i = 0u; i < params.group_size / 4u; i++) {
+        sum += dot(x[v * (params.cols / 4u) + c / 4u + i], vec4<f32>(1.0));
+    }
+    return sum;
+}
+//#endif
 
 @compute @workgroup_size(WG)
 fn main(
@@ -77,6 +109,10 @@ fn main(
             var pos = tile_offsets[t];
             var qx: array<f32, M>;
             var sx: array<f32, M>;
+//#if QUADS
+            // The current 16-byte piece of x per vector.
+            var xq: array<vec4<f32>, M>;
+//#endif
             for (var v = 0u; v < M; v++) {
                 qx[v] = 0.0;
                 sx[v] = 0.0;
@@ -87,27 +123,49 @@ fn main(
             let g_last = row_c * groups_per_row + groups_per_row - 1u;
             var s = scales[g];
             var b = biases[g];
+//#if QUADS
+            var ratio = bias_ratio(s, b);
+//#endif
             words_begin(pos);
             let end = tile_offsets[t + 1u];
             // A group's steps, then its scale and bias applied once and the next group's fetched (a segment holds
             // whole groups; every lane of a slab is at the same step, so the fold's branch is uniform). Measured on
             // an H200 against one loop over the steps with the group's end tested in it: 151.6 -> 143.8 us on
             // 14336x4096, 64.4 -> 62.6 on 4096x4096, 68.9 -> 64.1 on 1536x576 (M = 1, outputs identical). The
-            // steps go two at a time (a group has a multiple of 4: its size is a multiple of 32), which the driver
-            // unrolls, so a loop trip's register copies come once per two steps: 144.4 -> 133.3 us on 14336x4096,
-            // 62.8 -> 57.5 on 4096x4096, 123.5 -> 106.8 on 4096x14336 (M = 1, outputs identical).
+            // steps go four at a time (a group has a multiple of 4: its size is a multiple of 32, and so is the
+            // segment's), which the driver unrolls: a loop trip's register copies, the liveness test, the column
+            // clamp and moving the word windows on come once per four steps. Measured on an H200 (4-bit, P = 11,
+            // M = 1, outputs identical) against two steps a trip with those per step: 115.5 -> 98.0 us on
+            // 14336x4096, 54.6 -> 49.5 on 4096x4096, 105.4 -> 89.0 on 4096x14336, 58.2 -> 53.5 on 1536x576; the
+            // windows moved on after every two steps instead, 103.1, 52.3, 92.9.
             for (var group_step = 0u; group_step < max_steps; group_step += steps_per_group) {
-                for (var k = 0u; k < steps_per_group; k += 2u) {
-                    for (var h = 0u; h < 2u; h++) {
-                        let step = group_step + k + h;
-                        let live = lane_live & (step < steps);
+                for (var k = 0u; k < steps_per_group; k += 4u) {
+                    let live = lane_live & (group_step + k < steps);
+                    let col4 = min(col0 + (group_step + k) * KW, params.cols - 4u * KW);
+                    for (var h = 0u; h < 4u; h++) {
                         // The decode step on every lane, the state kept by `select` (no branch on the per-step chain:
                         // measured on an H200, 184.9 -> 174.9 us on 14336x4096 and 88.2 -> 77.0 us on 4096x4096 against
                         // the branch). What a lane that is not live adds to qx and sx is never folded into acc: its
                         // steps come after the last group of its segment, or its fold is masked below.
                         let e = table[x_state & (TABLE - 1u)];
                         x_state = select(x_state, (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u), live);
-                        let col = min(col0 + step * KW, params.cols - KW);
+                        let col = col4 + h * KW;
+//#if QUADS
+                        for (var i = 0u; i < KW; i += 2u) {
+                            let q0 = symbol_f32(e, i) + ratio.x;
+                            let q1 = symbol_f32(e, i + 1u) + ratio.x;
+                            // Columns col4 + j, and col4 is a multiple of 8: x's 16-byte pieces start at j % 4 = 0.
+                            let j = h * KW + i;
+                            for (var v = 0u; v < M; v++) {
+                                if (j % 4u == 0u) {
+                                    xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+                                }
+                                let xv = select(xq[v].xy, xq[v].zw, j % 4u == 2u);
+                                qx[v] += q0 * xv.x;
+                                qx[v] += q1 * xv.y;
+                            }
+                        }
+//#else
 //#if PAIRS
                         for (var i = 0u; i < KW; i += 2u) {
                             let q0 = symbol_f32(e, i);
@@ -130,6 +188,7 @@ fn main(
                             }
                         }
 //#endif
+//#endif
                         let need = live & (x_state < 65536u);
                         let rank = word_rank(need);
                         // Clamped (on the paths that read memory) so a corrupt stream cannot read past the words;
@@ -137,18 +196,33 @@ fn main(
                         let word = next_word(pos + rank.x, need, end);
                         x_state = select(x_state, (x_state << 16u) | word, need);
                         pos += rank.y;
-                        words_advance(pos);
                     }
+                    words_advance(pos);
                 }
                 if (group_step < steps) {
+//#if QUADS
+                    let group_col = min(col0 + group_step * KW, params.cols - params.group_size);
+                    for (var v = 0u; v < M; v++) {
+                        var sum = 0.0;
+                        if (lane_live & (ratio.y == 0.0)) {
+                            sum = group_sum(v, group_col);
+                        }
+                        acc[v] += select(0.0, s * qx[v] + b * sum, lane_live);
+                        qx[v] = 0.0;
+                    }
+//#else
                     for (var v = 0u; v < M; v++) {
                         acc[v] += select(0.0, s * qx[v] + b * sx[v], lane_live);
                         qx[v] = 0.0;
                         sx[v] = 0.0;
                     }
+//#endif
                     g = min(g + 1u, g_last);
                     s = scales[g];
                     b = biases[g];
+//#if QUADS
+                    ratio = bias_ratio(s, b);
+//#endif
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! needs, then the kernel file. All of them may carry `//#if FLAG`, `//#else`, `//#endif` lines (nestable)
 //! with the flags `SUBGROUP` (use subgroup operations) and `NARROW` (subgroups narrower than 32 lanes), so the
 //! portable variant never names a subgroup built-in and compiles on devices without the feature, and, for
-//! ec_gemv only, `PAIRS` (a step takes an even number of weights, so x is read a pair of columns at a time).
+//! ec_gemv only, `PAIRS` and `QUADS` (a step takes an even number of weights, so x is read a pair of columns at
+//! a time for one vector, four for more).
 
 /// Tile decode to MLX-packed symbols.
 pub const RANS_DECODE: &str = include_str!("../../wgsl/rans_decode.wgsl");
@@ -143,8 +144,9 @@ pub fn source_with_body(kernel: Kernel, spec: &Spec, body: &str, with_preamble: 
     out
 }
 
-/// The `//#if` flags of `kernel` under `spec`: the lane mode's, and `PAIRS` where ec_gemv's steps take an even
-/// number of weights (4 bits or fewer), so it reads x a pair of columns at a time.
+/// The `//#if` flags of `kernel` under `spec`: the lane mode's, and where ec_gemv's steps take an even number of
+/// weights (4 bits or fewer) `PAIRS` for one vector (x read a pair of columns at a time) or `QUADS` for more (four
+/// at a time, and b / s added to the symbols instead of sum(x) kept per vector).
 fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     let mut flags = match spec.lanes {
         LaneMode::Portable => vec![],
@@ -152,7 +154,7 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
         LaneMode::SubgroupNarrow => vec!["SUBGROUP", "NARROW"],
     };
     if kernel == Kernel::EcGemv && spec.weights_per_step() % 2 == 0 {
-        flags.push("PAIRS");
+        flags.push(if spec.m > 1 { "QUADS" } else { "PAIRS" });
     }
     flags
 }
