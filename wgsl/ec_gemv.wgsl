@@ -41,15 +41,17 @@ fn symbol_f32(e: u32, i: u32) -> f32 {
 
 //#if QUADS
 // With several vectors, sum(x) per vector costs an add per weight per vector; b / s added to each symbol costs one
-// per weight, whatever the number of vectors: s (q + b / s) = s q + b. That holds where b / s is finite (the
-// result's rounding is then that of the weights' own); a group where it is not (s = 0, or so small that b / s
-// overflows) adds 0 to its symbols and b times its columns' sum of x at its fold (`group_sum`), as the other form
-// does. Measured on an H200 (4-bit, P = 11, M = 4) against x read in pairs with sum(x): 122.7 against 140.8
-// us on 14336x4096, 113.2 against 136.8 on 4096x14336, 70.6 against 70.2 on 4096x4096, 54.8 against 56.7 on
-// 576x1536; the 16-byte loads with sum(x) kept: 127.7, 119.9, 77.0, 53.0. At M = 1 either was slower than the
-// pairs (100.2 against 98.0 us with b / s on 14336x4096, 101.6 with the 16-byte loads). At M = 8 against the
-// kernel before (pairs, sum(x), two steps a trip): 161.8 against 215.1 us on 14336x4096, 156.8 against 192.0 on
-// 4096x14336, but 124.2 against 97.2 on 4096x4096, where the driver spills registers and waits on each load.
+// per weight, whatever the number of vectors: s (q + b / s) = s q + b. That holds where b / s is finite (q + b / s
+// is rounded to f32 once per symbol; `gemv`'s fused error against float64 at M = 8 went from 6.8e-6 to 1.7e-6 on an
+// H200); a group where it is not (s = 0, or so small that b / s overflows) adds 0 to its symbols and b times its
+// columns' sum of x at its fold (`group_sum`), as the other form does. Measured on an H200 (4-bit, P = 11, M = 4)
+// against x read in pairs with sum(x): 122.7 against 140.8 us on 14336x4096, 113.2 against 136.8 on 4096x14336, 70.6
+// against 70.2 on 4096x4096, 54.8 against 56.7 on 576x1536; the 16-byte loads with sum(x) kept: 127.7, 119.9, 77.0,
+// 53.0. At M = 1 either was slower than the pairs (100.2 against 98.0 us with b / s on 14336x4096, 101.6 with the
+// 16-byte loads). At M = 8 against the kernel before (pairs, sum(x), two steps a trip): 161.8 against 215.1 us on
+// 14336x4096, 156.8 against 192.0 on 4096x14336, but 124.2 against 97.2 on 4096x4096, where the driver spills
+// registers and waits on each load.
+//
 // (b / s, 1) for a group's scale `s` and bias `b` where |b / s| <= 1e30, else (0, 0). Decided on s and b
 // themselves, not on an infinite or NaN quotient, which a compiler may assume never occurs.
 fn bias_ratio(s: f32, b: f32) -> vec2<f32> {
