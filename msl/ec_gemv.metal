@@ -19,8 +19,9 @@
 //   `EcParams`, which the host validates (wgpu passes no buffer lengths to passthrough shaders).
 //
 // Entry points (threadgroup = 256 threads, 8 simdgroups; grid = row_tiles threadgroups):
-//   ec_gemv_b{1..8}_v1   one vector (params.vectors == 1)
-//   ec_gemv_b{1..8}_v8   up to 8 vectors (params.vectors in 1..=8), one accumulator per vector per lane
+//   ec_gemv_b{1..8}_v1_t{11,12}   one vector (params.vectors == 1)
+//   ec_gemv_b{1..8}_v8_t{11,12}   up to 8 vectors (params.vectors in 1..=8), one accumulator per vector per lane
+// where t11 holds a decode table of 2^11 entries (params.precision <= 11) and t12 one of 2^12.
 // Buffers, in binding order:
 //   0 words         ushort[total_words]        the tiles' 16-bit words, tile after tile
 //   1 tile_offsets  uint[tiles + 1]            start of each tile in words, plus the total
@@ -59,7 +60,7 @@ inline float simd_range_sum(device const float* x, uint n, uint lane) {
 // ---------------------------------------------------------------------------------------------------------
 // Kernel
 
-template <int BITS, int VECTORS>
+template <int BITS, int VECTORS, int TABLE_BITS>
 [[kernel]] void ec_gemv(
     device const ushort* words [[buffer(0)]],
     device const uint* tile_offsets [[buffer(1)]],
@@ -79,9 +80,10 @@ template <int BITS, int VECTORS>
     uint simdgroups [[simdgroups_per_threadgroup]]) {
     static_assert(BITS >= 1 && BITS <= 8, "ec_gemv supports 1- to 8-bit symbols");
     static_assert(VECTORS >= 1 && VECTORS <= 8, "ec_gemv keeps at most 8 accumulators per lane");
+    static_assert(TABLE_BITS >= 1 && TABLE_BITS <= int(MAX_PRECISION), "the table holds 2^1 to 2^12 entries");
     constexpr uint K = 8 / BITS;  // weights per joint symbol
 
-    threadgroup uint table[1u << MAX_PRECISION];
+    threadgroup uint table[1u << TABLE_BITS];
     threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];
 
     // Parameters the loops below rely on; the whole threadgroup leaves together if they do not hold.
@@ -89,13 +91,14 @@ template <int BITS, int VECTORS>
     // Whole simdgroups only: lane r is row r of the tile.
     if (params.bits != uint(BITS) || params.vectors == 0 || params.vectors > uint(VECTORS) || group_size == 0 ||
         group_size % K != 0 || params.segment == 0 || params.segment % group_size != 0 ||
-        params.cols % group_size != 0 || row_tile >= params.row_tiles || threads % LANES != 0) {
+        params.cols % group_size != 0 || row_tile >= params.row_tiles || threads % LANES != 0 ||
+        params.precision > uint(TABLE_BITS)) {
         return;
     }
     // The one-vector variant knows the count at compile time (the check above guarantees it).
     const uint vectors = VECTORS == 1 ? 1u : params.vectors;
 
-    const uint precision = min(params.precision, MAX_PRECISION);
+    const uint precision = min(params.precision, uint(TABLE_BITS));
     const uint slot_mask = (1u << precision) - 1u;
     for (uint i = tid; i <= slot_mask; i += threads) {
         table[i] = decode_table[i];
@@ -176,15 +179,17 @@ template <int BITS, int VECTORS>
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Instantiations: host names encode the template parameters, ec_gemv_b{BITS}_v{VECTORS}.
+// Instantiations: host names encode the template parameters, ec_gemv_b{BITS}_v{VECTORS}_t{TABLE_BITS}.
 
-#define instantiate_ec_gemv(bits, vectors)                                                                   \
-    template [[host_name("ec_gemv_b" #bits "_v" #vectors)]] [[kernel]] decltype(ec_gemv<bits, vectors>)      \
-        ec_gemv<bits, vectors>;
+#define instantiate_ec_gemv(bits, vectors, table)                                                            \
+    template [[host_name("ec_gemv_b" #bits "_v" #vectors "_t" #table)]] [[kernel]]                           \
+        decltype(ec_gemv<bits, vectors, table>) ec_gemv<bits, vectors, table>;
 
 #define instantiate_ec_gemv_vectors(bits) \
-    instantiate_ec_gemv(bits, 1)          \
-    instantiate_ec_gemv(bits, 8)
+    instantiate_ec_gemv(bits, 1, 11)      \
+    instantiate_ec_gemv(bits, 1, 12)      \
+    instantiate_ec_gemv(bits, 8, 11)      \
+    instantiate_ec_gemv(bits, 8, 12)
 
 instantiate_ec_gemv_vectors(1)
 instantiate_ec_gemv_vectors(2)

@@ -32,6 +32,11 @@ struct EcParams {
 constant constexpr uint LANES = 32;
 constant constexpr uint STATE_LOWER = 1u << 16;
 constant constexpr uint MAX_PRECISION = 12;
+// Table sizes the kernels are instantiated for (2^TABLE_BITS entries): 11 holds any P <= 11 (8 KiB, ecq's
+// default P = 11), 12 the largest (16 KiB). Threadgroup memory the table does not need is held all the same, and
+// a GPU keeps fewer threadgroups resident the more each one holds (on an NVIDIA H200 through Vulkan, a 16 KiB
+// table let 3 decode workgroups run per SM, an 8 KiB one all of them).
+constant constexpr uint SMALL_TABLE_BITS = 11;
 constant constexpr uint MAX_SIMDGROUPS = 8;
 
 // ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 //   memory and writing whole rows is the known next step.
 //
 // Entry points (threadgroup = 256 threads, 8 simdgroups; any grid, e.g. ceil(tiles / 8) threadgroups):
-//   rans_decode_b{1..8}
+//   rans_decode_b{1..8}_t{11,12}   t11 holds a decode table of 2^11 entries (params.precision <= 11), t12 2^12
 // Buffers, in binding order:
 //   0 words         ushort[total_words]
 //   1 tile_offsets  uint[tiles + 1]
@@ -23,7 +23,7 @@
 
 // Requires ec_rans.h prepended (EcParams, LANES, WordWindow, renormalize, ...).
 
-template <int BITS>
+template <int BITS, int TABLE_BITS>
 [[kernel]] void rans_decode(
     device const ushort* words [[buffer(0)]],
     device const uint* tile_offsets [[buffer(1)]],
@@ -43,18 +43,20 @@ template <int BITS>
     constexpr uint K = 8 / BITS;            // weights per joint symbol
     constexpr uint JOINT_BITS = BITS * K;   // bits per joint symbol, <= 8
     constexpr uint JOINT_MASK = (1u << JOINT_BITS) - 1u;
+    static_assert(TABLE_BITS >= 1 && TABLE_BITS <= int(MAX_PRECISION), "the table holds 2^1 to 2^12 entries");
 
-    threadgroup uint table[1u << MAX_PRECISION];
+    threadgroup uint table[1u << TABLE_BITS];
 
     // Parameters the loops below rely on; the whole threadgroup leaves together if they do not hold. Whole
     // simdgroups only: lane r is row r of the tile.
     const uint cols = params.cols;
     if (params.bits != uint(BITS) || params.segment == 0 || params.segment % K != 0 || cols % K != 0 ||
-        (params.segment * BITS) % 32 != 0 || (cols * BITS) % 32 != 0 || threads % LANES != 0) {
+        (params.segment * BITS) % 32 != 0 || (cols * BITS) % 32 != 0 || threads % LANES != 0 ||
+        params.precision > uint(TABLE_BITS)) {
         return;
     }
 
-    const uint precision = min(params.precision, MAX_PRECISION);
+    const uint precision = min(params.precision, uint(TABLE_BITS));
     const uint slot_mask = (1u << precision) - 1u;
     for (uint i = tid; i <= slot_mask; i += threads) {
         table[i] = decode_table[i];
@@ -104,10 +106,15 @@ template <int BITS>
     }
 }
 
-// Instantiations: host names encode the template parameter, rans_decode_b{BITS}.
+// Instantiations: host names encode the template parameters, rans_decode_b{BITS}_t{TABLE_BITS}.
 
-#define instantiate_rans_decode(bits) \
-    template [[host_name("rans_decode_b" #bits)]] [[kernel]] decltype(rans_decode<bits>) rans_decode<bits>;
+#define instantiate_rans_decode_table(bits, table)                                                \
+    template [[host_name("rans_decode_b" #bits "_t" #table)]] [[kernel]] decltype(rans_decode<bits, table>) \
+        rans_decode<bits, table>;
+
+#define instantiate_rans_decode(bits)      \
+    instantiate_rans_decode_table(bits, 11) \
+    instantiate_rans_decode_table(bits, 12)
 
 instantiate_rans_decode(1)
 instantiate_rans_decode(2)

@@ -29,12 +29,13 @@ pub const PARAMS_SIZE: usize = 48;
 pub const EC_GEMV_MAX_VECTORS: u32 = 8;
 
 /// Fused decode + dequantize + GEMV, one threadgroup per row tile (grid: `ceil(rows / 32)` threadgroups).
-/// Entry points `ec_gemv_b{bits}_v1` (one vector) and `ec_gemv_b{bits}_v8` (1 to 8 vectors), bits 1 to 8.
+/// Entry points `ec_gemv_b{bits}_v1_t{table}` (one vector) and `ec_gemv_b{bits}_v8_t{table}` (1 to 8 vectors), bits
+/// 1 to 8, with a decode table of `2^table` entries ([`msl_table_bits`]: 11 or 12).
 /// Buffers: words, tile_offsets, states, decode_table, scales, biases, x, y, tile_status, params.
 pub const EC_GEMV: &str = concat!(include_str!("../msl/ec_rans.h"), include_str!("../msl/ec_gemv.metal"));
 
 /// Decode-only to MLX-packed `u32` symbols (`quant::pack_mlx` layout), any grid (tiles are strided over it).
-/// Entry points `rans_decode_b{bits}`, bits 1 to 8.
+/// Entry points `rans_decode_b{bits}_t{table}`, bits 1 to 8, table 11 or 12 ([`msl_table_bits`]).
 /// Buffers: words, tile_offsets, states, decode_table, packed, tile_status, params.
 pub const RANS_DECODE: &str = concat!(include_str!("../msl/ec_rans.h"), include_str!("../msl/rans_decode.metal"));
 
@@ -124,21 +125,42 @@ pub const EC_GEMV_GROUPS: [&[(&str, BufferAccess)]; 2] = [
     ],
 ];
 
-/// The `ec_gemv` entry point for `bits` (1..=8) and a call of `vectors` vectors: the one-vector variant for
-/// one, the eight-accumulator variant for 2 to 8.
-pub fn ec_gemv_entry_point(bits: u32, vectors: u32) -> String {
-    format!("ec_gemv_b{bits}_v{}", if vectors == 1 { 1 } else { EC_GEMV_MAX_VECTORS })
+/// Table sizes the MSL kernels are instantiated for: `2^11` entries (8 KiB) for any precision up to 11, ecq's
+/// default, and `2^12` (16 KiB) for 12.
+pub const MSL_TABLE_BITS: [u32; 2] = [11, crate::rans::MAX_PRECISION];
+
+/// The table size (as a power of two) of the MSL entry point that decodes a stream of precision `precision`
+/// (1..=12): the smallest of [`MSL_TABLE_BITS`] that holds it. Threadgroup memory a kernel declares is held
+/// whether its table fills it or not, and fewer threadgroups stay resident the more each holds.
+pub fn msl_table_bits(precision: u32) -> u32 {
+    MSL_TABLE_BITS.into_iter().find(|&t| precision <= t).unwrap_or(crate::rans::MAX_PRECISION)
 }
 
-/// Every entry point of [`EC_GEMV`].
+/// The `ec_gemv` entry point for `bits` (1..=8), a call of `vectors` vectors and a stream of precision
+/// `precision`: the one-vector variant for one, the eight-accumulator variant for 2 to 8, each with the table
+/// size of [`msl_table_bits`].
+pub fn ec_gemv_entry_point(bits: u32, vectors: u32, precision: u32) -> String {
+    let v = if vectors == 1 { 1 } else { EC_GEMV_MAX_VECTORS };
+    format!("ec_gemv_b{bits}_v{v}_t{}", msl_table_bits(precision))
+}
+
+/// Every entry point of [`EC_GEMV`], in the order the source instantiates them.
 pub fn ec_gemv_entry_points() -> Vec<String> {
-    (1..=8).flat_map(|bits| [ec_gemv_entry_point(bits, 1), ec_gemv_entry_point(bits, EC_GEMV_MAX_VECTORS)]).collect()
+    let mut out = Vec::new();
+    for bits in 1..=8 {
+        for vectors in [1, EC_GEMV_MAX_VECTORS] {
+            for table in MSL_TABLE_BITS {
+                out.push(ec_gemv_entry_point(bits, vectors, table));
+            }
+        }
+    }
+    out
 }
 
-/// Threadgroup memory of an `ec_gemv` entry point for `vectors` vectors, as the kernel declares it: the
-/// decode table at the largest precision (`4 * 2^12` bytes) plus one partial sum per simdgroup, vector slot
-/// and lane.
-pub fn ec_gemv_threadgroup_bytes(vectors: u32) -> u64 {
+/// Threadgroup memory of the `ec_gemv` entry point for `vectors` vectors and a stream of precision `precision`,
+/// as the kernel declares it: the decode table (`4 * 2^t` bytes, `t` from [`msl_table_bits`]) plus one partial
+/// sum per simdgroup, vector slot and lane.
+pub fn ec_gemv_threadgroup_bytes(vectors: u32, precision: u32) -> u64 {
     let slots = if vectors == 1 { 1 } else { EC_GEMV_MAX_VECTORS } as u64;
-    (4u64 << crate::rans::MAX_PRECISION) + 4 * 8 * slots * 32
+    (4u64 << msl_table_bits(precision)) + 4 * 8 * slots * 32
 }

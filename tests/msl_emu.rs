@@ -240,11 +240,12 @@ fn shim_rejects_divergent_collectives_and_barriers() {
 #[test]
 fn entry_points_cover_every_width() {
     let Some(emu) = emulator() else { return };
-    let want: Vec<String> = (1..=8).flat_map(|b| [format!("ec_gemv_b{b}_v1"), format!("ec_gemv_b{b}_v8")]).collect();
+    let want: Vec<String> =
+        (1..=8).flat_map(|b| [1, 8].map(|v| [11, 12].map(|t| format!("ec_gemv_b{b}_v{v}_t{t}")))).flatten().collect();
     assert_eq!(host_names(emu, "msl/ec_gemv.metal"), want);
     // The passthrough loader declares exactly these entry points.
     assert_eq!(ecq::kernels_msl::ec_gemv_entry_points(), want);
-    let want: Vec<String> = (1..=8).map(|b| format!("rans_decode_b{b}")).collect();
+    let want: Vec<String> = (1..=8).flat_map(|b| [11, 12].map(|t| format!("rans_decode_b{b}_t{t}"))).collect();
     assert_eq!(host_names(emu, "msl/rans_decode.metal"), want);
 }
 
@@ -273,8 +274,22 @@ impl Case {
         Self::from_tensor(format!("{rows}x{cols} b{bits} g{group_size} s{segment}"), &t, q)
     }
 
-    /// Random skewed symbols of any width 1..=8 (beyond what the quantizer produces) with f32 scales.
+    /// Random skewed symbols of any width 1..=8 (beyond what the quantizer produces) with f32 scales, coded at
+    /// precision 11.
     fn raw(rows: usize, cols: usize, bits: u32, group_size: usize, segment: usize, seed: u64) -> Self {
+        Self::raw_at(rows, cols, bits, group_size, segment, seed, 11)
+    }
+
+    /// [`Case::raw`] coded at `precision`.
+    fn raw_at(
+        rows: usize,
+        cols: usize,
+        bits: u32,
+        group_size: usize,
+        segment: usize,
+        seed: u64,
+        precision: u32,
+    ) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let top = 1u32 << bits;
         let symbols: Vec<u8> = (0..rows * cols)
@@ -287,13 +302,13 @@ impl Case {
         let scales: Vec<f32> = (0..groups).map(|_| rng.gen_range(0.001f32..0.1)).collect();
         let biases: Vec<f32> = (0..groups).map(|_| rng.gen_range(-1f32..1.0)).collect();
         let layout = TileLayout::new(rows, cols, bits, segment).unwrap();
-        let table = FreqTable::from_counts(&rans::joint_counts(&symbols, &layout).unwrap(), 11).unwrap();
+        let table = FreqTable::from_counts(&rans::joint_counts(&symbols, &layout).unwrap(), precision).unwrap();
         let stream = rans::encode(&symbols, &layout, &table).unwrap();
         let t =
             EcTensor::from_parts(layout, group_size, table, stream, scales.clone(), biases.clone(), ScaleDtype::F32)
                 .unwrap();
         let q = QuantizedMatrix { rows, cols, bits, group_size, symbols, scales, biases, scale_dtype: ScaleDtype::F32 };
-        Self::from_tensor(format!("{rows}x{cols} b{bits} g{group_size} s{segment} raw"), &t, q)
+        Self::from_tensor(format!("{rows}x{cols} b{bits} g{group_size} s{segment} raw P{precision}"), &t, q)
     }
 
     fn from_tensor(name: String, t: &EcTensor, q: QuantizedMatrix) -> Self {
@@ -363,7 +378,8 @@ fn run_gemv(emu: &Emulator, case: &Case, x: &[f32], m: usize, variant: u32, thre
     a.put("x", bytemuck::cast_slice(x));
     a.put_scalar("variant", variant);
     a.put_scalar("threads", threads);
-    let what = format!("ec_gemv_b{}_v{variant} {} m={m} threads={threads}", case.layout.bits(), case.name);
+    let table = ecq::kernels_msl::msl_table_bits(case.table.precision());
+    let what = format!("ec_gemv_b{}_v{variant}_t{table} {} m={m} threads={threads}", case.layout.bits(), case.name);
     let out = run_driver(&emu.ec_gemv, &a, &what);
     GemvRun { y: out.get_f32("y"), tile_status: out.get_u32("tile_status") }
 }
@@ -507,7 +523,8 @@ fn run_decode(emu: &Emulator, case: &Case, arrays: Arrays, threadgroups: u32) ->
     a.put_scalar("threadgroups", threadgroups);
     a.put_scalar("threads", THREADS);
     a.put_scalar("packed_words", packed_words as u32);
-    let what = format!("rans_decode_b{} {} threadgroups={threadgroups}", case.layout.bits(), case.name);
+    let table = ecq::kernels_msl::msl_table_bits(case.table.precision());
+    let what = format!("rans_decode_b{}_t{table} {} threadgroups={threadgroups}", case.layout.bits(), case.name);
     let out = run_driver(&emu.rans_decode, &a, &what);
     DecodeRun { packed: out.get_u32("packed"), tile_status: out.get_u32("tile_status") }
 }
@@ -581,6 +598,19 @@ fn rans_decode_small_grid_strides_over_tiles() {
 fn rans_decode_widths_1_and_7_exact() {
     for bits in [1, 7] {
         let case = Case::raw(67, 1088, bits, 64, 256, 1000 + bits as u64);
+        check_decode(&case, decode_grid(&case));
+    }
+}
+
+/// P = 12 runs the instantiations with a 2^12-entry table (t12); P = 10 the 2^11-entry ones (t11) with part of
+/// the table unused. (Every other test here codes at P = 11.)
+#[test]
+fn other_table_sizes_match_reference() {
+    for precision in [10, 12] {
+        let case = Case::raw_at(67, 1088, 4, 64, 256, 1200 + precision as u64, precision);
+        assert_eq!(case.table.precision(), precision);
+        check_gemv(&case, 1, 1, THREADS);
+        check_gemv(&case, 3, 8, THREADS);
         check_decode(&case, decode_grid(&case));
     }
 }

@@ -170,38 +170,47 @@ fn ec_gemv_groups_flatten_to_the_buffer_order() {
     }
 }
 
-/// The entry point for a call of m vectors: the one-vector variant for 1, the 8-accumulator one for 2..=8.
+/// The entry point for a call of m vectors: the one-vector variant for 1, the 8-accumulator one for 2..=8; the
+/// 2^11-entry table for precisions up to 11, the 2^12-entry one for 12.
 #[test]
-fn ec_gemv_entry_point_by_vector_count() {
+fn ec_gemv_entry_point_by_vector_count_and_precision() {
     use ecq::kernels_msl::ec_gemv_entry_point;
-    assert_eq!(ec_gemv_entry_point(4, 1), "ec_gemv_b4_v1");
+    assert_eq!(ec_gemv_entry_point(4, 1, 11), "ec_gemv_b4_v1_t11");
     for m in 2..=8 {
-        assert_eq!(ec_gemv_entry_point(4, m), "ec_gemv_b4_v8");
+        assert_eq!(ec_gemv_entry_point(4, m, 11), "ec_gemv_b4_v8_t11");
     }
-    assert_eq!(ec_gemv_entry_point(8, 3), "ec_gemv_b8_v8");
+    assert_eq!(ec_gemv_entry_point(8, 3, 12), "ec_gemv_b8_v8_t12");
+    for p in 1..=11 {
+        assert_eq!(ec_gemv_entry_point(2, 1, p), "ec_gemv_b2_v1_t11", "P = {p}");
+    }
+    assert_eq!(ec_gemv_entry_point(2, 1, 12), "ec_gemv_b2_v1_t12");
 }
 
 /// The host's threadgroup-memory figure (checked against the device limit before building a pipeline) counts
-/// exactly the kernel's `threadgroup` arrays: a `uint` decode table of `1 << MAX_PRECISION` (12) entries and a
-/// `float` partial sum per simdgroup (8), vector slot and lane (32).
+/// exactly the kernel's `threadgroup` arrays: a `uint` decode table of `1 << TABLE_BITS` entries (the
+/// instantiation's 11 or 12) and a `float` partial sum per simdgroup (8), vector slot and lane (32).
 #[test]
 fn ec_gemv_threadgroup_bytes_match_the_declarations() {
-    use ecq::kernels_msl::ec_gemv_threadgroup_bytes;
+    use ecq::kernels_msl::{ec_gemv_threadgroup_bytes, MSL_TABLE_BITS};
 
     let decls: Vec<&str> =
         EC_GEMV.lines().map(str::trim).filter(|l| l.starts_with("threadgroup ") && l.ends_with(';')).collect();
     assert_eq!(
         decls,
-        [
-            "threadgroup uint table[1u << MAX_PRECISION];",
-            "threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];"
-        ]
+        ["threadgroup uint table[1u << TABLE_BITS];", "threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];"]
     );
-    for (name, value) in [("MAX_PRECISION", 12), ("MAX_SIMDGROUPS", 8), ("LANES", 32)] {
+    for (name, value) in [("MAX_PRECISION", 12), ("SMALL_TABLE_BITS", 11), ("MAX_SIMDGROUPS", 8), ("LANES", 32)] {
         assert!(EC_GEMV.contains(&format!("constant constexpr uint {name} = {value};")), "{name}");
     }
-    assert_eq!(ec_gemv_threadgroup_bytes(1), 4 * 4096 + 4 * 8 * 32);
+    assert_eq!(MSL_TABLE_BITS, [11, 12]);
+    for table in MSL_TABLE_BITS {
+        assert!(EC_GEMV.contains(&format!("instantiate_ec_gemv(bits, 1, {table})")), "t{table}");
+        assert!(EC_GEMV.contains(&format!("instantiate_ec_gemv(bits, 8, {table})")), "t{table}");
+    }
+    assert_eq!(ec_gemv_threadgroup_bytes(1, 11), 4 * 2048 + 4 * 8 * 32);
+    assert_eq!(ec_gemv_threadgroup_bytes(1, 12), 4 * 4096 + 4 * 8 * 32);
     for m in 2..=8 {
-        assert_eq!(ec_gemv_threadgroup_bytes(m), 4 * 4096 + 4 * 8 * 8 * 32);
+        assert_eq!(ec_gemv_threadgroup_bytes(m, 10), 4 * 2048 + 4 * 8 * 8 * 32);
+        assert_eq!(ec_gemv_threadgroup_bytes(m, 12), 4 * 4096 + 4 * 8 * 8 * 32);
     }
 }

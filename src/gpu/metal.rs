@@ -177,10 +177,11 @@ fn module(ctx: &GpuContext) -> Result<wgpu::ShaderModule> {
     Ok(module)
 }
 
-/// The pipeline of entry point `entry` (an `ec_gemv` variant for `vectors` vectors), built on first use.
-fn pipeline(ctx: &GpuContext, bits: u32, vectors: u32) -> Result<wgpu::ComputePipeline> {
-    let entry = ec_gemv_entry_point(bits, vectors);
-    let bytes = ec_gemv_threadgroup_bytes(vectors);
+/// The pipeline of the `ec_gemv` variant for `bits`, `vectors` vectors and a stream of precision `precision`,
+/// built on first use.
+fn pipeline(ctx: &GpuContext, bits: u32, vectors: u32, precision: u32) -> Result<wgpu::ComputePipeline> {
+    let entry = ec_gemv_entry_point(bits, vectors, precision);
+    let bytes = ec_gemv_threadgroup_bytes(vectors, precision);
     let limit = ctx.limits().max_compute_workgroup_storage_size as u64;
     if bytes > limit {
         return Err(Error::Gpu(format!(
@@ -290,7 +291,7 @@ impl MslGemv {
         m: usize,
     ) -> Result<()> {
         let m = vectors(m)?;
-        let pipeline = pipeline(ctx, self.bits, m)?;
+        let pipeline = pipeline(ctx, self.bits, m, self.base.precision)?;
         if self.row_tiles == 0 {
             return Ok(());
         }

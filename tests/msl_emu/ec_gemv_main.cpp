@@ -1,5 +1,5 @@
 // Emulation driver for msl/ec_gemv.metal: reads the kernel inputs from an array file (driver.h), launches the
-// ec_gemv_b{bits}_v{variant} grid (one threadgroup per row tile) and writes `y` and `tile_status`.
+// ec_gemv_b{bits}_v{variant}_t{11,12} grid (one threadgroup per row tile) and writes `y` and `tile_status`.
 //
 // Usage: ec_gemv_emu INPUT OUTPUT. Scalars in the input: `variant` (1 or 8: which VECTORS instantiation),
 // `threads` (threads per threadgroup), `workers` (OS threads).
@@ -15,25 +15,32 @@ namespace {
 using Kernel = void (*)(const ushort*, const uint*, const uint*, const uint*, const float*, const float*,
                         const float*, float*, uint*, EcParams&, uint, uint, uint, uint, uint, uint);
 
-template <int BITS>
+template <int BITS, int TABLE_BITS>
 Kernel pick_variant(uint32_t variant) {
-    if (variant == 1) return &ec_gemv<BITS, 1>;
-    if (variant == 8) return &ec_gemv<BITS, 8>;
+    if (variant == 1) return &ec_gemv<BITS, 1, TABLE_BITS>;
+    if (variant == 8) return &ec_gemv<BITS, 8, TABLE_BITS>;
     driver::die("variant must be 1 or 8");
 }
 
-Kernel pick(uint32_t bits, uint32_t variant) {
+template <int TABLE_BITS>
+Kernel pick_bits(uint32_t bits, uint32_t variant) {
     switch (bits) {
-        case 1: return pick_variant<1>(variant);
-        case 2: return pick_variant<2>(variant);
-        case 3: return pick_variant<3>(variant);
-        case 4: return pick_variant<4>(variant);
-        case 5: return pick_variant<5>(variant);
-        case 6: return pick_variant<6>(variant);
-        case 7: return pick_variant<7>(variant);
-        case 8: return pick_variant<8>(variant);
+        case 1: return pick_variant<1, TABLE_BITS>(variant);
+        case 2: return pick_variant<2, TABLE_BITS>(variant);
+        case 3: return pick_variant<3, TABLE_BITS>(variant);
+        case 4: return pick_variant<4, TABLE_BITS>(variant);
+        case 5: return pick_variant<5, TABLE_BITS>(variant);
+        case 6: return pick_variant<6, TABLE_BITS>(variant);
+        case 7: return pick_variant<7, TABLE_BITS>(variant);
+        case 8: return pick_variant<8, TABLE_BITS>(variant);
     }
     driver::die("bits must be in 1..=8");
+}
+
+// The instantiation whose table holds 2^precision entries (t11 up to 11, else t12), as the host picks.
+Kernel pick(uint32_t bits, uint32_t variant, uint32_t precision) {
+    return precision <= SMALL_TABLE_BITS ? pick_bits<SMALL_TABLE_BITS>(bits, variant)
+                                         : pick_bits<MAX_PRECISION>(bits, variant);
 }
 
 }  // namespace
@@ -47,7 +54,7 @@ int main(int argc, char** argv) {
     std::memcpy(&params, p->second.data(), sizeof(EcParams));
     const uint32_t threads = driver::scalar(in, "threads");
     const uint32_t workers = driver::scalar(in, "workers");
-    const Kernel run = pick(params.bits, driver::scalar(in, "variant"));
+    const Kernel run = pick(params.bits, driver::scalar(in, "variant"), params.precision);
 
     std::unique_ptr<driver::GuardedBuffer> words(driver::input(in, "words", 2));
     std::unique_ptr<driver::GuardedBuffer> offsets(driver::input(in, "tile_offsets", 4));

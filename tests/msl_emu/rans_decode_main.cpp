@@ -1,5 +1,5 @@
 // Emulation driver for msl/rans_decode.metal: reads the kernel inputs from an array file (driver.h), launches
-// `threadgroups` threadgroups of rans_decode_b{bits} and writes `packed` and `tile_status`.
+// `threadgroups` threadgroups of rans_decode_b{bits}_t{11,12} and writes `packed` and `tile_status`.
 //
 // Usage: rans_decode_emu INPUT OUTPUT. Scalars in the input: `threadgroups`, `threads` (per threadgroup),
 // `workers` (OS threads), `packed_words` (length of the output).
@@ -15,18 +15,24 @@ namespace {
 using Kernel = void (*)(const ushort*, const uint*, const uint*, const uint*, uint*, uint*, EcParams&, uint, uint,
                         uint, uint, uint, uint, uint);
 
-Kernel pick(uint32_t bits) {
+// The instantiation for `bits` whose table holds 2^precision entries (t11 up to 11, else t12), as the host picks.
+template <int TABLE_BITS>
+Kernel pick_bits(uint32_t bits) {
     switch (bits) {
-        case 1: return &rans_decode<1>;
-        case 2: return &rans_decode<2>;
-        case 3: return &rans_decode<3>;
-        case 4: return &rans_decode<4>;
-        case 5: return &rans_decode<5>;
-        case 6: return &rans_decode<6>;
-        case 7: return &rans_decode<7>;
-        case 8: return &rans_decode<8>;
+        case 1: return &rans_decode<1, TABLE_BITS>;
+        case 2: return &rans_decode<2, TABLE_BITS>;
+        case 3: return &rans_decode<3, TABLE_BITS>;
+        case 4: return &rans_decode<4, TABLE_BITS>;
+        case 5: return &rans_decode<5, TABLE_BITS>;
+        case 6: return &rans_decode<6, TABLE_BITS>;
+        case 7: return &rans_decode<7, TABLE_BITS>;
+        case 8: return &rans_decode<8, TABLE_BITS>;
     }
     driver::die("bits must be in 1..=8");
+}
+
+Kernel pick(uint32_t bits, uint32_t precision) {
+    return precision <= SMALL_TABLE_BITS ? pick_bits<SMALL_TABLE_BITS>(bits) : pick_bits<MAX_PRECISION>(bits);
 }
 
 }  // namespace
@@ -42,7 +48,7 @@ int main(int argc, char** argv) {
     const uint32_t threads = driver::scalar(in, "threads");
     const uint32_t workers = driver::scalar(in, "workers");
     const uint32_t packed_words = driver::scalar(in, "packed_words");
-    const Kernel run = pick(params.bits);
+    const Kernel run = pick(params.bits, params.precision);
 
     std::unique_ptr<driver::GuardedBuffer> words(driver::input(in, "words", 2));
     std::unique_ptr<driver::GuardedBuffer> offsets(driver::input(in, "tile_offsets", 4));
