@@ -318,9 +318,10 @@ impl MslGemv {
         let x = ctx.storage_init("x", &vec![0u8; cols * 4], wgpu::BufferUsages::empty())?;
         let y = ctx.storage("y", (rows * 4) as u64, wgpu::BufferUsages::empty())?;
         let io = self.io_group(ctx, &x, &y, 1)?;
+        // Every status starts as all ones (failed), so a tile the kernel skips, or a whole threadgroup that
+        // leaves on a parameter check, reads as failed; 0, its "ok", only where the kernel wrote it.
+        ctx.queue().write_buffer(&self.tile_status, 0, &vec![0xff; self.tiles * 4]);
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        // A tile the kernel skipped reads as failed.
-        encoder.clear_buffer(&self.tile_status, 0, None);
         self.record(ctx, &mut encoder.begin_compute_pass(&Default::default()), &io, 1)?;
         ctx.submit_and_wait(encoder)?;
         let status: Vec<u32> =
