@@ -110,15 +110,18 @@ fn main(
             var x_state = states[t * 32u + lane_row];
             var pos = tile_offsets[t];
             var qx: array<f32, M>;
-            var sx: array<f32, M>;
+            for (var v = 0u; v < M; v++) {
+                qx[v] = 0.0;
+            }
 //#if QUADS
             // The current 16-byte piece of x per vector.
             var xq: array<vec4<f32>, M>;
-//#endif
+//#else
+            var sx: array<f32, M>;
             for (var v = 0u; v < M; v++) {
-                qx[v] = 0.0;
                 sx[v] = 0.0;
             }
+//#endif
             // The scale and bias of the group being summed, loaded a whole group ahead of their use; a segment
             // starts on a group boundary and holds whole groups.
             var g = row_c * groups_per_row + col0 / params.group_size;
@@ -151,7 +154,6 @@ fn main(
                         // steps come after the last group of its segment, or its fold is masked below.
                         let e = table[x_state & (TABLE - 1u)];
                         x_state = select(x_state, (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u), live);
-                        let col = col4 + h * KW;
 //#if QUADS
                         for (var i = 0u; i < KW; i += 2u) {
                             let q0 = symbol_f32(e, i) + ratio.x;
@@ -168,6 +170,7 @@ fn main(
                             }
                         }
 //#else
+                        let col = col4 + h * KW;
 //#if PAIRS
                         for (var i = 0u; i < KW; i += 2u) {
                             let q0 = symbol_f32(e, i);
