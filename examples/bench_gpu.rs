@@ -629,7 +629,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
     let lanes = ctx.lane_mode();
     for (kernel, name, wg, from, to, grid) in ROW_VARIANTS {
         let bits = if kernel == Kernel::QGemv { rw.bits } else { 0 };
-        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg };
+        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg, lane_x: false };
         let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
             if from.is_empty() {
                 return src;
@@ -693,12 +693,16 @@ impl<'a> RowWeights<'a> {
             .collect::<Result<_>>()?;
         let f16_bytes = f16[0].device_bytes();
         let f16_groups = f16.iter().map(|d| d.weights_bind_group().clone()).collect();
+        let bits = tensor.bits();
         let mut io = Vec::new();
         for m in experiment_ms(o) {
             let call = kernels::call_params(ctx, m)?;
-            io.push((m, [Kernel::QGemv, Kernel::GemvF16].map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call)))));
+            let xl =
+                if kernels::lane_x(bits, rows, cols, m) { Some(kernels::lane_x_room(ctx, m, cols)?) } else { None };
+            let group =
+                |k| kernels::io_bind_group(ctx, k, x, y, Some(&call), xl.as_ref().filter(|_| k == Kernel::QGemv));
+            io.push((m, [Kernel::QGemv, Kernel::GemvF16].map(group)));
         }
-        let bits = tensor.bits();
         Ok(Self { o, heater, rows, cols, bits, q_groups, q_bytes, f16_groups, f16_bytes, io, y })
     }
 
@@ -722,6 +726,17 @@ impl<'a> RowWeights<'a> {
         }
     }
 
+    /// Records x_lanes.wgsl before a q_gemv pipeline of `m` vectors that reads x in lane order (the crate's
+    /// workgroup; an experiment with another one reads the wrong order and is reported wrong).
+    fn lanes_first(&self, ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>, kernel: Kernel, m: usize) -> Result<()> {
+        if kernel == Kernel::QGemv && kernels::lane_x(self.bits, self.rows, self.cols, m) {
+            let (groups, io, _) = self.groups(kernel, m);
+            let wg = self.workgroup(kernel, kernels::vectors_per_pass(kernel, m) as usize);
+            kernels::x_lanes(ctx, pass, (self.bits, self.cols, wg), &groups[0], io, m)?;
+        }
+        Ok(())
+    }
+
     /// y (`m` vectors) after one run of `pipeline` on the first weight copy (y poisoned with NaN first).
     fn product(
         &self,
@@ -736,6 +751,7 @@ impl<'a> RowWeights<'a> {
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
+            self.lanes_first(ctx, &mut pass, kernel, m)?;
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &groups[0], &[]);
             pass.set_bind_group(1, io, &[]);
@@ -758,6 +774,7 @@ impl<'a> RowWeights<'a> {
     ) -> Result<Row> {
         let (groups, io, bytes) = self.groups(kernel, m);
         let time = median_time(ctx, self.o, self.heater, groups.len(), |pass, run| {
+            self.lanes_first(ctx, pass, kernel, m)?;
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &groups[run % groups.len()], &[]);
             pass.set_bind_group(1, io, &[]);
@@ -922,7 +939,8 @@ fn row_experiments(
         let one_block = |k: Kernel| kernels::vectors_per_pass(k, m) as usize == m;
         for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16) && one_block(e.kernel)) {
             let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
-            let own = Spec { lanes, bits, precision: 0, m: m as u32, workgroup: rw.workgroup(e.kernel, m) };
+            let lane_x = e.kernel == Kernel::QGemv && kernels::lane_x(bits, rw.rows, rw.cols, m);
+            let own = Spec { lanes, bits, precision: 0, m: m as u32, workgroup: rw.workgroup(e.kernel, m), lane_x };
             if !references.iter().any(|(k, _)| *k == e.kernel) {
                 let own_grid = kernels::row_blocks(e.kernel, &own, rw.rows) as u32;
                 let pipeline = kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?;
@@ -982,7 +1000,7 @@ fn fused_experiments(
         let scales = GpuScales::upload(ctx, tensor)?;
         held.push(kernels::ec_gemv_weights(ctx, &stream, &scales));
     }
-    let io = kernels::io_bind_group(ctx, Kernel::EcGemv, x, y, None);
+    let io = kernels::io_bind_group(ctx, Kernel::EcGemv, x, y, None, None);
     let l = *first.layout();
     let rows = l.rows();
     let product = |pipeline: &wgpu::ComputePipeline, grid: u32, m: usize| -> Result<Vec<f32>> {
@@ -1005,6 +1023,7 @@ fn fused_experiments(
             precision: tensor.table().precision(),
             m: m as u32,
             workgroup: 32 * kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
+            lane_x: false,
         };
         let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32, m)?;
         for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
@@ -1321,7 +1340,7 @@ mod tests {
     fn variant_edits_name_current_kernel_lines() {
         for (kernel, name, workgroup, from, _, _) in ROW_VARIANTS {
             let bits = if kernel == Kernel::QGemv { 4 } else { 0 };
-            let spec = Spec { lanes: LaneMode::SubgroupWide, bits, precision: 0, m: 1, workgroup };
+            let spec = Spec { lanes: LaneMode::SubgroupWide, bits, precision: 0, m: 1, workgroup, lane_x: false };
             let src = ecq::gpu::shaders::source(kernel, &spec);
             assert!(src.contains(from), "{name}: {} no longer contains {from:?}", kernel.file());
             if name.ends_with("-unpack") {

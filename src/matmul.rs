@@ -284,7 +284,7 @@ mod gpu {
     use crate::error::Result;
     use crate::format::EcTensor;
     use crate::gpu::kernels::{self, GpuPacked, GpuScales, GpuStream, MAX_VECTORS_PER_PASS};
-    use crate::gpu::{CallParams, GpuContext, HostIo, HostSlot, Kernel, MslGemv};
+    use crate::gpu::{CallParams, GpuContext, HostIo, HostSlot, Kernel, LaneRoom, MslGemv};
 
     /// The GPU side of [`super::EcMatmul`]: what each strategy holds on the device.
     pub(super) struct GpuMatmul {
@@ -303,6 +303,9 @@ mod gpu {
         msl: Option<MslGemv>,
         /// The q_gemv call uniform per vector count.
         calls: CallParams,
+        /// Bits per symbol, and q_gemv's room for the vectors in lane order per vector count.
+        bits: u32,
+        lanes: LaneRoom,
         /// Staging for host-slice calls, per vector count.
         host: HostSlot,
     }
@@ -335,6 +338,8 @@ mod gpu {
                 weights,
                 msl,
                 calls: CallParams::default(),
+                bits: tensor.bits(),
+                lanes: LaneRoom::default(),
                 host: HostSlot::default(),
             })
         }
@@ -362,10 +367,15 @@ mod gpu {
                 return msl.io_group(&self.ctx, x, y, m);
             }
             if kernel == Kernel::EcGemv {
-                return Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, None));
+                return Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, None, None));
             }
             let call = self.calls.get(&self.ctx, m)?;
-            Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, Some(&call)))
+            let xl = if kernels::lane_x(self.bits, self.rows, self.cols, m) {
+                Some(self.lanes.get(&self.ctx, m, self.cols)?)
+            } else {
+                None
+            };
+            Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, Some(&call), xl.as_ref()))
         }
 
         fn record(&self, pass: &mut wgpu::ComputePass<'_>, io: &wgpu::BindGroup, m: usize) -> Result<()> {

@@ -111,6 +111,7 @@ per_path!(
     decode_and_gemv_thousands_of_tiles,
     fused_and_cached_every_bit_width,
     fused_and_cached_wide_rows,
+    cached_reads_x_in_lane_order,
     groups_with_zero_or_tiny_scales,
     encode_into_caller_buffers,
     products_chained_in_one_pass,
@@ -299,6 +300,27 @@ fn fused_and_cached_wide_rows(ctx: &GpuContext) {
         let q = random_matrix(21, cols, bits, 64, 330 + bits as u64);
         let t = encode(&q, 512);
         check_products(ctx, &q, &t, &[1, 3, 5], &format!("21x{cols} {bits}-bit"));
+    }
+}
+
+/// Products large enough that q_gemv reads x in lane order (x_lanes.wgsl first, `kernels::lane_x`): 4-bit rows of
+/// 2048 bytes (8 rows by 128 lanes, one step a lane), 4-bit rows of 544 bytes (4 rows by 64 lanes, one partial
+/// step), 8-bit rows of 8448 bytes (five steps, the last of 16 lanes), 1- and 2-bit rows, and 3 vectors in one
+/// block; 3 to 250 vectors. Fused products of more than 8 vectors decode once and take the same q_gemv.
+fn cached_reads_x_in_lane_order(ctx: &GpuContext) {
+    let cases: [(usize, usize, u32, usize); 6] = [
+        (256, 4096, 4, 65),
+        (2000, 1088, 4, 33),
+        (37, 8448, 8, 220),
+        (67, 4096, 1, 250),
+        (67, 4096, 2, 250),
+        (5504, 4096, 4, 3),
+    ];
+    for (i, &(rows, cols, bits, m)) in cases.iter().enumerate() {
+        assert!(ecq::gpu::kernels::lane_x(bits, rows, cols, m), "{rows}x{cols} {bits}-bit m={m} reads x in place");
+        let q = random_matrix(rows, cols, bits, 64, 350 + i as u64);
+        let t = encode(&q, 512);
+        check_products(ctx, &q, &t, &[m], &format!("{rows}x{cols} {bits}-bit, x in lane order"));
     }
 }
 
@@ -516,7 +538,7 @@ fn workgroup_memory_above_limit_is_refused() {
 #[test]
 fn edited_kernel_above_workgroup_limit_is_refused() {
     let Some(ctx) = limited_context(|l| l.max_compute_workgroup_storage_size = 32 * 1024) else { return };
-    let spec = Spec { lanes: ctx.lane_mode(), bits: 4, precision: 11, m: 1, workgroup: 256 };
+    let spec = Spec { lanes: ctx.lane_mode(), bits: 4, precision: 11, m: 1, workgroup: 256, lane_x: false };
     let own = kernels::edited_pipeline(&ctx, Kernel::RansDecode, spec, |s| s);
     assert!(own.is_ok(), "the kernel as it is: {:?}", own.err());
     let grown =

@@ -9,7 +9,10 @@
 // its NR rows at a time (NR loads in flight), consecutive lanes consecutive vec4s (coalesced); it loads the x
 // values of those columns once for all NR rows. (Measured on an H200, 8 rows by 128 lanes against 4 rows by
 // 64: at M = 1 back to back 21.7 against 23.3 us on 14336x4096, one product per run the same; at M = 4 82.1
-// against 91.1 us.) Otherwise a lane takes chunks of 32 symbols (BITS words), a quad of rows at a time. Either
+// against 91.1 us.) Read in place, a lane's x for a vec4 of words is a line of its own (32 columns, 128 bytes
+// at 4 bits), so each x load of a warp touches 32 lines; with several vectors (XLANES) the word path reads x
+// from `xl`, where x_lanes.wgsl has put each step's x in lane order (consecutive lanes, consecutive vec4s).
+// Otherwise a lane takes chunks of 32 symbols (BITS words), a quad of rows at a time. Either
 // way it accumulates sum(f x) and sum(x) over each group's part, with f = 1 + q / 2^BITS (see `unit4`), and then
 // adds s 2^BITS (sum(f x) - sum(x)) + b sum(x) = s sum(q x) + b sum(x); 32 symbols, and for BITS >= 4 a whole
 // vec4, lie in one group (the group size is a multiple of 32).
@@ -28,9 +31,14 @@ struct PackedParams {
 // Per-group scales and biases, row-major rows x (cols / group_size).
 @group(0) @binding(2) var<storage, read> scales: array<f32>;
 @group(0) @binding(3) var<storage, read> biases: array<f32>;
+//#if XLANES
+// The vectors in lane order (x_lanes.wgsl, run just before on the same x): what the word path reads with several
+// vectors. x4 holds them in their own order, which the other path reads.
+@group(1) @binding(4) var<storage, read_write> xl: array<vec4<f32>>;
+//#endif
 
 const QMASK: u32 = (1u << BITS) - 1u;
-// Symbols per packed word, where BITS divides 32.
+// Symbols per packed word, where BITS divides 32; also the x vec4s of one vec4 of packed words.
 const SPW: u32 = 32u / BITS;
 const WORD_PATH: bool = 32u % BITS == 0u;
 
@@ -138,6 +146,11 @@ fn vec_step(
     s: vec4<f32>, b: vec4<f32>, s2: vec4<f32>, b2: vec4<f32>, gr: vec4<u32>, gr2: vec4<u32>, c: u32,
 ) {
     let col = c * (128u / BITS);
+//#if XLANES
+    // This step's lanes and where their x values start in xl (x_lanes.wgsl).
+    let c0 = c - rg_lane;
+    let nl = min(rg_lanes, params.words_per_row / 4u - c0);
+//#endif
     for (var j = 0u; j < 4u; j++) {
         let w0 = a0[j];
         let w1 = a1[j];
@@ -159,7 +172,11 @@ fn vec_step(
             let q6 = quad(w6, t);
             let q7 = quad(w7, t);
             for (var v = 0u; v < M; v++) {
+//#if XLANES
+                let xv = xl[xb[v] + c0 * SPW + (c4 - c * SPW) * nl + rg_lane];
+//#else
                 let xv = x4[xb[v] + c4];
+//#endif
                 sx[v] += dot(xv, vec4<f32>(1.0));
                 let a = qx[v];
                 qx[v] = vec4<f32>(

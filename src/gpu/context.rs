@@ -336,6 +336,8 @@ impl GpuContext {
 
     /// The bind group layouts of `kernel`, built once.
     pub(crate) fn layouts(&self, kernel: Kernel) -> Arc<Vec<wgpu::BindGroupLayout>> {
+        // x_lanes runs on q_gemv's bind groups.
+        let kernel = if kernel == Kernel::XLanes { Kernel::QGemv } else { kernel };
         let mut cache = self.shared.layouts.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .entry(kernel)

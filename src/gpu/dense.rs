@@ -89,7 +89,7 @@ impl DenseGemv {
     ) -> Result<()> {
         check_buffers(x, y, m, self.cols, self.rows)?;
         let call = self.calls.get(&self.ctx, m)?;
-        let io = kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call));
+        let io = kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call), None);
         self.record(pass, &io, m)
     }
 
@@ -111,7 +111,7 @@ impl DenseGemv {
     fn with_host<T>(&self, m: usize, f: impl FnOnce(&HostIo) -> Result<T>) -> Result<T> {
         let group = |x: &wgpu::Buffer, y: &wgpu::Buffer| {
             let call = self.calls.get(&self.ctx, m)?;
-            Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call)))
+            Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call), None))
         };
         self.host.with(&self.ctx, (m, self.cols, self.rows), group, f)
     }

@@ -90,7 +90,8 @@ pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
         Kernel::RansDecode => &["urrrrww"],
         Kernel::EcGemv => &["urrrrrr", "rw"],
-        Kernel::QGemv => &["urrr", "rwur"],
+        // x_lanes.wgsl runs on q_gemv's groups; binding 4 of group 1 is the vectors in lane order.
+        Kernel::QGemv | Kernel::XLanes => &["urrr", "rwurw"],
         Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwur"],
     }
 }
@@ -143,6 +144,7 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         Kernel::RansDecode => table + lanes,
         Kernel::EcGemv => table + lanes + 4 * wg,
         Kernel::GemvF32 => 4 * wg,
+        Kernel::XLanes => 0,
         // rows.wgsl's sums, a quad of up to 4 rows at a time.
         Kernel::QGemv | Kernel::GemvF16 => 4 * wg * rows_per_group(kernel, spec).min(4) as u64,
     }
@@ -333,7 +335,14 @@ pub fn rans_decode(
 /// The spec [`rans_decode`] builds its pipeline with for `stream` on `ctx`.
 pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
     let l = stream.layout;
-    Spec { lanes: ctx.lane_mode(), bits: l.bits(), precision: stream.precision, m: 1, workgroup: TILE_WORKGROUP }
+    Spec {
+        lanes: ctx.lane_mode(),
+        bits: l.bits(),
+        precision: stream.precision,
+        m: 1,
+        workgroup: TILE_WORKGROUP,
+        lane_x: false,
+    }
 }
 
 /// A pipeline of `kernel` under `spec` built, uncached, from its WGSL source passed through `edit`: for
@@ -480,6 +489,7 @@ pub fn ec_gemv(
         precision: stream.precision,
         m: m as u32,
         workgroup: 32 * gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
+        lane_x: false,
     };
     let pipeline = ctx.pipeline(Kernel::EcGemv, spec)?;
     if l.rows() == 0 {
@@ -499,13 +509,15 @@ pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) 
 
 /// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`] and `x`
 /// again as 16-byte vectors (its whole 16-byte multiples; the kernels read that view only where every vector
-/// starts on 16 bytes).
+/// starts on 16 bytes); for q_gemv also `xl`, the room for the vectors in lane order where [`q_gemv_lane_x`]
+/// says q_gemv reads them so (from [`lane_x_room`]; elsewhere None, and `y` stands in, unread).
 pub fn io_bind_group(
     ctx: &GpuContext,
     kernel: Kernel,
     x: &wgpu::Buffer,
     y: &wgpu::Buffer,
     call: Option<&wgpu::Buffer>,
+    xl: Option<&wgpu::Buffer>,
 ) -> wgpu::BindGroup {
     let Some(c) = call else {
         return bind_group(ctx, kernel, 1, &[x, y]);
@@ -524,16 +536,50 @@ pub fn io_bind_group(
         (&small, 16)
     };
     let x4_binding = wgpu::BufferBinding { buffer: x4, offset: 0, size: wgpu::BufferSize::new(size) };
+    let mut entries = vec![
+        wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() },
+        wgpu::BindGroupEntry { binding: 1, resource: y.as_entire_binding() },
+        wgpu::BindGroupEntry { binding: 2, resource: c.as_entire_binding() },
+        wgpu::BindGroupEntry { binding: 3, resource: wgpu::BindingResource::Buffer(x4_binding) },
+    ];
+    if kernel == Kernel::QGemv {
+        entries.push(wgpu::BindGroupEntry { binding: 4, resource: xl.unwrap_or(y).as_entire_binding() });
+    }
     ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(kernel.file()),
         layout: &ctx.layouts(kernel)[1],
-        entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: y.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 2, resource: c.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 3, resource: wgpu::BindingResource::Buffer(x4_binding) },
-        ],
+        entries: &entries,
     })
+}
+
+/// Whether q_gemv of `m` vectors on `packed` reads them in lane order ([`lane_x`]): then the io group needs room
+/// for them ([`io_bind_group`]'s `xl`) and [`q_gemv`] runs x_lanes.wgsl first.
+pub fn q_gemv_lane_x(packed: &GpuPacked, m: usize) -> bool {
+    lane_x(packed.bits, packed.rows, packed.cols, m)
+}
+
+/// Products of at least this many weights times vectors read x in lane order (with 3 vectors or more).
+pub const LANE_X_MIN_WORK: usize = 1 << 26;
+
+/// Whether q_gemv of `m` vectors on a `rows` x `cols` weight of `bits`-bit symbols reads x in lane order
+/// (`XLANES`, on its word path): with at least 3 vectors and more than [`LANE_X_MIN_WORK`] weights times
+/// vectors. Reading x in place, each of a warp's x loads touches 32 lines; in lane order, consecutive 16-byte
+/// pieces, at the price of one more dispatch (x_lanes.wgsl) that q_gemv waits for. Measured on an H200, back to
+/// back, against reading in place (BENCHMARKS.md, "x in lane order"): 3 vectors 38.7 against 43.8 us
+/// (14336x4096), 34.7 against 46.9 (4096x14336), 19.0 against 19.3 (4096x4096); 8 vectors 78.8 against 97.5,
+/// 67.3 against 82.9, 28.6 against 32.5; but 2 vectors on 4096x4096 13.5 against 11.1 and 4 on 4096x4096 18.7
+/// against 18.2, where the wait costs more than the loads save, so those keep x in place.
+pub fn lane_x(bits: u32, rows: usize, cols: usize, m: usize) -> bool {
+    m >= 3
+        && rows.saturating_mul(cols).saturating_mul(m) > LANE_X_MIN_WORK
+        && bits > 0
+        && 32 % bits == 0
+        && mlx_words_per_row(cols, bits).is_ok_and(|w| w % 4 == 0)
+}
+
+/// Room for `m` vectors of `cols` in lane order, for [`io_bind_group`]'s `xl`.
+pub fn lane_x_room(ctx: &GpuContext, m: usize, cols: usize) -> Result<wgpu::Buffer> {
+    ctx.storage("ecq x in lane order", (m * cols * 4).max(16) as u64, wgpu::BufferUsages::empty())
 }
 
 /// The uniform `CallParams` of the row kernels for `m` vectors.
@@ -558,7 +604,9 @@ pub fn vectors_per_pass(kernel: Kernel, m: usize) -> u32 {
 }
 
 /// Records the quantized GEMV (or matmul) of `m` vectors on packed symbols: `weights` from
-/// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m`.
+/// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m` and, where
+/// [`q_gemv_lane_x`] holds, room for the vectors in lane order, which x_lanes.wgsl fills first (one more
+/// dispatch in the same pass; wgpu orders the two).
 ///
 /// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes on rows of at least
 /// [`Q_GEMV_WIDE_ROW_BYTES`], else 4 rows by 64; capped, the kernel loops over the rest), y = one block of up
@@ -572,7 +620,12 @@ pub fn q_gemv(
     m: usize,
 ) -> Result<()> {
     let row_bytes = mlx_words_per_row(packed.cols, packed.bits)? * 4;
-    row_kernel(ctx, pass, Kernel::QGemv, packed.bits, (packed.rows, row_bytes), weights, io, m)
+    let lane_x = q_gemv_lane_x(packed, m);
+    if lane_x {
+        let workgroup = row_workgroup(Kernel::QGemv, vectors_per_pass(Kernel::QGemv, m), row_bytes);
+        x_lanes(ctx, pass, (packed.bits, packed.cols, workgroup), weights, io, m)?;
+    }
+    row_kernel(ctx, pass, (Kernel::QGemv, lane_x), packed.bits, (packed.rows, row_bytes), weights, io, m)
 }
 
 /// Records the dense GEMV (gemv_f32 or gemv_f16 by `dtype`) of `m` vectors: `weights` the group-0 bind group
@@ -591,7 +644,7 @@ pub fn gemv_dense(
     m: usize,
 ) -> Result<()> {
     let row_bytes = cols * if dtype == super::DenseDtype::F16 { 2 } else { 4 };
-    row_kernel(ctx, pass, dense_kernel(dtype), 0, (rows, row_bytes), weights, io, m)
+    row_kernel(ctx, pass, (dense_kernel(dtype), false), 0, (rows, row_bytes), weights, io, m)
 }
 
 /// The kernel of a dense dtype.
@@ -602,13 +655,31 @@ pub(crate) fn dense_kernel(dtype: super::DenseDtype) -> Kernel {
     }
 }
 
+/// Records x_lanes.wgsl for `m` vectors of `cols` on q_gemv's bind groups: the vectors in the lane order of a
+/// q_gemv pipeline for symbols of `bits` with `workgroup` lanes, into `io`'s room for them.
+pub fn x_lanes(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    (bits, cols, workgroup): (u32, usize, u32),
+    weights: &wgpu::BindGroup,
+    io: &wgpu::BindGroup,
+    m: usize,
+) -> Result<()> {
+    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: 1, workgroup, lane_x: false };
+    pass.set_pipeline(&ctx.pipeline(Kernel::XLanes, spec)?);
+    pass.set_bind_group(0, weights, &[]);
+    pass.set_bind_group(1, io, &[]);
+    pass.dispatch_workgroups(grid(ctx, (m * cols / 4).div_ceil(workgroup as usize)), 1, 1);
+    Ok(())
+}
+
 /// Records a row kernel (q_gemv, gemv_f32, gemv_f16) over `rows` weight rows of `row_bytes` bytes each: grid x
 /// over rows, y over blocks of vectors.
 #[allow(clippy::too_many_arguments)]
 fn row_kernel(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
-    kernel: Kernel,
+    (kernel, lane_x): (Kernel, bool),
     bits: u32,
     (rows, row_bytes): (usize, usize),
     weights: &wgpu::BindGroup,
@@ -620,7 +691,7 @@ fn row_kernel(
     }
     let per_pass = vectors_per_pass(kernel, m);
     let workgroup = row_workgroup(kernel, per_pass, row_bytes);
-    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup };
+    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup, lane_x };
     let pipeline = ctx.pipeline(kernel, spec)?;
     let blocks = m.div_ceil(per_pass as usize);
     if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {

@@ -103,6 +103,23 @@ impl CallParams {
     }
 }
 
+/// q_gemv's room for the vectors in lane order ([`kernels::q_gemv_lane_x`]), per vector count, for one product.
+#[derive(Default)]
+pub(crate) struct LaneRoom(std::sync::Mutex<std::collections::HashMap<usize, wgpu::Buffer>>);
+
+impl LaneRoom {
+    /// The room for `m` vectors of `cols`.
+    pub fn get(&self, ctx: &GpuContext, m: usize, cols: usize) -> crate::Result<wgpu::Buffer> {
+        let mut rooms = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rooms.get(&m) {
+            return Ok(r.clone());
+        }
+        let r = kernels::lane_x_room(ctx, m, cols)?;
+        rooms.insert(m, r.clone());
+        Ok(r)
+    }
+}
+
 /// The host staging of one product, kept between calls and rebuilt when the vector count changes.
 #[derive(Default)]
 pub(crate) struct HostSlot(std::sync::Mutex<Option<HostIo>>);

@@ -5,7 +5,8 @@
 //! with the flags `SUBGROUP` (use subgroup operations) and `NARROW` (subgroups narrower than 32 lanes), so the
 //! portable variant never names a subgroup built-in and compiles on devices without the feature, and, for
 //! ec_gemv only, `PAIRS` and `QUADS` (a step takes an even number of weights, so x is read a pair of columns at
-//! a time for one vector, four for more).
+//! a time for one vector, four for more), and for q_gemv only `XLANES` (the word path reads x in the order
+//! x_lanes.wgsl puts it in; [`Spec::lane_x`]).
 
 /// Tile decode to MLX-packed symbols.
 pub const RANS_DECODE: &str = include_str!("../../wgsl/rans_decode.wgsl");
@@ -13,6 +14,8 @@ pub const RANS_DECODE: &str = include_str!("../../wgsl/rans_decode.wgsl");
 pub const EC_GEMV: &str = include_str!("../../wgsl/ec_gemv.wgsl");
 /// Quantized GEMV on MLX-packed symbols.
 pub const Q_GEMV: &str = include_str!("../../wgsl/q_gemv.wgsl");
+/// The input vectors in the order q_gemv's lanes read them.
+pub const X_LANES: &str = include_str!("../../wgsl/x_lanes.wgsl");
 /// Dense GEMV with f32 weights.
 pub const GEMV_F32: &str = include_str!("../../wgsl/gemv_f32.wgsl");
 /// Dense GEMV with f16 weights.
@@ -36,6 +39,8 @@ pub enum Kernel {
     EcGemv,
     /// `wgsl/q_gemv.wgsl`.
     QGemv,
+    /// `wgsl/x_lanes.wgsl`.
+    XLanes,
     /// `wgsl/gemv_f32.wgsl`.
     GemvF32,
     /// `wgsl/gemv_f16.wgsl`.
@@ -44,7 +49,8 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 5] = [Kernel::RansDecode, Kernel::EcGemv, Kernel::QGemv, Kernel::GemvF32, Kernel::GemvF16];
+    pub const ALL: [Kernel; 6] =
+        [Kernel::RansDecode, Kernel::EcGemv, Kernel::QGemv, Kernel::XLanes, Kernel::GemvF32, Kernel::GemvF16];
 
     /// The kernel's file name under `wgsl/`.
     pub fn file(self) -> &'static str {
@@ -52,6 +58,7 @@ impl Kernel {
             Kernel::RansDecode => "rans_decode.wgsl",
             Kernel::EcGemv => "ec_gemv.wgsl",
             Kernel::QGemv => "q_gemv.wgsl",
+            Kernel::XLanes => "x_lanes.wgsl",
             Kernel::GemvF32 => "gemv_f32.wgsl",
             Kernel::GemvF16 => "gemv_f16.wgsl",
         }
@@ -63,6 +70,7 @@ impl Kernel {
             Kernel::RansDecode => (&[LANES], RANS_DECODE),
             Kernel::EcGemv => (&[LANES], EC_GEMV),
             Kernel::QGemv => (&[ROW_IO, ROWS], Q_GEMV),
+            Kernel::XLanes => (&[ROW_IO], X_LANES),
             Kernel::GemvF32 => (&[ROW_IO, REDUCE], GEMV_F32),
             Kernel::GemvF16 => (&[ROW_IO, ROWS], GEMV_F16),
         }
@@ -94,6 +102,9 @@ pub struct Spec {
     pub m: u32,
     /// Invocations per workgroup.
     pub workgroup: u32,
+    /// q_gemv only: its word path reads x in lane order (`XLANES`), from x_lanes.wgsl run just before (see
+    /// [`super::kernels::lane_x`]); false for every other kernel.
+    pub lane_x: bool,
 }
 
 impl Spec {
@@ -146,7 +157,8 @@ pub fn source_with_body(kernel: Kernel, spec: &Spec, body: &str, with_preamble: 
 
 /// The `//#if` flags of `kernel` under `spec`: the lane mode's, and where ec_gemv's steps take an even number of
 /// weights (4 bits or fewer) `PAIRS` for one vector (x read a pair of columns at a time) or `QUADS` for more (four
-/// at a time, and b / s added to the symbols instead of sum(x) kept per vector).
+/// at a time, and b / s added to the symbols instead of sum(x) kept per vector); for q_gemv where `spec.lane_x`,
+/// `XLANES` (its word path reads x in lane order, as x_lanes.wgsl writes it).
 fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     let mut flags = match spec.lanes {
         LaneMode::Portable => vec![],
@@ -155,6 +167,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     };
     if kernel == Kernel::EcGemv && spec.weights_per_step() % 2 == 0 {
         flags.push(if spec.m > 1 { "QUADS" } else { "PAIRS" });
+    }
+    if kernel == Kernel::QGemv && spec.lane_x {
+        flags.push("XLANES");
     }
     flags
 }
@@ -189,13 +204,16 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
     for lanes in lane_modes {
         for bits in 1..=8 {
             for precision in precisions.clone() {
-                let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP };
+                let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP, lane_x: false };
                 out.push((Kernel::RansDecode, spec));
                 for m in vectors.clone() {
                     // What `gemv_slabs` returns: 1..=8, then powers of two up to the most.
                     let powers = (4..=MAX_GEMV_SLABS.ilog2()).map(|k| 1u32 << k);
                     for slabs in (1..=8).chain(powers) {
-                        out.push((Kernel::EcGemv, Spec { lanes, bits, precision, m, workgroup: 32 * slabs }));
+                        out.push((
+                            Kernel::EcGemv,
+                            Spec { lanes, bits, precision, m, workgroup: 32 * slabs, lane_x: false },
+                        ));
                     }
                 }
             }
@@ -205,13 +223,23 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     vec![row_workgroup(Kernel::QGemv, m, 0), row_workgroup(Kernel::QGemv, m, usize::MAX)];
                 workgroups.dedup();
                 for workgroup in workgroups {
-                    out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup }));
+                    out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup, lane_x: false }));
+                    if m > 1 {
+                        out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup, lane_x: true }));
+                    }
                 }
+            }
+            // x_lanes takes the bits and the workgroup of the q_gemv pipeline it feeds.
+            for workgroup in [64, 128] {
+                out.push((Kernel::XLanes, Spec { lanes, bits, precision: 0, m: 1, workgroup, lane_x: false }));
             }
         }
         for kernel in [Kernel::GemvF32, Kernel::GemvF16] {
             for m in vectors.clone() {
-                out.push((kernel, Spec { lanes, bits: 0, precision: 0, m, workgroup: row_workgroup(kernel, m, 0) }));
+                out.push((
+                    kernel,
+                    Spec { lanes, bits: 0, precision: 0, m, workgroup: row_workgroup(kernel, m, 0), lane_x: false },
+                ));
             }
         }
     }
@@ -272,7 +300,7 @@ mod tests {
                                 Kernel::RansDecode | Kernel::EcGemv => 256,
                                 k => super::super::kernels::row_workgroup(k, m, row_bytes),
                             };
-                            validate(kernel, &Spec { lanes, bits, precision: 12, m, workgroup });
+                            validate(kernel, &Spec { lanes, bits, precision: 12, m, workgroup, lane_x: false });
                         }
                     }
                 }
@@ -309,7 +337,7 @@ mod tests {
     #[test]
     fn portable_sources_use_no_subgroup_operations() {
         for kernel in Kernel::ALL {
-            let spec = Spec { lanes: LaneMode::Portable, bits: 4, precision: 12, m: 1, workgroup: 64 };
+            let spec = Spec { lanes: LaneMode::Portable, bits: 4, precision: 12, m: 1, workgroup: 64, lane_x: false };
             let src: String = source(kernel, &spec).lines().map(|l| l.split("//").next().unwrap_or("")).collect();
             for token in ["subgroupBallot", "subgroupAdd", "subgroup_id", "subgroup_size", "subgroup_invocation_id"] {
                 assert!(!src.contains(token), "{} portable source uses {token}", kernel.file());
