@@ -699,9 +699,11 @@ impl<'a> RowWeights<'a> {
             let call = kernels::call_params(ctx, m)?;
             let xl =
                 if kernels::lane_x(bits, rows, cols, m) { Some(kernels::lane_x_room(ctx, m, cols)?) } else { None };
-            let group =
-                |k| kernels::io_bind_group(ctx, k, x, y, Some(&call), xl.as_ref().filter(|_| k == Kernel::QGemv));
-            io.push((m, [Kernel::QGemv, Kernel::GemvF16].map(group)));
+            io.push((
+                m,
+                [Kernel::QGemv, Kernel::GemvF16]
+                    .map(|k| kernels::io_bind_group(ctx, k, x, y, Some(&call), xl.as_ref())),
+            ));
         }
         Ok(Self { o, heater, rows, cols, bits, q_groups, q_bytes, f16_groups, f16_bytes, io, y })
     }

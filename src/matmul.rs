@@ -284,7 +284,7 @@ mod gpu {
     use crate::error::Result;
     use crate::format::EcTensor;
     use crate::gpu::kernels::{self, GpuPacked, GpuScales, GpuStream, MAX_VECTORS_PER_PASS};
-    use crate::gpu::{CallParams, GpuContext, HostIo, HostSlot, Kernel, LaneRoom, MslGemv};
+    use crate::gpu::{GpuContext, HostIo, HostSlot, Kernel, MslGemv, PerCount};
 
     /// The GPU side of [`super::EcMatmul`]: what each strategy holds on the device.
     pub(super) struct GpuMatmul {
@@ -302,10 +302,10 @@ mod gpu {
         /// Fused on a context whose fused kernel is the MSL one: that kernel, for up to 8 vectors.
         msl: Option<MslGemv>,
         /// The q_gemv call uniform per vector count.
-        calls: CallParams,
+        calls: PerCount,
         /// Bits per symbol, and q_gemv's room for the vectors in lane order per vector count.
         bits: u32,
-        lanes: LaneRoom,
+        lanes: PerCount,
         /// Staging for host-slice calls, per vector count.
         host: HostSlot,
     }
@@ -337,9 +337,9 @@ mod gpu {
                 scales,
                 weights,
                 msl,
-                calls: CallParams::default(),
+                calls: PerCount::default(),
                 bits: tensor.bits(),
-                lanes: LaneRoom::default(),
+                lanes: PerCount::default(),
                 host: HostSlot::default(),
             })
         }
@@ -369,9 +369,9 @@ mod gpu {
             if kernel == Kernel::EcGemv {
                 return Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, None, None));
             }
-            let call = self.calls.get(&self.ctx, m)?;
+            let call = self.calls.get(m, || kernels::call_params(&self.ctx, m))?;
             let xl = if kernels::lane_x(self.bits, self.rows, self.cols, m) {
-                Some(self.lanes.get(&self.ctx, m, self.cols)?)
+                Some(self.lanes.get(m, || kernels::lane_x_room(&self.ctx, m, self.cols))?)
             } else {
                 None
             };

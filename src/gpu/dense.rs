@@ -3,7 +3,7 @@
 use super::context::GpuContext;
 use super::kernels;
 use super::shaders::Kernel;
-use super::{CallParams, HostIo, HostSlot};
+use super::{HostIo, HostSlot, PerCount};
 use crate::error::{Error, Result};
 use crate::matmul::check_len;
 
@@ -27,7 +27,7 @@ pub struct DenseGemv {
     weights: wgpu::Buffer,
     group: wgpu::BindGroup,
     /// The call uniform per vector count.
-    calls: CallParams,
+    calls: PerCount,
     host: HostSlot,
 }
 
@@ -62,7 +62,7 @@ impl DenseGemv {
             params,
             weights: buffer,
             group,
-            calls: CallParams::default(),
+            calls: PerCount::default(),
             host: HostSlot::default(),
         })
     }
@@ -88,7 +88,7 @@ impl DenseGemv {
         m: usize,
     ) -> Result<()> {
         check_buffers(x, y, m, self.cols, self.rows)?;
-        let call = self.calls.get(&self.ctx, m)?;
+        let call = self.calls.get(m, || kernels::call_params(&self.ctx, m))?;
         let io = kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call), None);
         self.record(pass, &io, m)
     }
@@ -110,7 +110,7 @@ impl DenseGemv {
     /// Runs `f` on the host staging for `m` vectors.
     fn with_host<T>(&self, m: usize, f: impl FnOnce(&HostIo) -> Result<T>) -> Result<T> {
         let group = |x: &wgpu::Buffer, y: &wgpu::Buffer| {
-            let call = self.calls.get(&self.ctx, m)?;
+            let call = self.calls.get(m, || kernels::call_params(&self.ctx, m))?;
             Ok(kernels::io_bind_group(&self.ctx, self.kernel, x, y, Some(&call), None))
         };
         self.host.with(&self.ctx, (m, self.cols, self.rows), group, f)

@@ -509,8 +509,8 @@ pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) 
 
 /// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`] and `x`
 /// again as 16-byte vectors (its whole 16-byte multiples; the kernels read that view only where every vector
-/// starts on 16 bytes); for q_gemv also `xl`, the room for the vectors in lane order where [`q_gemv_lane_x`]
-/// says q_gemv reads them so (from [`lane_x_room`]; elsewhere None, and `y` stands in, unread).
+/// starts on 16 bytes); for q_gemv also `xl`, the room for the vectors in lane order where [`lane_x`] says
+/// q_gemv reads them so (from [`lane_x_room`]; elsewhere None, and `y` stands in, unread).
 pub fn io_bind_group(
     ctx: &GpuContext,
     kernel: Kernel,
@@ -552,17 +552,12 @@ pub fn io_bind_group(
     })
 }
 
-/// Whether q_gemv of `m` vectors on `packed` reads them in lane order ([`lane_x`]): then the io group needs room
-/// for them ([`io_bind_group`]'s `xl`) and [`q_gemv`] runs x_lanes.wgsl first.
-pub fn q_gemv_lane_x(packed: &GpuPacked, m: usize) -> bool {
-    lane_x(packed.bits, packed.rows, packed.cols, m)
-}
-
 /// Products of at least this many weights times vectors read x in lane order (with 3 vectors or more).
 pub const LANE_X_MIN_WORK: usize = 1 << 26;
 
 /// Whether q_gemv of `m` vectors on a `rows` x `cols` weight of `bits`-bit symbols reads x in lane order
-/// (`XLANES`, on its word path): with at least 3 vectors and more than [`LANE_X_MIN_WORK`] weights times
+/// (`XLANES`, on its word path; then the io group needs room for them, [`io_bind_group`]'s `xl`, and [`q_gemv`]
+/// runs x_lanes.wgsl first): with at least 3 vectors and more than [`LANE_X_MIN_WORK`] weights times
 /// vectors. Reading x in place, each of a warp's x loads touches 32 lines; in lane order, consecutive 16-byte
 /// pieces, at the price of one more dispatch (x_lanes.wgsl) that q_gemv waits for. Measured on an H200, back to
 /// back, against reading in place (BENCHMARKS.md, "x in lane order"): 3 vectors 38.7 against 43.8 us
@@ -605,7 +600,7 @@ pub fn vectors_per_pass(kernel: Kernel, m: usize) -> u32 {
 
 /// Records the quantized GEMV (or matmul) of `m` vectors on packed symbols: `weights` from
 /// [`q_gemv_weights`], `io` from [`io_bind_group`] with the uniform of [`call_params`] for the same `m` and, where
-/// [`q_gemv_lane_x`] holds, room for the vectors in lane order, which x_lanes.wgsl fills first (one more
+/// [`lane_x`] holds, room for the vectors in lane order, which x_lanes.wgsl fills first (one more
 /// dispatch in the same pass; wgpu orders the two).
 ///
 /// Grid: x = one workgroup per row block ([`row_blocks`]: 8 rows by 128 lanes on rows of at least
@@ -620,12 +615,12 @@ pub fn q_gemv(
     m: usize,
 ) -> Result<()> {
     let row_bytes = mlx_words_per_row(packed.cols, packed.bits)? * 4;
-    let lane_x = q_gemv_lane_x(packed, m);
-    if lane_x {
+    let in_lane_order = lane_x(packed.bits, packed.rows, packed.cols, m);
+    if in_lane_order {
         let workgroup = row_workgroup(Kernel::QGemv, vectors_per_pass(Kernel::QGemv, m), row_bytes);
         x_lanes(ctx, pass, (packed.bits, packed.cols, workgroup), weights, io, m)?;
     }
-    row_kernel(ctx, pass, (Kernel::QGemv, lane_x), packed.bits, (packed.rows, row_bytes), weights, io, m)
+    row_kernel(ctx, pass, (Kernel::QGemv, in_lane_order), packed.bits, (packed.rows, row_bytes), weights, io, m)
 }
 
 /// Records the dense GEMV (gemv_f32 or gemv_f16 by `dtype`) of `m` vectors: `weights` the group-0 bind group

@@ -85,38 +85,21 @@ impl HostIo {
     }
 }
 
-/// The row kernels' call uniform ([`kernels::call_params`]) per vector count, built once per count and kept, so
-/// recording a product allocates no buffer.
+/// A buffer per vector count, built on first use and kept, so recording a product allocates none: the row
+/// kernels' call uniform ([`kernels::call_params`]), q_gemv's room for x in lane order ([`kernels::lane_x_room`]).
 #[derive(Default)]
-pub(crate) struct CallParams(std::sync::Mutex<std::collections::HashMap<usize, wgpu::Buffer>>);
+pub(crate) struct PerCount(std::sync::Mutex<std::collections::HashMap<usize, wgpu::Buffer>>);
 
-impl CallParams {
-    /// The uniform for `m` vectors.
-    pub fn get(&self, ctx: &GpuContext, m: usize) -> crate::Result<wgpu::Buffer> {
-        let mut calls = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = calls.get(&m) {
-            return Ok(c.clone());
+impl PerCount {
+    /// The buffer for `m` vectors, from `make` the first time.
+    pub fn get(&self, m: usize, make: impl FnOnce() -> crate::Result<wgpu::Buffer>) -> crate::Result<wgpu::Buffer> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = held.get(&m) {
+            return Ok(b.clone());
         }
-        let c = kernels::call_params(ctx, m)?;
-        calls.insert(m, c.clone());
-        Ok(c)
-    }
-}
-
-/// q_gemv's room for the vectors in lane order ([`kernels::q_gemv_lane_x`]), per vector count, for one product.
-#[derive(Default)]
-pub(crate) struct LaneRoom(std::sync::Mutex<std::collections::HashMap<usize, wgpu::Buffer>>);
-
-impl LaneRoom {
-    /// The room for `m` vectors of `cols`.
-    pub fn get(&self, ctx: &GpuContext, m: usize, cols: usize) -> crate::Result<wgpu::Buffer> {
-        let mut rooms = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = rooms.get(&m) {
-            return Ok(r.clone());
-        }
-        let r = kernels::lane_x_room(ctx, m, cols)?;
-        rooms.insert(m, r.clone());
-        Ok(r)
+        let b = make()?;
+        held.insert(m, b.clone());
+        Ok(b)
     }
 }
 

@@ -229,8 +229,10 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     }
                 }
             }
-            // x_lanes takes the bits and the workgroup of the q_gemv pipeline it feeds.
-            for workgroup in [64, 128] {
+            // x_lanes takes the bits and the workgroup of the q_gemv pipeline it feeds (several vectors).
+            let mut workgroups = vec![row_workgroup(Kernel::QGemv, 2, 0), row_workgroup(Kernel::QGemv, 2, usize::MAX)];
+            workgroups.dedup();
+            for workgroup in workgroups {
                 out.push((Kernel::XLanes, Spec { lanes, bits, precision: 0, m: 1, workgroup, lane_x: false }));
             }
         }
