@@ -65,7 +65,7 @@ fn size_table() {
     for p in [10, 11, 12] {
         print!("{p:>6}");
         for s in [256, 512, 1024] {
-            let t = EcTensor::encode(&q, EncodeOptions { segment: s, precision: p }).unwrap();
+            let t = EcTensor::encode(&q, EncodeOptions { segment: s, precision: p, split: false }).unwrap();
             let bpw = t.stream_bits() as f64 / (SIZE_ROWS * SIZE_COLS) as f64;
             print!("{:>20}", format!("{bpw:.4} ({:+.2}%)", 100.0 * (bpw / h - 1.0)));
         }

@@ -33,7 +33,7 @@ use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
 use ecq::gpu::shaders::Spec;
 use ecq::gpu::{time_on_device, time_passes_on_device, DenseDtype, DenseGemv, GpuContext, GpuScales, Kernel};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix};
-use ecq::rans::{entropy_bits, joint_counts};
+use ecq::rans::{entropy_bits, joint_counts, TileLayout};
 use ecq::{EcMatmul, Result, Strategy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -65,7 +65,7 @@ struct Opts {
 fn usage() -> ! {
     eprintln!(
         "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
-         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
+         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] [--split] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
     );
     std::process::exit(2)
 }
@@ -102,6 +102,8 @@ fn parse_opts(args: &[String]) -> Opts {
             // Encoder settings of the synthetic shapes and of the repeated SmolLM2 stacks (default: the crate's).
             "--precision" => o.encode.precision = num(val()) as u32,
             "--segment" => o.encode.segment = num(val()) as usize,
+            // 4-bit streams split: the high 2 bits coded, the low 2 stored (docs/FORMAT.md, section 2.1).
+            "--split" => o.encode.split = true,
             // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
             "--experiments" => {
                 let dir = PathBuf::from(val());
@@ -462,7 +464,7 @@ fn bench_shape(
     let q = quantize(&w, rows, cols, QuantConfig::default())?;
     let tensor = EcTensor::encode(&q, o.encode)?;
     let n = (rows * cols) as u64;
-    let pairs = joint_counts(&q.symbols, tensor.layout())?;
+    let pairs = joint_counts(&q.symbols, &TileLayout::new(rows, cols, q.bits, tensor.layout().segment())?)?;
     println!(
         "\n{shape}: order-0 entropy {:.3} bits/weight, pair entropy {:.3}, stream {:.3} bits/weight, \
          segment {}, {} tiles (prepared in {:.1} s)",
@@ -629,7 +631,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
     let lanes = ctx.lane_mode();
     for (kernel, name, wg, from, to, grid) in ROW_VARIANTS {
         let bits = if kernel == Kernel::QGemv { rw.bits } else { 0 };
-        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg, lane_x: false };
+        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg, lane_x: false, split: false };
         let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
             if from.is_empty() {
                 return src;
@@ -942,7 +944,15 @@ fn row_experiments(
         for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16) && one_block(e.kernel)) {
             let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
             let lane_x = e.kernel == Kernel::QGemv && kernels::lane_x(bits, rw.rows, rw.cols, m);
-            let own = Spec { lanes, bits, precision: 0, m: m as u32, workgroup: rw.workgroup(e.kernel, m), lane_x };
+            let own = Spec {
+                lanes,
+                bits,
+                precision: 0,
+                m: m as u32,
+                workgroup: rw.workgroup(e.kernel, m),
+                lane_x,
+                split: false,
+            };
             if !references.iter().any(|(k, _)| *k == e.kernel) {
                 let own_grid = kernels::row_blocks(e.kernel, &own, rw.rows) as u32;
                 let pipeline = kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?;
@@ -1026,6 +1036,7 @@ fn fused_experiments(
             m: m as u32,
             workgroup: 32 * kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
             lane_x: false,
+            split: tensor.low().is_some(),
         };
         let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32, m)?;
         for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
@@ -1342,7 +1353,15 @@ mod tests {
     fn variant_edits_name_current_kernel_lines() {
         for (kernel, name, workgroup, from, _, _) in ROW_VARIANTS {
             let bits = if kernel == Kernel::QGemv { 4 } else { 0 };
-            let spec = Spec { lanes: LaneMode::SubgroupWide, bits, precision: 0, m: 1, workgroup, lane_x: false };
+            let spec = Spec {
+                lanes: LaneMode::SubgroupWide,
+                bits,
+                precision: 0,
+                m: 1,
+                workgroup,
+                lane_x: false,
+                split: false,
+            };
             let src = ecq::gpu::shaders::source(kernel, &spec);
             assert!(src.contains(from), "{name}: {} no longer contains {from:?}", kernel.file());
             if name.ends_with("-unpack") {

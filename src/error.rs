@@ -56,11 +56,11 @@ pub enum Error {
     },
 
     /// The file declares a format version this build cannot read.
-    #[error("unsupported ecq format version {found} (this build reads version {supported}); upgrade ecq")]
+    #[error("unsupported ecq format version {found} (this build reads versions 1 to {supported}); upgrade ecq")]
     UnsupportedVersion {
         /// The version written in the file.
         found: String,
-        /// The version this build reads.
+        /// The newest version this build reads.
         supported: u32,
     },
 

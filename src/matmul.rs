@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::EcTensor;
 #[cfg(feature = "gpu")]
 use crate::gpu::GpuContext;
-use crate::rans::{self, DecodeTable, LANES};
+use crate::rans::{DecodeTable, LANES};
 
 /// How an [`EcMatmul`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -206,7 +206,7 @@ impl CpuMatmul {
             |(q, q_f32), (rt, out)| -> Result<()> {
                 let active = out.len() / m;
                 let q = &mut q[..active * k];
-                rans::decode_row_tile(t.stream(), t.layout(), &self.dtable, rt, q)?;
+                t.decode_row_tile(&self.dtable, rt, q)?;
                 for (r, (q_row, out_row)) in q.chunks_exact(k).zip(out.chunks_exact_mut(m)).enumerate() {
                     let row = rt * LANES + r;
                     let scales = &t.scales()[row * groups..(row + 1) * groups];
@@ -314,7 +314,8 @@ mod gpu {
         pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
             let stream = GpuStream::upload(ctx, tensor)?;
             let scales = GpuScales::upload(ctx, tensor)?;
-            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() {
+            // The MSL kernel reads streams that are not split; a split one runs the WGSL kernel on Metal too.
+            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() && !stream.split() {
                 Some(MslGemv::new(ctx, tensor, &stream, &scales)?)
             } else {
                 None

@@ -103,7 +103,11 @@ fn many_small_segments() {
     // Segment 64: 1088 columns are 17 segments, so 3 row tiles x 17 = 51 tiles for 67 rows.
     for bits in SUPPORTED_BITS {
         let q = layer(67, 1088, QuantConfig { bits, ..QuantConfig::default() }, bits as u64);
-        check_layer(&q, EncodeOptions { segment: 64, precision: 12 }, &format!("{bits} bits, segment 64"));
+        check_layer(
+            &q,
+            EncodeOptions { segment: 64, precision: 12, split: false },
+            &format!("{bits} bits, segment 64"),
+        );
     }
 }
 
@@ -116,6 +120,47 @@ fn other_group_sizes_and_scale_dtypes() {
             check_layer(&q, EncodeOptions::default(), &format!("group {group_size} {scale_dtype:?}"));
         }
     }
+}
+
+#[test]
+fn split_streams() {
+    // 4-bit weights with the low 2 bits stored: every row count of ROWS, segments of 64 and the default, groups of
+    // 32 and 128, and the constant-group case (a one-symbol alphabet of high parts).
+    let split = |segment| EncodeOptions { segment, split: true, ..EncodeOptions::default() };
+    for rows in ROWS {
+        let q = layer(rows, 1088, QuantConfig::default(), 900 + rows as u64);
+        for segment in [0, 64] {
+            let t = EcTensor::encode(&q, split(segment)).unwrap();
+            assert!(t.low().is_some(), "{rows} rows: not split");
+            assert_eq!(t.decode_symbols().unwrap(), q.symbols, "{rows} rows, segment {segment}: symbols");
+            check_layer(&q, split(segment), &format!("split, {rows} x 1088, segment {segment}"));
+        }
+    }
+    let q = layer(67, 4224, QuantConfig { group_size: 128, ..QuantConfig::default() }, 990);
+    check_layer(&q, split(0), "split, group 128");
+    let w: Vec<f32> = (0..33 * 1088).map(|i| ((i / 64) % 7) as f32 * 0.25 - 0.5).collect();
+    let q = quantize(&w, 33, 1088, QuantConfig::default()).unwrap();
+    check_layer(&q, split(0), "split, constant groups");
+}
+
+#[test]
+fn split_needs_4_bits_and_columns_of_16() {
+    // Other widths are not split; a 4-bit matrix whose columns or segment are not multiples of 16 is refused.
+    let q = layer(9, 256, QuantConfig { bits: 8, ..QuantConfig::default() }, 5);
+    let t = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap();
+    assert!(t.low().is_none() && t.layout().bits() == 8);
+    // Groups of 8 (possible in a matrix built by hand; the quantizer makes groups of 32 to 128).
+    let grouped = |cols: usize| {
+        let groups = 9 * cols / 8;
+        let (scales, biases) = (vec![0.5f32; groups], vec![-1.0f32; groups]);
+        let symbols = (0..9 * cols).map(|i| (i % 16) as u8).collect();
+        QuantizedMatrix { rows: 9, cols, bits: 4, group_size: 8, symbols, scales, biases, scale_dtype: ScaleDtype::F32 }
+    };
+    let err = EcTensor::encode(&grouped(40), EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap_err();
+    assert!(err.to_string().contains("multiple of 16"), "{err}");
+    let options = EncodeOptions { segment: 24, split: true, ..EncodeOptions::default() };
+    let err = EcTensor::encode(&grouped(64), options).unwrap_err();
+    assert!(err.to_string().contains("multiple of 16"), "{err}");
 }
 
 #[test]
@@ -173,7 +218,7 @@ proptest! {
     ) {
         let cols = groups * group_size;
         let q = layer(rows, cols, QuantConfig { bits, group_size, ..QuantConfig::default() }, seed);
-        let tensor = EcTensor::encode(&q, EncodeOptions { segment: segment_groups * group_size, precision: 12 }).unwrap();
+        let tensor = EcTensor::encode(&q, EncodeOptions { segment: segment_groups * group_size, precision: 12, split: false }).unwrap();
         let x = inputs(m, cols, seed ^ 1);
         let mut y = vec![f32::NAN; m * rows];
         EcMatmul::cpu(&tensor).matmul(&x, m, &mut y).unwrap();

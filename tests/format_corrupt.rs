@@ -29,8 +29,8 @@ fn fixture_tensors() -> Vec<EcTensor> {
         quantize(&weights(9 * 64, 2), 9, 64, QuantConfig { bits: 2, group_size: 32, scale_dtype: ScaleDtype::Bf16 })
             .unwrap();
     vec![
-        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12 }).unwrap(),
-        EcTensor::encode(&b, EncodeOptions { segment: 64, precision: 10 }).unwrap(),
+        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: false }).unwrap(),
+        EcTensor::encode(&b, EncodeOptions { segment: 64, precision: 10, split: false }).unwrap(),
     ]
 }
 
@@ -308,11 +308,11 @@ fn a_changed_word_with_a_matching_checksum_fails_the_end_state_check() {
 #[test]
 fn unknown_or_missing_versions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    for v in ["0", "2", "1.0", "", "v1"] {
+    for v in ["0", "3", "1.0", "", "v1"] {
         let mut p = Parts::parse(&fixture_bytes());
         p.metadata.insert("ecq.format_version".into(), v.into());
         match read_all(dir.path(), &p.to_bytes()) {
-            Err(Error::UnsupportedVersion { found, supported: 1 }) => assert_eq!(found, v),
+            Err(Error::UnsupportedVersion { found, supported: 2 }) => assert_eq!(found, v),
             other => panic!("version {v:?}: expected UnsupportedVersion, got {other:?}"),
         }
     }

@@ -112,6 +112,7 @@ per_path!(
     fused_and_cached_every_bit_width,
     fused_and_cached_wide_rows,
     cached_reads_x_in_lane_order,
+    split_streams,
     groups_with_zero_or_tiny_scales,
     encode_into_caller_buffers,
     products_chained_in_one_pass,
@@ -144,7 +145,7 @@ fn encode(q: &QuantizedMatrix, segment: usize) -> EcTensor {
 }
 
 fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
-    let t = EcTensor::encode(q, EncodeOptions { segment, precision }).expect("encode");
+    let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: false }).expect("encode");
     assert_eq!(t.layout().segment(), segment, "segment was adjusted");
     t
 }
@@ -324,6 +325,36 @@ fn cached_reads_x_in_lane_order(ctx: &GpuContext) {
     }
 }
 
+/// Split 4-bit streams (the high 2 bits coded four weights a step, the low 2 bits stored): decode equal to the
+/// CPU decoder and products against float64 on 67 x 1088 (segments of 256, the last of 64 columns; the last row
+/// tile 3 rows) at P = 10, 11 and 12, one tile of 20 rows, segments of 1024 with groups of 64, a row tile of zero
+/// scales; 1 to 33 vectors.
+fn split_streams(ctx: &GpuContext) {
+    let split = |q: &QuantizedMatrix, segment: usize, precision: u32| {
+        let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: true }).expect("encode split");
+        assert!(t.low().is_some() && t.layout().bits() == 2 && t.bits() == 4, "not split");
+        t
+    };
+    let q = random_matrix(67, 1088, 4, 32, 400);
+    for precision in [10, ecq::rans::DEFAULT_PRECISION, ecq::rans::MAX_PRECISION] {
+        let t = split(&q, 256, precision);
+        let what = format!("67x1088 split P={precision}");
+        check_decode(ctx, &t, &what);
+        check_products(ctx, &q, &t, &[1, 3, 8, 33], &what);
+    }
+    let q = random_matrix(20, 128, 4, 32, 401);
+    let t = split(&q, 128, ecq::rans::DEFAULT_PRECISION);
+    check_decode(ctx, &t, "single tile split");
+    check_products(ctx, &q, &t, &[1, 4], "single tile split");
+    let mut q = random_matrix(37, 2048, 4, 64, 402);
+    // Row tile 1 (rows 32..37) with zero scales: the products fold b / s into the symbols only where it is finite.
+    let groups = 2048 / 64;
+    q.scales[32 * groups..].fill(0.0);
+    let t = split(&q, 1024, ecq::rans::DEFAULT_PRECISION);
+    check_decode(ctx, &t, "37x2048 split S=1024");
+    check_products(ctx, &q, &t, &[1, 2, 5, 8], "37x2048 split S=1024");
+}
+
 /// Groups whose scale is 0, -0 or so small that bias / scale overflows f32, with nonzero symbols and biases (the
 /// weights are then the bias alone, or nearly): fused products with several vectors fold b / s into the symbols
 /// and must take such groups another way. 2-, 3- and 4-bit, 1 to 8 vectors.
@@ -494,6 +525,7 @@ fn corrupt_stream_is_refused(ctx: &GpuContext) {
         t.scales().to_vec(),
         t.biases().to_vec(),
         t.scale_dtype(),
+        t.low().map(<[u32]>::to_vec),
     )
     .unwrap();
     assert!(bad.decode_symbols().is_err(), "the CPU decoder accepts the corrupt stream");
@@ -538,7 +570,8 @@ fn workgroup_memory_above_limit_is_refused() {
 #[test]
 fn edited_kernel_above_workgroup_limit_is_refused() {
     let Some(ctx) = limited_context(|l| l.max_compute_workgroup_storage_size = 32 * 1024) else { return };
-    let spec = Spec { lanes: ctx.lane_mode(), bits: 4, precision: 11, m: 1, workgroup: 256, lane_x: false };
+    let spec =
+        Spec { lanes: ctx.lane_mode(), bits: 4, precision: 11, m: 1, workgroup: 256, lane_x: false, split: false };
     let own = kernels::edited_pipeline(&ctx, Kernel::RansDecode, spec, |s| s);
     assert!(own.is_ok(), "the kernel as it is: {:?}", own.err());
     let grown =
@@ -619,7 +652,7 @@ fn unsupported_and_empty_shapes() {
     let Some(ctx) = device() else { return };
     // Groups of 16 columns: the kernels need whole 32-symbol chunks per group.
     let q = random_matrix(40, 96, 4, 16, 1200);
-    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12 }).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12, split: false }).unwrap();
     for strategy in [Strategy::Fused, Strategy::Cached] {
         assert!(
             matches!(EcMatmul::new(&ctx, &t, strategy), Err(Error::InvalidParameter { name: "group_size", .. })),

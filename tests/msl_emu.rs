@@ -270,7 +270,8 @@ impl Case {
         // Roughly bell-shaped weights, so the symbols are skewed as in real models.
         let w: Vec<f32> = (0..rows * cols).map(|_| (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0).collect();
         let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap();
-        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION }).unwrap();
+        let t =
+            EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split: false }).unwrap();
         Self::from_tensor(format!("{rows}x{cols} b{bits} g{group_size} s{segment}"), &t, q)
     }
 
@@ -304,9 +305,17 @@ impl Case {
         let layout = TileLayout::new(rows, cols, bits, segment).unwrap();
         let table = FreqTable::from_counts(&rans::joint_counts(&symbols, &layout).unwrap(), precision).unwrap();
         let stream = rans::encode(&symbols, &layout, &table).unwrap();
-        let t =
-            EcTensor::from_parts(layout, group_size, table, stream, scales.clone(), biases.clone(), ScaleDtype::F32)
-                .unwrap();
+        let t = EcTensor::from_parts(
+            layout,
+            group_size,
+            table,
+            stream,
+            scales.clone(),
+            biases.clone(),
+            ScaleDtype::F32,
+            None,
+        )
+        .unwrap();
         let q = QuantizedMatrix { rows, cols, bits, group_size, symbols, scales, biases, scale_dtype: ScaleDtype::F32 };
         Self::from_tensor(format!("{rows}x{cols} b{bits} g{group_size} s{segment} raw P{precision}"), &t, q)
     }

@@ -187,7 +187,15 @@ fn specializations_cover_every_kernel_mode_width_and_vector_count() {
 /// validation without the subgroup capability.
 #[test]
 fn subgroup_source_needs_the_subgroup_capability() {
-    let spec = Spec { lanes: LaneMode::SubgroupWide, bits: 4, precision: 12, m: 1, workgroup: 128, lane_x: false };
+    let spec = Spec {
+        lanes: LaneMode::SubgroupWide,
+        bits: 4,
+        precision: 12,
+        m: 1,
+        workgroup: 128,
+        lane_x: false,
+        split: false,
+    };
     let src = shaders::source(Kernel::RansDecode, &spec);
     let module = naga::front::wgsl::parse_str(&src).expect("parses");
     let result = Validator::new(ValidationFlags::all(), capabilities(LaneMode::Portable)).validate(&module);

@@ -39,6 +39,15 @@ fn symbol_f32(e: u32, i: u32) -> f32 {
     return bitcast<f32>((e & (QMASK << (i * BITS))) | magic) - bitcast<f32>(magic);
 }
 
+//#if SPLIT
+// The same for weight i (0..4) of the low 16 bits of `h`, four 4-bit weights (half of a split stream's merged word:
+// the weights above bit 23 would reach the exponent).
+fn nibble_f32(h: u32, i: u32) -> f32 {
+    let magic = (150u - i * 4u) << 23u;
+    return bitcast<f32>((h & (0xfu << (i * 4u))) | magic) - bitcast<f32>(magic);
+}
+//#endif
+
 //#if QUADS
 // With several vectors, sum(x) per vector costs an add per weight per vector; b / s added to each symbol costs one
 // per weight, whatever the number of vectors: s (q + b / s) = s q + b. That holds where b / s is finite (q + b / s
@@ -147,6 +156,10 @@ fn main(
                 for (var k = 0u; k < steps_per_group; k += 4u) {
                     let live = lane_live & (group_step + k < steps);
                     let col4 = min(col0 + (group_step + k) * KW, params.cols - 4u * KW);
+//#if SPLIT
+                    // A split stream's 4 steps code one block of 16 columns; their joint symbols, the first lowest.
+                    var hi = 0u;
+//#endif
                     for (var h = 0u; h < 4u; h++) {
                         // The decode step on every lane, the state kept by `select` (no branch on the per-step chain:
                         // measured on an H200, 184.9 -> 174.9 us on 14336x4096 and 88.2 -> 77.0 us on 4096x4096 against
@@ -154,6 +167,9 @@ fn main(
                         // steps come after the last group of its segment, or its fold is masked below.
                         let e = table[x_state & (TABLE - 1u)];
                         x_state = select(x_state, (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u), live);
+//#if SPLIT
+                        hi |= (e & 0xffu) << (8u * h);
+//#else
 //#if QUADS
                         for (var i = 0u; i < KW; i += 2u) {
                             let q0 = symbol_f32(e, i) + ratio.x;
@@ -194,6 +210,7 @@ fn main(
                         }
 //#endif
 //#endif
+//#endif
                         let need = live & (x_state < 65536u);
                         let rank = word_rank(need);
                         // Clamped (on the paths that read memory) so a corrupt stream cannot read past the words;
@@ -202,6 +219,31 @@ fn main(
                         x_state = select(x_state, (x_state << 16u) | word, need);
                         pos += rank.y;
                     }
+//#if SPLIT
+                    // The block merged with its low word: columns col4 .. col4 + 16 as 4-bit weights, two at a time.
+                    let block = merge_block(hi, low_word(row_tile, col4));
+                    for (var j = 0u; j < 16u; j += 2u) {
+                        let w = select(block.x, block.y, j >= 8u) >> (16u * ((j / 4u) % 2u));
+                        let q0 = nibble_f32(w, j % 4u);
+                        let q1 = nibble_f32(w, j % 4u + 1u);
+                        for (var v = 0u; v < M; v++) {
+//#if QUADS
+                            if (j % 4u == 0u) {
+                                xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+                            }
+                            let xv = select(xq[v].xy, xq[v].zw, j % 4u == 2u);
+                            qx[v] += (q0 + ratio.x) * xv.x;
+                            qx[v] += (q1 + ratio.x) * xv.y;
+//#else
+                            let xv = x[(v * params.cols + col4 + j) / 2u];
+                            qx[v] += q0 * xv.x;
+                            qx[v] += q1 * xv.y;
+                            sx[v] += xv.x;
+                            sx[v] += xv.y;
+//#endif
+                        }
+                    }
+//#endif
                     words_advance(pos);
                 }
                 if (group_step < steps) {

@@ -35,6 +35,26 @@ struct StreamParams {
 // Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20; four to a vec4 (the buffer is
 // padded to 16 bytes).
 @group(0) @binding(4) var<storage, read> decode_table: array<vec4<u32>>;
+//#if SPLIT
+// A split stream (SPLIT; docs/FORMAT.md, section 2.1) codes the high 2 bits of 4-bit weights, four a step (BITS = 2,
+// KW = 4), in interleaved order within each block of 16 columns; `low` holds each block's low 2 bits, one u32 per
+// row and block, by row tile, then block, then row within the tile (a slab's lanes read 128 consecutive bytes).
+@group(0) @binding(7) var<storage, read> low: array<u32>;
+
+// A block's two packed 4-bit words (columns 0..8, 8..16) from its coded symbols packed 16 to a u32 (four steps'
+// joint symbols, the first lowest) and its low word.
+fn merge_block(hi: u32, lo: u32) -> vec2<u32> {
+    return vec2<u32>(((hi & 0x33333333u) << 2u) | (lo & 0x33333333u), (hi & 0xccccccccu) | ((lo >> 2u) & 0x33333333u));
+}
+
+// The low word of row `lane_row` of row tile `row_tile` at the block of column `col` (a multiple of 16), clamped
+// into the array.
+fn low_word(row_tile: u32, col: u32) -> u32 {
+    let blocks = params.cols / 16u;
+    let i = (min(row_tile, params.row_tiles - 1u) * blocks + min(col / 16u, blocks - 1u)) * 32u + lane_row;
+    return low[i];
+}
+//#endif
 
 const TABLE: u32 = 1u << P;
 var<workgroup> table: array<u32, TABLE>;

@@ -7,7 +7,9 @@
 // base + s, lane r decodes row r of that tile and writes that row's packed words itself, four at a time (one
 // 16-byte store) where the tile's words start on 16 bytes in every row, else one by one. (Measured on an H200:
 // 16-byte stores, which write a quarter as many scattered lines as 4-byte ones, and 8 tiles per workgroup
-// instead of 4 took 14336x4096 from 192 to 142 us; either alone, 178 and 230 us.)
+// instead of 4 took 14336x4096 from 192 to 142 us; either alone, 178 and 230 us.) With SPLIT (a split stream:
+// BITS = 2 coded, 4-bit weights written, binding 7 the low words; lanes.wgsl) the slab writes its rows through
+// workgroup memory instead (`stage`).
 
 // Output: packed symbols, rows * words_per_row u32 words, four to a vec4 (the buffer is padded to 16 bytes).
 @group(0) @binding(5) var<storage, read_write> packed: array<vec4<u32>>;
@@ -15,6 +17,16 @@
 @group(0) @binding(6) var<storage, read_write> status: array<atomic<u32>>;
 
 const STEP_BITS: u32 = KW * BITS;
+//#if SPLIT
+// A split stream's output goes through workgroup memory: each lane stages STAGE 16-byte pieces of its row (8 steps
+// each; the host sets STAGE to 4, or 2 where 4 would not fit 32 KiB with the table), then the slab writes its 32
+// rows' pieces, STAGE lanes on each row's contiguous bytes, instead of every lane storing 16 bytes of its own row
+// (32 rows a store). Measured on an H200 (P = 11, STAGE = 4), decode-only `stack_k576 x4` 95.6 us against 126.6
+// with each lane's own 16-byte stores and 130.5 through the word queue below; 14336x4096 63.6 against 86.1 and
+// 88.3. 8 pieces a lane (32 KiB a workgroup) took 141.9 us with 4 slabs a workgroup and 144.0 with 8; 4 pieces
+// with 4 slabs, 95.2 but 81.4 on 14336x4096. (With nothing stored at all, 62.5 us.)
+var<workgroup> stage: array<vec4<u32>, WG * STAGE>;
+//#endif
 
 // This lane's decoder: its state, and its tile's cursor and end (in 16-bit words).
 var<private> dec_x: u32;
@@ -116,6 +128,48 @@ fn main(
         // Every row's words of this tile start on 16 bytes: whole groups of 4 go out as one vec4.
         let aligned = (params.words_per_row % 4u == 0u) & ((col0 * BITS / 32u) % 4u == 0u);
         words_begin(dec_pos);
+//#if SPLIT
+        // 8 steps code two blocks of 16 columns: merged with their low words, 4 packed words, one staged piece (a
+        // split stream's segments and groups are multiples of 32 columns, so a trip is live or not as a whole and
+        // `max_steps` is a multiple of 8). After every STAGE pieces, and after the last, the slab writes the staged
+        // pieces out: piece `ch` of row `r` of the round goes to packed vec4 `out0 + r * row_vec4s + first + ch`.
+        // The trip count is the same on every slab, so the barriers are in uniform control flow.
+        let chunks = steps / 8u;
+        let row_vec4s = params.words_per_row / 4u;
+        let out0 = (row0 * params.words_per_row + col0 / 8u) / 4u;
+        for (var step0 = 0u; step0 < max_steps; step0 += 8u) {
+            let live = lane_live & (step0 < steps);
+            var w = vec2<u32>(0u);
+            for (var k = 0u; k < 8u; k++) {
+                let sym = decode_step(live);
+                if (k < 4u) {
+                    w.x |= sym << (8u * k);
+                } else {
+                    w.y |= sym << (8u * (k - 4u));
+                }
+                if (k % 2u == 1u) {
+                    words_advance(dec_pos);
+                }
+            }
+            let col = col0 + step0 * KW;
+            let c = (step0 / 8u) % STAGE;
+            stage[(lane_slab * 32u + lane_row) * STAGE + c] =
+                vec4<u32>(merge_block(w.x, low_word(row_tile, col)), merge_block(w.y, low_word(row_tile, col + 16u)));
+            if ((c == STAGE - 1u) | (step0 + 8u >= max_steps)) {
+                workgroupBarrier();
+                let first = step0 / 8u - c;
+                for (var k = 0u; k < STAGE; k++) {
+                    let i = k * 32u + lane_row;
+                    let r = i / STAGE;
+                    let ch = i % STAGE;
+                    if (valid & (row0 + r < params.rows) & (first + ch < chunks) & (ch <= c)) {
+                        packed[out0 + r * row_vec4s + first + ch] = stage[(lane_slab * 32u + r) * STAGE + ch];
+                    }
+                }
+                workgroupBarrier();
+            }
+        }
+//#else
         // (`&` and `|` rather than `&&` and `||` in the loops: naga turns the short-circuit forms into branches.)
         // The loops take 4 steps a trip, tested for liveness once, and the windows move on after every 2 steps.
         // Measured on an H200 (P = 11) against a test and a move after every step: 4096x4096 45.9 against 47.1
@@ -163,6 +217,7 @@ fn main(
                 }
             }
         }
+//#endif
         // The last 1 to 3 words of each row (a segment of a multiple of 4 words leaves none), the last `queued`
         // components of q, moved to the front.
         if (lane_live & (out_n > 0u)) {

@@ -76,6 +76,10 @@ enum Command {
         /// 0 (the default) splits each row into round(K/512) equal segments.
         #[arg(long, default_value_t = 0)]
         segment: usize,
+        /// Split 4-bit matrices: code the high 2 bits of each weight, four weights a decode step, and store the
+        /// low 2 bits as they are (format version 2). About 0.7% larger, and the GPU decodes them faster.
+        #[arg(long)]
+        split: bool,
         /// Quantize the float matrices whose names match this glob (`*` any run, `?` one character); repeatable.
         /// Without it: all eligible matrices of a float model, none of an already-quantized one.
         #[arg(long, value_name = "PATTERN")]
@@ -93,10 +97,10 @@ enum Command {
     },
     /// Print a table of every tensor: shape, bits, stored size against the entropy bound, overhead.
     ///
-    /// Columns: `stored` is the symbol stream in bits per weight (words, states, tile offsets and frequency
-    /// table); `entropy` is the order-0 entropy of the decoded weight symbols in bits per weight (coding k
+    /// Columns: `stored` is the symbol stream in bits per weight (words, states, tile offsets, frequency table
+    /// and a split tensor's low words); `entropy` is the order-0 entropy of the decoded weight symbols in bits per weight (coding k
     /// weights per joint symbol can go slightly below it when neighbours are correlated); `+H` is how far
-    /// `stored` is above it; `side` is states + offsets + table as a percentage of the words; `scale` and `bias`
+    /// `stored` is above it; `side` is states + offsets + table as a percentage of the words (low words included); `scale` and `bias`
     /// are their own bits per weight; `all` is stored + scale + bias, everything the tensor costs. A `total` line
     /// sums every encoded tensor, and a table by role follows (layer numbers replaced by `*`).
     Inspect {
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
             group_size,
             precision,
             segment,
+            split,
             include,
             exclude,
             mlx_bits,
@@ -140,7 +145,7 @@ fn main() -> ExitCode {
         } => {
             let options = ConvertOptions {
                 quant: QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 },
-                encode: EncodeOptions { segment, precision },
+                encode: EncodeOptions { segment, precision, split },
                 select: TensorSelection { include, exclude },
                 mlx_bits,
                 verify,

@@ -5,7 +5,8 @@
 //! names, `stem.scales` and `stem.biases` (`[rows, cols / group_size]`, F32, F16 or BF16), where `stem` is
 //! `name` without a trailing `.weight`. The header metadata holds `ecq.format_version` and one JSON entry
 //! `name.ecq` per encoded tensor with its parameters and a CRC-32 of every array; `ecq.raw_crc32` holds the
-//! CRC-32 of every other tensor, which passes through unchanged.
+//! CRC-32 of every other tensor, which passes through unchanged. A split tensor (version 2) also holds
+//! `name.ecq.low` (U32), the low bits of its weights.
 //!
 //! [`ContainerWriter`] streams: tensors are added one at a time and spooled to a temporary file next to the
 //! destination, so memory stays bounded by the largest tensor. [`EcFile`] maps a file and validates the whole
@@ -23,11 +24,14 @@ use super::safetensors_file::{Dtype, SafetensorsFile, TensorView};
 use super::tensor::EcTensor;
 use crate::error::{Error, Result};
 use crate::quant::ScaleDtype;
-use crate::rans::{EncodedStream, FreqTable, TileLayout, LANES, MAX_PRECISION};
+use crate::rans::{
+    low_words, EncodedStream, FreqTable, TileLayout, LANES, MAX_PRECISION, SPLIT_BITS, SPLIT_BLOCK, SPLIT_LOW_BITS,
+};
 
-/// The container format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// Metadata key holding the format version, `"1"`.
+/// The newest container format version this build writes and reads (it reads 1 and 2). A file is written as
+/// version 1 unless it holds a split tensor, which needs version 2.
+pub const FORMAT_VERSION: u32 = 2;
+/// Metadata key holding the format version, `"1"` or `"2"`.
 pub const VERSION_KEY: &str = "ecq.format_version";
 /// Metadata key holding the CRC-32 of every passthrough tensor, a JSON object `{name: crc}`.
 pub const RAW_CRC_KEY: &str = "ecq.raw_crc32";
@@ -64,10 +68,10 @@ pub fn refuse_overwrite<P: AsRef<Path>>(inputs: &[P], output: &Path) -> Result<(
     Ok(())
 }
 
-/// Name suffixes of the four stream arrays, reserved for encoded tensors.
-const STREAM_SUFFIXES: [&str; 4] = [".ecq.words", ".ecq.tile_offsets", ".ecq.states", ".ecq.freqs"];
+/// Name suffixes of the stream arrays, reserved for encoded tensors.
+const STREAM_SUFFIXES: [&str; 5] = [".ecq.words", ".ecq.tile_offsets", ".ecq.states", ".ecq.freqs", ".ecq.low"];
 
-/// The six array names of encoded tensor `name`.
+/// The array names of encoded tensor `name`: six, and `low` for a split tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArrayNames {
     /// `name.ecq.words`.
@@ -82,6 +86,8 @@ pub struct ArrayNames {
     pub scales: String,
     /// `stem.biases`.
     pub biases: String,
+    /// `name.ecq.low`, a split tensor's low words.
+    pub low: String,
 }
 
 impl ArrayNames {
@@ -95,6 +101,7 @@ impl ArrayNames {
             freqs: format!("{name}.ecq.freqs"),
             scales: format!("{stem}.scales"),
             biases: format!("{stem}.biases"),
+            low: format!("{name}.ecq.low"),
         }
     }
 
@@ -119,6 +126,9 @@ pub struct Checksums {
     pub scales: u32,
     /// Of `biases`.
     pub biases: u32,
+    /// Of `low`, present for a split tensor only (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low: Option<u32>,
 }
 
 /// The JSON object stored under `name.ecq`.
@@ -130,14 +140,21 @@ struct EntryJson {
     group_size: u64,
     precision: u32,
     segment: u64,
+    /// Version 2: low bits of each weight stored as they are (2, with `bits` 4), absent or 0 otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    low_bits: Option<u32>,
     crc32: Checksums,
 }
 
 /// Parameters of one encoded tensor, as read from a validated header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncodedInfo {
-    /// The tile layout (rows, columns, bits, segment).
+    /// The tile layout of the coded symbols (rows, columns, bits, segment): 2 bits for a split tensor.
     pub layout: TileLayout,
+    /// Bits per weight.
+    pub bits: u32,
+    /// Low bits of each weight stored as they are: 2 for a split tensor, else 0.
+    pub low_bits: u32,
     /// Columns per scale/bias group.
     pub group_size: usize,
     /// Probability precision `P`.
@@ -146,8 +163,19 @@ pub struct EncodedInfo {
     pub scale_dtype: ScaleDtype,
     /// The stored checksums.
     pub checksums: Checksums,
-    /// The names of the six arrays.
+    /// The names of the arrays.
     pub arrays: ArrayNames,
+}
+
+impl EncodedInfo {
+    /// The names of the arrays this tensor has: six, seven when split.
+    pub fn array_names(&self) -> Vec<&str> {
+        let mut names = self.arrays.all().to_vec();
+        if self.low_bits > 0 {
+            names.push(&self.arrays.low);
+        }
+        names
+    }
 }
 
 /// Writes an ecq container one tensor at a time (see the module documentation).
@@ -193,6 +221,8 @@ pub struct ContainerWriter {
     entries: BTreeMap<String, String>,
     raw_crc: BTreeMap<String, u32>,
     metadata: BTreeMap<String, String>,
+    /// Whether a split tensor was added (the file is then version 2).
+    split: bool,
 }
 
 #[derive(Debug)]
@@ -250,6 +280,7 @@ impl ContainerWriter {
             entries: BTreeMap::new(),
             raw_crc: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            split: false,
         })
     }
 
@@ -272,7 +303,7 @@ impl ContainerWriter {
         Ok(())
     }
 
-    /// Adds an encoded tensor under `name` (its six arrays and its metadata entry).
+    /// Adds an encoded tensor under `name` (its six arrays, seven when split, and its metadata entry).
     pub fn add_encoded(&mut self, name: &str, tensor: &EcTensor) -> Result<()> {
         let layout = tensor.layout();
         if layout.segment() > MAX_SEGMENT {
@@ -288,13 +319,18 @@ impl ContainerWriter {
             return Err(Error::param("name", format!("`{name}` cannot name an encoded tensor")));
         }
         let arrays = ArrayNames::new(name);
+        let low = tensor.low();
+        let mut claimed = arrays.all().to_vec();
+        if low.is_some() {
+            claimed.push(&arrays.low);
+        }
         // The encoded name itself is claimed too, so no passthrough tensor can share it.
-        for a in arrays.all().into_iter().chain([name]) {
+        for a in claimed.iter().copied().chain([name]) {
             if self.names.contains(a) {
                 return Err(Error::param("name", format!("tensor `{a}` (of encoded `{name}`) is added twice")));
             }
         }
-        for a in arrays.all().into_iter().chain([name]) {
+        for a in claimed.into_iter().chain([name]) {
             self.claim(a)?;
         }
         let key = format!("{name}.ecq");
@@ -324,13 +360,19 @@ impl ContainerWriter {
             freqs: self.put(&arrays.freqs, Dtype::U16, &[freqs.len()], &freqs, |v| v.to_le_bytes())?,
             scales: self.put_scales(&arrays.scales, sd, &groups, tensor.scales(), scale_le)?,
             biases: self.put_scales(&arrays.biases, sd, &groups, tensor.biases(), scale_le)?,
+            low: match low {
+                Some(low) => Some(self.put(&arrays.low, Dtype::U32, &[low.len()], low, |v| v.to_le_bytes())?),
+                None => None,
+            },
         };
+        self.split |= low.is_some();
         let entry = EntryJson {
             shape: vec![layout.rows() as u64, layout.cols() as u64],
-            bits: layout.bits(),
+            bits: tensor.bits(),
             group_size: tensor.group_size() as u64,
             precision: tensor.table().precision(),
             segment: layout.segment() as u64,
+            low_bits: low.map(|_| SPLIT_LOW_BITS),
             crc32: crc,
         };
         self.entries.insert(key, serde_json::to_string(&entry).expect("plain struct serializes"));
@@ -440,7 +482,8 @@ impl ContainerWriter {
         let mut header = serde_json::Map::new();
         let mut metadata = self.metadata.clone();
         if !self.entries.is_empty() {
-            metadata.insert(VERSION_KEY.into(), FORMAT_VERSION.to_string());
+            let version = if self.split { FORMAT_VERSION } else { 1 };
+            metadata.insert(VERSION_KEY.into(), version.to_string());
             metadata.extend(self.entries.iter().map(|(k, v)| (k.clone(), v.clone())));
             if !self.raw_crc.is_empty() {
                 metadata.insert(RAW_CRC_KEY.into(), serde_json::to_string(&self.raw_crc).expect("map serializes"));
@@ -521,9 +564,10 @@ impl EcFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let file = SafetensorsFile::open(path)?;
         let meta = file.metadata();
-        let version = match meta.get(VERSION_KEY) {
-            Some(v) if v == &FORMAT_VERSION.to_string() => Some(FORMAT_VERSION),
-            Some(v) => return Err(Error::UnsupportedVersion { found: v.clone(), supported: FORMAT_VERSION }),
+        let version = match meta.get(VERSION_KEY).map(String::as_str) {
+            Some("1") => Some(1),
+            Some("2") => Some(2),
+            Some(v) => return Err(Error::UnsupportedVersion { found: v.into(), supported: FORMAT_VERSION }),
             None => None,
         };
         for key in meta.keys() {
@@ -538,8 +582,8 @@ impl EcFile {
         let mut claimed: HashSet<String> = HashSet::new();
         for (key, value) in meta {
             let Some(name) = key.strip_suffix(".ecq") else { continue };
-            let info = parse_entry(&file, name, value)?;
-            for a in info.arrays.all() {
+            let info = parse_entry(&file, name, value, version.unwrap_or(1))?;
+            for a in info.array_names() {
                 if !claimed.insert(a.to_string()) {
                     return Err(invalid(name, format!("array `{a}` also belongs to another encoded tensor")));
                 }
@@ -618,6 +662,8 @@ impl EcFile {
         let freqs = self.checked(name, &a.freqs, crc.freqs)?;
         let scales = self.checked(name, &a.scales, crc.scales)?;
         let biases = self.checked(name, &a.biases, crc.biases)?;
+        // Present exactly for a split tensor (checked at open).
+        let low = crc.low.map(|c| self.checked(name, &a.low, c)).transpose()?;
 
         let u16s = |d: &[u8]| d.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect::<Vec<_>>();
         let u32s =
@@ -633,7 +679,8 @@ impl EcFile {
                 return Err(invalid(name, format!("{what}[{i}] = {} is not finite", v[i])));
             }
         }
-        EcTensor::from_parts(info.layout, info.group_size, table, stream, scales, biases, info.scale_dtype)
+        let low = low.map(|l| u32s(l.data));
+        EcTensor::from_parts(info.layout, info.group_size, table, stream, scales, biases, info.scale_dtype, low)
             .map_err(|e| invalid(name, e))
     }
 
@@ -660,8 +707,9 @@ impl EcFile {
     }
 }
 
-/// Parses and checks the `name.ecq` entry and the dtype and shape of the arrays it names.
-fn parse_entry(file: &SafetensorsFile, name: &str, value: &str) -> Result<EncodedInfo> {
+/// Parses and checks the `name.ecq` entry of a file of format `version` and the dtype and shape of the arrays
+/// it names.
+fn parse_entry(file: &SafetensorsFile, name: &str, value: &str, version: u32) -> Result<EncodedInfo> {
     if name.is_empty() {
         return Err(Error::file("metadata key `.ecq` names no tensor"));
     }
@@ -675,6 +723,30 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str) -> Result<Encode
     if !(1..=8).contains(&e.bits) {
         return Err(invalid(name, format!("bits {} outside 1..=8", e.bits)));
     }
+    if e.low_bits.is_some() && version < 2 {
+        return Err(invalid(name, "field `low_bits` needs format version 2"));
+    }
+    let low_bits = match e.low_bits.unwrap_or(0) {
+        0 => 0,
+        SPLIT_LOW_BITS if e.bits == SPLIT_BITS => SPLIT_LOW_BITS,
+        l => {
+            return Err(invalid(
+                name,
+                format!("low_bits {l} with {} bits: only {SPLIT_LOW_BITS} with {SPLIT_BITS} bits is defined", e.bits),
+            ))
+        }
+    };
+    if (low_bits > 0) != e.crc32.low.is_some() {
+        return Err(invalid(name, "a checksum of `low` is given exactly when `low_bits` is 2"));
+    }
+    if low_bits > 0 && (cols % SPLIT_BLOCK != 0 || segment % SPLIT_BLOCK != 0) {
+        return Err(invalid(
+            name,
+            format!(
+                "a split tensor needs columns ({cols}) and segment ({segment}) that are multiples of {SPLIT_BLOCK}"
+            ),
+        ));
+    }
     if !(1..=MAX_PRECISION).contains(&e.precision) {
         return Err(invalid(name, format!("precision {} outside 1..={MAX_PRECISION}", e.precision)));
     }
@@ -687,7 +759,7 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str) -> Result<Encode
             format!("group_size {group_size} must divide both the columns ({cols}) and the segment ({segment})"),
         ));
     }
-    let layout = TileLayout::new(rows, cols, e.bits, segment).map_err(|err| invalid(name, err))?;
+    let layout = TileLayout::new(rows, cols, e.bits - low_bits, segment).map_err(|err| invalid(name, err))?;
     let arrays = ArrayNames::new(name);
     let get = |array: &str| -> Result<&super::safetensors_file::TensorInfo> {
         file.tensors().get(array).ok_or_else(|| invalid(name, format!("array `{array}` is missing")))
@@ -727,5 +799,18 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str) -> Result<Encode
         return Err(invalid(name, format!("scales are {sd} but biases are {bd}; they must share one dtype")));
     }
     let scale_dtype = sd.to_scale_dtype().expect("checked to be a float dtype");
-    Ok(EncodedInfo { layout, group_size, precision: e.precision, scale_dtype, checksums: e.crc32, arrays })
+    if low_bits > 0 {
+        // Bounded by the tile count checked above: at most 32 * 65536 weights a tile, one word per 16.
+        expect(&arrays.low, &[Dtype::U32], &[low_words(rows, cols)])?;
+    }
+    Ok(EncodedInfo {
+        layout,
+        bits: e.bits,
+        low_bits,
+        group_size,
+        precision: e.precision,
+        scale_dtype,
+        checksums: e.crc32,
+        arrays,
+    })
 }

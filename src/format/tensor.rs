@@ -2,9 +2,9 @@
 
 use crate::error::{Error, Result};
 use crate::quant::{QuantizedMatrix, ScaleDtype};
-use crate::rans::{self, EncodedStream, FreqTable, TileLayout};
+use crate::rans::{self, DecodeTable, EncodedStream, FreqTable, TileLayout};
 
-/// Encoder settings: segment width `S` and probability precision `P`.
+/// Encoder settings: segment width `S`, probability precision `P`, and whether 4-bit symbols are split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncodeOptions {
     /// Columns per segment, rounded up to a multiple of the group size and capped at the matrix width; `0`
@@ -12,6 +12,11 @@ pub struct EncodeOptions {
     pub segment: usize,
     /// Probability precision `P` of the frequency table, `1..=12`.
     pub precision: u32,
+    /// Split 4-bit symbols (docs/FORMAT.md, section 2.1): code the high 2 bits of each weight, four weights a
+    /// step, and store the low 2 bits as they are. About 0.7% larger on SmolLM2-135M's weights and half the
+    /// decode steps (BENCHMARKS.md). Needs `bits == 4` and columns and segment multiples of 16; ignored for
+    /// other widths.
+    pub split: bool,
 }
 
 impl EncodeOptions {
@@ -37,7 +42,7 @@ impl EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        Self { segment: 0, precision: rans::DEFAULT_PRECISION }
+        Self { segment: 0, precision: rans::DEFAULT_PRECISION, split: false }
     }
 }
 
@@ -45,7 +50,9 @@ impl Default for EncodeOptions {
 ///
 /// Invariants (checked by every constructor): the stream matches the layout (offsets, states), the table
 /// covers the layout's joint alphabet, `segment % group_size == 0`, and scales and biases hold
-/// `rows * cols / group_size` values exactly representable in `scale_dtype`.
+/// `rows * cols / group_size` values exactly representable in `scale_dtype`. A split tensor (4-bit weights whose
+/// low 2 bits are stored as they are) codes 2-bit symbols: its layout has 2 bits, columns and segment are
+/// multiples of 16, and it holds one low word per 16 weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EcTensor {
     layout: TileLayout,
@@ -55,6 +62,8 @@ pub struct EcTensor {
     scales: Vec<f32>,
     biases: Vec<f32>,
     scale_dtype: ScaleDtype,
+    /// The low words of a split tensor ([`rans::low_words`] of them); `None` for an unsplit one.
+    low: Option<Vec<u32>>,
 }
 
 impl EcTensor {
@@ -63,14 +72,31 @@ impl EcTensor {
     pub fn encode(q: &QuantizedMatrix, options: EncodeOptions) -> Result<Self> {
         q.validate()?;
         let segment = options.segment_for(q.cols, q.group_size);
-        let layout = TileLayout::new(q.rows, q.cols, q.bits, segment)?;
-        let counts = rans::joint_counts(&q.symbols, &layout)?;
+        let split = options.split && q.bits == rans::SPLIT_BITS;
+        let (coded, low) = if split {
+            if segment % rans::SPLIT_BLOCK != 0 {
+                return Err(Error::param(
+                    "segment",
+                    format!("{segment} is not a multiple of {}, as a split tensor needs", rans::SPLIT_BLOCK),
+                ));
+            }
+            let (high, low) = rans::split_symbols(&q.symbols, q.rows, q.cols)?;
+            (std::borrow::Cow::Owned(high), Some(low))
+        } else {
+            (std::borrow::Cow::Borrowed(&q.symbols[..]), None)
+        };
+        let coded_bits = if split { rans::SPLIT_BITS - rans::SPLIT_LOW_BITS } else { q.bits };
+        let layout = TileLayout::new(q.rows, q.cols, coded_bits, segment)?;
+        let counts = rans::joint_counts(&coded, &layout)?;
         let table = FreqTable::from_counts(&counts, options.precision)?;
-        let stream = rans::encode(&q.symbols, &layout, &table)?;
-        Self::from_parts(layout, q.group_size, table, stream, q.scales.clone(), q.biases.clone(), q.scale_dtype)
+        let stream = rans::encode(&coded, &layout, &table)?;
+        let (scales, biases) = (q.scales.clone(), q.biases.clone());
+        Self::from_parts(layout, q.group_size, table, stream, scales, biases, q.scale_dtype, low)
     }
 
-    /// Assembles a tensor from its parts after checking every invariant (used by readers).
+    /// Assembles a tensor from its parts after checking every invariant (used by readers). `low` holds the low
+    /// words of a split tensor, whose `layout` then describes the coded 2-bit symbols.
+    #[allow(clippy::too_many_arguments)]
     pub fn from_parts(
         layout: TileLayout,
         group_size: usize,
@@ -79,6 +105,7 @@ impl EcTensor {
         scales: Vec<f32>,
         biases: Vec<f32>,
         scale_dtype: ScaleDtype,
+        low: Option<Vec<u32>>,
     ) -> Result<Self> {
         if group_size == 0 || layout.cols() % group_size != 0 || layout.segment() % group_size != 0 {
             return Err(Error::param(
@@ -98,6 +125,36 @@ impl EcTensor {
             });
         }
         rans::check_stream_shape(&stream, &layout)?;
+        if let Some(low) = &low {
+            let coded_bits = rans::SPLIT_BITS - rans::SPLIT_LOW_BITS;
+            if layout.bits() != coded_bits {
+                return Err(Error::param(
+                    "bits",
+                    format!("a split tensor codes {coded_bits}-bit symbols, not {}", layout.bits()),
+                ));
+            }
+            rans::check_split_cols(layout.cols())?;
+            if layout.segment() % rans::SPLIT_BLOCK != 0 {
+                return Err(Error::param(
+                    "segment",
+                    format!("{} is not a multiple of {}, as a split tensor needs", layout.segment(), rans::SPLIT_BLOCK),
+                ));
+            }
+            let words = rans::low_words(layout.rows(), layout.cols());
+            if low.len() != words {
+                return Err(Error::ShapeMismatch { what: "low words".into(), expected: words, actual: low.len() });
+            }
+            // Rows past the last hold 0 (docs/FORMAT.md, section 2.1).
+            let blocks = layout.cols() / rans::SPLIT_BLOCK;
+            for row in layout.rows()..layout.rows().div_ceil(rans::LANES) * rans::LANES {
+                if let Some(b) = (0..blocks).find(|&b| low[rans::low_index(row, b, layout.cols())] != 0) {
+                    return Err(Error::param(
+                        "low",
+                        format!("the low word of row {row} (past the last), block {b}, is not 0"),
+                    ));
+                }
+            }
+        }
         let groups = layout.rows() * (layout.cols() / group_size);
         for (what, v) in [("scales", &scales), ("biases", &biases)] {
             if v.len() != groups {
@@ -107,12 +164,26 @@ impl EcTensor {
                 return Err(Error::param(what, format!("{x} is not representable in {}", scale_dtype.name())));
             }
         }
-        Ok(Self { layout, group_size, table, stream, scales, biases, scale_dtype })
+        Ok(Self { layout, group_size, table, stream, scales, biases, scale_dtype, low })
     }
 
     /// Decodes the symbols (row-major `rows * cols`), checking end states.
     pub fn decode_symbols(&self) -> Result<Vec<u8>> {
-        rans::decode(&self.stream, &self.layout, &self.table)
+        let mut symbols = rans::decode(&self.stream, &self.layout, &self.table)?;
+        if let Some(low) = &self.low {
+            rans::merge_symbols(&mut symbols, 0, self.cols(), low)?;
+        }
+        Ok(symbols)
+    }
+
+    /// Decodes row tile `row_tile` into `out`, its `active_rows * cols` symbols, row-major (see
+    /// [`rans::decode_row_tile`]; `dtable` is this tensor's table).
+    pub fn decode_row_tile(&self, dtable: &DecodeTable, row_tile: usize, out: &mut [u8]) -> Result<()> {
+        rans::decode_row_tile(&self.stream, &self.layout, dtable, row_tile, out)?;
+        if let Some(low) = &self.low {
+            rans::merge_symbols(out, row_tile * rans::LANES, self.cols(), low)?;
+        }
+        Ok(())
     }
 
     /// Decodes back to the quantized matrix this tensor was encoded from.
@@ -139,13 +210,22 @@ impl EcTensor {
     }
     /// Bits per weight symbol.
     pub fn bits(&self) -> u32 {
-        self.layout.bits()
+        if self.low.is_some() {
+            rans::SPLIT_BITS
+        } else {
+            self.layout.bits()
+        }
+    }
+    /// The low words of a split tensor (32 per row tile and block of 16 columns, [`rans::low_index`]; docs/FORMAT.md
+    /// section 2.1); `None` when the tensor is not split.
+    pub fn low(&self) -> Option<&[u32]> {
+        self.low.as_deref()
     }
     /// Columns per scale/bias group.
     pub fn group_size(&self) -> usize {
         self.group_size
     }
-    /// The tile layout (rows, columns, bits, segment).
+    /// The tile layout of the coded symbols (rows, columns, bits, segment): 2 bits for a split tensor.
     pub fn layout(&self) -> &TileLayout {
         &self.layout
     }
@@ -170,11 +250,12 @@ impl EcTensor {
         self.scale_dtype
     }
 
-    /// Stored size of the symbol stream in bits: words, states, tile offsets and the frequency table
-    /// (scales and biases are not included; see [`scale_bits`](Self::scale_bits)).
+    /// Stored size of the symbols in bits: words, states, tile offsets, the frequency table and a split tensor's
+    /// low words (scales and biases are not included; see [`scale_bits`](Self::scale_bits)).
     pub fn stream_bits(&self) -> u64 {
         let s = &self.stream;
-        16 * s.words.len() as u64
+        32 * self.low.as_ref().map_or(0, |l| l.len()) as u64
+            + 16 * s.words.len() as u64
             + 32 * s.states.len() as u64
             + 32 * s.tile_offsets.len() as u64
             + 16 * self.table.alphabet() as u64

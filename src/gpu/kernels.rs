@@ -88,8 +88,10 @@ fn layout_entries(kinds: &str) -> Vec<wgpu::BindGroupLayoutEntry> {
 /// The binding kinds of each group of `kernel`, as in its WGSL file and preambles.
 pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
     match kernel {
-        Kernel::RansDecode => &["urrrrww"],
-        Kernel::EcGemv => &["urrrrrr", "rw"],
+        // Binding 7 of the tile kernels: a split stream's low words (another of the stream's buffers stands in,
+        // unread, for a stream that is not split).
+        Kernel::RansDecode => &["urrrrwwr"],
+        Kernel::EcGemv => &["urrrrrrr", "rw"],
         // x_lanes.wgsl runs on q_gemv's groups; binding 4 of group 1 is the vectors in lane order.
         Kernel::QGemv | Kernel::XLanes => &["urrr", "rwurw"],
         Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwur"],
@@ -134,19 +136,39 @@ pub(crate) fn whole_buffers(
 /// device's limit before encoding; pipelines are checked against the limit from their source itself.
 pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
     let wg = spec.workgroup as u64;
-    let lanes = match spec.lanes {
-        LaneMode::Portable => 3 * spec.slabs() as u64 * 4,
-        LaneMode::SubgroupNarrow => 2 * (wg / 4) * 4,
-        LaneMode::SubgroupWide => 0,
-    };
     let table = 4u64 << spec.precision;
+    let lanes = stream_lane_bytes(spec);
     match kernel {
-        Kernel::RansDecode => table + lanes,
+        // A split stream's output staging: `split_stage` pieces of 16 bytes a lane.
+        Kernel::RansDecode => table + lanes + if spec.split { 16 * split_stage(spec) as u64 * wg } else { 0 },
         Kernel::EcGemv => table + lanes + 4 * wg,
         Kernel::GemvF32 => 4 * wg,
         Kernel::XLanes => 0,
         // rows.wgsl's sums, a quad of up to 4 rows at a time.
         Kernel::QGemv | Kernel::GemvF16 => 4 * wg * rows_per_group(kernel, spec).min(4) as u64,
+    }
+}
+
+/// Workgroup memory of lanes.wgsl's word ranks under `spec`.
+fn stream_lane_bytes(spec: &Spec) -> u64 {
+    match spec.lanes {
+        LaneMode::Portable => 3 * spec.slabs() as u64 * 4,
+        LaneMode::SubgroupNarrow => 2 * (spec.workgroup as u64 / 4) * 4,
+        LaneMode::SubgroupWide => 0,
+    }
+}
+
+/// Workgroup memory every device the crate targets allows (Apple GPUs' 32 KiB).
+pub const PORTABLE_WORKGROUP_BYTES: u64 = 32 << 10;
+
+/// 16-byte pieces each lane of rans_decode stages for a split stream under `spec` (its `STAGE`): 4, or 2 where 4
+/// would take the workgroup past [`PORTABLE_WORKGROUP_BYTES`] (a 16 KiB table, P = 12).
+pub fn split_stage(spec: &Spec) -> u32 {
+    let fixed = (4u64 << spec.precision) + stream_lane_bytes(spec);
+    if fixed + 64 * spec.workgroup as u64 <= PORTABLE_WORKGROUP_BYTES {
+        4
+    } else {
+        2
     }
 }
 
@@ -165,6 +187,8 @@ fn grid(ctx: &GpuContext, units: usize) -> u32 {
 /// An encoded stream on the device: what the tile kernels read.
 pub struct GpuStream {
     layout: TileLayout,
+    /// Bits per weight of the decoded symbols: the layout's, or 4 for a split stream.
+    bits: u32,
     group_size: usize,
     precision: u32,
     /// `StreamParams` of wgsl/lanes.wgsl.
@@ -173,10 +197,13 @@ pub struct GpuStream {
     tile_offsets: wgpu::Buffer,
     states: wgpu::Buffer,
     decode_table: wgpu::Buffer,
+    /// A split stream's low words (docs/FORMAT.md, section 2.1).
+    low: Option<wgpu::Buffer>,
 }
 
 impl GpuStream {
-    /// Uploads the stream of `tensor`: its 16-bit words two to a `u32`, tile offsets, states and decode table.
+    /// Uploads the stream of `tensor`: its 16-bit words two to a `u32`, tile offsets, states, decode table and,
+    /// for a split tensor, its low words.
     pub fn upload(ctx: &GpuContext, tensor: &EcTensor) -> Result<Self> {
         let layout = *tensor.layout();
         check_gpu_shape(tensor)?;
@@ -196,11 +223,16 @@ impl GpuStream {
             layout.row_tiles() as u32,
             layout.tiles() as u32,
             tensor.group_size() as u32,
-            (layout.cols() * layout.bits() as usize / 32) as u32,
+            (layout.cols() * tensor.bits() as usize / 32) as u32,
         ];
         let none = wgpu::BufferUsages::empty();
+        let low = match tensor.low() {
+            Some(low) => Some(ctx.storage_init("split low words", bytemuck::cast_slice(low), none)?),
+            None => None,
+        };
         Ok(Self {
             layout,
+            bits: tensor.bits(),
             group_size: tensor.group_size(),
             precision: tensor.table().precision(),
             params: ctx.uniform("ecq stream params", &params)?,
@@ -208,22 +240,39 @@ impl GpuStream {
             tile_offsets: ctx.storage_init("tile offsets", bytemuck::cast_slice(&s.tile_offsets), none)?,
             states: ctx.storage_init("tile states", bytemuck::cast_slice(&s.states), none)?,
             decode_table: ctx.storage_init("decode table", bytemuck::cast_slice(&decode_table), none)?,
+            low,
         })
     }
 
-    /// The tile layout.
+    /// The tile layout of the coded symbols.
     pub fn layout(&self) -> &TileLayout {
         &self.layout
     }
 
+    /// Bits per weight of the decoded symbols.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Whether the stream is split (its low bits stored as they are).
+    pub fn split(&self) -> bool {
+        self.low.is_some()
+    }
+
     /// Bytes held on the device.
     pub fn device_bytes(&self) -> u64 {
-        self.words.size() + self.tile_offsets.size() + self.states.size() + self.decode_table.size()
+        let low = self.low.as_ref().map_or(0, |b| b.size());
+        self.words.size() + self.tile_offsets.size() + self.states.size() + self.decode_table.size() + low
     }
 
     /// Bytes of the packed symbols this stream decodes to.
     pub fn packed_bytes(&self) -> u64 {
-        (self.layout.rows() * self.layout.cols() * self.layout.bits() as usize / 8) as u64
+        (self.layout.rows() * self.layout.cols() * self.bits as usize / 8) as u64
+    }
+
+    /// Binding 7 of the tile kernels: the low words, or a buffer that stands in for them unread.
+    fn low_binding(&self) -> &wgpu::Buffer {
+        self.low.as_ref().unwrap_or(&self.states)
     }
 }
 
@@ -237,7 +286,7 @@ pub fn check_gpu_shape(tensor: &EcTensor) -> Result<()> {
             format!("the GPU kernels need a multiple of 32, got {}; use the CPU path", tensor.group_size()),
         ));
     }
-    mlx_words_per_row(l.cols(), l.bits())?;
+    mlx_words_per_row(l.cols(), tensor.bits())?;
     if l.rows() * l.cols() >= 1 << 32 || tensor.stream().words.len() >= 1 << 32 {
         return Err(Error::param("shape", "more than 2^32 weights or words; split the tensor along its rows"));
     }
@@ -280,12 +329,13 @@ impl GpuPacked {
     /// Allocates room for the symbols `stream` decodes to (filled by [`rans_decode`]).
     pub fn for_stream(ctx: &GpuContext, stream: &GpuStream) -> Result<Self> {
         let l = stream.layout;
+        let bits = stream.bits;
         let params =
-            [l.rows() as u32, l.cols() as u32, stream.group_size as u32, (l.cols() * l.bits() as usize / 32) as u32];
+            [l.rows() as u32, l.cols() as u32, stream.group_size as u32, (l.cols() * bits as usize / 32) as u32];
         Ok(Self {
             rows: l.rows(),
             cols: l.cols(),
-            bits: l.bits(),
+            bits,
             params: ctx.uniform("ecq packed params", &params)?,
             // Padded to 16 bytes: q_gemv reads the words as vec4<u32>.
             packed: ctx.storage(
@@ -342,6 +392,7 @@ pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
         m: 1,
         workgroup: TILE_WORKGROUP,
         lane_x: false,
+        split: stream.split(),
     }
 }
 
@@ -396,7 +447,7 @@ pub fn rans_decode_with(
     tiles_per_group: usize,
 ) -> Result<()> {
     let l = stream.layout;
-    if out.rows != l.rows() || out.cols != l.cols() || out.bits != l.bits() {
+    if out.rows != l.rows() || out.cols != l.cols() || out.bits != stream.bits {
         return Err(Error::param("out", "packed buffer was sized for another stream"));
     }
     if l.tiles() == 0 {
@@ -414,6 +465,7 @@ pub fn rans_decode_with(
             &stream.decode_table,
             &out.packed,
             status,
+            stream.low_binding(),
         ],
     );
     pass.set_pipeline(pipeline);
@@ -461,6 +513,7 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
             &stream.decode_table,
             &scales.scales,
             &scales.biases,
+            stream.low_binding(),
         ],
     )
 }
@@ -490,6 +543,7 @@ pub fn ec_gemv(
         m: m as u32,
         workgroup: 32 * gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
         lane_x: false,
+        split: stream.split(),
     };
     let pipeline = ctx.pipeline(Kernel::EcGemv, spec)?;
     if l.rows() == 0 {
@@ -660,7 +714,7 @@ pub fn x_lanes(
     io: &wgpu::BindGroup,
     m: usize,
 ) -> Result<()> {
-    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: 1, workgroup, lane_x: false };
+    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: 1, workgroup, lane_x: false, split: false };
     pass.set_pipeline(&ctx.pipeline(Kernel::XLanes, spec)?);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
@@ -686,7 +740,7 @@ fn row_kernel(
     }
     let per_pass = vectors_per_pass(kernel, m);
     let workgroup = row_workgroup(kernel, per_pass, row_bytes);
-    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup, lane_x };
+    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup, lane_x, split: false };
     let pipeline = ctx.pipeline(kernel, spec)?;
     let blocks = m.div_ceil(per_pass as usize);
     if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {

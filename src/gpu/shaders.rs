@@ -105,6 +105,9 @@ pub struct Spec {
     /// q_gemv only: its word path reads x in lane order (`XLANES`), from x_lanes.wgsl run just before (see
     /// [`super::kernels::lane_x`]); false for every other kernel.
     pub lane_x: bool,
+    /// rans_decode and ec_gemv only: the stream is split (`SPLIT`, docs/FORMAT.md section 2.1): `bits` is then
+    /// the coded symbols' 2, the weights have 4, and binding 7 holds the low words; false for every other kernel.
+    pub split: bool,
 }
 
 impl Spec {
@@ -122,7 +125,7 @@ impl Spec {
     /// ([`super::kernels::rows_per_group`], so host and kernel share one definition).
     fn prefix(&self, kernel: Kernel) -> String {
         let bits = self.bits.max(1);
-        format!(
+        let mut out = format!(
             "const BITS: u32 = {bits}u;\nconst KW: u32 = {}u;\nconst P: u32 = {}u;\nconst M: u32 = {}u;\n\
              const WG: u32 = {}u;\nconst SLABS: u32 = {}u;\nconst NR: u32 = {}u;\n",
             self.weights_per_step(),
@@ -131,7 +134,11 @@ impl Spec {
             self.workgroup,
             self.slabs().max(1),
             super::kernels::rows_per_group(kernel, self),
-        )
+        );
+        if kernel == Kernel::RansDecode && self.split {
+            out.push_str(&format!("const STAGE: u32 = {}u;\n", super::kernels::split_stage(self)));
+        }
+        out
     }
 }
 
@@ -171,6 +178,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::QGemv && spec.lane_x {
         flags.push("XLANES");
     }
+    if matches!(kernel, Kernel::RansDecode | Kernel::EcGemv) && spec.split {
+        flags.push("SPLIT");
+    }
     flags
 }
 
@@ -203,8 +213,11 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
     let mut out = Vec::new();
     for lanes in lane_modes {
         for bits in 1..=8 {
-            for precision in precisions.clone() {
-                let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP, lane_x: false };
+            // Split streams code 2-bit symbols.
+            let splits: &[bool] =
+                if bits == crate::rans::SPLIT_BITS - crate::rans::SPLIT_LOW_BITS { &[false, true] } else { &[false] };
+            for (&split, precision) in splits.iter().flat_map(|s| precisions.clone().map(move |p| (s, p))) {
+                let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP, lane_x: false, split };
                 out.push((Kernel::RansDecode, spec));
                 for m in vectors.clone() {
                     // What `gemv_slabs` returns: 1..=8, then powers of two up to the most.
@@ -212,7 +225,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     for slabs in (1..=8).chain(powers) {
                         out.push((
                             Kernel::EcGemv,
-                            Spec { lanes, bits, precision, m, workgroup: 32 * slabs, lane_x: false },
+                            Spec { lanes, bits, precision, m, workgroup: 32 * slabs, lane_x: false, split },
                         ));
                     }
                 }
@@ -223,9 +236,15 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     vec![row_workgroup(Kernel::QGemv, m, 0), row_workgroup(Kernel::QGemv, m, usize::MAX)];
                 workgroups.dedup();
                 for workgroup in workgroups {
-                    out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup, lane_x: false }));
+                    out.push((
+                        Kernel::QGemv,
+                        Spec { lanes, bits, precision: 0, m, workgroup, lane_x: false, split: false },
+                    ));
                     if m > 1 {
-                        out.push((Kernel::QGemv, Spec { lanes, bits, precision: 0, m, workgroup, lane_x: true }));
+                        out.push((
+                            Kernel::QGemv,
+                            Spec { lanes, bits, precision: 0, m, workgroup, lane_x: true, split: false },
+                        ));
                     }
                 }
             }
@@ -233,14 +252,25 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
             let mut workgroups = vec![row_workgroup(Kernel::QGemv, 2, 0), row_workgroup(Kernel::QGemv, 2, usize::MAX)];
             workgroups.dedup();
             for workgroup in workgroups {
-                out.push((Kernel::XLanes, Spec { lanes, bits, precision: 0, m: 1, workgroup, lane_x: false }));
+                out.push((
+                    Kernel::XLanes,
+                    Spec { lanes, bits, precision: 0, m: 1, workgroup, lane_x: false, split: false },
+                ));
             }
         }
         for kernel in [Kernel::GemvF32, Kernel::GemvF16] {
             for m in vectors.clone() {
                 out.push((
                     kernel,
-                    Spec { lanes, bits: 0, precision: 0, m, workgroup: row_workgroup(kernel, m, 0), lane_x: false },
+                    Spec {
+                        lanes,
+                        bits: 0,
+                        precision: 0,
+                        m,
+                        workgroup: row_workgroup(kernel, m, 0),
+                        lane_x: false,
+                        split: false,
+                    },
                 ));
             }
         }
@@ -302,7 +332,10 @@ mod tests {
                                 Kernel::RansDecode | Kernel::EcGemv => 256,
                                 k => super::super::kernels::row_workgroup(k, m, row_bytes),
                             };
-                            validate(kernel, &Spec { lanes, bits, precision: 12, m, workgroup, lane_x: false });
+                            validate(
+                                kernel,
+                                &Spec { lanes, bits, precision: 12, m, workgroup, lane_x: false, split: false },
+                            );
                         }
                     }
                 }
@@ -339,7 +372,15 @@ mod tests {
     #[test]
     fn portable_sources_use_no_subgroup_operations() {
         for kernel in Kernel::ALL {
-            let spec = Spec { lanes: LaneMode::Portable, bits: 4, precision: 12, m: 1, workgroup: 64, lane_x: false };
+            let spec = Spec {
+                lanes: LaneMode::Portable,
+                bits: 4,
+                precision: 12,
+                m: 1,
+                workgroup: 64,
+                lane_x: false,
+                split: false,
+            };
             let src: String = source(kernel, &spec).lines().map(|l| l.split("//").next().unwrap_or("")).collect();
             for token in ["subgroupBallot", "subgroupAdd", "subgroup_id", "subgroup_size", "subgroup_invocation_id"] {
                 assert!(!src.contains(token), "{} portable source uses {token}", kernel.file());

@@ -21,9 +21,14 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod fast;
+mod split;
 mod table;
 mod tile;
 
+pub use split::{
+    check_split_cols, low_index, low_words, merge_symbols, merge_words, split_column, split_symbols, SPLIT_BITS,
+    SPLIT_BLOCK, SPLIT_LOW_BITS,
+};
 pub use table::{entropy_bits, FreqTable, DEFAULT_PRECISION, MAX_PRECISION};
 pub use tile::{
     check_stream_shape, decode, decode_into, decode_into_with, decode_row_tile, decode_row_tile_with, decode_with,
