@@ -6,6 +6,8 @@
 // keeps M accumulators for row r. Per group it accumulates sum(q * x) and sum(x) and applies the group's scale
 // and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x); or, with QUADS, sum((q + b / s) x) alone and
 // then s * sum((q + b / s) x) (see `bias_ratio`). The slabs' partial sums are then added in workgroup memory.
+// With SPLIT (a split stream, BITS = 2 coded of 4-bit weights; lanes.wgsl) every 4 steps code one block of 16
+// columns, merged with its low word (binding 7) into 16 4-bit weights before they are multiplied.
 
 // Per-group scales and biases, row-major rows x (cols / group_size).
 @group(0) @binding(5) var<storage, read> scales: array<f32>;
@@ -15,13 +17,20 @@
 // serves two steps of 4-bit weights), since a step's first column is then even. With `symbol_f32`, measured on an
 // H200 against one column at a time and each symbol shifted down first (4-bit, P = 11, outputs identical): M = 4
 // 157.4 -> 151.4 us on 14336x4096, 73.0 -> 67.2 on 4096x4096, 147.3 -> 141.0 on 4096x14336; M = 1 within 1%.
+// A split stream (SPLIT) reads x 16 bytes at a time at one vector too: measured on an H200 (P = 11, M = 1, outputs
+// identical) against pairs, 68.2 against 73.2 us on 14336x4096, 41.7 against 42.3 on 4096x4096, 62.0 against 64.8
+// on 4096x14336.
 //#if QUADS
+@group(1) @binding(0) var<storage, read> x: array<vec4<f32>>;
+//#else
+//#if SPLIT
 @group(1) @binding(0) var<storage, read> x: array<vec4<f32>>;
 //#else
 //#if PAIRS
 @group(1) @binding(0) var<storage, read> x: array<vec2<f32>>;
 //#else
 @group(1) @binding(0) var<storage, read> x: array<f32>;
+//#endif
 //#endif
 //#endif
 // Output, row-major M x rows.
@@ -130,6 +139,9 @@ fn main(
             for (var v = 0u; v < M; v++) {
                 sx[v] = 0.0;
             }
+//#if SPLIT
+            var xq: array<vec4<f32>, M>;
+//#endif
 //#endif
             // The scale and bias of the group being summed, loaded a whole group ahead of their use; a segment
             // starts on a group boundary and holds whole groups.
@@ -227,15 +239,14 @@ fn main(
                         let q0 = nibble_f32(w, j % 4u);
                         let q1 = nibble_f32(w, j % 4u + 1u);
                         for (var v = 0u; v < M; v++) {
-//#if QUADS
                             if (j % 4u == 0u) {
                                 xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
                             }
                             let xv = select(xq[v].xy, xq[v].zw, j % 4u == 2u);
+//#if QUADS
                             qx[v] += (q0 + ratio.x) * xv.x;
                             qx[v] += (q1 + ratio.x) * xv.y;
 //#else
-                            let xv = x[(v * params.cols + col4 + j) / 2u];
                             qx[v] += q0 * xv.x;
                             qx[v] += q1 * xv.y;
                             sx[v] += xv.x;
