@@ -71,8 +71,12 @@ pub struct EcParams {
 }
 
 impl EcParams {
-    /// The block for `tensor` and a call with `vectors` input vectors. Fails when a size does not fit a `u32`.
+    /// The block for `tensor` and a call with `vectors` input vectors. Fails when a size does not fit a `u32`,
+    /// and for a split tensor, which the MSL kernel does not read (the WGSL one does).
     pub fn new(tensor: &EcTensor, vectors: u32) -> Result<Self> {
+        if tensor.low().is_some() {
+            return Err(Error::param("tensor", "the MSL kernel reads streams that are not split; use the WGSL kernel"));
+        }
         let l = tensor.layout();
         let u32_of = |what: &'static str, v: usize| {
             u32::try_from(v).map_err(|_| Error::param(what, format!("{v} does not fit the kernels' 32-bit sizes")))

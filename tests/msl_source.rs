@@ -214,3 +214,19 @@ fn ec_gemv_threadgroup_bytes_match_the_declarations() {
         assert_eq!(ec_gemv_threadgroup_bytes(m, 12), 4 * 4096 + 4 * 8 * 8 * 32);
     }
 }
+
+/// The MSL kernel does not read split streams: their parameter block is refused rather than built wrong.
+#[test]
+fn params_block_refuses_a_split_stream() {
+    use ecq::format::{EcTensor, EncodeOptions};
+    use ecq::kernels_msl::EcParams;
+    use ecq::quant::{quantize, QuantConfig};
+
+    let weights: Vec<f32> = (0..40 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+    let q = quantize(&weights, 40, 256, QuantConfig::default()).unwrap();
+    let split = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap();
+    let err = EcParams::new(&split, 1).unwrap_err();
+    assert!(err.to_string().contains("not split"), "{err}");
+    let plain = EcTensor::encode(&q, EncodeOptions::default()).unwrap();
+    assert_eq!(EcParams::new(&plain, 1).unwrap().bits, 4);
+}
