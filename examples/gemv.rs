@@ -3,7 +3,9 @@
 //! Builds a 4096 x 4096 weight matrix with heavy-tailed values (Student-t with 4 degrees of freedom, rows
 //! scaled like real weights around 0.02), quantizes it MLX-style (4 bits, groups of 64, f16 scales), encodes
 //! the symbols with the 32-lane rANS tile codec, then runs `y = W x` through [`EcMatmul`] and prints the
-//! stored size against the entropy bound, the error against a float64 reference and the time per call.
+//! stored size against the entropy bound, the error against a float64 reference and the time per call. On a GPU
+//! it also runs the fused product on the same symbols encoded as a split stream (high 2 bits coded, low 2 bits
+//! stored; docs/FORMAT.md, section 2.1).
 //!
 //! ```text
 //! cargo run --release --example gemv
@@ -67,6 +69,15 @@ fn main() -> ecq::Result<()> {
     );
     println!();
     report_size(&q, &tensor)?;
+    let split = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() })?;
+    let weights_n = (ROWS * COLS) as f64;
+    println!(
+        "split stream          {:.4} bits/weight ({:+.2}% against the stream above), the same symbols",
+        split.stream_bits() as f64 / weights_n,
+        100.0 * (split.stream_bits() as f64 / tensor.stream_bits() as f64 - 1.0)
+    );
+    assert_eq!(split.decode_symbols()?, q.symbols, "the split stream decodes to other symbols");
+    println!();
 
     let x = activations(BATCH * COLS);
     // Float64 reference of what the stored layer means: the dequantized weights times x.
@@ -85,7 +96,7 @@ fn main() -> ecq::Result<()> {
 
     // ---- GPU path ---------------------------------------------------------------------------------------
     #[cfg(feature = "gpu")]
-    run_gpu(&tensor, &x, &reference)?;
+    run_gpu(&tensor, &split, &x, &reference)?;
     #[cfg(not(feature = "gpu"))]
     println!("GPU path not built (the `gpu` feature is off); only the CPU path ran.");
 
@@ -202,7 +213,7 @@ fn max_abs_err(y: &[f32], reference: &[f64]) -> f64 {
 /// The GPU strategies on the default adapter, checked against the same float64 reference as the CPU path.
 /// Without an adapter this says so and how to get one; the CPU path above has already run.
 #[cfg(feature = "gpu")]
-fn run_gpu(tensor: &EcTensor, x: &[f32], reference: &[f64]) -> ecq::Result<()> {
+fn run_gpu(tensor: &EcTensor, split: &EcTensor, x: &[f32], reference: &[f64]) -> ecq::Result<()> {
     use ecq::gpu::GpuContext;
     use ecq::Strategy;
 
@@ -221,9 +232,10 @@ fn run_gpu(tensor: &EcTensor, x: &[f32], reference: &[f64]) -> ecq::Result<()> {
     println!("GPU adapter: {}", ctx.describe());
     // A software adapter (such as lavapipe) runs the kernels on the CPU: a few runs show that they work.
     let runs = if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu { CPU_ADAPTER_RUNS } else { RUNS };
-    for (name, strategy) in [
-        ("Fused (decode + dequantize + GEMV in one kernel, compressed weights only)", Strategy::Fused),
-        ("Cached (decoded once at load to packed 4-bit, quantized GEMV)", Strategy::Cached),
+    for (name, tensor, strategy) in [
+        ("Fused (decode + dequantize + GEMV in one kernel, compressed weights only)", tensor, Strategy::Fused),
+        ("Cached (decoded once at load to packed 4-bit, quantized GEMV)", tensor, Strategy::Cached),
+        ("Fused on the split stream", split, Strategy::Fused),
     ] {
         let matmul = EcMatmul::new(&ctx, tensor, strategy)?;
         run_strategy(name, &matmul, x, reference, runs)?;
