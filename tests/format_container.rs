@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ecq::format::{ContainerWriter, Dtype, EcFile, EcTensor, EncodeOptions, RAW_CRC_KEY, VERSION_KEY};
+use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EcTensor, EncodeOptions, RAW_CRC_KEY, VERSION_KEY};
 use ecq::quant::{quantize, QuantConfig, ScaleDtype};
 use ecq::Error;
 
@@ -180,4 +180,62 @@ fn writer_refuses_segments_beyond_the_format_limit() {
     let big = encoded(1, cols, 8, 128, ScaleDtype::F16, cols);
     let err = w.add_encoded("big", &big).unwrap_err();
     assert!(matches!(err, Error::InvalidParameter { name: "segment", .. }), "{err}");
+}
+
+/// 40 x 256 4-bit split (the second row tile has 8 rows) and 24 x 128 4-bit not split.
+fn split_and_plain() -> [EcTensor; 2] {
+    let a = quantize(&weights(40, 256, 1), 40, 256, QuantConfig::default()).unwrap();
+    let b = quantize(&weights(24, 128, 2), 24, 128, QuantConfig::default()).unwrap();
+    [
+        EcTensor::encode(&a, EncodeOptions { segment: 128, split: true, ..EncodeOptions::default() }).unwrap(),
+        EcTensor::encode(&b, EncodeOptions::default()).unwrap(),
+    ]
+}
+
+#[test]
+fn split_tensor_round_trips_in_a_version_2_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b] = split_and_plain();
+    let path = dir.path().join("m.safetensors");
+    let mut w = ContainerWriter::create(&path).unwrap();
+    w.add_encoded("blk.up.weight", &a).unwrap();
+    w.add_encoded("blk.down.weight", &b).unwrap();
+    w.finish().unwrap();
+    let file = EcFile::open(&path).unwrap();
+    assert_eq!(file.format_version(), Some(2));
+    assert_eq!(file.safetensors().metadata().get(VERSION_KEY).map(String::as_str), Some("2"));
+    let info = file.encoded_info("blk.up.weight").unwrap();
+    assert_eq!((info.bits, info.low_bits, info.layout.bits()), (4, 2, 2));
+    let low = &file.safetensors().tensors()[&ArrayNames::new("blk.up.weight").low];
+    assert_eq!(low.shape, vec![ecq::rans::low_words(40, 256)]);
+    assert_eq!(file.tensor("blk.up.weight").unwrap(), a);
+    assert_eq!(file.tensor("blk.down.weight").unwrap(), b);
+    assert_eq!(file.tensor("blk.up.weight").unwrap().to_quantized().unwrap(), a.to_quantized().unwrap());
+    assert_eq!(file.encoded_info("blk.down.weight").unwrap().low_bits, 0);
+    // The reference implementation reads it as plain safetensors.
+    safetensors::SafeTensors::deserialize(&std::fs::read(&path).unwrap()).unwrap();
+}
+
+#[test]
+fn files_without_split_tensors_stay_version_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let [_, b] = split_and_plain();
+    let path = dir.path().join("m.safetensors");
+    let mut w = ContainerWriter::create(&path).unwrap();
+    w.add_encoded("blk.down.weight", &b).unwrap();
+    w.finish().unwrap();
+    let file = EcFile::open(&path).unwrap();
+    assert_eq!(file.format_version(), Some(1));
+    let entry = &file.safetensors().metadata()["blk.down.weight.ecq"];
+    assert!(!entry.contains("low"), "{entry}");
+}
+
+#[test]
+fn writer_refuses_a_name_taken_by_split_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let [a, _] = split_and_plain();
+    let mut w = ContainerWriter::create(dir.path().join("m.safetensors")).unwrap();
+    w.add_encoded("blk.up.weight", &a).unwrap();
+    let err = w.add_raw(&ArrayNames::new("blk.up.weight").low, Dtype::U32, &[1], &[0; 4]).unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
 }

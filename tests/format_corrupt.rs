@@ -36,10 +36,22 @@ fn fixture_tensors() -> Vec<EcTensor> {
 
 /// A small valid container: two encoded tensors and one passthrough tensor.
 fn fixture_bytes() -> Vec<u8> {
+    container_bytes(fixture_tensors())
+}
+
+/// The same file with the first tensor (40 x 256 4-bit) split: a version-2 file.
+fn split_fixture_bytes() -> Vec<u8> {
+    let a = quantize(&weights(40 * 256, 1), 40, 256, QuantConfig::default()).unwrap();
+    let split = EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: true }).unwrap();
+    let [_, b] = <[EcTensor; 2]>::try_from(fixture_tensors()).unwrap();
+    container_bytes(vec![split, b])
+}
+
+fn container_bytes(tensors: Vec<EcTensor>) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.safetensors");
     let mut w = ContainerWriter::create(&path).unwrap();
-    for (name, t) in ENCODED.iter().zip(fixture_tensors()) {
+    for (name, t) in ENCODED.iter().zip(tensors) {
         w.add_encoded(name, &t).unwrap();
     }
     let norm: Vec<u8> = (0..40).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
@@ -128,6 +140,7 @@ impl Parts {
             "freqs" => arrays.freqs,
             "scales" => arrays.scales,
             "biases" => arrays.biases,
+            "low" => arrays.low,
             _ => unreachable!("no array {field}"),
         };
         let mut e = self.entry(name);
@@ -526,4 +539,79 @@ fn a_missing_file_is_an_io_error_with_its_path() {
         Err(Error::Io { path, .. }) => assert_eq!(path, p),
         other => panic!("expected Io, got {other:?}"),
     }
+}
+
+#[test]
+fn split_fixture_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = split_fixture_bytes();
+    read_all(dir.path(), &bytes).unwrap();
+    let p = Parts::parse(&bytes);
+    assert_eq!(p.metadata["ecq.format_version"], "2");
+    assert_eq!(p.entry(ENCODED[0])["low_bits"], json!(2));
+}
+
+#[test]
+fn split_fields_in_a_version_1_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Parts::parse(&split_fixture_bytes());
+    p.metadata.insert("ecq.format_version".into(), "1".into());
+    expect_invalid(read_all(dir.path(), &p.to_bytes()), "needs format version 2", "version 1 with low_bits");
+}
+
+#[test]
+fn bad_split_parameters_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = split_fixture_bytes();
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        ("low_bits 1", |e| e["low_bits"] = json!(1), "only 2 with 4 bits"),
+        ("low_bits with 8 bits", |e| e["bits"] = json!(8), "only 2 with 4 bits"),
+        ("no checksum of low", |e| drop(e["crc32"].as_object_mut().unwrap().remove("low")), "checksum of `low`"),
+        ("segment of 8", |e| e["segment"] = json!(8), "multiples of 16"),
+    ];
+    for (case, edit, needle) in cases {
+        let mut p = Parts::parse(&bytes);
+        let mut e = p.entry(ENCODED[0]);
+        edit(&mut e);
+        p.set_entry(ENCODED[0], &e);
+        expect_invalid(read_all(dir.path(), &p.to_bytes()), needle, case);
+    }
+    // A checksum of `low` on a tensor that is not split.
+    let mut p = Parts::parse(&bytes);
+    let mut e = p.entry(ENCODED[1]);
+    e["crc32"]["low"] = json!(0);
+    p.set_entry(ENCODED[1], &e);
+    expect_invalid(read_all(dir.path(), &p.to_bytes()), "checksum of `low`", "low checksum without low_bits");
+}
+
+#[test]
+fn missing_or_damaged_low_words_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = split_fixture_bytes();
+    let low = ArrayNames::new(ENCODED[0]).low;
+
+    let mut p = Parts::parse(&bytes);
+    p.tensors.remove(&low);
+    expect_invalid(read_all(dir.path(), &p.to_bytes()), "missing", "without the low words");
+
+    let mut p = Parts::parse(&bytes);
+    let t = p.tensors.get_mut(&low).unwrap();
+    t.1 = vec![t.1[0] - 1];
+    t.2.truncate(t.2.len() - 4);
+    expect_invalid(read_all(dir.path(), &p.to_bytes()), "shape", "one low word short");
+
+    let mut p = Parts::parse(&bytes);
+    p.tensors.get_mut(&low).unwrap().2[5] ^= 0x10;
+    match read_all(dir.path(), &p.to_bytes()) {
+        Err(Error::ChecksumMismatch { array, .. }) => assert_eq!(array, low),
+        other => panic!("flipped low byte: expected ChecksumMismatch, got {other:?}"),
+    }
+
+    // A nonzero word of a row past the last (row 40 of the second row tile), with a matching checksum.
+    let mut p = Parts::parse(&bytes);
+    let mut words = p.array(&low).to_vec();
+    words[4 * ecq::rans::low_index(40, 3, 256)] = 1;
+    p.replace_array(ENCODED[0], "low", words);
+    expect_invalid(read_all(dir.path(), &p.to_bytes()), "past the last", "nonzero padding row");
 }

@@ -52,7 +52,7 @@ impl Default for EncodeOptions {
 /// covers the layout's joint alphabet, `segment % group_size == 0`, and scales and biases hold
 /// `rows * cols / group_size` values exactly representable in `scale_dtype`. A split tensor (4-bit weights whose
 /// low 2 bits are stored as they are) codes 2-bit symbols: its layout has 2 bits, columns and segment are
-/// multiples of 16, and it holds one low word per 16 weights.
+/// multiples of 16, and it holds 32 low words per row tile and block of 16 columns, 0 for rows past the last.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EcTensor {
     layout: TileLayout,
@@ -74,12 +74,7 @@ impl EcTensor {
         let segment = options.segment_for(q.cols, q.group_size);
         let split = options.split && q.bits == rans::SPLIT_BITS;
         let (coded, low) = if split {
-            if segment % rans::SPLIT_BLOCK != 0 {
-                return Err(Error::param(
-                    "segment",
-                    format!("{segment} is not a multiple of {}, as a split tensor needs", rans::SPLIT_BLOCK),
-                ));
-            }
+            // (A segment that is not a multiple of 16 is refused by `from_parts`.)
             let (high, low) = rans::split_symbols(&q.symbols, q.rows, q.cols)?;
             (std::borrow::Cow::Owned(high), Some(low))
         } else {
