@@ -242,6 +242,25 @@ fn convert_honours_bits_group_precision_and_segment() {
 }
 
 #[test]
+fn convert_split_writes_version_2_that_verifies() {
+    let s = setup();
+    let out = s.dir.join("split.safetensors");
+    let r = ecq(&[&"convert", &s.model, &out, &"--split"]);
+    assert!(r.status.success(), "convert failed: {}", text(&r.stderr));
+    let f = EcFile::open(&out).unwrap();
+    assert_eq!(f.format_version(), Some(2));
+    for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
+        let info = f.encoded_info(input.name).unwrap();
+        assert_eq!((info.bits, info.low_bits, info.layout.bits()), (4, 2, 2), "{}", input.name);
+        assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 4, 64), "{}", input.name);
+    }
+    for command in ["verify", "inspect"] {
+        let r = ecq(&[&command, &out]);
+        assert!(r.status.success(), "{command} failed: {}", text(&r.stdout));
+    }
+}
+
+#[test]
 fn verify_fails_on_a_corrupted_file() {
     let s = setup();
     let out = s.dir.join("c.safetensors");
@@ -351,7 +370,7 @@ fn help_names_every_command_and_option() {
     let r = ecq(&[&"convert", &"--help"]);
     assert!(r.status.success());
     let h = text(&r.stdout);
-    for o in ["--bits", "--group-size", "--precision", "--segment", "[default: 4]", "[default: 64]"] {
+    for o in ["--bits", "--group-size", "--precision", "--segment", "--split", "[default: 4]", "[default: 64]"] {
         assert!(h.contains(o), "convert --help lacks {o}:\n{h}");
     }
 }
