@@ -15,12 +15,16 @@
 //   load is not on the per-step dependency chain.
 // - Dequantization is folded into the dot product per group: y += scale * sum(q * x) + bias * sum(x), and
 //   sum(x) is one lane-strided sum plus `simd_sum`, shared by the 32 rows.
+// - Split streams (docs/FORMAT.md section 2.1; the ec_gemv_split_* entry points, BITS = 2 coded): every 4 steps
+//   code the high 2 bits of one block of 16 columns in interleaved order (columns 0, 8, 1, 9, ...); with the
+//   block's low word (`low`, by row tile, block and row) they make two packed words of 4-bit weights.
 // - Stream-derived indices are clamped (see ec_rans.h); a corrupt tile sets its `tile_status`. Sizes come from
 //   `EcParams`, which the host validates (wgpu passes no buffer lengths to passthrough shaders).
 //
 // Entry points (threadgroup = 256 threads, 8 simdgroups; grid = row_tiles threadgroups):
 //   ec_gemv_b{1..8}_v1_t{11,12}   one vector (params.vectors == 1)
 //   ec_gemv_b{1..8}_v8_t{11,12}   up to 8 vectors (params.vectors in 1..=8), one accumulator per vector per lane
+//   ec_gemv_split_v{1,8}_t{11,12} the same for split streams (params.bits == 2, params.low_bits == 2)
 // where t11 holds a decode table of 2^11 entries (params.precision <= 11) and t12 one of 2^12.
 // Buffers, in binding order:
 //   0 words         ushort[total_words]        the tiles' 16-bit words, tile after tile
@@ -29,10 +33,11 @@
 //   3 decode_table  uint[2^precision]          symbol | (freq - 1) << 8 | (slot - cum) << 20
 //   4 scales        float[rows * cols / group_size]
 //   5 biases        float[rows * cols / group_size]
-//   6 x             float[vectors * cols]      row-major, one input vector per row
-//   7 y             float[vectors * rows]      row-major, written
-//   8 tile_status   uint[tiles]                written: 0 ok, bit 0 an end state != 2^16, bit 1 word count
-//   9 params        EcParams                   (constant address space)
+//   6 low           uint[row_tiles * 32 * cols / 16]  a split stream's low words; read by ec_gemv_split_* only
+//   7 x             float[vectors * cols]      row-major, one input vector per row
+//   8 y             float[vectors * rows]      row-major, written
+//   9 tile_status   uint[tiles]                written: 0 ok, bit 0 an end state != 2^16, bit 1 word count
+//  10 params        EcParams                   (constant address space)
 
 // Requires ec_rans.h prepended (EcParams, LANES, WordWindow, renormalize, ...).
 
@@ -44,6 +49,15 @@ inline float symbol_dot(uint symbol, device const float* x) {
     float sum = 0.0f;
     for (uint i = 0; i < K; i++) {
         sum += float((symbol >> (i * BITS)) & MASK) * x[i];
+    }
+    return sum;
+}
+
+// sum(q * x) over the 8 4-bit weights of a packed word: weight i sits in bits 4 i.., column i.
+inline float word_dot4(uint word, device const float* x) {
+    float sum = 0.0f;
+    for (uint i = 0; i < 8; i++) {
+        sum += float((word >> (4u * i)) & 0xfu) * x[i];
     }
     return sum;
 }
@@ -60,7 +74,7 @@ inline float simd_range_sum(device const float* x, uint n, uint lane) {
 // ---------------------------------------------------------------------------------------------------------
 // Kernel
 
-template <int BITS, int VECTORS, int TABLE_BITS>
+template <int BITS, int VECTORS, int TABLE_BITS, bool SPLIT>
 [[kernel]] void ec_gemv(
     device const ushort* words [[buffer(0)]],
     device const uint* tile_offsets [[buffer(1)]],
@@ -68,10 +82,11 @@ template <int BITS, int VECTORS, int TABLE_BITS>
     device const uint* decode_table [[buffer(3)]],
     device const float* scales [[buffer(4)]],
     device const float* biases [[buffer(5)]],
-    device const float* x [[buffer(6)]],
-    device float* y [[buffer(7)]],
-    device uint* tile_status [[buffer(8)]],
-    constant EcParams& params [[buffer(9)]],
+    device const uint* low [[buffer(6)]],
+    device const float* x [[buffer(7)]],
+    device float* y [[buffer(8)]],
+    device uint* tile_status [[buffer(9)]],
+    constant EcParams& params [[buffer(10)]],
     uint row_tile [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
@@ -81,7 +96,10 @@ template <int BITS, int VECTORS, int TABLE_BITS>
     static_assert(BITS >= 1 && BITS <= 8, "ec_gemv supports 1- to 8-bit symbols");
     static_assert(VECTORS >= 1 && VECTORS <= 8, "ec_gemv keeps at most 8 accumulators per lane");
     static_assert(TABLE_BITS >= 1 && TABLE_BITS <= int(MAX_PRECISION), "the table holds 2^1 to 2^12 entries");
+    static_assert(!SPLIT || BITS == 2, "a split stream codes 2-bit symbols");
     constexpr uint K = 8 / BITS;  // weights per joint symbol
+    // Columns a trip of the step loop covers: one joint symbol, or a split stream's block of 16 (4 steps).
+    constexpr uint STEP_COLS = SPLIT ? 16u : K;
 
     threadgroup uint table[1u << TABLE_BITS];
     threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];
@@ -90,7 +108,8 @@ template <int BITS, int VECTORS, int TABLE_BITS>
     const uint group_size = params.group_size;
     // Whole simdgroups only: lane r is row r of the tile.
     if (params.bits != uint(BITS) || params.vectors == 0 || params.vectors > uint(VECTORS) || group_size == 0 ||
-        group_size % K != 0 || params.segment == 0 || params.segment % group_size != 0 ||
+        group_size % STEP_COLS != 0 || params.low_bits != (SPLIT ? 2u : 0u) || params.segment == 0 ||
+        params.segment % group_size != 0 ||
         params.cols % group_size != 0 || row_tile >= params.row_tiles || threads % LANES != 0 ||
         params.precision > uint(TABLE_BITS)) {
         return;
@@ -131,15 +150,34 @@ template <int BITS, int VECTORS, int TABLE_BITS>
                 qx[v] = 0.0f;
                 sx[v] = uint(v) < vectors ? simd_range_sum(x + v * cols + group_col, group_size, lane) : 0.0f;
             }
-            for (uint col = group_col; col < group_col + group_size; col += K) {
-                const uint entry = table[state & slot_mask];
-                state = active ? rans_advance(state, entry, precision) : state;
-                for (int v = 0; v < VECTORS; v++) {
-                    if (uint(v) < vectors) {
-                        qx[v] += symbol_dot<BITS>(entry & 0xffu, x + v * cols + col);
+            for (uint col = group_col; col < group_col + group_size; col += STEP_COLS) {
+                if (SPLIT) {
+                    // Four steps: the block's coded symbols, the first lowest, then merged with its low word.
+                    uint hi = 0u;
+                    for (uint h = 0; h < 4; h++) {
+                        const uint entry = table[state & slot_mask];
+                        state = active ? rans_advance(state, entry, precision) : state;
+                        hi |= (entry & 0xffu) << (8u * h);
+                        state = renormalize(state, active, lane, window, words, range.y);
                     }
+                    const uint lo = low[(row_tile * (cols / 16u) + col / 16u) * LANES + lane];
+                    const uint first = ((hi & 0x33333333u) << 2) | (lo & 0x33333333u);
+                    const uint second = (hi & 0xccccccccu) | ((lo >> 2) & 0x33333333u);
+                    for (int v = 0; v < VECTORS; v++) {
+                        if (uint(v) < vectors) {
+                            qx[v] += word_dot4(first, x + v * cols + col) + word_dot4(second, x + v * cols + col + 8);
+                        }
+                    }
+                } else {
+                    const uint entry = table[state & slot_mask];
+                    state = active ? rans_advance(state, entry, precision) : state;
+                    for (int v = 0; v < VECTORS; v++) {
+                        if (uint(v) < vectors) {
+                            qx[v] += symbol_dot<BITS>(entry & 0xffu, x + v * cols + col);
+                        }
+                    }
+                    state = renormalize(state, active, lane, window, words, range.y);
                 }
-                state = renormalize(state, active, lane, window, words, range.y);
             }
             if (active) {
                 const uint g = row * groups_per_row + group_col / group_size;
@@ -183,7 +221,12 @@ template <int BITS, int VECTORS, int TABLE_BITS>
 
 #define instantiate_ec_gemv(bits, vectors, table)                                                            \
     template [[host_name("ec_gemv_b" #bits "_v" #vectors "_t" #table)]] [[kernel]]                           \
-        decltype(ec_gemv<bits, vectors, table>) ec_gemv<bits, vectors, table>;
+        decltype(ec_gemv<bits, vectors, table, false>) ec_gemv<bits, vectors, table, false>;
+
+// Split streams: ec_gemv_split_v{VECTORS}_t{TABLE_BITS}, 2-bit coded symbols.
+#define instantiate_ec_gemv_split(vectors, table)                                                           \
+    template [[host_name("ec_gemv_split_v" #vectors "_t" #table)]] [[kernel]]                              \
+        decltype(ec_gemv<2, vectors, table, true>) ec_gemv<2, vectors, table, true>;
 
 #define instantiate_ec_gemv_vectors(bits) \
     instantiate_ec_gemv(bits, 1, 11)      \
@@ -199,3 +242,7 @@ instantiate_ec_gemv_vectors(5)
 instantiate_ec_gemv_vectors(6)
 instantiate_ec_gemv_vectors(7)
 instantiate_ec_gemv_vectors(8)
+instantiate_ec_gemv_split(1, 11)
+instantiate_ec_gemv_split(1, 12)
+instantiate_ec_gemv_split(8, 11)
+instantiate_ec_gemv_split(8, 12)

@@ -25,7 +25,7 @@ struct EcParams {
     uint precision;    // P; the decode table holds 2^P entries, P <= 12
     uint total_words;  // entries in `words`
     uint vectors;      // M, input vectors (ec_gemv); unused by rans_decode
-    uint reserved0;    // zero
+    uint low_bits;     // 2 for a split stream (ec_gemv_split_*: bits 2 coded, 4-bit weights), else 0
     uint reserved1;    // zero
 };
 

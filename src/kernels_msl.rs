@@ -7,7 +7,7 @@
 //! Metal backend numbers buffers in the order of the pipeline layout's entries, group after group, starting at
 //! 0 when no immediates are used ([`EC_GEMV_GROUPS`] lists ec_gemv's two groups). Every size travels in the
 //! `EcParams` block (last binding, a uniform buffer of [`PARAMS_SIZE`] bytes: twelve `u32`, in order `rows,
-//! cols, bits, group_size, segment, segments, row_tiles, precision, total_words, vectors, 0, 0`, built by
+//! cols, bits, group_size, segment, segments, row_tiles, precision, total_words, vectors, low_bits, 0`, built by
 //! [`EcParams::new`]), because
 //! wgpu passes no buffer lengths to passthrough shaders. The `words` buffer holds the `u16` words as
 //! little-endian bytes (padding the buffer to a multiple of 4 bytes is fine).
@@ -30,8 +30,9 @@ pub const EC_GEMV_MAX_VECTORS: u32 = 8;
 
 /// Fused decode + dequantize + GEMV, one threadgroup per row tile (grid: `ceil(rows / 32)` threadgroups).
 /// Entry points `ec_gemv_b{bits}_v1_t{table}` (one vector) and `ec_gemv_b{bits}_v8_t{table}` (1 to 8 vectors), bits
-/// 1 to 8, with a decode table of `2^table` entries ([`msl_table_bits`]: 11 or 12).
-/// Buffers: words, tile_offsets, states, decode_table, scales, biases, x, y, tile_status, params.
+/// 1 to 8, with a decode table of `2^table` entries ([`msl_table_bits`]: 11 or 12), and `ec_gemv_split_v{1,8}_t{table}`
+/// for split streams (docs/FORMAT.md section 2.1).
+/// Buffers: words, tile_offsets, states, decode_table, scales, biases, low, x, y, tile_status, params.
 pub const EC_GEMV: &str = concat!(include_str!("../msl/ec_rans.h"), include_str!("../msl/ec_gemv.metal"));
 
 /// Decode-only to MLX-packed `u32` symbols (`quant::pack_mlx` layout), any grid (tiles are strided over it).
@@ -48,7 +49,7 @@ pub struct EcParams {
     pub rows: u32,
     /// Columns `K` (input features).
     pub cols: u32,
-    /// Bits per weight; must equal the entry point's `BITS`.
+    /// Bits per coded symbol (the layout's; 2 for a split stream); must equal the entry point's `BITS`.
     pub bits: u32,
     /// Columns per scale/bias group.
     pub group_size: u32,
@@ -64,19 +65,15 @@ pub struct EcParams {
     pub total_words: u32,
     /// Input vectors `M` of an `ec_gemv` call (1..=8); unused by `rans_decode`.
     pub vectors: u32,
-    /// Zero.
-    pub reserved0: u32,
+    /// Low bits stored as they are: 2 for a split stream, else 0.
+    pub low_bits: u32,
     /// Zero.
     pub reserved1: u32,
 }
 
 impl EcParams {
-    /// The block for `tensor` and a call with `vectors` input vectors. Fails when a size does not fit a `u32`,
-    /// and for a split tensor, which the MSL kernel does not read (the WGSL one does).
+    /// The block for `tensor` and a call with `vectors` input vectors. Fails when a size does not fit a `u32`.
     pub fn new(tensor: &EcTensor, vectors: u32) -> Result<Self> {
-        if tensor.low().is_some() {
-            return Err(Error::param("tensor", "the MSL kernel reads streams that are not split; use the WGSL kernel"));
-        }
         let l = tensor.layout();
         let u32_of = |what: &'static str, v: usize| {
             u32::try_from(v).map_err(|_| Error::param(what, format!("{v} does not fit the kernels' 32-bit sizes")))
@@ -92,7 +89,7 @@ impl EcParams {
             precision: tensor.table().precision(),
             total_words: u32_of("total_words", tensor.stream().words.len())?,
             vectors,
-            reserved0: 0,
+            low_bits: if tensor.low().is_some() { crate::rans::SPLIT_LOW_BITS } else { 0 },
             reserved1: 0,
         })
     }
@@ -120,6 +117,7 @@ pub const EC_GEMV_GROUPS: [&[(&str, BufferAccess)]; 2] = [
         ("decode_table", BufferAccess::Read),
         ("scales", BufferAccess::Read),
         ("biases", BufferAccess::Read),
+        ("low", BufferAccess::Read),
     ],
     &[
         ("x", BufferAccess::Read),
@@ -140,21 +138,23 @@ pub fn msl_table_bits(precision: u32) -> u32 {
     MSL_TABLE_BITS.into_iter().find(|&t| precision <= t).unwrap_or(crate::rans::MAX_PRECISION)
 }
 
-/// The `ec_gemv` entry point for `bits` (1..=8), a call of `vectors` vectors and a stream of precision
+/// The `ec_gemv` entry point for `bits` (1..=8) coded bits, a call of `vectors` vectors and a stream of precision
 /// `precision`: the one-vector variant for one, the eight-accumulator variant for 2 to 8, each with the table
-/// size of [`msl_table_bits`].
-pub fn ec_gemv_entry_point(bits: u32, vectors: u32, precision: u32) -> String {
+/// size of [`msl_table_bits`]; `split` picks the split-stream entry points (2 coded bits).
+pub fn ec_gemv_entry_point(bits: u32, vectors: u32, precision: u32, split: bool) -> String {
     let v = if vectors == 1 { 1 } else { EC_GEMV_MAX_VECTORS };
-    format!("ec_gemv_b{bits}_v{v}_t{}", msl_table_bits(precision))
+    let kind = if split { "split".to_string() } else { format!("b{bits}") };
+    format!("ec_gemv_{kind}_v{v}_t{}", msl_table_bits(precision))
 }
 
 /// Every entry point of [`EC_GEMV`], in the order the source instantiates them.
 pub fn ec_gemv_entry_points() -> Vec<String> {
     let mut out = Vec::new();
-    for bits in 1..=8 {
+    let widths = (1..=8).map(|bits| (bits, false)).chain([(2, true)]);
+    for (bits, split) in widths {
         for vectors in [1, EC_GEMV_MAX_VECTORS] {
             for table in MSL_TABLE_BITS {
-                out.push(ec_gemv_entry_point(bits, vectors, table));
+                out.push(ec_gemv_entry_point(bits, vectors, table, split));
             }
         }
     }

@@ -314,8 +314,7 @@ mod gpu {
         pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
             let stream = GpuStream::upload(ctx, tensor)?;
             let scales = GpuScales::upload(ctx, tensor)?;
-            // The MSL kernel reads streams that are not split; a split one runs the WGSL kernel on Metal too.
-            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() && !stream.split() {
+            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() {
                 Some(MslGemv::new(ctx, tensor, &stream, &scales)?)
             } else {
                 None

@@ -240,8 +240,9 @@ fn shim_rejects_divergent_collectives_and_barriers() {
 #[test]
 fn entry_points_cover_every_width() {
     let Some(emu) = emulator() else { return };
+    let kinds = (1..=8).map(|b| format!("b{b}")).chain(["split".to_string()]);
     let want: Vec<String> =
-        (1..=8).flat_map(|b| [1, 8].map(|v| [11, 12].map(|t| format!("ec_gemv_b{b}_v{v}_t{t}")))).flatten().collect();
+        kinds.flat_map(|k| [1, 8].map(|v| [11, 12].map(|t| format!("ec_gemv_{k}_v{v}_t{t}")))).flatten().collect();
     assert_eq!(host_names(emu, "msl/ec_gemv.metal"), want);
     // The passthrough loader declares exactly these entry points.
     assert_eq!(ecq::kernels_msl::ec_gemv_entry_points(), want);
@@ -260,19 +261,30 @@ struct Case {
     group_size: usize,
     table: FreqTable,
     stream: EncodedStream,
+    /// A split stream's low words.
+    low: Option<Vec<u32>>,
     q: QuantizedMatrix,
 }
 
 impl Case {
     /// Random weights quantized by ecq's quantizer and encoded with `EcTensor::encode`.
     fn quantized(rows: usize, cols: usize, bits: u32, group_size: usize, segment: usize, seed: u64) -> Self {
+        Self::encoded(rows, cols, bits, group_size, segment, seed, false)
+    }
+
+    /// [`Case::quantized`] at 4 bits as a split stream (high 2 bits coded, low 2 stored).
+    fn split(rows: usize, cols: usize, group_size: usize, segment: usize, seed: u64) -> Self {
+        Self::encoded(rows, cols, 4, group_size, segment, seed, true)
+    }
+
+    fn encoded(rows: usize, cols: usize, bits: u32, group_size: usize, segment: usize, seed: u64, split: bool) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         // Roughly bell-shaped weights, so the symbols are skewed as in real models.
         let w: Vec<f32> = (0..rows * cols).map(|_| (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0).collect();
         let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap();
-        let t =
-            EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split: false }).unwrap();
-        Self::from_tensor(format!("{rows}x{cols} b{bits} g{group_size} s{segment}"), &t, q)
+        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split }).unwrap();
+        let kind = if split { " split" } else { "" };
+        Self::from_tensor(format!("{rows}x{cols} b{bits}{kind} g{group_size} s{segment}"), &t, q)
     }
 
     /// Random skewed symbols of any width 1..=8 (beyond what the quantizer produces) with f32 scales, coded at
@@ -327,6 +339,7 @@ impl Case {
             group_size: t.group_size(),
             table: t.table().clone(),
             stream: t.stream().clone(),
+            low: t.low().map(<[u32]>::to_vec),
             q,
         }
     }
@@ -349,7 +362,7 @@ impl Case {
             self.table.precision(),
             self.stream.words.len() as u32,
             vectors,
-            0,
+            if self.low.is_some() { rans::SPLIT_LOW_BITS } else { 0 },
             0,
         ]
     }
@@ -362,6 +375,8 @@ impl Case {
         a.put_u32("states", &self.stream.states);
         a.put_u32("decode_table", &self.table.decode_table());
         a.put_u32("params", &self.params(vectors));
+        // ec_gemv binds the low words always (a stand-in where the stream is not split).
+        a.put_u32("low", self.low.as_deref().unwrap_or(&[0]));
         a.put_scalar("workers", workers());
         a
     }
@@ -388,7 +403,8 @@ fn run_gemv(emu: &Emulator, case: &Case, x: &[f32], m: usize, variant: u32, thre
     a.put_scalar("variant", variant);
     a.put_scalar("threads", threads);
     let table = ecq::kernels_msl::msl_table_bits(case.table.precision());
-    let what = format!("ec_gemv_b{}_v{variant}_t{table} {} m={m} threads={threads}", case.layout.bits(), case.name);
+    let kind = if case.low.is_some() { "split".to_string() } else { format!("b{}", case.layout.bits()) };
+    let what = format!("ec_gemv_{kind}_v{variant}_t{table} {} m={m} threads={threads}", case.name);
     let out = run_driver(&emu.ec_gemv, &a, &what);
     GemvRun { y: out.get_f32("y"), tile_status: out.get_u32("tile_status") }
 }
@@ -454,6 +470,17 @@ fn check_gemv(case: &Case, m: usize, variant: u32, threads: u32) {
 }
 
 const PARITY_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
+
+/// Split streams (ec_gemv_split_*): a 3-row last row tile and a 64-column last segment, one 20-row tile, long
+/// segments with groups of 64; one vector and several.
+#[test]
+fn ec_gemv_split_streams_match_reference() {
+    let case = Case::split(67, 1088, 32, 256, 500);
+    check_gemv(&case, 1, 1, THREADS);
+    check_gemv(&case, 3, 8, THREADS);
+    check_gemv(&Case::split(20, 128, 32, 128, 501), 1, 1, THREADS);
+    check_gemv(&Case::split(37, 2048, 64, 1024, 502), 8, 8, THREADS);
+}
 
 #[test]
 fn ec_gemv_67x1088_every_width_matches_reference() {

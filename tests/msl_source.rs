@@ -17,7 +17,7 @@ const PARAMS_FIELDS: [&str; 12] = [
     "precision",
     "total_words",
     "vectors",
-    "reserved0",
+    "low_bits",
     "reserved1",
 ];
 
@@ -69,8 +69,19 @@ fn ec_gemv_buffers_are_numbered_in_binding_order() {
             name
         })
         .collect();
-    let want =
-        ["words", "tile_offsets", "states", "decode_table", "scales", "biases", "x", "y", "tile_status", "params"];
+    let want = [
+        "words",
+        "tile_offsets",
+        "states",
+        "decode_table",
+        "scales",
+        "biases",
+        "low",
+        "x",
+        "y",
+        "tile_status",
+        "params",
+    ];
     assert_eq!(names, want);
 }
 
@@ -175,15 +186,18 @@ fn ec_gemv_groups_flatten_to_the_buffer_order() {
 #[test]
 fn ec_gemv_entry_point_by_vector_count_and_precision() {
     use ecq::kernels_msl::ec_gemv_entry_point;
-    assert_eq!(ec_gemv_entry_point(4, 1, 11), "ec_gemv_b4_v1_t11");
+    assert_eq!(ec_gemv_entry_point(4, 1, 11, false), "ec_gemv_b4_v1_t11");
     for m in 2..=8 {
-        assert_eq!(ec_gemv_entry_point(4, m, 11), "ec_gemv_b4_v8_t11");
+        assert_eq!(ec_gemv_entry_point(4, m, 11, false), "ec_gemv_b4_v8_t11");
     }
-    assert_eq!(ec_gemv_entry_point(8, 3, 12), "ec_gemv_b8_v8_t12");
+    assert_eq!(ec_gemv_entry_point(8, 3, 12, false), "ec_gemv_b8_v8_t12");
     for p in 1..=11 {
-        assert_eq!(ec_gemv_entry_point(2, 1, p), "ec_gemv_b2_v1_t11", "P = {p}");
+        assert_eq!(ec_gemv_entry_point(2, 1, p, false), "ec_gemv_b2_v1_t11", "P = {p}");
     }
-    assert_eq!(ec_gemv_entry_point(2, 1, 12), "ec_gemv_b2_v1_t12");
+    assert_eq!(ec_gemv_entry_point(2, 1, 12, false), "ec_gemv_b2_v1_t12");
+    // Split streams (2 coded bits).
+    assert_eq!(ec_gemv_entry_point(2, 1, 11, true), "ec_gemv_split_v1_t11");
+    assert_eq!(ec_gemv_entry_point(2, 5, 12, true), "ec_gemv_split_v8_t12");
 }
 
 /// The host's threadgroup-memory figure (checked against the device limit before building a pipeline) counts
@@ -206,6 +220,8 @@ fn ec_gemv_threadgroup_bytes_match_the_declarations() {
     for table in MSL_TABLE_BITS {
         assert!(EC_GEMV.contains(&format!("instantiate_ec_gemv(bits, 1, {table})")), "t{table}");
         assert!(EC_GEMV.contains(&format!("instantiate_ec_gemv(bits, 8, {table})")), "t{table}");
+        assert!(EC_GEMV.contains(&format!("instantiate_ec_gemv_split(1, {table})")), "split t{table}");
+        assert!(EC_GEMV.contains(&format!("instantiate_ec_gemv_split(8, {table})")), "split t{table}");
     }
     assert_eq!(ec_gemv_threadgroup_bytes(1, 11), 4 * 2048 + 4 * 8 * 32);
     assert_eq!(ec_gemv_threadgroup_bytes(1, 12), 4 * 4096 + 4 * 8 * 32);
@@ -215,9 +231,9 @@ fn ec_gemv_threadgroup_bytes_match_the_declarations() {
     }
 }
 
-/// The MSL kernel does not read split streams: their parameter block is refused rather than built wrong.
+/// A split stream's parameter block: 2 coded bits and `low_bits` 2; 0 for a stream that is not split.
 #[test]
-fn params_block_refuses_a_split_stream() {
+fn params_block_of_a_split_stream() {
     use ecq::format::{EcTensor, EncodeOptions};
     use ecq::kernels_msl::EcParams;
     use ecq::quant::{quantize, QuantConfig};
@@ -225,8 +241,9 @@ fn params_block_refuses_a_split_stream() {
     let weights: Vec<f32> = (0..40 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
     let q = quantize(&weights, 40, 256, QuantConfig::default()).unwrap();
     let split = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap();
-    let err = EcParams::new(&split, 1).unwrap_err();
-    assert!(err.to_string().contains("not split"), "{err}");
+    let p = EcParams::new(&split, 1).unwrap();
+    assert_eq!((p.bits, p.low_bits), (2, 2));
     let plain = EcTensor::encode(&q, EncodeOptions::default()).unwrap();
-    assert_eq!(EcParams::new(&plain, 1).unwrap().bits, 4);
+    let p = EcParams::new(&plain, 1).unwrap();
+    assert_eq!((p.bits, p.low_bits), (4, 0));
 }

@@ -755,9 +755,10 @@ fn row_kernel(
 
 // Buffers the Metal path (super::metal) binds in its own layout.
 impl GpuStream {
-    /// `words`, `tile_offsets`, `states`, `decode_table`: buffers 0 to 3 of msl/ec_gemv.metal.
-    pub(crate) fn msl_buffers(&self) -> [&wgpu::Buffer; 4] {
-        [&self.words, &self.tile_offsets, &self.states, &self.decode_table]
+    /// `words`, `tile_offsets`, `states`, `decode_table` (buffers 0 to 3 of msl/ec_gemv.metal) and `low` (buffer 6;
+    /// another stream buffer stands in, unread, for a stream that is not split).
+    pub(crate) fn msl_buffers(&self) -> [&wgpu::Buffer; 5] {
+        [&self.words, &self.tile_offsets, &self.states, &self.decode_table, self.low_binding()]
     }
 }
 

@@ -177,10 +177,10 @@ fn module(ctx: &GpuContext) -> Result<wgpu::ShaderModule> {
     Ok(module)
 }
 
-/// The pipeline of the `ec_gemv` variant for `bits`, `vectors` vectors and a stream of precision `precision`,
-/// built on first use.
-fn pipeline(ctx: &GpuContext, bits: u32, vectors: u32, precision: u32) -> Result<wgpu::ComputePipeline> {
-    let entry = ec_gemv_entry_point(bits, vectors, precision);
+/// The pipeline of the `ec_gemv` variant for `bits`, `vectors` vectors, a stream of precision `precision` and
+/// split or not, built on first use.
+fn pipeline(ctx: &GpuContext, bits: u32, vectors: u32, precision: u32, split: bool) -> Result<wgpu::ComputePipeline> {
+    let entry = ec_gemv_entry_point(bits, vectors, precision, split);
     let bytes = ec_gemv_threadgroup_bytes(vectors, precision);
     let limit = ctx.limits().max_compute_workgroup_storage_size as u64;
     if bytes > limit {
@@ -226,6 +226,7 @@ fn pipeline(ctx: &GpuContext, bits: u32, vectors: u32, precision: u32) -> Result
 /// vector count.
 pub(crate) struct MslGemv {
     bits: u32,
+    split: bool,
     row_tiles: usize,
     tiles: usize,
     base: EcParams,
@@ -241,12 +242,13 @@ impl MslGemv {
         let l = tensor.layout();
         let base = EcParams::new(tensor, 1)?;
         check_params(&base)?;
-        let [words, tile_offsets, states, decode_table] = stream.msl_buffers();
+        let [words, tile_offsets, states, decode_table, low] = stream.msl_buffers();
         let [scales, biases] = scales.msl_buffers();
-        let weights = bind_group(ctx, 0, &[words, tile_offsets, states, decode_table, scales, biases]);
+        let weights = bind_group(ctx, 0, &[words, tile_offsets, states, decode_table, scales, biases, low]);
         let tile_status = ctx.storage("tile status", (l.tiles() * 4) as u64, wgpu::BufferUsages::COPY_SRC)?;
         let gemv = Self {
             bits: l.bits(),
+            split: stream.split(),
             row_tiles: l.row_tiles(),
             tiles: l.tiles(),
             base,
@@ -291,7 +293,7 @@ impl MslGemv {
         m: usize,
     ) -> Result<()> {
         let m = vectors(m)?;
-        let pipeline = pipeline(ctx, self.bits, m, self.base.precision)?;
+        let pipeline = pipeline(ctx, self.bits, m, self.base.precision, self.split)?;
         if self.row_tiles == 0 {
             return Ok(());
         }
@@ -348,10 +350,13 @@ fn first_failed_tile(status: &[u32]) -> Result<()> {
 /// The conditions under which the kernel leaves without writing (see the top of msl/ec_gemv.metal), checked
 /// on the host so a product never silently skips its work.
 fn check_params(p: &EcParams) -> Result<()> {
-    let k = 8 / p.bits.max(1);
+    // Columns one trip of the kernel's step loop covers: a joint symbol, or a split stream's block of 16.
+    let step_cols = if p.low_bits == 0 { 8 / p.bits.max(1) } else { crate::rans::SPLIT_BLOCK as u32 };
+    let split_ok = p.low_bits == 0 || (p.low_bits == crate::rans::SPLIT_LOW_BITS && p.bits == 2);
     let fits = (1..=8).contains(&p.bits)
+        && split_ok
         && p.group_size != 0
-        && p.group_size % k == 0
+        && p.group_size % step_cols == 0
         && p.segment != 0
         && p.segment % p.group_size == 0
         && p.cols % p.group_size == 0
@@ -444,7 +449,7 @@ mod tests {
                 metal_index += 1;
             }
         }
-        assert_eq!(metal_index, 10, "ec_gemv.metal declares buffers 0..=9");
+        assert_eq!(metal_index, 11, "ec_gemv.metal declares buffers 0..=10");
     }
 
     #[test]
@@ -474,10 +479,11 @@ mod tests {
             precision: 12,
             total_words: 100,
             vectors: 1,
-            reserved0: 0,
+            low_bits: 0,
             reserved1: 0,
         };
         assert!(check_params(&good).is_ok());
+        assert!(check_params(&EcParams { low_bits: 2, bits: 2, ..good }).is_ok());
         for bad in [
             EcParams { bits: 0, ..good },
             EcParams { bits: 9, ..good },
@@ -487,6 +493,9 @@ mod tests {
             EcParams { cols: 288, ..good },
             EcParams { precision: 13, ..good },
             EcParams { bits: 3, group_size: 63, segment: 126, cols: 252, ..good },
+            EcParams { low_bits: 2, ..good },
+            EcParams { low_bits: 1, bits: 2, ..good },
+            EcParams { low_bits: 2, bits: 2, group_size: 8, segment: 128, ..good },
         ] {
             assert!(check_params(&bad).is_err(), "{bad:?}");
         }

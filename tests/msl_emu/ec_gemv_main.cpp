@@ -1,5 +1,6 @@
 // Emulation driver for msl/ec_gemv.metal: reads the kernel inputs from an array file (driver.h), launches the
-// ec_gemv_b{bits}_v{variant}_t{11,12} grid (one threadgroup per row tile) and writes `y` and `tile_status`.
+// ec_gemv_b{bits}_v{variant}_t{11,12} grid, or ec_gemv_split_v{variant}_t{11,12} where params.low_bits is 2 (one
+// threadgroup per row tile), and writes `y` and `tile_status`.
 //
 // Usage: ec_gemv_emu INPUT OUTPUT. Scalars in the input: `variant` (1 or 8: which VECTORS instantiation),
 // `threads` (threads per threadgroup), `workers` (OS threads).
@@ -13,12 +14,12 @@
 namespace {
 
 using Kernel = void (*)(const ushort*, const uint*, const uint*, const uint*, const float*, const float*,
-                        const float*, float*, uint*, EcParams&, uint, uint, uint, uint, uint, uint);
+                        const uint*, const float*, float*, uint*, EcParams&, uint, uint, uint, uint, uint, uint);
 
-template <int BITS, int TABLE_BITS>
+template <int BITS, int TABLE_BITS, bool SPLIT = false>
 Kernel pick_variant(uint32_t variant) {
-    if (variant == 1) return &ec_gemv<BITS, 1, TABLE_BITS>;
-    if (variant == 8) return &ec_gemv<BITS, 8, TABLE_BITS>;
+    if (variant == 1) return &ec_gemv<BITS, 1, TABLE_BITS, SPLIT>;
+    if (variant == 8) return &ec_gemv<BITS, 8, TABLE_BITS, SPLIT>;
     driver::die("variant must be 1 or 8");
 }
 
@@ -37,8 +38,14 @@ Kernel pick_bits(uint32_t bits, uint32_t variant) {
     driver::die("bits must be in 1..=8");
 }
 
-// The instantiation whose table holds 2^precision entries (t11 up to 11, else t12), as the host picks.
-Kernel pick(uint32_t bits, uint32_t variant, uint32_t precision) {
+// The instantiation whose table holds 2^precision entries (t11 up to 11, else t12), as the host picks; the split
+// one (2 coded bits) where `split`.
+Kernel pick(uint32_t bits, uint32_t variant, uint32_t precision, bool split) {
+    if (split) {
+        if (bits != 2) driver::die("a split stream codes 2 bits");
+        return precision <= SMALL_TABLE_BITS ? pick_variant<2, SMALL_TABLE_BITS, true>(variant)
+                                             : pick_variant<2, MAX_PRECISION, true>(variant);
+    }
     return precision <= SMALL_TABLE_BITS ? pick_bits<SMALL_TABLE_BITS>(bits, variant)
                                          : pick_bits<MAX_PRECISION>(bits, variant);
 }
@@ -54,7 +61,7 @@ int main(int argc, char** argv) {
     std::memcpy(&params, p->second.data(), sizeof(EcParams));
     const uint32_t threads = driver::scalar(in, "threads");
     const uint32_t workers = driver::scalar(in, "workers");
-    const Kernel run = pick(params.bits, driver::scalar(in, "variant"), params.precision);
+    const Kernel run = pick(params.bits, driver::scalar(in, "variant"), params.precision, params.low_bits == 2);
 
     std::unique_ptr<driver::GuardedBuffer> words(driver::input(in, "words", 2));
     std::unique_ptr<driver::GuardedBuffer> offsets(driver::input(in, "tile_offsets", 4));
@@ -62,6 +69,7 @@ int main(int argc, char** argv) {
     std::unique_ptr<driver::GuardedBuffer> table(driver::input(in, "decode_table", 4));
     std::unique_ptr<driver::GuardedBuffer> scales(driver::input(in, "scales", 4));
     std::unique_ptr<driver::GuardedBuffer> biases(driver::input(in, "biases", 4));
+    std::unique_ptr<driver::GuardedBuffer> low(driver::input(in, "low", 4));
     std::unique_ptr<driver::GuardedBuffer> x(driver::input(in, "x", 4));
     // Outputs start as NaN / all ones so that anything the kernel leaves unwritten shows.
     const size_t y_len = size_t(params.vectors) * params.rows;
@@ -73,7 +81,8 @@ int main(int argc, char** argv) {
 
     driver::launch(params.row_tiles, threads, workers, [&](uint32_t tg, uint32_t tid) {
         run(words->as<ushort>(), offsets->as<uint>(), states->as<uint>(), table->as<uint>(), scales->as<float>(),
-            biases->as<float>(), x->as<float>(), y.as<float>(), status.as<uint>(), params, tg, tid, threads,
+            biases->as<float>(), low->as<uint>(), x->as<float>(), y.as<float>(), status.as<uint>(), params, tg, tid,
+            threads,
             tid % 32, tid / 32, threads / 32);
     });
     driver::write_arrays(argv[2], {{"y", y.bytes()}, {"tile_status", status.bytes()}});
