@@ -97,11 +97,12 @@ enum Command {
     },
     /// Print a table of every tensor: shape, bits, stored size against the entropy bound, overhead.
     ///
-    /// Columns: `stored` is the symbol stream in bits per weight (words, states, tile offsets, frequency table
-    /// and a split tensor's low words); `entropy` is the order-0 entropy of the decoded weight symbols in bits per weight (coding k
-    /// weights per joint symbol can go slightly below it when neighbours are correlated); `+H` is how far
-    /// `stored` is above it; `side` is states + offsets + table as a percentage of the words (low words included); `scale` and `bias`
-    /// are their own bits per weight; `all` is stored + scale + bias, everything the tensor costs. A `total` line
+    /// Columns: `bits` is the weight width (`split4` for a split 4-bit tensor); `stored` is the symbol stream in
+    /// bits per weight (words, states, tile offsets, frequency table and a split tensor's low words); `entropy` is
+    /// the order-0 entropy of the decoded weight symbols in bits per weight (coding k weights per joint symbol can
+    /// go slightly below it when neighbours are correlated); `+H` is how far `stored` is above it; `side` is
+    /// states + offsets + table as a percentage of the words (low words included); `scale` and `bias` are their
+    /// own bits per weight; `all` is stored + scale + bias, everything the tensor costs. A `total` line
     /// sums every encoded tensor, and a table by role follows (layer numbers replaced by `*`).
     Inspect {
         /// An ecq container (a plain safetensors file is listed too, all tensors passthrough).
@@ -308,12 +309,9 @@ fn inspect(path: &Path) -> CliResult<()> {
             Ok(s) => {
                 let mut one = Sum::default();
                 one.add(&s);
-                println!(
-                    "{name:<width$}  {shape:>14}  {:>6}  {:>5}  {}",
-                    format!("{}-bit", s.bits),
-                    s.group_size,
-                    one.columns()
-                );
+                // A split tensor shows as `split4` (4-bit weights, the low 2 bits stored).
+                let bits = if info.low_bits > 0 { format!("split{}", s.bits) } else { format!("{}-bit", s.bits) };
+                println!("{name:<width$}  {shape:>14}  {:>6}  {:>5}  {}", bits, s.group_size, one.columns());
                 total.add(&s);
                 roles.entry(role(name)).or_default().add(&s);
             }
@@ -358,11 +356,13 @@ fn verify(path: &Path) -> CliResult<()> {
         checked += 1;
         match file.tensor(name).and_then(|t| t.decode_symbols().map(|s| (t, s.len()))) {
             Ok((t, n)) => println!(
-                "ok     {name}: [{}, {}] {}-bit, {n} symbols decoded, {} tiles end at 2^16, 6 checksums match",
+                "ok     {name}: [{}, {}] {}-bit{}, {n} symbols decoded, {} tiles end at 2^16, {} checksums match",
                 t.rows(),
                 t.cols(),
                 t.bits(),
-                t.layout().tiles()
+                if t.low().is_some() { " split" } else { "" },
+                t.layout().tiles(),
+                if t.low().is_some() { 7 } else { 6 }
             ),
             Err(e) => {
                 faults += 1;
