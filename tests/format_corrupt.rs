@@ -615,3 +615,26 @@ fn missing_or_damaged_low_words_are_refused() {
     p.replace_array(ENCODED[0], "low", words);
     expect_invalid(read_all(dir.path(), &p.to_bytes()), "past the last", "nonzero padding row");
 }
+
+#[test]
+fn the_low_suffix_is_reserved_in_version_2_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let add_raw = |bytes: &[u8]| {
+        let mut p = Parts::parse(bytes);
+        let data = vec![1u8, 2, 3, 4];
+        let mut crc: BTreeMap<String, u32> = serde_json::from_str(&p.metadata["ecq.raw_crc32"]).unwrap();
+        crc.insert("extra.ecq.low".into(), crc32fast::hash(&data));
+        p.metadata.insert("ecq.raw_crc32".into(), serde_json::to_string(&crc).unwrap());
+        p.tensors.insert("extra.ecq.low".into(), ("U8".into(), vec![4], data));
+        let path = dir.path().join("t.safetensors");
+        std::fs::write(&path, p.to_bytes()).unwrap();
+        EcFile::open(&path).map(|f| f.raw_names().map(String::from).collect::<Vec<_>>())
+    };
+    // Version 1: an ordinary passthrough name.
+    assert!(add_raw(&fixture_bytes()).unwrap().contains(&"extra.ecq.low".to_string()));
+    // Version 2: a split tensor's array without its entry.
+    match add_raw(&split_fixture_bytes()) {
+        Err(Error::InvalidFile { reason }) => assert!(reason.contains("extra.ecq"), "{reason}"),
+        other => panic!("expected InvalidFile, got {other:?}"),
+    }
+}

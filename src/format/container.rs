@@ -68,7 +68,8 @@ pub fn refuse_overwrite<P: AsRef<Path>>(inputs: &[P], output: &Path) -> Result<(
     Ok(())
 }
 
-/// Name suffixes of the stream arrays, reserved for encoded tensors.
+/// Name suffixes of the stream arrays, reserved for encoded tensors (the last, a split tensor's, since version 2:
+/// writers refuse it for passthrough tensors, readers take it as an ordinary name in other files).
 const STREAM_SUFFIXES: [&str; 5] = [".ecq.words", ".ecq.tile_offsets", ".ecq.states", ".ecq.freqs", ".ecq.low"];
 
 /// The array names of encoded tensor `name`: six, and `low` for a split tensor.
@@ -597,7 +598,8 @@ impl EcFile {
         };
         let unclaimed = || file.tensors().keys().filter(|n| !claimed.contains(n.as_str()));
         for name in unclaimed() {
-            if let Some(s) = STREAM_SUFFIXES.iter().find(|s| name.ends_with(*s)) {
+            let reserved = if version == Some(2) { &STREAM_SUFFIXES[..] } else { &STREAM_SUFFIXES[..4] };
+            if let Some(s) = reserved.iter().find(|s| name.ends_with(*s)) {
                 let owner = &name[..name.len() - s.len()];
                 return Err(Error::file(format!("array `{name}` has no `{owner}.ecq` metadata entry")));
             }
