@@ -138,7 +138,7 @@ fn ec_params_bytes_follow_the_msl_field_order() {
             "precision" => 11,
             "total_words" => t.stream().words.len() as u32,
             "vectors" => 5,
-            "reserved0" | "reserved1" => 0,
+            "low_bits" | "reserved1" => 0,
             other => panic!("unknown EcParams field {other}"),
         }
     };
