@@ -1,4 +1,5 @@
-//! The worked example of docs/FORMAT.md section 9: exact words, states and decode table.
+//! The worked examples of docs/FORMAT.md: section 9 (exact words, states and decode table) and the split
+//! example of section 2.1.
 
 use ecq::rans::{decode, encode, FreqTable, TileLayout, LANES, STATE_LOWER};
 
@@ -48,4 +49,23 @@ fn worked_example_first_steps_follow_the_formulas() {
     };
     assert_eq!(step(0x00177488), (0x01, 960728));
     assert_eq!(step(0x00341f0c), (0x40, 640464));
+}
+
+/// The split example of docs/FORMAT.md section 2.1: one row of 16 weights.
+#[test]
+fn split_example_matches_format_md() {
+    use ecq::rans::{merge_words, split_symbols};
+    let q: [u8; 16] = [3, 14, 7, 0, 9, 12, 5, 10, 1, 15, 6, 11, 2, 8, 13, 4];
+    let (high, low) = split_symbols(&q, 1, 16).unwrap();
+    assert_eq!(high, [0, 0, 3, 3, 1, 1, 0, 2, 2, 0, 3, 2, 1, 3, 2, 1]);
+    let joint: Vec<u32> =
+        high.chunks(4).map(|h| h.iter().enumerate().fold(0, |j, (i, &s)| j | (s as u32) << (2 * i))).collect();
+    assert_eq!(joint, [0xf0, 0x85, 0xb2, 0x6d]);
+    // One row: the low words of the 31 rows past it in the row tile are 0.
+    assert_eq!(low.len(), 32);
+    assert_eq!(low[0], 0x2509cbe7);
+    assert!(low[1..].iter().all(|&w| w == 0));
+    let hi = joint.iter().enumerate().fold(0u32, |w, (t, &j)| w | j << (8 * t));
+    assert_eq!(merge_words(hi, low[0]), [0xa5c907e3, 0x4d82b6f1]);
+    assert_eq!(ecq::quant::pack_mlx(&q, 16, 4).unwrap(), [0xa5c907e3, 0x4d82b6f1]);
 }
