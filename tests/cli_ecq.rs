@@ -251,7 +251,7 @@ fn convert_split_writes_version_2_that_verifies() {
     assert_eq!(f.format_version(), Some(2));
     for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
         let info = f.encoded_info(input.name).unwrap();
-        assert_eq!((info.bits, info.low_bits, info.layout.bits()), (4, 2, 2), "{}", input.name);
+        assert_eq!((info.bits(), info.low_bits, info.layout.bits()), (4, 2, 2), "{}", input.name);
         assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 4, 64), "{}", input.name);
     }
     for command in ["verify", "inspect"] {

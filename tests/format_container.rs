@@ -205,7 +205,7 @@ fn split_tensor_round_trips_in_a_version_2_file() {
     assert_eq!(file.format_version(), Some(2));
     assert_eq!(file.safetensors().metadata().get(VERSION_KEY).map(String::as_str), Some("2"));
     let info = file.encoded_info("blk.up.weight").unwrap();
-    assert_eq!((info.bits, info.low_bits, info.layout.bits()), (4, 2, 2));
+    assert_eq!((info.bits(), info.low_bits, info.layout.bits()), (4, 2, 2));
     let low = &file.safetensors().tensors()[&ArrayNames::new("blk.up.weight").low];
     assert_eq!(low.shape, vec![ecq::rans::low_words(40, 256)]);
     assert_eq!(file.tensor("blk.up.weight").unwrap(), a);

@@ -152,8 +152,6 @@ struct EntryJson {
 pub struct EncodedInfo {
     /// The tile layout of the coded symbols (rows, columns, bits, segment): 2 bits for a split tensor.
     pub layout: TileLayout,
-    /// Bits per weight.
-    pub bits: u32,
     /// Low bits of each weight stored as they are: 2 for a split tensor, else 0.
     pub low_bits: u32,
     /// Columns per scale/bias group.
@@ -169,6 +167,11 @@ pub struct EncodedInfo {
 }
 
 impl EncodedInfo {
+    /// Bits per weight: the coded symbols' and the low bits stored as they are.
+    pub fn bits(&self) -> u32 {
+        self.layout.bits() + self.low_bits
+    }
+
     /// The names of the arrays this tensor has: six, seven when split.
     pub fn array_names(&self) -> Vec<&str> {
         let mut names = self.arrays.all().to_vec();
@@ -805,14 +808,5 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str, version: u32) ->
         // Bounded by the tile count checked above: at most 32 * 65536 weights a tile, one word per 16.
         expect(&arrays.low, &[Dtype::U32], &[low_words(rows, cols)])?;
     }
-    Ok(EncodedInfo {
-        layout,
-        bits: e.bits,
-        low_bits,
-        group_size,
-        precision: e.precision,
-        scale_dtype,
-        checksums: e.crc32,
-        arrays,
-    })
+    Ok(EncodedInfo { layout, low_bits, group_size, precision: e.precision, scale_dtype, checksums: e.crc32, arrays })
 }

@@ -187,8 +187,6 @@ fn grid(ctx: &GpuContext, units: usize) -> u32 {
 /// An encoded stream on the device: what the tile kernels read.
 pub struct GpuStream {
     layout: TileLayout,
-    /// Bits per weight of the decoded symbols: the layout's, or 4 for a split stream.
-    bits: u32,
     group_size: usize,
     precision: u32,
     /// `StreamParams` of wgsl/lanes.wgsl.
@@ -232,7 +230,6 @@ impl GpuStream {
         };
         Ok(Self {
             layout,
-            bits: tensor.bits(),
             group_size: tensor.group_size(),
             precision: tensor.table().precision(),
             params: ctx.uniform("ecq stream params", &params)?,
@@ -249,9 +246,13 @@ impl GpuStream {
         &self.layout
     }
 
-    /// Bits per weight of the decoded symbols.
+    /// Bits per weight of the decoded symbols: the layout's, or 4 for a split stream.
     pub fn bits(&self) -> u32 {
-        self.bits
+        if self.split() {
+            crate::rans::SPLIT_BITS
+        } else {
+            self.layout.bits()
+        }
     }
 
     /// Whether the stream is split (its low bits stored as they are).
@@ -267,7 +268,7 @@ impl GpuStream {
 
     /// Bytes of the packed symbols this stream decodes to.
     pub fn packed_bytes(&self) -> u64 {
-        (self.layout.rows() * self.layout.cols() * self.bits as usize / 8) as u64
+        (self.layout.rows() * self.layout.cols() * self.bits() as usize / 8) as u64
     }
 
     /// Binding 7 of the tile kernels: the low words, or a buffer that stands in for them unread.
@@ -329,7 +330,7 @@ impl GpuPacked {
     /// Allocates room for the symbols `stream` decodes to (filled by [`rans_decode`]).
     pub fn for_stream(ctx: &GpuContext, stream: &GpuStream) -> Result<Self> {
         let l = stream.layout;
-        let bits = stream.bits;
+        let bits = stream.bits();
         let params =
             [l.rows() as u32, l.cols() as u32, stream.group_size as u32, (l.cols() * bits as usize / 32) as u32];
         Ok(Self {
@@ -447,7 +448,7 @@ pub fn rans_decode_with(
     tiles_per_group: usize,
 ) -> Result<()> {
     let l = stream.layout;
-    if out.rows != l.rows() || out.cols != l.cols() || out.bits != stream.bits {
+    if out.rows != l.rows() || out.cols != l.cols() || out.bits != stream.bits() {
         return Err(Error::param("out", "packed buffer was sized for another stream"));
     }
     if l.tiles() == 0 {
