@@ -568,7 +568,7 @@ fn bad_split_parameters_are_refused() {
         ("low_bits 1", |e| e["low_bits"] = json!(1), "only 2 with 4 bits"),
         ("low_bits with 8 bits", |e| e["bits"] = json!(8), "only 2 with 4 bits"),
         ("no checksum of low", |e| drop(e["crc32"].as_object_mut().unwrap().remove("low")), "checksum of `low`"),
-        ("segment of 8", |e| e["segment"] = json!(8), "multiples of 16"),
+        ("segment of 8", |e| e["segment"] = json!(8), "8 is not a multiple of 16"),
     ];
     for (case, edit, needle) in cases {
         let mut p = Parts::parse(&bytes);

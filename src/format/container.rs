@@ -25,7 +25,8 @@ use super::tensor::EcTensor;
 use crate::error::{Error, Result};
 use crate::quant::ScaleDtype;
 use crate::rans::{
-    low_words, EncodedStream, FreqTable, TileLayout, LANES, MAX_PRECISION, SPLIT_BITS, SPLIT_BLOCK, SPLIT_LOW_BITS,
+    check_split_shape, low_words, EncodedStream, FreqTable, TileLayout, LANES, MAX_PRECISION, SPLIT_BITS,
+    SPLIT_LOW_BITS,
 };
 
 /// The newest container format version this build writes and reads (it reads 1 and 2). A file is written as
@@ -744,13 +745,8 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str, version: u32) ->
     if (low_bits > 0) != e.crc32.low.is_some() {
         return Err(invalid(name, "a checksum of `low` is given exactly when `low_bits` is 2"));
     }
-    if low_bits > 0 && (cols % SPLIT_BLOCK != 0 || segment % SPLIT_BLOCK != 0) {
-        return Err(invalid(
-            name,
-            format!(
-                "a split tensor needs columns ({cols}) and segment ({segment}) that are multiples of {SPLIT_BLOCK}"
-            ),
-        ));
+    if low_bits > 0 {
+        check_split_shape(cols, segment).map_err(|err| invalid(name, err))?;
     }
     if !(1..=MAX_PRECISION).contains(&e.precision) {
         return Err(invalid(name, format!("precision {} outside 1..={MAX_PRECISION}", e.precision)));

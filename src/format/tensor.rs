@@ -128,13 +128,7 @@ impl EcTensor {
                     format!("a split tensor codes {coded_bits}-bit symbols, not {}", layout.bits()),
                 ));
             }
-            rans::check_split_cols(layout.cols())?;
-            if layout.segment() % rans::SPLIT_BLOCK != 0 {
-                return Err(Error::param(
-                    "segment",
-                    format!("{} is not a multiple of {}, as a split tensor needs", layout.segment(), rans::SPLIT_BLOCK),
-                ));
-            }
+            rans::check_split_shape(layout.cols(), layout.segment())?;
             let words = rans::low_words(layout.rows(), layout.cols());
             if low.len() != words {
                 return Err(Error::ShapeMismatch { what: "low words".into(), expected: words, actual: low.len() });

@@ -39,13 +39,15 @@ pub fn low_words(rows: usize, cols: usize) -> usize {
     rows.div_ceil(LANES) * LANES * (cols / SPLIT_BLOCK)
 }
 
-/// Checks that a `cols`-column matrix can be split.
-pub fn check_split_cols(cols: usize) -> Result<()> {
-    if cols % SPLIT_BLOCK != 0 {
-        return Err(Error::param(
-            "cols",
-            format!("{cols} is not a multiple of {SPLIT_BLOCK}, as a split tensor needs"),
-        ));
+/// Checks that a `cols`-column matrix cut into segments of `segment` columns can be split: both multiples of 16.
+pub fn check_split_shape(cols: usize, segment: usize) -> Result<()> {
+    check_block("cols", cols)?;
+    check_block("segment", segment)
+}
+
+fn check_block(what: &'static str, v: usize) -> Result<()> {
+    if v % SPLIT_BLOCK != 0 {
+        return Err(Error::param(what, format!("{v} is not a multiple of {SPLIT_BLOCK}, as a split tensor needs")));
     }
     Ok(())
 }
@@ -53,7 +55,7 @@ pub fn check_split_cols(cols: usize) -> Result<()> {
 /// Splits row-major 4-bit symbols of a `rows x cols` matrix (`cols` a multiple of 16) into the coded high parts
 /// (2-bit symbols, row-major, columns interleaved within each block) and the low words ([`low_index`] order).
 pub fn split_symbols(symbols: &[u8], rows: usize, cols: usize) -> Result<(Vec<u8>, Vec<u32>)> {
-    check_split_cols(cols)?;
+    check_block("cols", cols)?;
     if symbols.len() != rows * cols {
         return Err(Error::ShapeMismatch { what: "symbols".into(), expected: rows * cols, actual: symbols.len() });
     }
@@ -80,7 +82,7 @@ pub fn split_symbols(symbols: &[u8], rows: usize, cols: usize) -> Result<(Vec<u8
 /// decoded) with their low words in place: `high` becomes those rows' 4-bit symbols in column order. `low` is
 /// all of the tensor's low words.
 pub fn merge_symbols(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) -> Result<()> {
-    check_split_cols(cols)?;
+    check_block("cols", cols)?;
     let rows = high.len().checked_div(cols).unwrap_or(0);
     if rows * cols != high.len() || low.len() < low_words(row0 + rows, cols) {
         return Err(Error::ShapeMismatch {
