@@ -192,16 +192,22 @@ fn split_and_plain() -> [EcTensor; 2] {
     ]
 }
 
+/// Writes `tensors` (encoded, by name) to `path` and opens the file.
+fn write_encoded(path: &Path, tensors: &[(&str, &EcTensor)]) -> EcFile {
+    let mut w = ContainerWriter::create(path).unwrap();
+    for (name, t) in tensors {
+        w.add_encoded(name, t).unwrap();
+    }
+    w.finish().unwrap();
+    EcFile::open(path).unwrap()
+}
+
 #[test]
 fn split_tensor_round_trips_in_a_version_2_file() {
     let dir = tempfile::tempdir().unwrap();
     let [a, b] = split_and_plain();
     let path = dir.path().join("m.safetensors");
-    let mut w = ContainerWriter::create(&path).unwrap();
-    w.add_encoded("blk.up.weight", &a).unwrap();
-    w.add_encoded("blk.down.weight", &b).unwrap();
-    w.finish().unwrap();
-    let file = EcFile::open(&path).unwrap();
+    let file = write_encoded(&path, &[("blk.up.weight", &a), ("blk.down.weight", &b)]);
     assert_eq!(file.format_version(), Some(2));
     assert_eq!(file.safetensors().metadata().get(VERSION_KEY).map(String::as_str), Some("2"));
     let info = file.encoded_info("blk.up.weight").unwrap();
@@ -220,11 +226,7 @@ fn split_tensor_round_trips_in_a_version_2_file() {
 fn files_without_split_tensors_stay_version_1() {
     let dir = tempfile::tempdir().unwrap();
     let [_, b] = split_and_plain();
-    let path = dir.path().join("m.safetensors");
-    let mut w = ContainerWriter::create(&path).unwrap();
-    w.add_encoded("blk.down.weight", &b).unwrap();
-    w.finish().unwrap();
-    let file = EcFile::open(&path).unwrap();
+    let file = write_encoded(&dir.path().join("m.safetensors"), &[("blk.down.weight", &b)]);
     assert_eq!(file.format_version(), Some(1));
     let entry = &file.safetensors().metadata()["blk.down.weight.ecq"];
     assert!(!entry.contains("low"), "{entry}");
