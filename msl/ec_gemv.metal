@@ -41,23 +41,14 @@
 
 // Requires ec_rans.h prepended (EcParams, LANES, WordWindow, renormalize, ...).
 
-// sum(q * x) over the k weights of one joint symbol: weight i sits in bits i * BITS.., column col + i.
-template <int BITS>
+// sum(q * x) over the COUNT weights of `symbol` (by default the k of one joint symbol; 8 for a packed word of
+// 4-bit weights): weight i sits in bits i * BITS.., column i.
+template <int BITS, uint COUNT = 8 / BITS>
 inline float symbol_dot(uint symbol, device const float* x) {
-    constexpr uint K = 8 / BITS;
     constexpr uint MASK = (1u << BITS) - 1u;
     float sum = 0.0f;
-    for (uint i = 0; i < K; i++) {
+    for (uint i = 0; i < COUNT; i++) {
         sum += float((symbol >> (i * BITS)) & MASK) * x[i];
-    }
-    return sum;
-}
-
-// sum(q * x) over the 8 4-bit weights of a packed word: weight i sits in bits 4 i.., column i.
-inline float word_dot4(uint word, device const float* x) {
-    float sum = 0.0f;
-    for (uint i = 0; i < 8; i++) {
-        sum += float((word >> (4u * i)) & 0xfu) * x[i];
     }
     return sum;
 }
@@ -165,7 +156,8 @@ template <int BITS, int VECTORS, int TABLE_BITS, bool SPLIT>
                     const uint second = (hi & 0xccccccccu) | ((lo >> 2) & 0x33333333u);
                     for (int v = 0; v < VECTORS; v++) {
                         if (uint(v) < vectors) {
-                            qx[v] += word_dot4(first, x + v * cols + col) + word_dot4(second, x + v * cols + col + 8);
+                            device const float* xv = x + v * cols + col;
+                            qx[v] += symbol_dot<4, 8>(first, xv) + symbol_dot<4, 8>(second, xv + 8);
                         }
                     }
                 } else {

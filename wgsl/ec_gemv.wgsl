@@ -36,26 +36,22 @@
 // Output, row-major M x rows.
 @group(1) @binding(1) var<storage, read_write> y: array<f32>;
 
-const QMASK: u32 = (1u << BITS) - 1u;
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
 
-// Symbol i of the joint symbol in table entry `e` as f32, built from bits where it lies (2^(23 - i BITS) + q, the
-// symbol in the mantissa's low bits, minus its offset) instead of an integer conversion, which runs at a fraction
-// of the FMA rate on some GPUs, and without shifting it down first.
-fn symbol_f32(e: u32, i: u32) -> f32 {
-    let magic = (150u - i * BITS) << 23u;
-    return bitcast<f32>((e & (QMASK << (i * BITS))) | magic) - bitcast<f32>(magic);
+// Field i of `w`, `width` bits each, as f32, built from bits where it lies (2^(23 - i width) + q, the field in the
+// mantissa's low bits, minus its offset) instead of an integer conversion, which runs at a fraction of the FMA rate
+// on some GPUs, and without shifting it down first. The field must end at or below bit 23 (past it, it would
+// reach the exponent).
+fn field_f32(w: u32, i: u32, width: u32) -> f32 {
+    let magic = (150u - i * width) << 23u;
+    return bitcast<f32>((w & (((1u << width) - 1u) << (i * width))) | magic) - bitcast<f32>(magic);
 }
 
-//#if SPLIT
-// The same for weight i (0..4) of the low 16 bits of `h`, four 4-bit weights (half of a split stream's merged word:
-// the weights above bit 23 would reach the exponent).
-fn nibble_f32(h: u32, i: u32) -> f32 {
-    let magic = (150u - i * 4u) << 23u;
-    return bitcast<f32>((h & (0xfu << (i * 4u))) | magic) - bitcast<f32>(magic);
+// Symbol i of the joint symbol in table entry `e` (its low 8 bits) as f32.
+fn symbol_f32(e: u32, i: u32) -> f32 {
+    return field_f32(e, i, BITS);
 }
-//#endif
 
 //#if QUADS
 // With several vectors, sum(x) per vector costs an add per weight per vector; b / s added to each symbol costs one
@@ -235,9 +231,10 @@ fn main(
                     // The block merged with its low word: columns col4 .. col4 + 16 as 4-bit weights, two at a time.
                     let block = merge_block(hi, low_word(row_tile, col4));
                     for (var j = 0u; j < 16u; j += 2u) {
+                        // Four 4-bit weights at a time from the low 16 bits, as `field_f32` needs.
                         let w = select(block.x, block.y, j >= 8u) >> (16u * ((j / 4u) % 2u));
-                        let q0 = nibble_f32(w, j % 4u);
-                        let q1 = nibble_f32(w, j % 4u + 1u);
+                        let q0 = field_f32(w, j % 4u, 4u);
+                        let q1 = field_f32(w, j % 4u + 1u, 4u);
                         for (var v = 0u; v < M; v++) {
                             if (j % 4u == 0u) {
                                 xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
