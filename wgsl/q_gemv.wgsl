@@ -2,7 +2,8 @@
 //
 // Specialization (prepended by the host): BITS (1..=8), M (vectors per workgroup, 1..=8), WG (power of two, a
 // multiple of 32), NR (rows per row block: 8 with 128 lanes, which the host picks for M <= 4 on rows of at least
-// 2048 bytes, else 4; two quads of 4 rows or one). Preambles: row_io.wgsl (group 1), rows.wgsl.
+// 2048 bytes, else 4; two quads of 4 rows or one). Preambles: packed.wgsl (the parameters, group 0 binding 0),
+// row_io.wgsl (group 1), rows.wgsl.
 // Grid: x strides over row blocks of NR rows (rows.wgsl), y = vector block: workgroup (i, j) computes vectors
 // j*M .. j*M + M, so any number of vectors runs as a tiled matmul of M-vector blocks.
 // Where BITS divides 32 and rows hold whole vec4s of packed words, a lane takes 16 bytes (4 words) of each of
@@ -17,14 +18,6 @@
 // adds s 2^BITS (sum(f x) - sum(x)) + b sum(x) = s sum(q x) + b sum(x); 32 symbols, and for BITS >= 4 a whole
 // vec4, lie in one group (the group size is a multiple of 32).
 
-struct PackedParams {
-    rows: u32,
-    cols: u32,
-    group_size: u32,
-    words_per_row: u32,   // cols * BITS / 32
-}
-
-@group(0) @binding(0) var<uniform> params: PackedParams;
 // Packed symbols, rows * words_per_row u32 words, four to a vec4 (the buffer is padded to 16 bytes): each row
 // a little-endian bit stream of BITS-bit symbols.
 @group(0) @binding(1) var<storage, read> packed: array<vec4<u32>>;

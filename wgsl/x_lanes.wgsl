@@ -6,19 +6,10 @@
 // held q_gemv at the speed of its loads alone (BENCHMARKS.md, "What limits Cached"). Here vec4 i of lane c0 + l
 // goes to c0 XPL + i nl + l, so load i of a step's lanes is nl consecutive vec4s.
 //
-// Specialization (prepended by the host): BITS and WG, those of the q_gemv pipeline it feeds. Preamble:
-// row_io.wgsl (group 1, with binding 4 below). Grid: any number of workgroups; each invocation moves one vec4 at
+// Specialization (prepended by the host): BITS and WG, those of the q_gemv pipeline it feeds. Preambles:
+// packed.wgsl (q_gemv's weight parameters), row_io.wgsl (group 1, with binding 4 below). Grid: any number of workgroups; each invocation moves one vec4 at
 // a time, striding over all of them.
 
-struct PackedParams {
-    rows: u32,
-    cols: u32,
-    group_size: u32,
-    words_per_row: u32,
-}
-
-// q_gemv's weight parameters (group 0 of q_gemv).
-@group(0) @binding(0) var<uniform> params: PackedParams;
 // The vectors in lane order, m x cols f32 as vec4s.
 @group(1) @binding(4) var<storage, read_write> xl: array<vec4<f32>>;
 

@@ -24,6 +24,8 @@ pub const GEMV_F16: &str = include_str!("../../wgsl/gemv_f16.wgsl");
 pub const LANES: &str = include_str!("../../wgsl/lanes.wgsl");
 /// Preamble: workgroup sum (subgroupAdd or a tree in workgroup memory).
 pub const REDUCE: &str = include_str!("../../wgsl/reduce.wgsl");
+/// Preamble: q_gemv's weight parameters (group 0, binding 0), which x_lanes reads too.
+pub const PACKED: &str = include_str!("../../wgsl/packed.wgsl");
 /// Preamble: the call's bindings (group 1) of the row kernels.
 pub const ROW_IO: &str = include_str!("../../wgsl/row_io.wgsl");
 /// Preamble: row blocks of NR rows per workgroup and their sums (subgroupAdd or
@@ -69,8 +71,8 @@ impl Kernel {
         match self {
             Kernel::RansDecode => (&[LANES], RANS_DECODE),
             Kernel::EcGemv => (&[LANES], EC_GEMV),
-            Kernel::QGemv => (&[ROW_IO, ROWS], Q_GEMV),
-            Kernel::XLanes => (&[ROW_IO], X_LANES),
+            Kernel::QGemv => (&[PACKED, ROW_IO, ROWS], Q_GEMV),
+            Kernel::XLanes => (&[PACKED, ROW_IO], X_LANES),
             Kernel::GemvF32 => (&[ROW_IO, REDUCE], GEMV_F32),
             Kernel::GemvF16 => (&[ROW_IO, ROWS], GEMV_F16),
         }
