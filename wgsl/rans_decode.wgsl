@@ -136,12 +136,20 @@ fn main(
         // The trip count is the same on every slab, so the barriers are in uniform control flow. The windows move
         // on after every 4 steps (a step takes at most 16 u32s, so 4 take at most one window): measured on an H200
         // (P = 11, symbols equal) against every 2, `stack_k576 x4` 94.7 against 96.2 us, 14336x4096 62.7 against
-        // 64.0, 4096x14336 72.9 against 73.5.
+        // 64.0, 4096x14336 72.9 against 73.5. Loading the low words a trip ahead (below): `stack_k576 x4` 91.6
+        // against 94.8 us, 14336x4096 61.7 against 62.6 (the driver's code then holds 48 registers, the most that
+        // leaves 5 workgroups an SM; with the low words read as zero, wrong on purpose, 83.4 against 94.4).
         let chunks = steps / 8u;
         let row_vec4s = params.words_per_row / 4u;
         let out0 = (row0 * params.words_per_row + col0 / 8u) / 4u;
+        // Each trip's two low words are loaded a trip ahead, so their loads are not waited on at the merge (the
+        // last trip loads words it does not use, clamped into the array by `low_word`).
+        var lo_next = vec2<u32>(low_word(row_tile, col0), low_word(row_tile, col0 + 16u));
         for (var step0 = 0u; step0 < max_steps; step0 += 8u) {
             let live = lane_live & (step0 < steps);
+            let lo = lo_next;
+            let col_next = col0 + (step0 + 8u) * KW;
+            lo_next = vec2<u32>(low_word(row_tile, col_next), low_word(row_tile, col_next + 16u));
             var w = vec2<u32>(0u);
             for (var k = 0u; k < 8u; k++) {
                 let sym = decode_step(live);
@@ -154,10 +162,8 @@ fn main(
                     words_advance(dec_pos);
                 }
             }
-            let col = col0 + step0 * KW;
             let c = (step0 / 8u) % STAGE;
-            stage[(lane_slab * 32u + lane_row) * STAGE + c] =
-                vec4<u32>(merge_block(w.x, low_word(row_tile, col)), merge_block(w.y, low_word(row_tile, col + 16u)));
+            stage[(lane_slab * 32u + lane_row) * STAGE + c] = vec4<u32>(merge_block(w.x, lo.x), merge_block(w.y, lo.y));
             if ((c == STAGE - 1u) | (step0 + 8u >= max_steps)) {
                 workgroupBarrier();
                 let first = step0 / 8u - c;
