@@ -328,7 +328,8 @@ fn cached_reads_x_in_lane_order(ctx: &GpuContext) {
 /// Split 4-bit streams (the high 2 bits coded four weights a step, the low 2 bits stored): decode equal to the
 /// CPU decoder and products against float64 on 67 x 1088 (segments of 256, the last of 64 columns; the last row
 /// tile 3 rows) at P = 10, 11 and 12, one tile of 20 rows, segments of 1024 with groups of 64, a row tile of zero
-/// scales; 1 to 33 vectors.
+/// scales; 1 to 33 vectors. Then 970 x 2144 in segments of 32 columns: 2077 tiles, which rans_decode takes 16 a
+/// workgroup (`kernels::SPLIT_WIDE_TILES`; the last workgroup 13), where the device allows it.
 fn split_streams(ctx: &GpuContext) {
     let split = |q: &QuantizedMatrix, segment: usize, precision: u32| {
         let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: true }).expect("encode split");
@@ -353,6 +354,14 @@ fn split_streams(ctx: &GpuContext) {
     let t = split(&q, 1024, ecq::rans::DEFAULT_PRECISION);
     check_decode(ctx, &t, "37x2048 split S=1024");
     check_products(ctx, &q, &t, &[1, 2, 5, 8], "37x2048 split S=1024");
+    let q = random_matrix(970, 2144, 4, 32, 403);
+    let t = split(&q, 32, ecq::rans::DEFAULT_PRECISION);
+    assert!(t.layout().tiles() >= kernels::SPLIT_WIDE_TILES && t.layout().tiles() % 16 != 0);
+    let spec = kernels::rans_decode_spec(ctx, &GpuStream::upload(ctx, &t).unwrap());
+    if ctx.limits().max_compute_invocations_per_workgroup >= kernels::SPLIT_TILE_WORKGROUP {
+        assert_eq!(spec.workgroup, kernels::SPLIT_TILE_WORKGROUP, "{spec:?}");
+    }
+    check_decode(ctx, &t, "970x2144 split S=32");
 }
 
 /// Groups whose scale is 0, -0 or so small that bias / scale overflows f32, with nonzero symbols and biases (the

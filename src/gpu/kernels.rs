@@ -16,6 +16,14 @@ use crate::rans::TileLayout;
 
 /// Invocations per workgroup of rans_decode: 8 slabs of 32 lanes, 8 tiles at once sharing one decode table.
 pub const TILE_WORKGROUP: u32 = 256;
+/// Invocations per workgroup of rans_decode for a split stream of at least [`SPLIT_WIDE_TILES`] tiles: 16 slabs.
+pub const SPLIT_TILE_WORKGROUP: u32 = 512;
+/// Tiles from which [`rans_decode`] decodes a split stream 16 tiles a workgroup. Measured on an H200 (decode-only,
+/// P = 11, one shape a run): 14336x4096 (3584 tiles) 50.4 against 62.0 us with 8 tiles a workgroup, 4096x14336
+/// 50.9 against 61.6, 8192x8192 51.3 against 62.8, real SmolLM2 symbols (`stack_k576 x4`, 4608 tiles) 78.1
+/// against 91.7; `stack_k1536 x4` (1728 tiles) 33.6 against 33.4; 4096x4096 (1024 tiles, which then fill only 64
+/// workgroups) 32.2 against 29.1.
+pub const SPLIT_WIDE_TILES: usize = 2048;
 /// Most slabs of 32 lanes in one ec_gemv workgroup: up to 32 segments of a row tile decode at once.
 pub const MAX_GEMV_SLABS: usize = 32;
 
@@ -162,14 +170,19 @@ fn stream_lane_bytes(spec: &Spec) -> u64 {
 pub const PORTABLE_WORKGROUP_BYTES: u64 = 32 << 10;
 
 /// 16-byte pieces each lane of rans_decode stages for a split stream under `spec` (its `STAGE`): 4, or 2 where 4
-/// would take the workgroup past [`PORTABLE_WORKGROUP_BYTES`] (a 16 KiB table, P = 12).
+/// would take the workgroup past [`PORTABLE_WORKGROUP_BYTES`] (a 16 KiB table at P = 12, or 16 slabs).
 pub fn split_stage(spec: &Spec) -> u32 {
-    let fixed = (4u64 << spec.precision) + stream_lane_bytes(spec);
-    if fixed + 64 * spec.workgroup as u64 <= PORTABLE_WORKGROUP_BYTES {
+    if split_stage_bytes(spec, 4) <= PORTABLE_WORKGROUP_BYTES {
         4
     } else {
         2
     }
+}
+
+/// Workgroup memory of rans_decode for a split stream under `spec` with `stage` pieces a lane: the decode table,
+/// the lane mode's own, and the staged pieces.
+fn split_stage_bytes(spec: &Spec, stage: u32) -> u64 {
+    (4u64 << spec.precision) + stream_lane_bytes(spec) + 16 * stage as u64 * spec.workgroup as u64
 }
 
 /// Workgroups along x that give every row of a row kernel one workgroup pass: one per row block of
@@ -369,8 +382,8 @@ impl GpuPacked {
 /// end-state or word-count check are counted in `status[0]`, the lowest in `status[1]` (the caller sets
 /// `status` to `[0, u32::MAX]` first).
 ///
-/// Grid: `ceil(tiles / 8)` workgroups of [`TILE_WORKGROUP`] = 256 lanes (8 tiles each), capped at the dimension
-/// limit; the kernel loops over the rest.
+/// Grid: `ceil(tiles / slabs)` workgroups of 32 lanes a slab ([`decode_workgroup`]: 8 slabs, or 16 for a large
+/// split stream), capped at the dimension limit; the kernel loops over the rest.
 pub fn rans_decode(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
@@ -380,13 +393,13 @@ pub fn rans_decode(
 ) -> Result<()> {
     let spec = rans_decode_spec(ctx, stream);
     let pipeline = ctx.pipeline(Kernel::RansDecode, spec)?;
-    rans_decode_with(ctx, pass, stream, out, status, &pipeline, TILE_WORKGROUP as usize / 32)
+    rans_decode_with(ctx, pass, stream, out, status, &pipeline, spec.slabs() as usize)
 }
 
 /// The spec [`rans_decode`] builds its pipeline with for `stream` on `ctx`.
 pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
     let l = stream.layout;
-    Spec {
+    let spec = Spec {
         lanes: ctx.lane_mode(),
         bits: l.bits(),
         precision: stream.precision,
@@ -394,6 +407,21 @@ pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
         workgroup: TILE_WORKGROUP,
         lane_x: false,
         split: stream.split(),
+    };
+    Spec { workgroup: decode_workgroup(&spec, l.tiles(), ctx.limits().max_compute_invocations_per_workgroup), ..spec }
+}
+
+/// Invocations per rans_decode workgroup for `tiles` tiles under `spec` (whose own workgroup is ignored) on a
+/// device that allows `max_invocations`: [`SPLIT_TILE_WORKGROUP`] for a split stream of at least
+/// [`SPLIT_WIDE_TILES`] tiles where the device allows it and its workgroup memory stays within
+/// [`PORTABLE_WORKGROUP_BYTES`], else [`TILE_WORKGROUP`].
+pub fn decode_workgroup(spec: &Spec, tiles: usize, max_invocations: u32) -> u32 {
+    let wide = Spec { workgroup: SPLIT_TILE_WORKGROUP, ..*spec };
+    let fits = split_stage_bytes(&wide, split_stage(&wide)) <= PORTABLE_WORKGROUP_BYTES;
+    if spec.split && tiles >= SPLIT_WIDE_TILES && max_invocations >= SPLIT_TILE_WORKGROUP && fits {
+        SPLIT_TILE_WORKGROUP
+    } else {
+        TILE_WORKGROUP
     }
 }
 

@@ -208,7 +208,9 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 /// decode-table precision 1..=12 for the tile kernels, vector count 1..=8 for the GEMV kernels, and the
 /// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
 pub fn specializations() -> Vec<(Kernel, Spec)> {
-    use super::kernels::{row_workgroup, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, TILE_WORKGROUP};
+    use super::kernels::{
+        decode_workgroup, row_workgroup, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, SPLIT_WIDE_TILES, TILE_WORKGROUP,
+    };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
     let precisions = 1..=crate::rans::MAX_PRECISION;
@@ -221,6 +223,11 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
             for (&split, precision) in splits.iter().flat_map(|s| precisions.clone().map(move |p| (s, p))) {
                 let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP, lane_x: false, split };
                 out.push((Kernel::RansDecode, spec));
+                // A large split stream's workgroup, where it fits.
+                let wide = decode_workgroup(&spec, SPLIT_WIDE_TILES, u32::MAX);
+                if wide != TILE_WORKGROUP {
+                    out.push((Kernel::RansDecode, Spec { workgroup: wide, ..spec }));
+                }
                 for m in vectors.clone() {
                     // What `gemv_slabs` returns: 1..=8, then powers of two up to the most.
                     let powers = (4..=MAX_GEMV_SLABS.ilog2()).map(|k| 1u32 << k);
@@ -415,6 +422,37 @@ mod tests {
             (gemv_slabs(3, 1024), gemv_slabs(9, 1024), gemv_slabs(28, 1024), gemv_slabs(28, 256)),
             (3, 16, 32, 8)
         );
+    }
+
+    /// rans_decode takes 16 tiles a workgroup only for split streams of at least `SPLIT_WIDE_TILES` tiles, on a
+    /// device that allows 512 invocations, and where the workgroup memory stays within 32 KiB.
+    #[test]
+    fn decode_workgroup_widens_large_split_streams_only() {
+        use crate::gpu::kernels::{decode_workgroup, SPLIT_TILE_WORKGROUP, SPLIT_WIDE_TILES, TILE_WORKGROUP};
+        let split = Spec {
+            lanes: LaneMode::SubgroupWide,
+            bits: 2,
+            precision: 11,
+            m: 1,
+            workgroup: TILE_WORKGROUP,
+            lane_x: false,
+            split: true,
+        };
+        assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES, 1024), SPLIT_TILE_WORKGROUP);
+        assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES - 1, 1024), TILE_WORKGROUP);
+        assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES, 256), TILE_WORKGROUP);
+        assert_eq!(decode_workgroup(&Spec { split: false, ..split }, 1 << 20, 1024), TILE_WORKGROUP);
+        // A 16 KiB table leaves room for 16 slabs only where the lanes need no workgroup memory of their own.
+        assert_eq!(decode_workgroup(&Spec { precision: 12, ..split }, SPLIT_WIDE_TILES, 1024), SPLIT_TILE_WORKGROUP);
+        let narrow = Spec { precision: 12, lanes: LaneMode::SubgroupNarrow, ..split };
+        assert_eq!(decode_workgroup(&narrow, SPLIT_WIDE_TILES, 1024), TILE_WORKGROUP);
+        for spec in
+            [split, Spec { lanes: LaneMode::Portable, ..split }, Spec { lanes: LaneMode::SubgroupNarrow, ..split }]
+        {
+            let wide = Spec { workgroup: decode_workgroup(&spec, SPLIT_WIDE_TILES, 1024), ..spec };
+            let src = source(Kernel::RansDecode, &wide);
+            assert!(declared_workgroup_bytes(&src).unwrap() <= 32 << 10, "{wide:?}");
+        }
     }
 
     #[test]
