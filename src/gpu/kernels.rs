@@ -148,7 +148,8 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
     let lanes = stream_lane_bytes(spec);
     match kernel {
         // A split stream's output staging: `split_stage` pieces of 16 bytes a lane.
-        Kernel::RansDecode => table + lanes + if spec.split { 16 * split_stage(spec) as u64 * wg } else { 0 },
+        Kernel::RansDecode if spec.split => split_stage_bytes(spec, split_stage(spec)),
+        Kernel::RansDecode => table + lanes,
         Kernel::EcGemv => table + lanes + 4 * wg,
         Kernel::GemvF32 => 4 * wg,
         Kernel::XLanes => 0,
@@ -417,7 +418,7 @@ pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
 /// [`PORTABLE_WORKGROUP_BYTES`], else [`TILE_WORKGROUP`].
 pub fn decode_workgroup(spec: &Spec, tiles: usize, max_invocations: u32) -> u32 {
     let wide = Spec { workgroup: SPLIT_TILE_WORKGROUP, ..*spec };
-    let fits = split_stage_bytes(&wide, split_stage(&wide)) <= PORTABLE_WORKGROUP_BYTES;
+    let fits = workgroup_bytes(Kernel::RansDecode, &wide) <= PORTABLE_WORKGROUP_BYTES;
     if spec.split && tiles >= SPLIT_WIDE_TILES && max_invocations >= SPLIT_TILE_WORKGROUP && fits {
         SPLIT_TILE_WORKGROUP
     } else {
