@@ -28,17 +28,21 @@ pub const SPLIT_WIDE_TILES: usize = 2048;
 pub const MAX_GEMV_SLABS: usize = 32;
 
 /// Slabs of 32 lanes per ec_gemv workgroup for rows of `segments` segments on a device that allows
-/// `max_invocations` per workgroup: one per segment up to 8, then 16 or 32 (the next power of two, so a row tile
-/// is done in one round up to 32 segments), at most what the device allows. Measured on an H200: 4096x14336 (28
-/// segments) took 248.7 us with 8 slabs (4 rounds), 159.7 with 16 and 141.7 with 32; more slabs than segments
-/// only idle (4096x4096, 8 segments: 73.3 us with 8 slabs, 87.3 with 16).
+/// `max_invocations` per workgroup: one per segment, up to what the device allows (at most 32); past that, the
+/// fewest rounds, the segments spread evenly over them. Measured on an H200: 4096x14336 (28 segments) took 248.7
+/// us with 8 slabs (4 rounds), 159.7 with 16 and 141.7 with 32; more slabs than segments only idle (4096x4096, 8
+/// segments: 73.3 us with 8 slabs, 87.3 with 16). Exactly one slab per segment against the next power of two (28
+/// slabs against 32, split streams, outputs identical, one shape a process): 4096x14336 M = 1 / 2 / 4 / 8 58.4 /
+/// 68.2 / 84.0 / 116.1 us against 62.5 / 72.9 / 98.2 / 137.1, 8192x14336 110.8 / 130.4 / 162.3 / 226.1 against
+/// 118.8 / 140.7 / 193.1 / 269.3; 28 slabs on 4096x11008 (22 segments) 55.5 / 65.6 / 80.2 / 112.6 against 59.5 /
+/// 70.1 / 94.2 / 133.7. (An SM's 65536 registers leave a 1024-invocation workgroup at most 64 a lane, an
+/// 896-invocation one 72.)
 pub fn gemv_slabs(segments: usize, max_invocations: u32) -> u32 {
-    let segments = segments.clamp(1, MAX_GEMV_SLABS) as u32;
-    let wanted = if segments <= 8 { segments } else { segments.next_power_of_two() };
-    let cap = (max_invocations / 32).clamp(1, MAX_GEMV_SLABS as u32);
-    // The largest power of two within the cap, so the result is always one of 1..=8, 16, 32.
-    wanted.min(1 << cap.ilog2())
+    let cap = (max_invocations / 32).clamp(1, MAX_GEMV_SLABS as u32) as usize;
+    let segments = segments.max(1);
+    segments.div_ceil(segments.div_ceil(cap)) as u32
 }
+
 /// Bytes of one stored weight row from which q_gemv takes 8 rows by 128 lanes per workgroup (up to 4 vectors):
 /// every lane then has at least one 16-byte piece of every row. Measured on an H200 against 4 rows by 64 lanes:
 /// 14336x4096 4-bit (2048-byte rows) M = 4 82.1 against 91.1 us, M = 1 back to back 21.7 against 23.3, one M = 1

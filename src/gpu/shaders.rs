@@ -229,9 +229,8 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     out.push((Kernel::RansDecode, Spec { workgroup: wide, ..spec }));
                 }
                 for m in vectors.clone() {
-                    // What `gemv_slabs` returns: 1..=8, then powers of two up to the most.
-                    let powers = (4..=MAX_GEMV_SLABS.ilog2()).map(|k| 1u32 << k);
-                    for slabs in (1..=8).chain(powers) {
+                    // What `gemv_slabs` returns: any count up to the most.
+                    for slabs in 1..=MAX_GEMV_SLABS as u32 {
                         out.push((
                             Kernel::EcGemv,
                             Spec { lanes, bits, precision, m, workgroup: 32 * slabs, lane_x: false, split },
@@ -398,7 +397,7 @@ mod tests {
     }
 
     /// The ec_gemv workgroup the host picks for any segment count and device limit is one of the listed
-    /// specializations, never above the limit, and takes all segments in one round up to 32.
+    /// specializations, never above the limit, and takes the segments in the fewest rounds (all in one up to 32).
     #[test]
     fn gemv_slabs_are_listed_specializations() {
         use super::super::kernels::gemv_slabs;
@@ -416,11 +415,18 @@ mod tests {
                 if max_invocations >= 1024 && (1..=32).contains(&segments) {
                     assert!(slabs as usize >= segments, "{segments} segments in one round");
                 }
+                let cap = (max_invocations / 32).clamp(1, 32) as usize;
+                let rounds = segments.max(1).div_ceil(slabs as usize);
+                assert_eq!(rounds, segments.max(1).div_ceil(cap), "{segments} segments, limit {max_invocations}");
+                assert!(
+                    (rounds - 1) * (slabs as usize) < segments.max(1),
+                    "a round of {slabs} slabs with nothing to do"
+                );
             }
         }
         assert_eq!(
-            (gemv_slabs(3, 1024), gemv_slabs(9, 1024), gemv_slabs(28, 1024), gemv_slabs(28, 256)),
-            (3, 16, 32, 8)
+            (gemv_slabs(3, 1024), gemv_slabs(9, 1024), gemv_slabs(28, 1024), gemv_slabs(28, 256), gemv_slabs(67, 1024)),
+            (3, 9, 28, 7, 23)
         );
     }
 
