@@ -26,6 +26,11 @@ const STEP_BITS: u32 = KW * BITS;
 // 88.3. 8 pieces a lane (32 KiB a workgroup) took 141.9 us with 4 slabs a workgroup and 144.0 with 8; 4 pieces
 // with 4 slabs, 95.2 but 81.4 on 14336x4096. (With nothing stored at all, 62.5 us.)
 var<workgroup> stage: array<vec4<u32>, WG * STAGE>;
+
+// The low words of the two blocks of 16 columns from column `col` (a multiple of 32) of this lane's row.
+fn low_pair(row_tile: u32, col: u32) -> vec2<u32> {
+    return vec2<u32>(low_word(row_tile, col), low_word(row_tile, col + 16u));
+}
 //#endif
 
 // This lane's decoder: its state, and its tile's cursor and end (in 16-bit words).
@@ -144,12 +149,12 @@ fn main(
         let out0 = (row0 * params.words_per_row + col0 / 8u) / 4u;
         // Each trip's two low words are loaded a trip ahead, so their loads are not waited on at the merge (the
         // last trip loads words it does not use, clamped into the array by `low_word`).
-        var lo_next = vec2<u32>(low_word(row_tile, col0), low_word(row_tile, col0 + 16u));
+        var lo_next = low_pair(row_tile, col0);
         for (var step0 = 0u; step0 < max_steps; step0 += 8u) {
             let live = lane_live & (step0 < steps);
             let lo = lo_next;
             let col_next = col0 + (step0 + 8u) * KW;
-            lo_next = vec2<u32>(low_word(row_tile, col_next), low_word(row_tile, col_next + 16u));
+            lo_next = low_pair(row_tile, col_next);
             var w = vec2<u32>(0u);
             for (var k = 0u; k < 8u; k++) {
                 let sym = decode_step(live);
