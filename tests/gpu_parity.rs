@@ -608,6 +608,23 @@ fn tensor_above_binding_limit_is_refused() {
     }
 }
 
+/// On a device that allows only 256 invocations a workgroup, ec_gemv takes rows of more than 8 segments in rounds,
+/// the segments spread evenly over the slabs (9 segments: 5 slabs, 2 rounds, the second one slab short; 28: 7 slabs,
+/// 4 rounds), and its products still match float64, on 4-bit and split streams.
+#[test]
+fn fused_products_in_rounds_under_a_small_workgroup_limit() {
+    let Some(ctx) = limited_context(|l| l.max_compute_invocations_per_workgroup = 256) else { return };
+    for (cols, slabs) in [(4160, 5), (14336, 7)] {
+        let q = random_matrix(37, cols, 4, 64, 1100 + cols as u64);
+        for split in [false, true] {
+            let options = EncodeOptions { segment: 512, precision: ecq::rans::DEFAULT_PRECISION, split };
+            let t = EcTensor::encode(&q, options).expect("encode");
+            assert_eq!(kernels::gemv_slabs(t.layout().segments(), 256), slabs, "{cols} columns");
+            check_products(&ctx, &q, &t, &[1, 4], &format!("37x{cols} split {split}, 256 invocations"));
+        }
+    }
+}
+
 /// A context on a new device of the default adapter with its limits changed by `limit`.
 fn limited_context(limit: impl FnOnce(&mut wgpu::Limits)) -> Option<GpuContext> {
     let ctx = device()?;
