@@ -7,8 +7,8 @@
 // goes to c0 XPL + i nl + l, so load i of a step's lanes is nl consecutive vec4s.
 //
 // Specialization (prepended by the host): BITS and WG, those of the q_gemv pipeline it feeds. Preambles:
-// packed.wgsl (q_gemv's weight parameters), row_io.wgsl (group 1, with binding 4 below). Grid: any number of workgroups; each invocation moves one vec4 at
-// a time, striding over all of them.
+// packed.wgsl (q_gemv's weight parameters), row_io.wgsl (group 1, with binding 4 below). Grid: any number of
+// workgroups; each invocation moves one vec4 at a time, striding over all of them.
 
 // The vectors in lane order, m x cols f32 as vec4s.
 @group(1) @binding(4) var<storage, read_write> xl: array<vec4<f32>>;

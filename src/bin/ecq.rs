@@ -355,15 +355,18 @@ fn verify(path: &Path) -> CliResult<()> {
     for name in &names {
         checked += 1;
         match file.tensor(name).and_then(|t| t.decode_symbols().map(|s| (t, s.len()))) {
-            Ok((t, n)) => println!(
-                "ok     {name}: [{}, {}] {}-bit{}, {n} symbols decoded, {} tiles end at 2^16, {} checksums match",
-                t.rows(),
-                t.cols(),
-                t.bits(),
-                if t.low().is_some() { " split" } else { "" },
-                t.layout().tiles(),
-                if t.low().is_some() { 7 } else { 6 }
-            ),
+            Ok((t, n)) => {
+                // One checksum per array of the tensor: six, seven when split.
+                let arrays = file.encoded_info(name).map_err(|e| e.to_string())?.array_names().len();
+                println!(
+                    "ok     {name}: [{}, {}] {}-bit{}, {n} symbols decoded, {} tiles end at 2^16, {arrays} checksums match",
+                    t.rows(),
+                    t.cols(),
+                    t.bits(),
+                    if t.low().is_some() { " split" } else { "" },
+                    t.layout().tiles(),
+                )
+            }
             Err(e) => {
                 faults += 1;
                 println!("FAULT  {name}: {e}");

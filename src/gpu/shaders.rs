@@ -401,7 +401,7 @@ mod tests {
     /// spread evenly over them.
     #[test]
     fn gemv_slabs_are_listed_specializations() {
-        use super::super::kernels::gemv_slabs;
+        use super::super::kernels::{gemv_slabs, MAX_GEMV_SLABS};
         let listed: Vec<u32> = specializations()
             .iter()
             .filter(|(k, s)| *k == Kernel::EcGemv && s.m == 1 && s.bits == 4 && s.precision == 12)
@@ -416,7 +416,7 @@ mod tests {
                 if max_invocations >= 1024 && (1..=32).contains(&segments) {
                     assert!(slabs as usize >= segments, "{segments} segments in one round");
                 }
-                let cap = (max_invocations / 32).clamp(1, 32) as usize;
+                let cap = (max_invocations / 32).clamp(1, MAX_GEMV_SLABS as u32) as usize;
                 let rounds = segments.max(1).div_ceil(slabs as usize);
                 assert_eq!(rounds, segments.max(1).div_ceil(cap), "{segments} segments, limit {max_invocations}");
                 // Spread evenly: fewer idle slab-rounds than rounds.
