@@ -13,7 +13,9 @@
 //! (`own us`: adds what a pass costs the device beyond its dispatches, since wgpu records every pass as command
 //! buffers of its own). `--warmup` runs (at least one per copy) are dropped, the median of `--runs` runs is
 //! reported. With `--batch N` a timed run is N runs back to back (each on the next weight copy; in one pass, or
-//! N passes), and its time over N is what counts. Every strategy holds at least 4 copies of its weights on the device, more until the
+//! N passes), and its time over N is what counts. Where `us` comes out over 1.1 times `own us` (a pass adds to
+//! its dispatches, so that is a disturbed measurement), `us` is measured again and the second median kept, with a
+//! `timed again` line. Every strategy holds at least 4 copies of its weights on the device, more until the
 //! copies add up to `--rotate-mib` (default 256 MiB, several times an H100/H200 L2), and run `i` reads copy
 //! `i % copies`, so no run finds its weights in the cache. Each timed batch is one submission that follows one
 //! of about `--heat-ms` (default 100 ms) of buffer copies, so the clocks are up when the first run starts. The
@@ -301,7 +303,10 @@ fn median_of(
 }
 
 /// Times `record(pass, run)` both ways of [`Timed`]: a timed run is `--batch` runs, in one timed pass or each
-/// in a pass of its own.
+/// in a pass of its own. A pass can only add to what its dispatches cost, so where the timed pass comes out more
+/// than 10% slower than the pass of its own, the timed pass is measured again and that second median kept (with a
+/// line saying so): on freshly started H100 and H200 machines the first timed batch of a process has come out 2.7
+/// to 3.8 times too slow while the same case in a pass of its own, timed right after, did not.
 fn median_time(
     ctx: &GpuContext,
     o: &Opts,
@@ -309,16 +314,19 @@ fn median_time(
     copies: usize,
     mut record: impl FnMut(&mut wgpu::ComputePass<'_>, usize) -> Result<()>,
 ) -> Result<Timed> {
-    let mut run = 0;
-    let pass = median_of(ctx, o, heater, copies, |runs| {
-        time_passes_on_device(ctx, runs, |pass| {
-            for _ in 0..o.batch {
-                record(pass, run)?;
-                run += 1;
-            }
-            Ok(())
+    let in_one_pass = |record: &mut dyn FnMut(&mut wgpu::ComputePass<'_>, usize) -> Result<()>| {
+        let mut run = 0;
+        median_of(ctx, o, heater, copies, |runs| {
+            time_passes_on_device(ctx, runs, |pass| {
+                for _ in 0..o.batch {
+                    record(pass, run)?;
+                    run += 1;
+                }
+                Ok(())
+            })
         })
-    })?;
+    };
+    let mut pass = in_one_pass(&mut record)?;
     let mut run = 0;
     let own = median_of(ctx, o, heater, copies, |runs| {
         time_on_device(ctx, runs, |enc| {
@@ -329,6 +337,16 @@ fn median_time(
             Ok(())
         })
     })?;
+    if pass.as_secs_f64() > 1.1 * own.as_secs_f64() {
+        let again = in_one_pass(&mut record)?;
+        println!(
+            "timed again: {:.1} us in one pass, over 1.1 times the {:.1} us in a pass of its own; now {:.1} us",
+            us(pass),
+            us(own),
+            us(again)
+        );
+        pass = again;
+    }
     Ok(Timed { pass, own })
 }
 
