@@ -62,12 +62,15 @@ struct Opts {
     variants: bool,
     experiments: Vec<Experiment>,
     encode: EncodeOptions,
+    /// Compute units the products take the device to have (`--compute-units`; 0: none known); None: what the
+    /// device reports.
+    compute_units: Option<u32>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
-         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] [--split] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
+         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] [--split] [--compute-units N] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
     );
     std::process::exit(2)
 }
@@ -86,6 +89,7 @@ fn parse_opts(args: &[String]) -> Opts {
         variants: false,
         experiments: Vec::new(),
         encode: EncodeOptions::default(),
+        compute_units: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -106,6 +110,9 @@ fn parse_opts(args: &[String]) -> Opts {
             "--segment" => o.encode.segment = num(val()) as usize,
             // 4-bit streams split: the high 2 bits coded, the low 2 stored (docs/FORMAT.md, section 2.1).
             "--split" => o.encode.split = true,
+            // The compute units the fused products take the device to have (0: none known), whatever it reports
+            // (`GpuContext::with_compute_units`; they choose `kernels::vector_groups`).
+            "--compute-units" => o.compute_units = Some(num(val()) as u32),
             // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
             "--experiments" => {
                 let dir = PathBuf::from(val());
@@ -649,7 +656,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
     let lanes = ctx.lane_mode();
     for (kernel, name, wg, from, to, grid) in ROW_VARIANTS {
         let bits = if kernel == Kernel::QGemv { rw.bits } else { 0 };
-        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg, lane_x: false, split: false };
+        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg, lane_x: false, split: false, grouped: false };
         let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
             if from.is_empty() {
                 return src;
@@ -970,6 +977,7 @@ fn row_experiments(
                 workgroup: rw.workgroup(e.kernel, m),
                 lane_x,
                 split: false,
+                grouped: false,
             };
             if !references.iter().any(|(k, _)| *k == e.kernel) {
                 let own_grid = kernels::row_blocks(e.kernel, &own, rw.rows) as u32;
@@ -1055,6 +1063,7 @@ fn fused_experiments(
             workgroup: 32 * kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
             lane_x: false,
             split: tensor.low().is_some(),
+            grouped: false,
         };
         let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32, m)?;
         for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
@@ -1331,6 +1340,10 @@ fn run(o: &Opts) -> Result<()> {
         usage();
     }
     let ctx = GpuContext::new()?;
+    let ctx = match o.compute_units {
+        Some(n) => ctx.with_compute_units((n > 0).then_some(n)),
+        None => ctx,
+    };
     println!("device: {}", ctx.describe());
     println!(
         "method: max({}, copies) warm-up + {} timed runs (median), timestamp queries; weights rotated over >= 4 copies and >= {} MiB",
@@ -1379,6 +1392,7 @@ mod tests {
                 workgroup,
                 lane_x: false,
                 split: false,
+                grouped: false,
             };
             let src = ecq::gpu::shaders::source(kernel, &spec);
             assert!(src.contains(from), "{name}: {} no longer contains {from:?}", kernel.file());

@@ -120,6 +120,7 @@ per_path!(
     dense_baselines,
     corrupt_stream_is_refused,
     device_times_are_measured,
+    fused_vectors_shared_out_over_workgroups,
 );
 
 /// A quantized matrix with skewed random symbols (so the coder has something to gain) and f16 scales.
@@ -579,8 +580,16 @@ fn workgroup_memory_above_limit_is_refused() {
 #[test]
 fn edited_kernel_above_workgroup_limit_is_refused() {
     let Some(ctx) = limited_context(|l| l.max_compute_workgroup_storage_size = 32 * 1024) else { return };
-    let spec =
-        Spec { lanes: ctx.lane_mode(), bits: 4, precision: 11, m: 1, workgroup: 256, lane_x: false, split: false };
+    let spec = Spec {
+        lanes: ctx.lane_mode(),
+        bits: 4,
+        precision: 11,
+        m: 1,
+        workgroup: 256,
+        lane_x: false,
+        split: false,
+        grouped: false,
+    };
     let own = kernels::edited_pipeline(&ctx, Kernel::RansDecode, spec, |s| s);
     assert!(own.is_ok(), "the kernel as it is: {:?}", own.err());
     let grown =
@@ -648,6 +657,39 @@ fn limited_context(limit: impl FnOnce(&mut wgpu::Limits)) -> Option<GpuContext> 
     }))
     .expect("a device with lower limits");
     Some(GpuContext::from_device(device, queue))
+}
+
+/// With the device taken to have many compute units, a fused product shares its vectors out over rows of
+/// workgroups (`kernels::vector_groups`: 4 vectors as 2 rows of 2, 6 as 3 of 2, 8 as 4 of 2; 2 and 3 vectors in
+/// one row). Its products equal, bit for bit, those of the same context taken to have no known compute units
+/// (one row), and the float64 reference within tolerance, on 4-bit and split streams of 67 rows (the last row
+/// tile partial), with the outputs poisoned first.
+fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
+    let q = random_matrix(67, 1088, 4, 32, 1200);
+    let many = ctx.with_compute_units(Some(1024));
+    let none = ctx.with_compute_units(None);
+    for split in [false, true] {
+        let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
+        let t = EcTensor::encode(&q, options).expect("encode");
+        let grouped = EcMatmul::new(&many, &t, Strategy::Fused).unwrap();
+        let single = EcMatmul::new(&none, &t, Strategy::Fused).unwrap();
+        for (m, groups) in [(2, 1), (3, 1), (4, 2), (6, 3), (8, 4)] {
+            let slabs = kernels::gemv_slabs(t.layout().segments(), ctx.limits().max_compute_invocations_per_workgroup);
+            assert_eq!(kernels::vector_groups(t.layout().row_tiles(), slabs, m, many.compute_units()), groups);
+            let what = format!("67x1088 split {split} {:?} m={m}", ctx.lane_mode());
+            let x = random_vectors(m * q.cols, 1300 + m as u64);
+            let (want, mag) = reference(&q, &x, m);
+            let mut ys = Vec::new();
+            for mm in [&single, &grouped] {
+                let mut y = vec![f32::NAN; m * q.rows];
+                mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_close(&what, &y, &want, &mag, GEMV_REL_TOL);
+                ys.push(y);
+            }
+            let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(first.is_none(), "{what}: element {first:?} differs between one row of workgroups and {groups}");
+        }
+    }
 }
 
 /// Timestamp queries give one positive duration per run for every GPU product.

@@ -195,6 +195,7 @@ fn subgroup_source_needs_the_subgroup_capability() {
         workgroup: 128,
         lane_x: false,
         split: false,
+        grouped: false,
     };
     let src = shaders::source(Kernel::RansDecode, &spec);
     let module = naga::front::wgsl::parse_str(&src).expect("parses");

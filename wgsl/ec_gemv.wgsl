@@ -1,8 +1,11 @@
 // Fused GEMV: decode rANS tiles, dequantize and multiply, y[v][n] = sum_k W[n][k] x[v][k], for M vectors.
 //
-// Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS.
+// Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS;
+// GROUPED where the grid's second dimension shares out the vectors (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
-// Grid: workgroups stride over row tiles. Within one row tile, slab s decodes segments s, s + SLABS, ...; lane r
+// Grid: workgroups stride over row tiles (the grid's first dimension); the second splits the vectors, row g of
+// workgroups taking vectors g M .. g M + M of the product (so each of those row tiles is decoded once per row of
+// workgroups). Within one row tile, slab s decodes segments s, s + SLABS, ...; lane r
 // keeps M accumulators for row r. Per group it accumulates sum(q * x) and sum(x) and applies the group's scale
 // and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x); or, with QUADS, sum((q + b / s) x) alone and
 // then s * sum((q + b / s) x) (see `bias_ratio`). The slabs' partial sums are then added in workgroup memory.
@@ -106,6 +109,12 @@ fn main(
     let steps_per_group = params.group_size / KW;
     let groups_per_row = params.cols / params.group_size;
     let rounds = (params.segments + SLABS - 1u) / SLABS;
+//#if GROUPED
+    // This workgroup's first vector. (The lines that read it are kept apart from those of a kernel that is not
+    // GROUPED, which stay as they were: the driver's code for a kernel moves by up to 20% with small changes to its
+    // source, measured on an H200.)
+    let v0 = wid.y * M;
+//#endif
     for (var row_tile = wid.x; row_tile < params.row_tiles; row_tile += nwg.x) {
         let row = row_tile * 32u + lane_row;
         let row_active = row < params.rows;
@@ -186,7 +195,11 @@ fn main(
                             let j = h * KW + i;
                             for (var v = 0u; v < M; v++) {
                                 if (j % 4u == 0u) {
+//#if GROUPED
+                                    xq[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#else
                                     xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#endif
                                 }
                                 let xv = select(xq[v].xy, xq[v].zw, j % 4u == 2u);
                                 qx[v] += q0 * xv.x;
@@ -200,7 +213,11 @@ fn main(
                             let q0 = symbol_f32(e, i);
                             let q1 = symbol_f32(e, i + 1u);
                             for (var v = 0u; v < M; v++) {
+//#if GROUPED
+                                let xv = x[((v0 + v) * params.cols + col + i) / 2u];
+//#else
                                 let xv = x[(v * params.cols + col + i) / 2u];
+//#endif
                                 qx[v] += q0 * xv.x;
                                 qx[v] += q1 * xv.y;
                                 sx[v] += xv.x;
@@ -211,7 +228,11 @@ fn main(
                         for (var i = 0u; i < KW; i++) {
                             let q = symbol_f32(e, i);
                             for (var v = 0u; v < M; v++) {
+//#if GROUPED
+                                let xv = x[(v0 + v) * params.cols + col + i];
+//#else
                                 let xv = x[v * params.cols + col + i];
+//#endif
                                 qx[v] += q * xv;
                                 sx[v] += xv;
                             }
@@ -237,7 +258,11 @@ fn main(
                         let q1 = field_f32(w, j % 4u + 1u, 4u);
                         for (var v = 0u; v < M; v++) {
                             if (j % 4u == 0u) {
+//#if GROUPED
+                                xq[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#else
                                 xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#endif
                             }
                             let xv = select(xq[v].xy, xq[v].zw, j % 4u == 2u);
 //#if QUADS
@@ -260,7 +285,11 @@ fn main(
                     for (var v = 0u; v < M; v++) {
                         var sum = 0.0;
                         if (lane_live & (ratio.y == 0.0)) {
+//#if GROUPED
+                            sum = group_sum(v0 + v, group_col);
+//#else
                             sum = group_sum(v, group_col);
+//#endif
                         }
                         acc[v] += select(0.0, s * qx[v] + b * sum, lane_live);
                         qx[v] = 0.0;
@@ -290,7 +319,11 @@ fn main(
                 for (var s = 0u; s < SLABS; s++) {
                     sum += partial[s * 32u + lane_row];
                 }
+//#if GROUPED
+                y[(v0 + v) * params.rows + row] = sum;
+//#else
                 y[v * params.rows + row] = sum;
+//#endif
             }
             workgroupBarrier();
         }

@@ -35,6 +35,7 @@ pub struct GpuContext {
     path: KernelPath,
     fused: FusedSource,
     fused_msl: bool,
+    compute_units: Option<u32>,
 }
 
 struct Shared {
@@ -129,12 +130,14 @@ impl GpuContext {
             layouts: Mutex::new(HashMap::new()),
             msl: MslCache::default(),
         };
+        let compute_units = compute_units(&shared.device);
         let mut ctx = Self {
             shared: Arc::new(shared),
             lanes: LaneMode::Portable,
             path: KernelPath::Auto,
             fused: FusedSource::Auto,
             fused_msl: false,
+            compute_units,
         };
         ctx.lanes = ctx.subgroup_mode().unwrap_or(LaneMode::Portable);
         // Auto and Wgsl always resolve.
@@ -168,6 +171,19 @@ impl GpuContext {
     pub fn with_fused_source(&self, source: FusedSource) -> Result<Self> {
         let fused_msl = metal::use_msl(source, self.shared.info.backend, self.shared.features).map_err(Error::Gpu)?;
         Ok(Self { fused: source, fused_msl, ..self.clone() })
+    }
+
+    /// A context on the same device and caches that takes the device to have `units` compute units (NVIDIA's
+    /// SMs), or not to say (None), whatever it reported: for tests and benchmarks of the choices that depend on it
+    /// ([`kernels::vector_groups`]).
+    pub fn with_compute_units(&self, units: Option<u32>) -> Self {
+        Self { compute_units: units, ..self.clone() }
+    }
+
+    /// The device's compute units where its driver reports them: NVIDIA's SMs on Vulkan
+    /// (`VK_NV_shader_sm_builtins`); None elsewhere (wgpu does not report them).
+    pub fn compute_units(&self) -> Option<u32> {
+        self.compute_units
     }
 
     /// The fused-kernel source this context was asked for.
@@ -230,12 +246,12 @@ impl GpuContext {
         &self.shared.limits
     }
 
-    /// One line for people: adapter name, backend, device type, driver, subgroup sizes, kernel variant and, where
-    /// it applies, that the fused kernel is the MSL one.
+    /// One line for people: adapter name, backend, device type, driver, subgroup sizes, compute units where known,
+    /// kernel variant and, where it applies, that the fused kernel is the MSL one.
     pub fn describe(&self) -> String {
         let i = &self.shared.info;
         format!(
-            "{} ({:?}, {:?}, driver {} {}), subgroups {}..={}{}, kernels {:?}{}",
+            "{} ({:?}, {:?}, driver {} {}), subgroups {}..={}{}{}, kernels {:?}{}",
             i.name,
             i.backend,
             i.device_type,
@@ -244,6 +260,7 @@ impl GpuContext {
             i.subgroup_min_size,
             i.subgroup_max_size,
             if self.shared.features.contains(wgpu::Features::SUBGROUP) { "" } else { " (feature absent)" },
+            self.compute_units.map_or(String::new(), |n| format!(", {n} compute units")),
             self.lanes,
             if self.fused_msl { ", fused kernel MSL" } else { "" }
         )
@@ -453,4 +470,40 @@ impl GpuContext {
 
 fn map_error(e: wgpu::MapRangeError) -> Error {
     Error::Gpu(format!("mapping a buffer failed: {e}"))
+}
+
+/// What [`GpuContext::compute_units`] reports for `device`.
+fn compute_units(device: &wgpu::Device) -> Option<u32> {
+    #[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    if device.adapter_info().backend == wgpu::Backend::Vulkan {
+        return vulkan_compute_units(device);
+    }
+    let _ = device;
+    None
+}
+
+/// The SMs an NVIDIA Vulkan driver reports (`VK_NV_shader_sm_builtins`); None from other drivers.
+#[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn vulkan_compute_units(device: &wgpu::Device) -> Option<u32> {
+    use ash::vk;
+    // SAFETY: the hal device is only read here, for its physical device and instance, while `device` keeps it
+    // alive; nothing is created or destroyed through it.
+    let hal = unsafe { device.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let shared = hal.shared_instance();
+    // vkGetPhysicalDeviceProperties2 is Vulkan 1.1.
+    if shared.instance_api_version() < vk::API_VERSION_1_1 {
+        return None;
+    }
+    let instance = shared.raw_instance();
+    let physical = hal.raw_physical_device();
+    // SAFETY: `physical` is a valid handle of `instance` (both from the live hal device).
+    let extensions = unsafe { instance.enumerate_device_extension_properties(physical) }.ok()?;
+    if !extensions.iter().any(|e| e.extension_name_as_c_str() == Ok(vk::NV_SHADER_SM_BUILTINS_NAME)) {
+        return None;
+    }
+    let mut sm = vk::PhysicalDeviceShaderSMBuiltinsPropertiesNV::default();
+    let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut sm);
+    // SAFETY: as above; the chained structure belongs to an extension the device supports.
+    unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
+    (sm.shader_sm_count > 0).then_some(sm.shader_sm_count)
 }

@@ -43,6 +43,25 @@ pub fn gemv_slabs(segments: usize, max_invocations: u32) -> u32 {
     segments.div_ceil(segments.div_ceil(cap)) as u32
 }
 
+/// Slabs of 32 lanes per compute unit up to which [`vector_groups`] shares out a product's vectors (see there).
+pub const VECTOR_SPLIT_SLABS_PER_UNIT: usize = 16;
+
+/// Rows of ec_gemv workgroups that share out the `m` vectors of one fused product (the grid's second dimension;
+/// each row takes `m / groups` vectors and decodes every row tile itself), for `row_tiles` workgroups of `slabs`
+/// slabs on a device of `compute_units`: the most that divide `m`, leave each workgroup at least 2 vectors (so its
+/// arithmetic, and so every product, is that of the whole `m`) and keep all the workgroups' slabs within
+/// [`VECTOR_SPLIT_SLABS_PER_UNIT`] per compute unit; 1 where the device does not say how many compute units it
+/// has. Where the row tiles leave the GPU mostly idle the extra decodes cost nothing and each workgroup has fewer
+/// vectors to multiply; where they fill it, every extra decode costs its full time.
+pub fn vector_groups(row_tiles: usize, slabs: u32, m: usize, compute_units: Option<u32>) -> usize {
+    let Some(units) = compute_units else {
+        return 1;
+    };
+    let room = units as usize * VECTOR_SPLIT_SLABS_PER_UNIT;
+    let slabs = row_tiles * slabs as usize;
+    (1..=m / 2).rev().find(|&g| m % g == 0 && slabs * g <= room).unwrap_or(1)
+}
+
 /// Bytes of one stored weight row from which q_gemv takes 8 rows by 128 lanes per workgroup (up to 4 vectors):
 /// every lane then has at least one 16-byte piece of every row. Measured on an H200 against 4 rows by 64 lanes:
 /// 14336x4096 4-bit (2048-byte rows) M = 4 82.1 against 91.1 us, M = 1 back to back 21.7 against 23.3, one M = 1
@@ -412,6 +431,7 @@ pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
         workgroup: TILE_WORKGROUP,
         lane_x: false,
         split: stream.split(),
+        grouped: false,
     };
     Spec { workgroup: decode_workgroup(&spec, l.tiles(), ctx.limits().max_compute_invocations_per_workgroup), ..spec }
 }
@@ -555,9 +575,9 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
 /// Records the fused GEMV of `m` (1..=8) vectors: `weights` from [`ec_gemv_weights`], `io` a group-1 bind
 /// group of `x` (`m x cols` f32) and `y` (`m x rows` f32) from [`io_bind_group`].
 ///
-/// Grid: one workgroup per row tile of 32 rows, capped at the dimension limit; the kernel loops over the rest.
-/// A workgroup has [`gemv_slabs`] slabs of 32 lanes (about one per segment, up to 32); slab `s` decodes segments
-/// `s`, `s + slabs`, ...
+/// Grid: one workgroup per row tile of 32 rows, capped at the dimension limit (the kernel loops over the rest), by
+/// [`vector_groups`] rows, each taking its share of the vectors. A workgroup has [`gemv_slabs`] slabs of 32 lanes
+/// (about one per segment, up to 32); slab `s` decodes segments `s`, `s + slabs`, ...
 pub fn ec_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
@@ -570,14 +590,17 @@ pub fn ec_gemv(
         return Err(Error::param("m", format!("ec_gemv takes 1..={MAX_VECTORS_PER_PASS} vectors, got {m}")));
     }
     let l = stream.layout;
+    let slabs = gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
+    let groups = vector_groups(l.row_tiles(), slabs, m, ctx.compute_units());
     let spec = Spec {
         lanes: ctx.lane_mode(),
         bits: l.bits(),
         precision: stream.precision,
-        m: m as u32,
-        workgroup: 32 * gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
+        m: (m / groups) as u32,
+        workgroup: 32 * slabs,
         lane_x: false,
         split: stream.split(),
+        grouped: groups > 1,
     };
     let pipeline = ctx.pipeline(Kernel::EcGemv, spec)?;
     if l.rows() == 0 {
@@ -586,7 +609,7 @@ pub fn ec_gemv(
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
-    pass.dispatch_workgroups(grid(ctx, l.row_tiles()), 1, 1);
+    pass.dispatch_workgroups(grid(ctx, l.row_tiles()), groups as u32, 1);
     Ok(())
 }
 
@@ -748,7 +771,16 @@ pub fn x_lanes(
     io: &wgpu::BindGroup,
     m: usize,
 ) -> Result<()> {
-    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: 1, workgroup, lane_x: false, split: false };
+    let spec = Spec {
+        lanes: ctx.lane_mode(),
+        bits,
+        precision: 0,
+        m: 1,
+        workgroup,
+        lane_x: false,
+        split: false,
+        grouped: false,
+    };
     pass.set_pipeline(&ctx.pipeline(Kernel::XLanes, spec)?);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
@@ -774,7 +806,16 @@ fn row_kernel(
     }
     let per_pass = vectors_per_pass(kernel, m);
     let workgroup = row_workgroup(kernel, per_pass, row_bytes);
-    let spec = Spec { lanes: ctx.lane_mode(), bits, precision: 0, m: per_pass, workgroup, lane_x, split: false };
+    let spec = Spec {
+        lanes: ctx.lane_mode(),
+        bits,
+        precision: 0,
+        m: per_pass,
+        workgroup,
+        lane_x,
+        split: false,
+        grouped: false,
+    };
     let pipeline = ctx.pipeline(kernel, spec)?;
     let blocks = m.div_ceil(per_pass as usize);
     if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {

@@ -110,6 +110,9 @@ pub struct Spec {
     /// rans_decode and ec_gemv only: the stream is split (`SPLIT`, docs/FORMAT.md section 2.1): `bits` is then
     /// the coded symbols' 2, the weights have 4, and binding 7 holds the low words; false for every other kernel.
     pub split: bool,
+    /// ec_gemv only: the grid's second dimension shares out the vectors, `m` to a row of workgroups (`GROUPED`;
+    /// see [`super::kernels::vector_groups`]); false for every other kernel.
+    pub grouped: bool,
 }
 
 impl Spec {
@@ -183,6 +186,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if matches!(kernel, Kernel::RansDecode | Kernel::EcGemv) && spec.split {
         flags.push("SPLIT");
     }
+    if kernel == Kernel::EcGemv && spec.grouped {
+        flags.push("GROUPED");
+    }
     flags
 }
 
@@ -221,7 +227,16 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
             let splits: &[bool] =
                 if bits == crate::rans::SPLIT_BITS - crate::rans::SPLIT_LOW_BITS { &[false, true] } else { &[false] };
             for (&split, precision) in splits.iter().flat_map(|s| precisions.clone().map(move |p| (s, p))) {
-                let spec = Spec { lanes, bits, precision, m: 1, workgroup: TILE_WORKGROUP, lane_x: false, split };
+                let spec = Spec {
+                    lanes,
+                    bits,
+                    precision,
+                    m: 1,
+                    workgroup: TILE_WORKGROUP,
+                    lane_x: false,
+                    split,
+                    grouped: false,
+                };
                 out.push((Kernel::RansDecode, spec));
                 // A large split stream's workgroup, where it fits.
                 let wide = decode_workgroup(&spec, SPLIT_WIDE_TILES, u32::MAX);
@@ -229,11 +244,16 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     out.push((Kernel::RansDecode, Spec { workgroup: wide, ..spec }));
                 }
                 for m in vectors.clone() {
-                    // What `gemv_slabs` returns: any count up to the most.
-                    for slabs in 1..=MAX_GEMV_SLABS as u32 {
+                    // What `gemv_slabs` returns: any count up to the most; with the vectors shared out over rows of
+                    // workgroups (`vector_groups`), each takes 2 to half the most.
+                    let groupings: &[bool] =
+                        if (2..=MAX_VECTORS_PER_PASS as u32 / 2).contains(&m) { &[false, true] } else { &[false] };
+                    for (&grouped, slabs) in
+                        groupings.iter().flat_map(|g| (1..=MAX_GEMV_SLABS as u32).map(move |s| (g, s)))
+                    {
                         out.push((
                             Kernel::EcGemv,
-                            Spec { lanes, bits, precision, m, workgroup: 32 * slabs, lane_x: false, split },
+                            Spec { lanes, bits, precision, m, workgroup: 32 * slabs, lane_x: false, split, grouped },
                         ));
                     }
                 }
@@ -246,12 +266,21 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                 for workgroup in workgroups {
                     out.push((
                         Kernel::QGemv,
-                        Spec { lanes, bits, precision: 0, m, workgroup, lane_x: false, split: false },
+                        Spec { lanes, bits, precision: 0, m, workgroup, lane_x: false, split: false, grouped: false },
                     ));
                     if m > 1 {
                         out.push((
                             Kernel::QGemv,
-                            Spec { lanes, bits, precision: 0, m, workgroup, lane_x: true, split: false },
+                            Spec {
+                                lanes,
+                                bits,
+                                precision: 0,
+                                m,
+                                workgroup,
+                                lane_x: true,
+                                split: false,
+                                grouped: false,
+                            },
                         ));
                     }
                 }
@@ -262,7 +291,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
             for workgroup in workgroups {
                 out.push((
                     Kernel::XLanes,
-                    Spec { lanes, bits, precision: 0, m: 1, workgroup, lane_x: false, split: false },
+                    Spec { lanes, bits, precision: 0, m: 1, workgroup, lane_x: false, split: false, grouped: false },
                 ));
             }
         }
@@ -278,6 +307,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         workgroup: row_workgroup(kernel, m, 0),
                         lane_x: false,
                         split: false,
+                        grouped: false,
                     },
                 ));
             }
@@ -342,7 +372,16 @@ mod tests {
                             };
                             validate(
                                 kernel,
-                                &Spec { lanes, bits, precision: 12, m, workgroup, lane_x: false, split: false },
+                                &Spec {
+                                    lanes,
+                                    bits,
+                                    precision: 12,
+                                    m,
+                                    workgroup,
+                                    lane_x: false,
+                                    split: false,
+                                    grouped: false,
+                                },
                             );
                         }
                     }
@@ -388,6 +427,7 @@ mod tests {
                 workgroup: 64,
                 lane_x: false,
                 split: false,
+                grouped: false,
             };
             let src: String = source(kernel, &spec).lines().map(|l| l.split("//").next().unwrap_or("")).collect();
             for token in ["subgroupBallot", "subgroupAdd", "subgroup_id", "subgroup_size", "subgroup_invocation_id"] {
@@ -430,6 +470,48 @@ mod tests {
         );
     }
 
+    /// The rows of workgroups a fused product shares its vectors over: none without a compute-unit count, never
+    /// fewer than 2 vectors a workgroup, a divisor of the vector count, at most `VECTOR_SPLIT_SLABS_PER_UNIT` slabs
+    /// a unit in all; and every ec_gemv specialization it leads to is listed.
+    #[test]
+    fn vector_groups_share_out_whole_vector_pairs() {
+        use super::super::kernels::{vector_groups, MAX_VECTORS_PER_PASS, VECTOR_SPLIT_SLABS_PER_UNIT};
+        assert_eq!(VECTOR_SPLIT_SLABS_PER_UNIT, 16);
+        // 4096x4096 on 132 SMs: 128 row tiles of 8 slabs.
+        let groups =
+            |row_tiles, slabs| (1..=8).map(|m| vector_groups(row_tiles, slabs, m, Some(132))).collect::<Vec<_>>();
+        assert_eq!(groups(128, 8), [1, 1, 1, 2, 1, 2, 1, 2]);
+        // 2048x4096 and SmolLM2's 576x1536 (18 row tiles of 3 slabs).
+        assert_eq!(groups(64, 8), [1, 1, 1, 2, 1, 3, 1, 4]);
+        assert_eq!(groups(18, 3), [1, 1, 1, 2, 1, 3, 1, 4]);
+        // 6144x4096, 14336x4096 and 4096x14336 (28 slabs): the GPU is full already.
+        assert_eq!(groups(192, 8), [1; 8]);
+        assert_eq!(groups(448, 8), [1; 8]);
+        assert_eq!(groups(128, 28), [1; 8]);
+        assert_eq!(vector_groups(3, 1, 8, None), 1);
+        let listed = specializations();
+        for units in [1, 8, 132, 10_000] {
+            for (row_tiles, slabs) in [(1, 1), (3, 5), (64, 8), (128, 8), (500, 32)] {
+                for m in 1..=MAX_VECTORS_PER_PASS {
+                    let g = vector_groups(row_tiles, slabs, m, Some(units));
+                    let within = row_tiles * slabs as usize * g <= 16 * units as usize;
+                    assert!(m % g == 0 && (g == 1 || (m / g >= 2 && within)), "{m} vectors, {g} rows");
+                    let spec = Spec {
+                        lanes: LaneMode::SubgroupWide,
+                        bits: 4,
+                        precision: 11,
+                        m: (m / g) as u32,
+                        workgroup: 32 * slabs,
+                        lane_x: false,
+                        split: false,
+                        grouped: g > 1,
+                    };
+                    assert!(listed.contains(&(Kernel::EcGemv, spec)), "{m} vectors in {g} rows: {spec:?}");
+                }
+            }
+        }
+    }
+
     /// rans_decode takes 16 tiles a workgroup only for split streams of at least `SPLIT_WIDE_TILES` tiles, on a
     /// device that allows 512 invocations, and where the workgroup memory stays within 32 KiB.
     #[test]
@@ -443,6 +525,7 @@ mod tests {
             workgroup: TILE_WORKGROUP,
             lane_x: false,
             split: true,
+            grouped: false,
         };
         assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES, 1024), SPLIT_TILE_WORKGROUP);
         assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES - 1, 1024), TILE_WORKGROUP);
