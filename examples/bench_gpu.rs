@@ -656,7 +656,7 @@ fn row_variants(ctx: &GpuContext, rw: &RowWeights, shape: &str, out: &mut Vec<Ro
     let lanes = ctx.lane_mode();
     for (kernel, name, wg, from, to, grid) in ROW_VARIANTS {
         let bits = if kernel == Kernel::QGemv { rw.bits } else { 0 };
-        let spec = Spec { lanes, bits, precision: 0, m: 1, workgroup: wg, lane_x: false, split: false, grouped: false };
+        let spec = Spec::new(lanes, bits, 0, 1, wg);
         let pipeline = kernels::edited_pipeline(ctx, kernel, spec, |src| {
             if from.is_empty() {
                 return src;
@@ -969,16 +969,7 @@ fn row_experiments(
         for e in exps.iter().filter(|e| matches!(e.kernel, Kernel::QGemv | Kernel::GemvF16) && one_block(e.kernel)) {
             let bits = if e.kernel == Kernel::QGemv { rw.bits } else { 0 };
             let lane_x = e.kernel == Kernel::QGemv && kernels::lane_x(bits, rw.rows, rw.cols, m);
-            let own = Spec {
-                lanes,
-                bits,
-                precision: 0,
-                m: m as u32,
-                workgroup: rw.workgroup(e.kernel, m),
-                lane_x,
-                split: false,
-                grouped: false,
-            };
+            let own = Spec { lane_x, ..Spec::new(lanes, bits, 0, m as u32, rw.workgroup(e.kernel, m)) };
             if !references.iter().any(|(k, _)| *k == e.kernel) {
                 let own_grid = kernels::row_blocks(e.kernel, &own, rw.rows) as u32;
                 let pipeline = kernels::edited_pipeline(ctx, e.kernel, own, |s| s)?;
@@ -1055,15 +1046,10 @@ fn fused_experiments(
         Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(y, (m * rows * 4) as u64)?))
     };
     for m in experiment_ms(o) {
+        let slabs = kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
         let own = Spec {
-            lanes: ctx.lane_mode(),
-            bits: l.bits(),
-            precision: tensor.table().precision(),
-            m: m as u32,
-            workgroup: 32 * kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup),
-            lane_x: false,
             split: tensor.low().is_some(),
-            grouped: false,
+            ..Spec::new(ctx.lane_mode(), l.bits(), tensor.table().precision(), m as u32, 32 * slabs)
         };
         let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32, m)?;
         for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
@@ -1384,16 +1370,7 @@ mod tests {
     fn variant_edits_name_current_kernel_lines() {
         for (kernel, name, workgroup, from, _, _) in ROW_VARIANTS {
             let bits = if kernel == Kernel::QGemv { 4 } else { 0 };
-            let spec = Spec {
-                lanes: LaneMode::SubgroupWide,
-                bits,
-                precision: 0,
-                m: 1,
-                workgroup,
-                lane_x: false,
-                split: false,
-                grouped: false,
-            };
+            let spec = Spec::new(LaneMode::SubgroupWide, bits, 0, 1, workgroup);
             let src = ecq::gpu::shaders::source(kernel, &spec);
             assert!(src.contains(from), "{name}: {} no longer contains {from:?}", kernel.file());
             if name.ends_with("-unpack") {

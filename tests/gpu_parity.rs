@@ -580,16 +580,7 @@ fn workgroup_memory_above_limit_is_refused() {
 #[test]
 fn edited_kernel_above_workgroup_limit_is_refused() {
     let Some(ctx) = limited_context(|l| l.max_compute_workgroup_storage_size = 32 * 1024) else { return };
-    let spec = Spec {
-        lanes: ctx.lane_mode(),
-        bits: 4,
-        precision: 11,
-        m: 1,
-        workgroup: 256,
-        lane_x: false,
-        split: false,
-        grouped: false,
-    };
+    let spec = Spec::new(ctx.lane_mode(), 4, 11, 1, 256);
     let own = kernels::edited_pipeline(&ctx, Kernel::RansDecode, spec, |s| s);
     assert!(own.is_ok(), "the kernel as it is: {:?}", own.err());
     let grown =

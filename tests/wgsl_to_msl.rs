@@ -187,16 +187,7 @@ fn specializations_cover_every_kernel_mode_width_and_vector_count() {
 /// validation without the subgroup capability.
 #[test]
 fn subgroup_source_needs_the_subgroup_capability() {
-    let spec = Spec {
-        lanes: LaneMode::SubgroupWide,
-        bits: 4,
-        precision: 12,
-        m: 1,
-        workgroup: 128,
-        lane_x: false,
-        split: false,
-        grouped: false,
-    };
+    let spec = Spec::new(LaneMode::SubgroupWide, 4, 12, 1, 128);
     let src = shaders::source(Kernel::RansDecode, &spec);
     let module = naga::front::wgsl::parse_str(&src).expect("parses");
     let result = Validator::new(ValidationFlags::all(), capabilities(LaneMode::Portable)).validate(&module);

@@ -423,16 +423,8 @@ pub fn rans_decode(
 /// The spec [`rans_decode`] builds its pipeline with for `stream` on `ctx`.
 pub fn rans_decode_spec(ctx: &GpuContext, stream: &GpuStream) -> Spec {
     let l = stream.layout;
-    let spec = Spec {
-        lanes: ctx.lane_mode(),
-        bits: l.bits(),
-        precision: stream.precision,
-        m: 1,
-        workgroup: TILE_WORKGROUP,
-        lane_x: false,
-        split: stream.split(),
-        grouped: false,
-    };
+    let spec =
+        Spec { split: stream.split(), ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, 1, TILE_WORKGROUP) };
     Spec { workgroup: decode_workgroup(&spec, l.tiles(), ctx.limits().max_compute_invocations_per_workgroup), ..spec }
 }
 
@@ -593,14 +585,9 @@ pub fn ec_gemv(
     let slabs = gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
     let groups = vector_groups(l.row_tiles(), slabs, m, ctx.compute_units());
     let spec = Spec {
-        lanes: ctx.lane_mode(),
-        bits: l.bits(),
-        precision: stream.precision,
-        m: (m / groups) as u32,
-        workgroup: 32 * slabs,
-        lane_x: false,
         split: stream.split(),
         grouped: groups > 1,
+        ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * slabs)
     };
     let pipeline = ctx.pipeline(Kernel::EcGemv, spec)?;
     if l.rows() == 0 {
@@ -771,16 +758,7 @@ pub fn x_lanes(
     io: &wgpu::BindGroup,
     m: usize,
 ) -> Result<()> {
-    let spec = Spec {
-        lanes: ctx.lane_mode(),
-        bits,
-        precision: 0,
-        m: 1,
-        workgroup,
-        lane_x: false,
-        split: false,
-        grouped: false,
-    };
+    let spec = Spec::new(ctx.lane_mode(), bits, 0, 1, workgroup);
     pass.set_pipeline(&ctx.pipeline(Kernel::XLanes, spec)?);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
@@ -806,16 +784,7 @@ fn row_kernel(
     }
     let per_pass = vectors_per_pass(kernel, m);
     let workgroup = row_workgroup(kernel, per_pass, row_bytes);
-    let spec = Spec {
-        lanes: ctx.lane_mode(),
-        bits,
-        precision: 0,
-        m: per_pass,
-        workgroup,
-        lane_x,
-        split: false,
-        grouped: false,
-    };
+    let spec = Spec { lane_x, ..Spec::new(ctx.lane_mode(), bits, 0, per_pass, workgroup) };
     let pipeline = ctx.pipeline(kernel, spec)?;
     let blocks = m.div_ceil(per_pass as usize);
     if blocks > ctx.limits().max_compute_workgroups_per_dimension as usize {

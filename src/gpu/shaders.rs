@@ -116,6 +116,11 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`) off.
+    pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
+        Self { lanes, bits, precision, m, workgroup, lane_x: false, split: false, grouped: false }
+    }
+
     /// Tiles per workgroup of the tile kernels: 32 lanes each.
     pub fn slabs(&self) -> u32 {
         self.workgroup / 32
@@ -227,16 +232,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
             let splits: &[bool] =
                 if bits == crate::rans::SPLIT_BITS - crate::rans::SPLIT_LOW_BITS { &[false, true] } else { &[false] };
             for (&split, precision) in splits.iter().flat_map(|s| precisions.clone().map(move |p| (s, p))) {
-                let spec = Spec {
-                    lanes,
-                    bits,
-                    precision,
-                    m: 1,
-                    workgroup: TILE_WORKGROUP,
-                    lane_x: false,
-                    split,
-                    grouped: false,
-                };
+                let spec = Spec { split, ..Spec::new(lanes, bits, precision, 1, TILE_WORKGROUP) };
                 out.push((Kernel::RansDecode, spec));
                 // A large split stream's workgroup, where it fits.
                 let wide = decode_workgroup(&spec, SPLIT_WIDE_TILES, u32::MAX);
@@ -253,7 +249,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     {
                         out.push((
                             Kernel::EcGemv,
-                            Spec { lanes, bits, precision, m, workgroup: 32 * slabs, lane_x: false, split, grouped },
+                            Spec { split, grouped, ..Spec::new(lanes, bits, precision, m, 32 * slabs) },
                         ));
                     }
                 }
@@ -264,24 +260,9 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     vec![row_workgroup(Kernel::QGemv, m, 0), row_workgroup(Kernel::QGemv, m, usize::MAX)];
                 workgroups.dedup();
                 for workgroup in workgroups {
-                    out.push((
-                        Kernel::QGemv,
-                        Spec { lanes, bits, precision: 0, m, workgroup, lane_x: false, split: false, grouped: false },
-                    ));
+                    out.push((Kernel::QGemv, Spec::new(lanes, bits, 0, m, workgroup)));
                     if m > 1 {
-                        out.push((
-                            Kernel::QGemv,
-                            Spec {
-                                lanes,
-                                bits,
-                                precision: 0,
-                                m,
-                                workgroup,
-                                lane_x: true,
-                                split: false,
-                                grouped: false,
-                            },
-                        ));
+                        out.push((Kernel::QGemv, Spec { lane_x: true, ..Spec::new(lanes, bits, 0, m, workgroup) }));
                     }
                 }
             }
@@ -289,27 +270,12 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
             let mut workgroups = vec![row_workgroup(Kernel::QGemv, 2, 0), row_workgroup(Kernel::QGemv, 2, usize::MAX)];
             workgroups.dedup();
             for workgroup in workgroups {
-                out.push((
-                    Kernel::XLanes,
-                    Spec { lanes, bits, precision: 0, m: 1, workgroup, lane_x: false, split: false, grouped: false },
-                ));
+                out.push((Kernel::XLanes, Spec::new(lanes, bits, 0, 1, workgroup)));
             }
         }
         for kernel in [Kernel::GemvF32, Kernel::GemvF16] {
             for m in vectors.clone() {
-                out.push((
-                    kernel,
-                    Spec {
-                        lanes,
-                        bits: 0,
-                        precision: 0,
-                        m,
-                        workgroup: row_workgroup(kernel, m, 0),
-                        lane_x: false,
-                        split: false,
-                        grouped: false,
-                    },
-                ));
+                out.push((kernel, Spec::new(lanes, 0, 0, m, row_workgroup(kernel, m, 0))));
             }
         }
     }
@@ -370,19 +336,7 @@ mod tests {
                                 Kernel::RansDecode | Kernel::EcGemv => 256,
                                 k => super::super::kernels::row_workgroup(k, m, row_bytes),
                             };
-                            validate(
-                                kernel,
-                                &Spec {
-                                    lanes,
-                                    bits,
-                                    precision: 12,
-                                    m,
-                                    workgroup,
-                                    lane_x: false,
-                                    split: false,
-                                    grouped: false,
-                                },
-                            );
+                            validate(kernel, &Spec::new(lanes, bits, 12, m, workgroup));
                         }
                     }
                 }
@@ -419,16 +373,7 @@ mod tests {
     #[test]
     fn portable_sources_use_no_subgroup_operations() {
         for kernel in Kernel::ALL {
-            let spec = Spec {
-                lanes: LaneMode::Portable,
-                bits: 4,
-                precision: 12,
-                m: 1,
-                workgroup: 64,
-                lane_x: false,
-                split: false,
-                grouped: false,
-            };
+            let spec = Spec::new(LaneMode::Portable, 4, 12, 1, 64);
             let src: String = source(kernel, &spec).lines().map(|l| l.split("//").next().unwrap_or("")).collect();
             for token in ["subgroupBallot", "subgroupAdd", "subgroup_id", "subgroup_size", "subgroup_invocation_id"] {
                 assert!(!src.contains(token), "{} portable source uses {token}", kernel.file());
@@ -496,16 +441,8 @@ mod tests {
                     let g = vector_groups(row_tiles, slabs, m, Some(units));
                     let within = row_tiles * slabs as usize * g <= 16 * units as usize;
                     assert!(m % g == 0 && (g == 1 || (m / g >= 2 && within)), "{m} vectors, {g} rows");
-                    let spec = Spec {
-                        lanes: LaneMode::SubgroupWide,
-                        bits: 4,
-                        precision: 11,
-                        m: (m / g) as u32,
-                        workgroup: 32 * slabs,
-                        lane_x: false,
-                        split: false,
-                        grouped: g > 1,
-                    };
+                    let spec =
+                        Spec { grouped: g > 1, ..Spec::new(LaneMode::SubgroupWide, 4, 11, (m / g) as u32, 32 * slabs) };
                     assert!(listed.contains(&(Kernel::EcGemv, spec)), "{m} vectors in {g} rows: {spec:?}");
                 }
             }
@@ -517,16 +454,7 @@ mod tests {
     #[test]
     fn decode_workgroup_widens_large_split_streams_only() {
         use crate::gpu::kernels::{decode_workgroup, SPLIT_TILE_WORKGROUP, SPLIT_WIDE_TILES, TILE_WORKGROUP};
-        let split = Spec {
-            lanes: LaneMode::SubgroupWide,
-            bits: 2,
-            precision: 11,
-            m: 1,
-            workgroup: TILE_WORKGROUP,
-            lane_x: false,
-            split: true,
-            grouped: false,
-        };
+        let split = Spec { split: true, ..Spec::new(LaneMode::SubgroupWide, 2, 11, 1, TILE_WORKGROUP) };
         assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES, 1024), SPLIT_TILE_WORKGROUP);
         assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES - 1, 1024), TILE_WORKGROUP);
         assert_eq!(decode_workgroup(&split, SPLIT_WIDE_TILES, 256), TILE_WORKGROUP);
