@@ -44,13 +44,13 @@ pub fn gemv_slabs(segments: usize, max_invocations: u32) -> u32 {
 }
 
 /// Slabs of 32 lanes per compute unit up to which [`vector_groups`] shares out a product's vectors (see there).
-pub const VECTOR_SPLIT_SLABS_PER_UNIT: usize = 16;
+pub const VECTOR_GROUP_SLABS_PER_UNIT: usize = 16;
 
 /// Rows of ec_gemv workgroups that share out the `m` vectors of one fused product (the grid's second dimension;
 /// each row takes `m / groups` vectors and decodes every row tile itself), for `row_tiles` workgroups of `slabs`
 /// slabs on a device of `compute_units`: the most that divide `m`, leave each workgroup at least 2 vectors (so its
 /// arithmetic, and so every product, is that of the whole `m`) and keep all the workgroups' slabs within
-/// [`VECTOR_SPLIT_SLABS_PER_UNIT`] per compute unit; 1 where the device does not say how many compute units it
+/// [`VECTOR_GROUP_SLABS_PER_UNIT`] per compute unit; 1 where the device does not say how many compute units it
 /// has. Where the row tiles leave the GPU mostly idle the extra decodes cost nothing and each workgroup has fewer
 /// vectors to multiply; where they fill it, every extra decode costs its full time. Measured on an H200 (132 SMs),
 /// fused us in one row against the rule's rows: 4096x4096 M = 4 62.2 -> 50.2 split and 70.0 -> 60.7 not split (2
@@ -60,7 +60,7 @@ pub fn vector_groups(row_tiles: usize, slabs: u32, m: usize, compute_units: Opti
     let Some(units) = compute_units else {
         return 1;
     };
-    let room = units as usize * VECTOR_SPLIT_SLABS_PER_UNIT;
+    let room = units as usize * VECTOR_GROUP_SLABS_PER_UNIT;
     let slabs = row_tiles * slabs as usize;
     (1..=m / 2).rev().find(|&g| m % g == 0 && slabs * g <= room).unwrap_or(1)
 }

@@ -416,12 +416,12 @@ mod tests {
     }
 
     /// The rows of workgroups a fused product shares its vectors over: none without a compute-unit count, never
-    /// fewer than 2 vectors a workgroup, a divisor of the vector count, at most `VECTOR_SPLIT_SLABS_PER_UNIT` slabs
+    /// fewer than 2 vectors a workgroup, a divisor of the vector count, at most `VECTOR_GROUP_SLABS_PER_UNIT` slabs
     /// a unit in all; and every ec_gemv specialization it leads to is listed.
     #[test]
     fn vector_groups_share_out_whole_vector_pairs() {
-        use super::super::kernels::{vector_groups, MAX_VECTORS_PER_PASS, VECTOR_SPLIT_SLABS_PER_UNIT};
-        assert_eq!(VECTOR_SPLIT_SLABS_PER_UNIT, 16);
+        use super::super::kernels::{vector_groups, MAX_VECTORS_PER_PASS, VECTOR_GROUP_SLABS_PER_UNIT};
+        assert_eq!(VECTOR_GROUP_SLABS_PER_UNIT, 16);
         // 4096x4096 on 132 SMs: 128 row tiles of 8 slabs.
         let groups =
             |row_tiles, slabs| (1..=8).map(|m| vector_groups(row_tiles, slabs, m, Some(132))).collect::<Vec<_>>();
@@ -439,7 +439,7 @@ mod tests {
             for (row_tiles, slabs) in [(1, 1), (3, 5), (64, 8), (128, 8), (500, 32)] {
                 for m in 1..=MAX_VECTORS_PER_PASS {
                     let g = vector_groups(row_tiles, slabs, m, Some(units));
-                    let within = row_tiles * slabs as usize * g <= 16 * units as usize;
+                    let within = row_tiles * slabs as usize * g <= VECTOR_GROUP_SLABS_PER_UNIT * units as usize;
                     assert!(m % g == 0 && (g == 1 || (m / g >= 2 && within)), "{m} vectors, {g} rows");
                     let spec =
                         Spec { grouped: g > 1, ..Spec::new(LaneMode::SubgroupWide, 4, 11, (m / g) as u32, 32 * slabs) };
