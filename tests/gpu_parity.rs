@@ -121,6 +121,7 @@ per_path!(
     corrupt_stream_is_refused,
     device_times_are_measured,
     fused_vectors_shared_out_over_workgroups,
+    fused_split_vector_staged_in_workgroup_memory,
 );
 
 /// A quantized matrix with skewed random symbols (so the coder has something to gain) and f16 scales.
@@ -680,6 +681,40 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
             let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
             assert!(first.is_none(), "{what}: element {first:?} differs between one row of workgroups and {groups}");
         }
+    }
+}
+
+/// With the device taken to have a compute unit for every workgroup, a fused product of one vector by a split
+/// stream of at most `kernels::STAGED_X_COLS` columns holds x in workgroup memory (`kernels::stage_x`): on 67 rows
+/// (the last row tile partial) by 4096 columns (the most, 8 segments) and by 1088 (the last of 5 segments 64
+/// columns wide), its products equal, bit for bit, those of the same context taken to have no known compute
+/// units (x read from global memory), and the float64 reference within tolerance, with the outputs poisoned
+/// first. 4160 columns, or fewer units than row tiles, keep x where it is.
+fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
+    let none = ctx.with_compute_units(None);
+    for (cols, segment, units, staged) in
+        [(4096, 512, 1024, true), (1088, 256, 1024, true), (4160, 512, 1024, false), (1088, 256, 2, false)]
+    {
+        let units = ctx.with_compute_units(Some(units));
+        let q = random_matrix(67, cols, 4, 32, 1400 + cols as u64);
+        let options = EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split: true };
+        let t = EcTensor::encode(&q, options).expect("encode");
+        let stream = GpuStream::upload(&units, &t).unwrap();
+        let what = format!("67x{cols} split {:?} with {:?} units", ctx.lane_mode(), units.compute_units());
+        assert_eq!(kernels::ec_gemv_spec(&units, &stream, 1).0.stage_x, staged, "{what}");
+        assert!(!kernels::ec_gemv_spec(&none, &stream, 1).0.stage_x, "{what}");
+        let x = random_vectors(cols, 1401);
+        let (want, mag) = reference(&q, &x, 1);
+        let mut ys = Vec::new();
+        for c in [&none, &units] {
+            let mm = EcMatmul::new(c, &t, Strategy::Fused).unwrap();
+            let mut y = vec![f32::NAN; q.rows];
+            mm.matmul(&x, 1, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_close(&what, &y, &want, &mag, GEMV_REL_TOL);
+            ys.push(y);
+        }
+        let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(first.is_none(), "{what}: element {first:?} differs with x staged");
     }
 }
 

@@ -1,7 +1,8 @@
 // Fused GEMV: decode rANS tiles, dequantize and multiply, y[v][n] = sum_k W[n][k] x[v][k], for M vectors.
 //
 // Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS;
-// GROUPED where the grid's second dimension shares out the vectors (below).
+// GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
+// stream's one vector is held in workgroup memory (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles (the grid's first dimension); the second splits the vectors, row g of
 // workgroups taking vectors g M .. g M + M of the product (so each of those row tiles is decoded once per row of
@@ -38,6 +39,13 @@
 //#endif
 // Output, row-major M x rows.
 @group(1) @binding(1) var<storage, read_write> y: array<f32>;
+//#if STAGE_X
+// With STAGE_X (a split stream, M = 1, cols <= XS_COLS) the workgroup copies x into workgroup memory once, with the
+// decode table, and the products read it from there: where every workgroup has a compute unit to itself, its few
+// warps wait on each x load (L1 or L2) after a block's four steps, and workgroup memory answers sooner
+// (`kernels::stage_x`).
+var<workgroup> xs: array<vec4<f32>, XS_COLS / 4u>;
+//#endif
 
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
@@ -103,6 +111,11 @@ fn main(
     lanes_init(lid);
 //#endif
     load_table(lid);
+//#if STAGE_X
+    for (var i = lid; i < min(params.cols, XS_COLS) / 4u; i += WG) {
+        xs[i] = x[i];
+    }
+//#endif
     workgroupBarrier();
 
     let max_steps = params.segment / KW;
@@ -261,7 +274,11 @@ fn main(
 //#if GROUPED
                                 xq[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + j / 4u];
 //#else
+//#if STAGE_X
+                                xq[v] = xs[col4 / 4u + j / 4u];
+//#else
                                 xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#endif
 //#endif
                             }
                             let xv = select(xq[v].xy, xq[v].zw, j % 4u == 2u);

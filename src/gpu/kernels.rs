@@ -65,6 +65,42 @@ pub fn vector_groups(row_tiles: usize, slabs: u32, m: usize, compute_units: Opti
     (1..=m / 2).rev().find(|&g| m % g == 0 && slabs * g <= room).unwrap_or(1)
 }
 
+/// Most columns of x that ec_gemv holds in workgroup memory under [`stage_x`] (16 KiB of f32).
+pub const STAGED_X_COLS: usize = 4096;
+
+/// Whether ec_gemv copies x into workgroup memory (`Spec::stage_x`) for `workgroups` workgroups (row tiles times
+/// [`vector_groups`]) of `m` vectors each, on a device of `compute_units`: only for a split stream's single vector
+/// of at most [`STAGED_X_COLS`] columns, and only where every workgroup has a compute unit to itself (the caller
+/// also checks the workgroup memory against the device's limit). Measured on an H200 (132 SMs), split streams, M =
+/// 1, products identical, us against x read from global memory: 4096x4096 42.4 -> 38.2, 2048x4096 42.1 -> 37.3,
+/// 1024x4096 42.2 -> 37.1; but where an SM must hold two workgroups, whose 16 KiB more it then cannot (6144x4096,
+/// 192 workgroups), 44.0 -> 68.4, and 14336x4096 68.7 -> 129.4. Streams that are not split read x a pair of
+/// columns a step, and staging them was slower (4096x4096 50.0 -> 52.4, 52.7 as 16-byte pieces); SmolLM2's
+/// 576x1536 and 1536x576 were unchanged (34.4 -> 34.9, 38.6 -> 38.9 split).
+pub fn stage_x(workgroups: usize, split: bool, m: u32, cols: usize, compute_units: Option<u32>) -> bool {
+    let Some(units) = compute_units else {
+        return false;
+    };
+    split && m == 1 && cols <= STAGED_X_COLS && workgroups <= units as usize
+}
+
+/// The ec_gemv specialization for `m` vectors of `stream` on `ctx`'s device, and the rows of workgroups that
+/// share out the vectors ([`vector_groups`]; each row takes `spec.m` of them).
+pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, usize) {
+    let l = stream.layout;
+    let slabs = gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
+    let groups = vector_groups(l.row_tiles(), slabs, m, ctx.compute_units());
+    let spec = Spec {
+        split: stream.split(),
+        grouped: groups > 1,
+        ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * slabs)
+    };
+    let staged =
+        Spec { stage_x: stage_x(l.row_tiles() * groups, spec.split, spec.m, l.cols(), ctx.compute_units()), ..spec };
+    let fits = workgroup_bytes(Kernel::EcGemv, &staged) <= u64::from(ctx.limits().max_compute_workgroup_storage_size);
+    (if fits { staged } else { spec }, groups)
+}
+
 /// Bytes of one stored weight row from which q_gemv takes 8 rows by 128 lanes per workgroup (up to 4 vectors):
 /// every lane then has at least one 16-byte piece of every row. Measured on an H200 against 4 rows by 64 lanes:
 /// 14336x4096 4-bit (2048-byte rows) M = 4 82.1 against 91.1 us, M = 1 back to back 21.7 against 23.3, one M = 1
@@ -176,7 +212,7 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         // A split stream's output staging: `split_stage` pieces of 16 bytes a lane.
         Kernel::RansDecode if spec.split => split_stage_bytes(spec, split_stage(spec)),
         Kernel::RansDecode => table + lanes,
-        Kernel::EcGemv => table + lanes + 4 * wg,
+        Kernel::EcGemv => table + lanes + 4 * wg + if spec.stage_x { 4 * STAGED_X_COLS as u64 } else { 0 },
         Kernel::GemvF32 => 4 * wg,
         Kernel::XLanes => 0,
         // rows.wgsl's sums, a quad of up to 4 rows at a time.
@@ -572,7 +608,8 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
 ///
 /// Grid: one workgroup per row tile of 32 rows, capped at the dimension limit (the kernel loops over the rest), by
 /// [`vector_groups`] rows, each taking its share of the vectors. A workgroup has [`gemv_slabs`] slabs of 32 lanes
-/// (about one per segment, up to 32); slab `s` decodes segments `s`, `s + slabs`, ...
+/// (about one per segment, up to 32); slab `s` decodes segments `s`, `s + slabs`, ... The specialization is
+/// [`ec_gemv_spec`]'s.
 pub fn ec_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
@@ -585,13 +622,7 @@ pub fn ec_gemv(
         return Err(Error::param("m", format!("ec_gemv takes 1..={MAX_VECTORS_PER_PASS} vectors, got {m}")));
     }
     let l = stream.layout;
-    let slabs = gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
-    let groups = vector_groups(l.row_tiles(), slabs, m, ctx.compute_units());
-    let spec = Spec {
-        split: stream.split(),
-        grouped: groups > 1,
-        ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * slabs)
-    };
+    let (spec, groups) = ec_gemv_spec(ctx, stream, m);
     let pipeline = ctx.pipeline(Kernel::EcGemv, spec)?;
     if l.rows() == 0 {
         return Ok(());

@@ -113,12 +113,16 @@ pub struct Spec {
     /// ec_gemv only: the grid's second dimension shares out the vectors, `m` to a row of workgroups (`GROUPED`;
     /// see [`super::kernels::vector_groups`]); false for every other kernel.
     pub grouped: bool,
+    /// ec_gemv only, with `split` and `m` = 1: x is copied into workgroup memory, up to
+    /// [`super::kernels::STAGED_X_COLS`] columns (`STAGE_X`; see [`super::kernels::stage_x`]); false for every
+    /// other kernel.
+    pub stage_x: bool,
 }
 
 impl Spec {
-    /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`) off.
+    /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
-        Self { lanes, bits, precision, m, workgroup, lane_x: false, split: false, grouped: false }
+        Self { lanes, bits, precision, m, workgroup, lane_x: false, split: false, grouped: false, stage_x: false }
     }
 
     /// Tiles per workgroup of the tile kernels: 32 lanes each.
@@ -147,6 +151,9 @@ impl Spec {
         );
         if kernel == Kernel::RansDecode && self.split {
             out.push_str(&format!("const STAGE: u32 = {}u;\n", super::kernels::split_stage(self)));
+        }
+        if kernel == Kernel::EcGemv && self.stage_x {
+            out.push_str(&format!("const XS_COLS: u32 = {}u;\n", super::kernels::STAGED_X_COLS));
         }
         out
     }
@@ -193,6 +200,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     }
     if kernel == Kernel::EcGemv && spec.grouped {
         flags.push("GROUPED");
+    }
+    if kernel == Kernel::EcGemv && spec.stage_x {
+        flags.push("STAGE_X");
     }
     flags
 }
@@ -251,6 +261,13 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                             Kernel::EcGemv,
                             Spec { split, grouped, ..Spec::new(lanes, bits, precision, m, 32 * slabs) },
                         ));
+                        // One vector of a split stream held in workgroup memory (`stage_x`).
+                        if split && m == 1 {
+                            out.push((
+                                Kernel::EcGemv,
+                                Spec { split, stage_x: true, ..Spec::new(lanes, bits, precision, m, 32 * slabs) },
+                            ));
+                        }
                     }
                 }
             }
@@ -351,7 +368,8 @@ mod tests {
     fn host_workgroup_bytes_match_the_sources() {
         let mut checked = 0;
         for (kernel, spec) in specializations() {
-            if ![0, 1, crate::rans::MAX_PRECISION].contains(&spec.precision) || ![1, 3, 8].contains(&spec.bits.max(1)) {
+            let widths = [1, 3, 8].contains(&spec.bits.max(1)) || spec.split;
+            if ![0, 1, crate::rans::MAX_PRECISION].contains(&spec.precision) || !widths {
                 continue;
             }
             let declared = declared_workgroup_bytes(&source(kernel, &spec)).unwrap();
@@ -447,6 +465,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// x goes to workgroup memory only for a split stream's single vector of at most `STAGED_X_COLS` columns,
+    /// only where the workgroups do not outnumber the compute units, never without a count; every such
+    /// specialization is listed, and its source declares the 16 KiB.
+    #[test]
+    fn stage_x_only_for_one_split_vector_with_a_unit_per_workgroup() {
+        use super::super::kernels::{stage_x, STAGED_X_COLS};
+        assert_eq!(STAGED_X_COLS, 4096);
+        // 4096x4096, 2048x4096 and 1024x4096 on 132 SMs; not 6144x4096 (192 row tiles) or 14336x4096.
+        for workgroups in [128, 64, 32, 132] {
+            assert!(stage_x(workgroups, true, 1, 4096, Some(132)), "{workgroups}");
+        }
+        assert!(!stage_x(133, true, 1, 4096, Some(132)));
+        assert!(!stage_x(192, true, 1, 4096, Some(132)));
+        assert!(!stage_x(448, true, 1, 4096, Some(132)));
+        // Not split, several vectors a workgroup, wider rows, no count.
+        assert!(!stage_x(128, false, 1, 4096, Some(132)));
+        assert!(!stage_x(64, true, 2, 4096, Some(132)));
+        assert!(!stage_x(128, true, 1, 4112, Some(132)));
+        assert!(!stage_x(1, true, 1, 16, None));
+        let listed = specializations();
+        for slabs in 1..=32 {
+            for precision in 1..=crate::rans::MAX_PRECISION {
+                let spec = Spec {
+                    split: true,
+                    stage_x: true,
+                    ..Spec::new(LaneMode::SubgroupWide, 2, precision, 1, 32 * slabs)
+                };
+                assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
+            }
+        }
+        let plain = Spec { split: true, ..Spec::new(LaneMode::SubgroupWide, 2, 11, 1, 256) };
+        let staged = Spec { stage_x: true, ..plain };
+        let bytes = |spec: &Spec| declared_workgroup_bytes(&source(Kernel::EcGemv, spec)).unwrap();
+        assert_eq!(bytes(&staged), bytes(&plain) + 4 * STAGED_X_COLS as u64);
+        assert!(!listed.iter().any(|(_, s)| s.stage_x && (!s.split || s.m != 1 || s.grouped)));
     }
 
     /// rans_decode takes 16 tiles a workgroup only for split streams of at least `SPLIT_WIDE_TILES` tiles, on a
