@@ -122,6 +122,7 @@ per_path!(
     device_times_are_measured,
     fused_vectors_shared_out_over_workgroups,
     fused_split_vector_staged_in_workgroup_memory,
+    fused_trip_x_loaded_before_its_steps,
 );
 
 /// A quantized matrix with skewed random symbols (so the coder has something to gain) and f16 scales.
@@ -715,6 +716,41 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
         }
         let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
         assert!(first.is_none(), "{what}: element {first:?} differs with x staged");
+    }
+}
+
+/// With the device taken to have 3 compute units, fused products of 4 vectors per workgroup by 4-bit streams
+/// that are not split load each loop trip's x before its steps (`kernels::early_x`): 67 rows (3 row tiles, the
+/// last partial) at M = 4 in one row of workgroups, and 20 rows (one row tile of 12 inactive lanes) at M = 8 in 2
+/// rows of 4 vectors, both 4160 columns in 17 segments (the last 64 columns wide). Their products equal, bit for
+/// bit, those of the same context taken to have no known compute units, and the float64 reference within
+/// tolerance, with the outputs poisoned first. M = 8 on 67 rows runs in one row of 8 vectors and keeps the loads
+/// where they were.
+fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
+    let none = ctx.with_compute_units(None);
+    let units = ctx.with_compute_units(Some(3));
+    for (rows, m, groups, early) in [(67, 4, 1, true), (20, 8, 2, true), (67, 8, 1, false)] {
+        let q = random_matrix(rows, 4160, 4, 32, 1500 + rows as u64);
+        let t = encode(&q, 256);
+        let stream = GpuStream::upload(&units, &t).unwrap();
+        let what = format!("{rows}x4160 {:?} m={m}", ctx.lane_mode());
+        let (spec, g) = kernels::ec_gemv_spec(&units, &stream, m);
+        if ctx.limits().max_compute_invocations_per_workgroup >= 17 * 32 {
+            assert_eq!((spec.early_x, g), (early, groups), "{what}");
+        }
+        assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.early_x, "{what}");
+        let x = random_vectors(m * q.cols, 1501);
+        let (want, mag) = reference(&q, &x, m);
+        let mut ys = Vec::new();
+        for c in [&none, &units] {
+            let mm = EcMatmul::new(c, &t, Strategy::Fused).unwrap();
+            let mut y = vec![f32::NAN; m * q.rows];
+            mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_close(&what, &y, &want, &mag, GEMV_REL_TOL);
+            ys.push(y);
+        }
+        let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(first.is_none(), "{what}: element {first:?} differs with x loaded early");
     }
 }
 

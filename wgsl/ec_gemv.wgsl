@@ -2,7 +2,8 @@
 //
 // Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS;
 // GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
-// stream's one vector is held in workgroup memory (below).
+// stream's one vector is held in workgroup memory (below); EARLY_X where 4-bit steps read a loop trip's x before
+// its steps (QUADS, below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles (the grid's first dimension); the second splits the vectors, row g of
 // workgroups taking vectors g M .. g M + M of the product (so each of those row tiles is decoded once per row of
@@ -190,6 +191,21 @@ fn main(
                     // A split stream's 4 steps code one block of 16 columns; their joint symbols, the first lowest.
                     var hi = 0u;
 //#endif
+//#if EARLY_X
+                    // With EARLY_X (KW = 2: the trip's 8 columns, two 16-byte pieces a vector) the trip's x is loaded
+                    // before its steps, so the loads are in flight while the steps run (`kernels::early_x`).
+                    var xa: array<vec4<f32>, M>;
+                    var xb: array<vec4<f32>, M>;
+                    for (var v = 0u; v < M; v++) {
+//#if GROUPED
+                        xa[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u];
+                        xb[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + 1u];
+//#else
+                        xa[v] = x[v * (params.cols / 4u) + col4 / 4u];
+                        xb[v] = x[v * (params.cols / 4u) + col4 / 4u + 1u];
+//#endif
+                    }
+//#endif
                     for (var h = 0u; h < 4u; h++) {
                         // The decode step on every lane, the state kept by `select` (no branch on the per-step chain:
                         // measured on an H200, 184.9 -> 174.9 us on 14336x4096 and 88.2 -> 77.0 us on 4096x4096 against
@@ -208,10 +224,14 @@ fn main(
                             let j = h * KW + i;
                             for (var v = 0u; v < M; v++) {
                                 if (j % 4u == 0u) {
+//#if EARLY_X
+                                    xq[v] = select(xa[v], xb[v], j >= 4u);
+//#else
 //#if GROUPED
                                     xq[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + j / 4u];
 //#else
                                     xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#endif
 //#endif
                                 }
                                 let xv = select(xq[v].xy, xq[v].zw, j % 4u == 2u);

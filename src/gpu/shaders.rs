@@ -117,12 +117,17 @@ pub struct Spec {
     /// [`super::kernels::STAGED_X_COLS`] columns (`STAGE_X`; see [`super::kernels::stage_x`]); false for every
     /// other kernel.
     pub stage_x: bool,
+    /// ec_gemv only, for 4-bit streams that are not split and `m` >= 2: each loop trip's x is loaded before its
+    /// steps (`EARLY_X`; see [`super::kernels::early_x`]); false for every other kernel.
+    pub early_x: bool,
 }
 
 impl Spec {
-    /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`) off.
+    /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
+    /// `early_x`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
-        Self { lanes, bits, precision, m, workgroup, lane_x: false, split: false, grouped: false, stage_x: false }
+        let (lane_x, split, grouped, stage_x, early_x) = (false, false, false, false, false);
+        Self { lanes, bits, precision, m, workgroup, lane_x, split, grouped, stage_x, early_x }
     }
 
     /// Tiles per workgroup of the tile kernels: 32 lanes each.
@@ -204,6 +209,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::EcGemv && spec.stage_x {
         flags.push("STAGE_X");
     }
+    if kernel == Kernel::EcGemv && spec.early_x {
+        flags.push("EARLY_X");
+    }
     flags
 }
 
@@ -230,7 +238,8 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 /// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
-        decode_workgroup, row_workgroup, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, SPLIT_WIDE_TILES, TILE_WORKGROUP,
+        decode_workgroup, row_workgroup, EARLY_X_VECTORS, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, SPLIT_WIDE_TILES,
+        TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -257,16 +266,15 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                     for (&grouped, slabs) in
                         groupings.iter().flat_map(|g| (1..=MAX_GEMV_SLABS as u32).map(move |s| (g, s)))
                     {
-                        out.push((
-                            Kernel::EcGemv,
-                            Spec { split, grouped, ..Spec::new(lanes, bits, precision, m, 32 * slabs) },
-                        ));
-                        // One vector of a split stream held in workgroup memory (`stage_x`).
+                        let base = Spec { split, grouped, ..Spec::new(lanes, bits, precision, m, 32 * slabs) };
+                        out.push((Kernel::EcGemv, base));
+                        // One vector of a split stream held in workgroup memory (`stage_x`); a trip's x loaded
+                        // before its steps (`early_x`).
                         if split && m == 1 {
-                            out.push((
-                                Kernel::EcGemv,
-                                Spec { split, stage_x: true, ..Spec::new(lanes, bits, precision, m, 32 * slabs) },
-                            ));
+                            out.push((Kernel::EcGemv, Spec { stage_x: true, ..base }));
+                        }
+                        if !split && bits == 4 && m == EARLY_X_VECTORS {
+                            out.push((Kernel::EcGemv, Spec { early_x: true, ..base }));
                         }
                     }
                 }
@@ -502,6 +510,33 @@ mod tests {
         let bytes = |spec: &Spec| declared_workgroup_bytes(&source(Kernel::EcGemv, spec)).unwrap();
         assert_eq!(bytes(&staged), bytes(&plain) + 4 * STAGED_X_COLS as u64);
         assert!(!listed.iter().any(|(_, s)| s.stage_x && (!s.split || s.m != 1 || s.grouped)));
+    }
+
+    /// A trip's x is loaded before its steps only for 4-bit streams that are not split, at 4 vectors a workgroup,
+    /// only where the workgroups do not outnumber the compute units, never without a count; every such
+    /// specialization (one row of workgroups or several) is listed.
+    #[test]
+    fn early_x_only_for_four_plain_4_bit_vectors_with_a_unit_per_workgroup() {
+        use super::super::kernels::{early_x, EARLY_X_VECTORS};
+        assert_eq!(EARLY_X_VECTORS, 4);
+        // 4096x14336 and 2048x14336 on 132 SMs; not 6144x4096 (192 row tiles) or 14336x4096 (448).
+        assert!(early_x(128, 4, false, 4, Some(132)));
+        assert!(early_x(64, 4, false, 4, Some(132)));
+        assert!(!early_x(192, 4, false, 4, Some(132)));
+        assert!(!early_x(448, 4, false, 4, Some(132)));
+        // Other vector counts, split streams (2-bit coded symbols), other widths, no count.
+        for m in [1, 2, 3, 8] {
+            assert!(!early_x(128, 4, false, m, Some(132)), "{m}");
+        }
+        assert!(!early_x(128, 2, true, 4, Some(132)));
+        assert!(!early_x(128, 3, false, 4, Some(132)));
+        assert!(!early_x(1, 4, false, 4, None));
+        let listed = specializations();
+        for (slabs, grouped) in (1..=32).flat_map(|s| [(s, false), (s, true)]) {
+            let spec = Spec { grouped, early_x: true, ..Spec::new(LaneMode::SubgroupNarrow, 4, 11, 4, 32 * slabs) };
+            assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
+        }
+        assert!(!listed.iter().any(|(_, s)| s.early_x && (s.split || s.bits != 4 || s.m != 4 || s.stage_x)));
     }
 
     /// rans_decode takes 16 tiles a workgroup only for split streams of at least `SPLIT_WIDE_TILES` tiles, on a
