@@ -3,7 +3,7 @@
 // Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS;
 // GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
 // stream's one vector is held in workgroup memory (below); EARLY_X where 4-bit steps read a loop trip's x before
-// its steps (QUADS, below).
+// its steps (QUADS, not GROUPED, below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles (the grid's first dimension); the second splits the vectors, row g of
 // workgroups taking vectors g M .. g M + M of the product (so each of those row tiles is decoded once per row of
@@ -197,13 +197,8 @@ fn main(
                     var xa: array<vec4<f32>, M>;
                     var xb: array<vec4<f32>, M>;
                     for (var v = 0u; v < M; v++) {
-//#if GROUPED
-                        xa[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u];
-                        xb[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + 1u];
-//#else
                         xa[v] = x[v * (params.cols / 4u) + col4 / 4u];
                         xb[v] = x[v * (params.cols / 4u) + col4 / 4u + 1u];
-//#endif
                     }
 //#endif
                     for (var h = 0u; h < 4u; h++) {

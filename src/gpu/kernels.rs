@@ -68,38 +68,39 @@ pub fn vector_groups(row_tiles: usize, slabs: u32, m: usize, compute_units: Opti
 /// Most columns of x that ec_gemv holds in workgroup memory under [`stage_x`] (16 KiB of f32).
 pub const STAGED_X_COLS: usize = 4096;
 
-/// Whether ec_gemv copies x into workgroup memory (`Spec::stage_x`) for `workgroups` workgroups (row tiles times
-/// [`vector_groups`]) of `m` vectors each, on a device of `compute_units`: only for a split stream's single vector
-/// of at most [`STAGED_X_COLS`] columns, and only where every workgroup has a compute unit to itself (the caller
-/// also checks the workgroup memory against the device's limit). Measured on an H200 (132 SMs), split streams, M =
-/// 1, products identical, us against x read from global memory: 4096x4096 42.4 -> 38.2, 2048x4096 42.1 -> 37.3,
-/// 1024x4096 42.2 -> 37.1; but where an SM must hold two workgroups, whose 16 KiB more it then cannot (6144x4096,
-/// 192 workgroups), 44.0 -> 68.4, and 14336x4096 68.7 -> 129.4. Streams that are not split read x a pair of
-/// columns a step, and staging them was slower (4096x4096 50.0 -> 52.4, 52.7 as 16-byte pieces); SmolLM2's
-/// 576x1536 and 1536x576 were unchanged (34.4 -> 34.9, 38.6 -> 38.9 split).
-pub fn stage_x(workgroups: usize, split: bool, m: u32, cols: usize, compute_units: Option<u32>) -> bool {
+/// Whether ec_gemv, specialized as `spec` otherwise, copies x into workgroup memory (`Spec::stage_x`) for
+/// `workgroups` workgroups (row tiles times [`vector_groups`]) over `cols` columns on a device of `compute_units`:
+/// only for a split stream's single vector of at most [`STAGED_X_COLS`] columns, and only where every workgroup has
+/// a compute unit to itself (the caller also checks the workgroup memory against the device's limit). Measured on
+/// an H200 (132 SMs), split streams, M = 1, products identical, us against x read from global memory: 4096x4096
+/// 42.4 -> 38.2, 2048x4096 42.1 -> 37.3, 1024x4096 42.2 -> 37.1; but where an SM must hold two workgroups or more,
+/// as if it then held one at a time: 6144x4096 (192 workgroups) 44.0 -> 68.4, 14336x4096 68.7 -> 129.4. Streams
+/// that are not split read x a pair of columns a step, and staging them was slower (4096x4096 50.0 -> 52.4, 51.7
+/// as 16-byte pieces); SmolLM2's 576x1536 and 1536x576 were unchanged (34.4 -> 34.9, 38.6 -> 38.9 split).
+pub fn stage_x(spec: &Spec, workgroups: usize, cols: usize, compute_units: Option<u32>) -> bool {
     let Some(units) = compute_units else {
         return false;
     };
-    split && m == 1 && cols <= STAGED_X_COLS && workgroups <= units as usize
+    spec.split && spec.m == 1 && cols <= STAGED_X_COLS && workgroups <= units as usize
 }
 
 /// Vectors per workgroup at which [`early_x`] applies.
 pub const EARLY_X_VECTORS: u32 = 4;
 
-/// Whether ec_gemv loads each loop trip's x before the trip's steps (`Spec::early_x`) for `workgroups` workgroups
-/// of `m` vectors each on a device of `compute_units`: only for 4-bit streams that are not split, at
-/// [`EARLY_X_VECTORS`] vectors a workgroup, and only where every workgroup has a compute unit to itself, whose
-/// few warps otherwise wait on the loads after the steps. Measured on an H100 (132 SMs), against the loads after
-/// the steps in the same process, us at M = 3 / 4: 4096x14336 (28 slabs) 115.3 / 125.9 -> 102.2 / 107.6,
-/// 2048x14336 109.8 / 118.0 -> 98.5 / 102.8, 4096x11008 (22 slabs) 91.8 / 93.4 -> 96.8 / 87.6; where an SM
-/// holds more than one workgroup, slower: 6144x4096 71.5 / 80.0 -> 82.1 / 84.3, 14336x4096 M = 4 122.8 ->
-/// 124.6; M = 2 unchanged, M = 8 on 14336x4096 160.1 -> 256.2.
-pub fn early_x(workgroups: usize, bits: u32, split: bool, m: u32, compute_units: Option<u32>) -> bool {
+/// Whether ec_gemv, specialized as `spec` otherwise, loads each loop trip's x before the trip's steps
+/// (`Spec::early_x`) for `workgroups` workgroups on a device of `compute_units`: only for 4-bit streams that are
+/// not split, at [`EARLY_X_VECTORS`] vectors a workgroup in one row of workgroups (not `grouped`), and only where
+/// every workgroup has a compute unit to itself, whose few warps otherwise wait on the loads after the steps.
+/// Measured on an H100 (132 SMs), against the loads after the steps in the same process, us at M = 3 / 4:
+/// 4096x14336 (28 slabs) 115.3 / 125.9 -> 102.2 / 107.6, 2048x14336 109.8 / 118.0 -> 98.5 / 102.8, 4096x11008 (22
+/// slabs) 91.8 / 93.4 -> 96.8 / 87.6; where an SM holds more than one workgroup, slower: 6144x4096 71.5 / 80.0 ->
+/// 82.1 / 84.3, 14336x4096 M = 4 122.8 -> 124.6; M = 2 unchanged, M = 8 on 14336x4096 160.1 -> 256.2. Rows of
+/// workgroups of 4 vectors each (8 vectors shared out) were not measured, so they keep the loads after the steps.
+pub fn early_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bool {
     let Some(units) = compute_units else {
         return false;
     };
-    bits == 4 && !split && m == EARLY_X_VECTORS && workgroups <= units as usize
+    spec.bits == 4 && !spec.split && !spec.grouped && spec.m == EARLY_X_VECTORS && workgroups <= units as usize
 }
 
 /// The ec_gemv specialization for `m` vectors of `stream` on `ctx`'s device, and the rows of workgroups that
@@ -115,8 +116,8 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     };
     let workgroups = l.row_tiles() * groups;
     let units = ctx.compute_units();
-    let spec = Spec { early_x: early_x(workgroups, l.bits(), spec.split, spec.m, units), ..spec };
-    let staged = Spec { stage_x: stage_x(workgroups, spec.split, spec.m, l.cols(), units), ..spec };
+    let spec = Spec { early_x: early_x(&spec, workgroups, units), ..spec };
+    let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let fits = workgroup_bytes(Kernel::EcGemv, &staged) <= u64::from(ctx.limits().max_compute_workgroup_storage_size);
     (if fits { staged } else { spec }, groups)
 }

@@ -117,8 +117,8 @@ pub struct Spec {
     /// [`super::kernels::STAGED_X_COLS`] columns (`STAGE_X`; see [`super::kernels::stage_x`]); false for every
     /// other kernel.
     pub stage_x: bool,
-    /// ec_gemv only, for 4-bit streams that are not split and `m` >= 2: each loop trip's x is loaded before its
-    /// steps (`EARLY_X`; see [`super::kernels::early_x`]); false for every other kernel.
+    /// ec_gemv only, for 4-bit streams that are not split, `m` >= 2 and not `grouped`: each loop trip's x is
+    /// loaded before its steps (`EARLY_X`; see [`super::kernels::early_x`]); false for every other kernel.
     pub early_x: bool,
 }
 
@@ -273,7 +273,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         if split && m == 1 {
                             out.push((Kernel::EcGemv, Spec { stage_x: true, ..base }));
                         }
-                        if !split && bits == 4 && m == EARLY_X_VECTORS {
+                        if !split && !grouped && bits == 4 && m == EARLY_X_VECTORS {
                             out.push((Kernel::EcGemv, Spec { early_x: true, ..base }));
                         }
                     }
@@ -482,61 +482,62 @@ mod tests {
     fn stage_x_only_for_one_split_vector_with_a_unit_per_workgroup() {
         use super::super::kernels::{stage_x, STAGED_X_COLS};
         assert_eq!(STAGED_X_COLS, 4096);
+        let one = Spec { split: true, ..Spec::new(LaneMode::SubgroupWide, 2, 11, 1, 256) };
         // 4096x4096, 2048x4096 and 1024x4096 on 132 SMs; not 6144x4096 (192 row tiles) or 14336x4096.
         for workgroups in [128, 64, 32, 132] {
-            assert!(stage_x(workgroups, true, 1, 4096, Some(132)), "{workgroups}");
+            assert!(stage_x(&one, workgroups, 4096, Some(132)), "{workgroups}");
         }
-        assert!(!stage_x(133, true, 1, 4096, Some(132)));
-        assert!(!stage_x(192, true, 1, 4096, Some(132)));
-        assert!(!stage_x(448, true, 1, 4096, Some(132)));
+        for workgroups in [133, 192, 448] {
+            assert!(!stage_x(&one, workgroups, 4096, Some(132)), "{workgroups}");
+        }
         // Not split, several vectors a workgroup, wider rows, no count.
-        assert!(!stage_x(128, false, 1, 4096, Some(132)));
-        assert!(!stage_x(64, true, 2, 4096, Some(132)));
-        assert!(!stage_x(128, true, 1, 4112, Some(132)));
-        assert!(!stage_x(1, true, 1, 16, None));
+        let plain = Spec { split: false, bits: 4, ..one };
+        assert!(!stage_x(&plain, 128, 4096, Some(132)));
+        assert!(!stage_x(&Spec { m: 2, ..one }, 64, 4096, Some(132)));
+        assert!(!stage_x(&one, 128, 4112, Some(132)));
+        assert!(!stage_x(&one, 1, 16, None));
         let listed = specializations();
         for slabs in 1..=32 {
             for precision in 1..=crate::rans::MAX_PRECISION {
-                let spec = Spec {
-                    split: true,
-                    stage_x: true,
-                    ..Spec::new(LaneMode::SubgroupWide, 2, precision, 1, 32 * slabs)
-                };
+                let spec = Spec { stage_x: true, precision, workgroup: 32 * slabs, ..one };
                 assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
             }
         }
-        let plain = Spec { split: true, ..Spec::new(LaneMode::SubgroupWide, 2, 11, 1, 256) };
-        let staged = Spec { stage_x: true, ..plain };
+        let staged = Spec { stage_x: true, ..one };
         let bytes = |spec: &Spec| declared_workgroup_bytes(&source(Kernel::EcGemv, spec)).unwrap();
-        assert_eq!(bytes(&staged), bytes(&plain) + 4 * STAGED_X_COLS as u64);
-        assert!(!listed.iter().any(|(_, s)| s.stage_x && (!s.split || s.m != 1 || s.grouped)));
+        assert_eq!(bytes(&staged), bytes(&one) + 4 * STAGED_X_COLS as u64);
+        assert!(!listed.iter().any(|(_, s)| s.stage_x && (!s.split || s.m != 1 || s.grouped || s.early_x)));
     }
 
-    /// A trip's x is loaded before its steps only for 4-bit streams that are not split, at 4 vectors a workgroup,
-    /// only where the workgroups do not outnumber the compute units, never without a count; every such
-    /// specialization (one row of workgroups or several) is listed.
+    /// A trip's x is loaded before its steps only for 4-bit streams that are not split, at 4 vectors a workgroup
+    /// in one row of workgroups, only where the workgroups do not outnumber the compute units, never without a
+    /// count; every such specialization is listed.
     #[test]
     fn early_x_only_for_four_plain_4_bit_vectors_with_a_unit_per_workgroup() {
         use super::super::kernels::{early_x, EARLY_X_VECTORS};
         assert_eq!(EARLY_X_VECTORS, 4);
+        let four = Spec::new(LaneMode::SubgroupNarrow, 4, 11, 4, 32 * 28);
         // 4096x14336 and 2048x14336 on 132 SMs; not 6144x4096 (192 row tiles) or 14336x4096 (448).
-        assert!(early_x(128, 4, false, 4, Some(132)));
-        assert!(early_x(64, 4, false, 4, Some(132)));
-        assert!(!early_x(192, 4, false, 4, Some(132)));
-        assert!(!early_x(448, 4, false, 4, Some(132)));
-        // Other vector counts, split streams (2-bit coded symbols), other widths, no count.
+        assert!(early_x(&four, 128, Some(132)));
+        assert!(early_x(&four, 64, Some(132)));
+        assert!(!early_x(&four, 192, Some(132)));
+        assert!(!early_x(&four, 448, Some(132)));
+        // Other vector counts, rows of workgroups, split streams (2-bit coded symbols), other widths, no count.
         for m in [1, 2, 3, 8] {
-            assert!(!early_x(128, 4, false, m, Some(132)), "{m}");
+            assert!(!early_x(&Spec { m, ..four }, 128, Some(132)), "{m}");
         }
-        assert!(!early_x(128, 2, true, 4, Some(132)));
-        assert!(!early_x(128, 3, false, 4, Some(132)));
-        assert!(!early_x(1, 4, false, 4, None));
+        assert!(!early_x(&Spec { grouped: true, ..four }, 64, Some(132)));
+        assert!(!early_x(&Spec { bits: 2, split: true, ..four }, 128, Some(132)));
+        assert!(!early_x(&Spec { bits: 3, ..four }, 128, Some(132)));
+        assert!(!early_x(&four, 1, None));
         let listed = specializations();
-        for (slabs, grouped) in (1..=32).flat_map(|s| [(s, false), (s, true)]) {
-            let spec = Spec { grouped, early_x: true, ..Spec::new(LaneMode::SubgroupNarrow, 4, 11, 4, 32 * slabs) };
-            assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
+        for slabs in 1..=32 {
+            for precision in 1..=crate::rans::MAX_PRECISION {
+                let spec = Spec { early_x: true, precision, workgroup: 32 * slabs, ..four };
+                assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
+            }
         }
-        assert!(!listed.iter().any(|(_, s)| s.early_x && (s.split || s.bits != 4 || s.m != 4 || s.stage_x)));
+        assert!(!listed.iter().any(|(_, s)| s.early_x && (s.split || s.bits != 4 || s.m != 4 || s.grouped)));
     }
 
     /// rans_decode takes 16 tiles a workgroup only for split streams of at least `SPLIT_WIDE_TILES` tiles, on a
