@@ -652,6 +652,25 @@ fn limited_context(limit: impl FnOnce(&mut wgpu::Limits)) -> Option<GpuContext> 
     Some(GpuContext::from_device(device, queue))
 }
 
+/// The fused products of `m` random vectors by `t` (quantized from `q`) on contexts `a` and `b`, the outputs
+/// poisoned first: each within tolerance of the float64 reference, and the two equal bit for bit.
+fn fused_equal_on_both(a: &GpuContext, b: &GpuContext, q: &QuantizedMatrix, t: &EcTensor, m: usize, what: &str) {
+    let x = random_vectors(m * q.cols, 1300 + m as u64);
+    let (want, mag) = reference(q, &x, m);
+    let ys: Vec<Vec<f32>> = [a, b]
+        .iter()
+        .map(|c| {
+            let mm = EcMatmul::new(c, t, Strategy::Fused).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut y = vec![f32::NAN; m * q.rows];
+            mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_close(what, &y, &want, &mag, GEMV_REL_TOL);
+            y
+        })
+        .collect();
+    let first = ys[0].iter().zip(&ys[1]).position(|(p, r)| p.to_bits() != r.to_bits());
+    assert!(first.is_none(), "{what}: element {first:?} differs between the two contexts");
+}
+
 /// With the device taken to have many compute units, a fused product shares its vectors out over rows of
 /// workgroups (`kernels::vector_groups`: 4 vectors as 2 rows of 2, 6 as 3 of 2, 8 as 4 of 2; 2 and 3 vectors in
 /// one row). Its products equal, bit for bit, those of the same context taken to have no known compute units
@@ -664,23 +683,11 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
     for split in [false, true] {
         let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
         let t = EcTensor::encode(&q, options).expect("encode");
-        let grouped = EcMatmul::new(&many, &t, Strategy::Fused).unwrap();
-        let single = EcMatmul::new(&none, &t, Strategy::Fused).unwrap();
         for (m, groups) in [(2, 1), (3, 1), (4, 2), (6, 3), (8, 4)] {
             let slabs = kernels::gemv_slabs(t.layout().segments(), ctx.limits().max_compute_invocations_per_workgroup);
             assert_eq!(kernels::vector_groups(t.layout().row_tiles(), slabs, m, many.compute_units()), groups);
-            let what = format!("67x1088 split {split} {:?} m={m}", ctx.lane_mode());
-            let x = random_vectors(m * q.cols, 1300 + m as u64);
-            let (want, mag) = reference(&q, &x, m);
-            let mut ys = Vec::new();
-            for mm in [&single, &grouped] {
-                let mut y = vec![f32::NAN; m * q.rows];
-                mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_close(&what, &y, &want, &mag, GEMV_REL_TOL);
-                ys.push(y);
-            }
-            let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
-            assert!(first.is_none(), "{what}: element {first:?} differs between one row of workgroups and {groups}");
+            let what = format!("67x1088 split {split} {:?} m={m}, one row of workgroups and {groups}", ctx.lane_mode());
+            fused_equal_on_both(&none, &many, &q, &t, m, &what);
         }
     }
 }
@@ -704,18 +711,7 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
         let what = format!("67x{cols} split {:?} with {:?} units", ctx.lane_mode(), units.compute_units());
         assert_eq!(kernels::ec_gemv_spec(&units, &stream, 1).0.stage_x, staged, "{what}");
         assert!(!kernels::ec_gemv_spec(&none, &stream, 1).0.stage_x, "{what}");
-        let x = random_vectors(cols, 1401);
-        let (want, mag) = reference(&q, &x, 1);
-        let mut ys = Vec::new();
-        for c in [&none, &units] {
-            let mm = EcMatmul::new(c, &t, Strategy::Fused).unwrap();
-            let mut y = vec![f32::NAN; q.rows];
-            mm.matmul(&x, 1, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_close(&what, &y, &want, &mag, GEMV_REL_TOL);
-            ys.push(y);
-        }
-        let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
-        assert!(first.is_none(), "{what}: element {first:?} differs with x staged");
+        fused_equal_on_both(&none, &units, &q, &t, 1, &what);
     }
 }
 
@@ -738,18 +734,7 @@ fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
             assert_eq!((spec.early_x, g), (early, groups), "{what}");
         }
         assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.early_x, "{what}");
-        let x = random_vectors(m * q.cols, 1501);
-        let (want, mag) = reference(&q, &x, m);
-        let mut ys = Vec::new();
-        for c in [&none, &units] {
-            let mm = EcMatmul::new(c, &t, Strategy::Fused).unwrap();
-            let mut y = vec![f32::NAN; m * q.rows];
-            mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_close(&what, &y, &want, &mag, GEMV_REL_TOL);
-            ys.push(y);
-        }
-        let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
-        assert!(first.is_none(), "{what}: element {first:?} differs with x loaded early");
+        fused_equal_on_both(&none, &units, &q, &t, m, &what);
     }
 }
 
