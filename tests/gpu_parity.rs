@@ -693,16 +693,21 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
 }
 
 /// With the device taken to have a compute unit for every workgroup, a fused product of one vector by a split
-/// stream of at most `kernels::STAGED_X_COLS` columns holds x in workgroup memory (`kernels::stage_x`): on 67 rows
-/// (the last row tile partial) by 4096 columns (the most, 8 segments) and by 1088 (the last of 5 segments 64
-/// columns wide), its products equal, bit for bit, those of the same context taken to have no known compute
-/// units (x read from global memory), and the float64 reference within tolerance, with the outputs poisoned
-/// first. 4160 columns, or fewer units than row tiles, keep x where it is.
+/// stream of at most `kernels::STAGED_X_COLS` columns, in workgroups of at least `kernels::STAGE_X_MIN_SLABS` slabs,
+/// holds x in workgroup memory (`kernels::stage_x`): on 67 rows (the last row tile partial) by 4096 columns (the
+/// most, 8 segments) and by 1600 (the last of 7 segments 64 columns wide), its products equal, bit for bit, those
+/// of the same context taken to have no known compute units (x read from global memory), and the float64 reference
+/// within tolerance, with the outputs poisoned first. 4160 columns, 5 segments, or fewer units than row tiles keep
+/// x where it is.
 fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
     let none = ctx.with_compute_units(None);
-    for (cols, segment, units, staged) in
-        [(4096, 512, 1024, true), (1088, 256, 1024, true), (4160, 512, 1024, false), (1088, 256, 2, false)]
-    {
+    for (cols, segment, units, staged) in [
+        (4096, 512, 1024, true),
+        (1600, 256, 1024, true),
+        (4160, 512, 1024, false),
+        (1088, 256, 1024, false),
+        (1600, 256, 2, false),
+    ] {
         let units = ctx.with_compute_units(Some(units));
         let q = random_matrix(67, cols, 4, 32, 1400 + cols as u64);
         let options = EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split: true };

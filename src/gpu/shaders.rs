@@ -239,7 +239,7 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
         decode_workgroup, row_workgroup, EARLY_X_VECTORS, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, SPLIT_WIDE_TILES,
-        TILE_WORKGROUP,
+        STAGE_X_MIN_SLABS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -270,7 +270,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         out.push((Kernel::EcGemv, base));
                         // One vector of a split stream held in workgroup memory (`stage_x`); a trip's x loaded
                         // before its steps (`early_x`).
-                        if split && m == 1 {
+                        if split && m == 1 && slabs >= STAGE_X_MIN_SLABS {
                             out.push((Kernel::EcGemv, Spec { stage_x: true, ..base }));
                         }
                         if !split && !grouped && bits == 4 && m == EARLY_X_VECTORS {
@@ -475,13 +475,13 @@ mod tests {
         }
     }
 
-    /// x goes to workgroup memory only for a split stream's single vector of at most `STAGED_X_COLS` columns,
-    /// only where the workgroups do not outnumber the compute units, never without a count; every such
-    /// specialization is listed, and its source declares the 16 KiB.
+    /// x goes to workgroup memory only for a split stream's single vector of at most `STAGED_X_COLS` columns, in
+    /// workgroups of at least `STAGE_X_MIN_SLABS` slabs, only where the workgroups do not outnumber the compute
+    /// units, never without a count; every such specialization is listed, and its source declares the 16 KiB.
     #[test]
     fn stage_x_only_for_one_split_vector_with_a_unit_per_workgroup() {
-        use super::super::kernels::{stage_x, STAGED_X_COLS};
-        assert_eq!(STAGED_X_COLS, 4096);
+        use super::super::kernels::{stage_x, STAGED_X_COLS, STAGE_X_MIN_SLABS};
+        assert_eq!((STAGED_X_COLS, STAGE_X_MIN_SLABS), (4096, 6));
         let one = Spec { split: true, ..Spec::new(LaneMode::SubgroupWide, 2, 11, 1, 256) };
         // 4096x4096, 2048x4096 and 1024x4096 on 132 SMs; not 6144x4096 (192 row tiles) or 14336x4096.
         for workgroups in [128, 64, 32, 132] {
@@ -496,8 +496,13 @@ mod tests {
         assert!(!stage_x(&Spec { m: 2, ..one }, 64, 4096, Some(132)));
         assert!(!stage_x(&one, 128, 4112, Some(132)));
         assert!(!stage_x(&one, 1, 16, None));
-        let listed = specializations();
+        // 6 slabs and more (4096x3072 and wider), not 5 (4096x2560) or fewer.
         for slabs in 1..=32 {
+            let spec = Spec { workgroup: 32 * slabs, ..one };
+            assert_eq!(stage_x(&spec, 128, 4096, Some(132)), slabs >= 6, "{slabs} slabs");
+        }
+        let listed = specializations();
+        for slabs in 6..=32 {
             for precision in 1..=crate::rans::MAX_PRECISION {
                 let spec = Spec { stage_x: true, precision, workgroup: 32 * slabs, ..one };
                 assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
@@ -506,7 +511,8 @@ mod tests {
         let staged = Spec { stage_x: true, ..one };
         let bytes = |spec: &Spec| declared_workgroup_bytes(&source(Kernel::EcGemv, spec)).unwrap();
         assert_eq!(bytes(&staged), bytes(&one) + 4 * STAGED_X_COLS as u64);
-        assert!(!listed.iter().any(|(_, s)| s.stage_x && (!s.split || s.m != 1 || s.grouped || s.early_x)));
+        let odd = |s: &Spec| !s.split || s.m != 1 || s.grouped || s.early_x || s.slabs() < STAGE_X_MIN_SLABS;
+        assert!(!listed.iter().any(|(_, s)| s.stage_x && odd(s)));
     }
 
     /// A trip's x is loaded before its steps only for 4-bit streams that are not split, at 4 vectors a workgroup
