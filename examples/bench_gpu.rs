@@ -1045,12 +1045,10 @@ fn fused_experiments(
         ctx.queue().submit([enc.finish()]);
         Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(y, (m * rows * 4) as u64)?))
     };
+    // The crate's own specialization with no compute-unit count: one row of workgroups, x read as without one.
+    let one_row = ctx.with_compute_units(None);
     for m in experiment_ms(o) {
-        let slabs = kernels::gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
-        let own = Spec {
-            split: tensor.low().is_some(),
-            ..Spec::new(ctx.lane_mode(), l.bits(), tensor.table().precision(), m as u32, 32 * slabs)
-        };
+        let (own, _) = kernels::ec_gemv_spec(&one_row, &first, m);
         let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32, m)?;
         for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
             let grid = e.grid(ctx, l.row_tiles(), 1);
