@@ -683,9 +683,9 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
     for split in [false, true] {
         let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
         let t = EcTensor::encode(&q, options).expect("encode");
+        let stream = GpuStream::upload(&many, &t).unwrap();
         for (m, groups) in [(2, 1), (3, 1), (4, 2), (6, 3), (8, 4)] {
-            let slabs = kernels::gemv_slabs(t.layout().segments(), ctx.limits().max_compute_invocations_per_workgroup);
-            assert_eq!(kernels::vector_groups(t.layout().row_tiles(), slabs, m, many.compute_units()), groups);
+            assert_eq!(kernels::ec_gemv_spec(&many, &stream, m).1, groups);
             let what = format!("67x1088 split {split} {:?} m={m}, one row of workgroups and {groups}", ctx.lane_mode());
             fused_equal_on_both(&none, &many, &q, &t, m, &what);
         }
