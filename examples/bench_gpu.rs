@@ -20,7 +20,9 @@
 //! `i % copies`, so no run finds its weights in the cache. Each timed batch is one submission that follows one
 //! of about `--heat-ms` (default 100 ms) of buffer copies, so the clocks are up when the first run starts. The
 //! ceiling is the better of a `copy_buffer_to_buffer` and a copy kernel (16-byte loads and stores) over
-//! `--copy-mib` (default 1024 MiB), counted as bytes read plus bytes written, measured before and after.
+//! `--copy-mib` (default 1024 MiB), counted as bytes read plus bytes written, measured before and after. Each
+//! shape also times a kernel that only reads as many bytes as Cached moves at one vector (`read only`): what any
+//! kernel reading that much costs in this harness, timed the same ways.
 //!
 //! Synthetic weights: Gaussian rows with log-normal row scales (heavy-tailed overall), quantized to 4 bits in
 //! groups of 64 (f16 scales) and encoded with `EncodeOptions::default()`. Decode-only on real symbols reads a
@@ -457,6 +459,98 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
     Ok(bw(t_copy).max(bw(t_kernel.pass)).max(bw(t_kernel.own)))
 }
 
+/// A read-only kernel: each invocation reads `READ_UNROLL` 16-byte values a loop trip (consecutive invocations,
+/// consecutive values; the trip's loads in flight together), grid-stride, and folds them into one word that it
+/// writes only if it equals a constant, which no compiler can know it never does.
+const READ_WGSL: &str = "
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<u32>;
+const UNROLL: u32 = READ_UNROLLu;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+    let len = arrayLength(&src);
+    let stride = n.x * 256u;
+    var acc = vec4<u32>(0u);
+    for (var i = g.x; i < len; i += UNROLL * stride) {
+        for (var u = 0u; u < UNROLL; u++) {
+            acc ^= src[min(i + u * stride, len - 1u)];
+        }
+    }
+    let r = acc.x ^ acc.y ^ acc.z ^ acc.w;
+    if (r == 0x9e3779b9u) {
+        dst[0] = r;
+    }
+}
+";
+
+/// The read-only kernel (`READ_WGSL`) over `bytes` of memory, rotated over copies like the products' weights:
+/// how fast any kernel can read that many bytes in this harness (the timed pass and its dispatch included), the
+/// bound under which a product that moves as many bytes must stay. The better of one 16-byte value an invocation
+/// (a workgroup per 4 KiB, up to the grid's limit) and four, with a quarter of the workgroups.
+fn read_row(ctx: &GpuContext, o: &Opts, heater: &Heater, shape: &str, bytes: u64) -> Result<Row> {
+    let bytes = bytes.next_multiple_of(16);
+    let copies = copies_for(o, bytes);
+    let chunk: Vec<u32> = (0..(bytes / 4) as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+    let srcs: Vec<wgpu::Buffer> = (0..copies)
+        .map(|i| {
+            let b = storage(ctx, &format!("read src {i}"), bytes);
+            ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&chunk));
+            b
+        })
+        .collect();
+    let dst = storage(ctx, "read dst", 16);
+    let device = ctx.device();
+    let max_groups = ctx.limits().max_compute_workgroups_per_dimension;
+    let mut best: Option<Timed> = None;
+    for unroll in [1u64, 4] {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("read kernel"),
+            source: wgpu::ShaderSource::Wgsl(READ_WGSL.replace("READ_UNROLL", &unroll.to_string()).into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("read kernel"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let groups: Vec<wgpu::BindGroup> = srcs
+            .iter()
+            .map(|src| {
+                device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("read kernel"),
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
+                    ],
+                })
+            })
+            .collect();
+        let grid = ((bytes / 16).div_ceil(256 * unroll) as u32).clamp(1, max_groups);
+        let t = median_time(ctx, o, heater, copies, |pass, run| {
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &groups[run % groups.len()], &[]);
+            pass.dispatch_workgroups(grid, 1, 1);
+            Ok(())
+        })?;
+        if best.is_none_or(|b| t.pass < b.pass) {
+            best = Some(t);
+        }
+    }
+    Ok(Row {
+        shape: shape.to_string(),
+        what: "read only".into(),
+        m: 0,
+        time: best.expect("two kernels timed"),
+        bytes,
+        weights: 0,
+        copies,
+        cached: None,
+    })
+}
+
 fn us(t: Duration) -> f64 {
     t.as_secs_f64() * 1e6
 }
@@ -572,6 +666,12 @@ fn bench_shape(
                 cached: cached_time.get(&m).copied(),
             });
         }
+    }
+
+    // A kernel that only reads as many bytes as Cached moves at one vector.
+    let cached_bytes = out.iter().find(|r| r.shape == shape && r.what == "cached" && r.m == 1).map(|r| r.bytes);
+    if let Some(bytes) = cached_bytes {
+        out.push(read_row(ctx, o, heater, &shape, bytes)?);
     }
 
     // Decode-only: the stream to packed 4-bit symbols.
@@ -1246,8 +1346,9 @@ fn print_table(rows: &[Row], copy_bw: f64) {
         let bw = r.bytes as f64 / t;
         let ratio = r.cached.map_or("".to_string(), |c| format!("{:.2}", t / c.as_secs_f64()));
         let m = if r.m == 0 { "-".to_string() } else { r.m.to_string() };
+        let rate = if r.weights == 0 { String::new() } else { format!("{:.1}", r.weights as f64 / t / 1e9) };
         println!(
-            "{:<30} {:<16} {:>2} {:>9.1} {:>9.1} {:>9.2} {:>8.0} {:>6.1}% {:>6.1}% {:>8} {:>9.1} {:>6}",
+            "{:<30} {:<16} {:>2} {:>9.1} {:>9.1} {:>9.2} {:>8.0} {:>6.1}% {:>6.1}% {:>8} {:>9} {:>6}",
             r.shape,
             r.what,
             m,
@@ -1258,7 +1359,7 @@ fn print_table(rows: &[Row], copy_bw: f64) {
             100.0 * bw / copy_bw,
             100.0 * r.bytes as f64 / own / copy_bw,
             ratio,
-            r.weights as f64 / t / 1e9,
+            rate,
             r.copies
         );
     }
