@@ -21,8 +21,8 @@
 //! of about `--heat-ms` (default 100 ms) of buffer copies, so the clocks are up when the first run starts. The
 //! ceiling is the better of a `copy_buffer_to_buffer` and a copy kernel (16-byte loads and stores) over
 //! `--copy-mib` (default 1024 MiB), counted as bytes read plus bytes written, measured before and after. Each
-//! shape also times a kernel that only reads as many bytes as Cached moves at one vector (`read only`): what any
-//! kernel reading that much costs in this harness, timed the same ways.
+//! shape also times a kernel that only reads as many bytes as Cached moves at one vector (`read only`): what
+//! reading that much costs in this harness with nothing else to do, timed the same ways.
 //!
 //! Synthetic weights: Gaussian rows with log-normal row scales (heavy-tailed overall), quantized to 4 bits in
 //! groups of 64 (f16 scales) and encoded with `EncodeOptions::default()`. Decode-only on real symbols reads a
@@ -484,9 +484,9 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n:
 ";
 
 /// The read-only kernel (`READ_WGSL`) over `bytes` of memory, rotated over copies like the products' weights:
-/// how fast any kernel can read that many bytes in this harness (the timed pass and its dispatch included), the
-/// bound under which a product that moves as many bytes must stay. The better of one 16-byte value an invocation
-/// (a workgroup per 4 KiB, up to the grid's limit) and four, with a quarter of the workgroups.
+/// how fast a kernel that does nothing else reads that many bytes in this harness (the timed pass and its
+/// dispatch included), the reference for a product that moves as many bytes. The better of one 16-byte value an
+/// invocation (a workgroup per 4 KiB, up to the grid's limit) and four, with a quarter of the workgroups.
 fn read_row(ctx: &GpuContext, o: &Opts, heater: &Heater, shape: &str, bytes: u64) -> Result<Row> {
     let bytes = bytes.next_multiple_of(16);
     let copies = copies_for(o, bytes);
