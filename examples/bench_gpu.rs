@@ -382,6 +382,51 @@ fn copy_buffer(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
     })
 }
 
+/// A pipeline of the harness's own WGSL `source` (entry point `main`, layout from the shader).
+fn plain_pipeline(ctx: &GpuContext, label: &str, source: &str) -> wgpu::ComputePipeline {
+    let device = ctx.device();
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    })
+}
+
+/// Group 0 of a `plain_pipeline` whose bindings 0 and 1 are `a` and `b`.
+fn two_buffer_group(
+    ctx: &GpuContext,
+    pipeline: &wgpu::ComputePipeline,
+    a: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+) -> wgpu::BindGroup {
+    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: a.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: b.as_entire_binding() },
+        ],
+    })
+}
+
+/// Fills `buffer` with nonzero words (a multiplicative hash of their index), so a compressing memory system cannot
+/// shortcut reading it.
+fn fill_nonzero(ctx: &GpuContext, buffer: &wgpu::Buffer) {
+    let chunk: Vec<u32> = (0..(1u32 << 20)).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+    let bytes = buffer.size();
+    for off in (0..bytes).step_by(4 << 20) {
+        let n = ((bytes - off) as usize).min(4 << 20);
+        ctx.queue().write_buffer(buffer, off, &bytemuck::cast_slice(&chunk)[..n]);
+    }
+}
+
 /// A plain copy kernel: 16 bytes per invocation per step, grid-stride.
 const COPY_WGSL: &str = "
 @group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
@@ -402,12 +447,7 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
     let bytes = (o.copy_mib << 20).min(limit / 16 * 16);
     let src = copy_buffer(ctx, "copy src", bytes);
     let dst = copy_buffer(ctx, "copy dst", bytes);
-    // Nonzero contents, so a compressing memory system cannot shortcut the copy.
-    let chunk: Vec<u32> = (0..(1u32 << 20)).map(|i| i.wrapping_mul(2_654_435_761)).collect();
-    for off in (0..bytes).step_by(4 << 20) {
-        let n = ((bytes - off) as usize).min(4 << 20);
-        ctx.queue().write_buffer(&src, off, &bytemuck::cast_slice(&chunk)[..n]);
-    }
+    fill_nonzero(ctx, &src);
     let t_copy = median_of(ctx, o, heater, 1, |runs| {
         time_on_device(ctx, runs, |enc| {
             for _ in 0..o.batch {
@@ -416,27 +456,8 @@ fn copy_bandwidth(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<f64> {
             Ok(())
         })
     })?;
-    let device = ctx.device();
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("copy kernel"),
-        source: wgpu::ShaderSource::Wgsl(COPY_WGSL.into()),
-    });
-    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("copy kernel"),
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
-    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("copy kernel"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
-        ],
-    });
+    let pipeline = plain_pipeline(ctx, "copy kernel", COPY_WGSL);
+    let group = two_buffer_group(ctx, &pipeline, &src, &dst);
     let groups = ((bytes / 16).div_ceil(256) as u32).min(ctx.limits().max_compute_workgroups_per_dimension).min(8192);
     let t_kernel = median_time(ctx, o, heater, 1, |pass, _| {
         pass.set_pipeline(&pipeline);
@@ -490,44 +511,19 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n:
 fn read_row(ctx: &GpuContext, o: &Opts, heater: &Heater, shape: &str, bytes: u64) -> Result<Row> {
     let bytes = bytes.next_multiple_of(16);
     let copies = copies_for(o, bytes);
-    let chunk: Vec<u32> = (0..(bytes / 4) as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
     let srcs: Vec<wgpu::Buffer> = (0..copies)
         .map(|i| {
             let b = storage(ctx, &format!("read src {i}"), bytes);
-            ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&chunk));
+            fill_nonzero(ctx, &b);
             b
         })
         .collect();
     let dst = storage(ctx, "read dst", 16);
-    let device = ctx.device();
     let max_groups = ctx.limits().max_compute_workgroups_per_dimension;
     let mut best: Option<Timed> = None;
     for unroll in [1u64, 4] {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("read kernel"),
-            source: wgpu::ShaderSource::Wgsl(READ_WGSL.replace("READ_UNROLL", &unroll.to_string()).into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("read kernel"),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        let groups: Vec<wgpu::BindGroup> = srcs
-            .iter()
-            .map(|src| {
-                device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("read kernel"),
-                    layout: &pipeline.get_bind_group_layout(0),
-                    entries: &[
-                        wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
-                        wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
-                    ],
-                })
-            })
-            .collect();
+        let pipeline = plain_pipeline(ctx, "read kernel", &READ_WGSL.replace("READ_UNROLL", &unroll.to_string()));
+        let groups: Vec<wgpu::BindGroup> = srcs.iter().map(|src| two_buffer_group(ctx, &pipeline, src, &dst)).collect();
         let grid = ((bytes / 16).div_ceil(256 * unroll) as u32).clamp(1, max_groups);
         let t = median_time(ctx, o, heater, copies, |pass, run| {
             pass.set_pipeline(&pipeline);
@@ -1372,19 +1368,7 @@ fn print_table(rows: &[Row], copy_bw: f64) {
 /// buffer adds to it.
 fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
     let empty = median_time(ctx, o, heater, 1, |_, _| Ok(()))?;
-    let device = ctx.device();
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("empty kernel"),
-        source: wgpu::ShaderSource::Wgsl("@compute @workgroup_size(32) fn main() {}".into()),
-    });
-    let nothing = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("empty kernel"),
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
+    let nothing = plain_pipeline(ctx, "empty kernel", "@compute @workgroup_size(32) fn main() {}");
     let dispatch = median_time(ctx, o, heater, 1, |pass, _| {
         pass.set_pipeline(&nothing);
         pass.dispatch_workgroups(1, 1, 1);
