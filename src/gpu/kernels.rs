@@ -117,15 +117,15 @@ pub fn early_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bo
 /// share out the vectors ([`vector_groups`]; each row takes `spec.m` of them).
 pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, usize) {
     let l = stream.layout;
+    let units = ctx.compute_units();
     let slabs = gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
-    let groups = vector_groups(l.row_tiles(), slabs, m, ctx.compute_units());
+    let groups = vector_groups(l.row_tiles(), slabs, m, units);
     let spec = Spec {
         split: stream.split(),
         grouped: groups > 1,
         ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * slabs)
     };
     let workgroups = l.row_tiles() * groups;
-    let units = ctx.compute_units();
     let spec = Spec { early_x: early_x(&spec, workgroups, units), ..spec };
     let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let fits = workgroup_bytes(Kernel::EcGemv, &staged) <= u64::from(ctx.limits().max_compute_workgroup_storage_size);
