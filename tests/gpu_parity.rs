@@ -108,6 +108,7 @@ macro_rules! per_path {
 per_path!(
     decode_equals_cpu_every_bit_width,
     decode_single_tile,
+    decode_one_symbol_tables,
     decode_and_gemv_thousands_of_tiles,
     fused_and_cached_every_bit_width,
     fused_and_cached_wide_rows,
@@ -240,6 +241,21 @@ fn decode_equals_cpu_every_bit_width(ctx: &GpuContext) {
         let t = encode_at(&q, 256, precision);
         check_decode(ctx, &t, &format!("67x1088 4-bit P={precision}"));
         check_products(ctx, &q, &t, &[1, 3], &format!("67x1088 4-bit P={precision}"));
+    }
+}
+
+/// Every weight the same symbol, so one joint symbol holds the whole table (frequency 2^P, the widest field a
+/// decode table entry holds): at P = 10, 11 and 12, split and not, decoded and multiplied as the CPU does.
+fn decode_one_symbol_tables(ctx: &GpuContext) {
+    let mut q = random_matrix(40, 256, 4, 32, 21);
+    q.symbols.iter_mut().for_each(|s| *s = 11);
+    for precision in [10, ecq::rans::DEFAULT_PRECISION, ecq::rans::MAX_PRECISION] {
+        for split in [false, true] {
+            let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision, split }).expect("encode");
+            let what = format!("one symbol P={precision} split={split}");
+            check_decode(ctx, &t, &what);
+            check_products(ctx, &q, &t, &[1, 4], &what);
+        }
     }
 }
 

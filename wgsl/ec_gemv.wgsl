@@ -207,7 +207,7 @@ fn main(
                         // the branch). What a lane that is not live adds to qx and sx is never folded into acc: its
                         // steps come after the last group of its segment, or its fold is masked below.
                         let e = table[x_state & (TABLE - 1u)];
-                        x_state = select(x_state, (((e >> 8u) & 0xfffu) + 1u) * (x_state >> P) + (e >> 20u), live);
+                        x_state = select(x_state, decode_state(x_state, e), live);
 //#if SPLIT
                         hi |= (e & 0xffu) << (8u * h);
 //#else

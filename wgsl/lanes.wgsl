@@ -33,7 +33,7 @@ struct StreamParams {
 // 32 initial states per tile.
 @group(0) @binding(3) var<storage, read> states: array<u32>;
 // Decode table, 2^P entries: symbol | (freq - 1) << 8 | (slot - cum) << 20; four to a vec4 (the buffer is
-// padded to 16 bytes).
+// padded to 16 bytes). `load_table` holds it in workgroup memory as `table_entry` rewrites it.
 @group(0) @binding(4) var<storage, read> decode_table: array<vec4<u32>>;
 //#if SPLIT
 // A split stream (SPLIT; docs/FORMAT.md, section 2.1) codes the high 2 bits of 4-bit weights, four a step (BITS = 2,
@@ -65,15 +65,39 @@ fn load_table(lid: u32) {
     // 85.2 -> 77.5 us, where a workgroup is one slab and loads the whole table alone).
     for (var i = lid; i < (TABLE + 3u) / 4u; i += WG) {
         let e = decode_table[i];
-        table[4u * i] = e.x;
+        table[4u * i] = table_entry(e.x);
         if (TABLE > 1u) {
-            table[4u * i + 1u] = e.y;
+            table[4u * i + 1u] = table_entry(e.y);
         }
         if (TABLE > 2u) {
-            table[4u * i + 2u] = e.z;
-            table[4u * i + 3u] = e.w;
+            table[4u * i + 2u] = table_entry(e.z);
+            table[4u * i + 3u] = table_entry(e.w);
         }
     }
+}
+
+// Entry `e` of the decode table as the workgroup holds it. Where P <= 11 every frequency fits in 12 bits (at most
+// 2^11), and the entry becomes symbol | (slot - cum) << 8 | freq << 20, so that `decode_state` needs no mask and
+// no add after the table lookup (the symbol stays in the low 8 bits).
+// Measured on an H200 against the kernel before (P = 11, the two binaries alternated, two runs each on split
+// streams): split fused M = 1 66.6-66.9 against 68.1-68.2 us on 14336x4096, 56.6-56.8 against 57.7-57.9 on
+// 4096x14336, 36.9 against 37.2-37.3 on 4096x4096; split decode-only of SmolLM2's `stack_k576 x4` 76.9-77.0
+// against 78.3; not split, fused M = 1 93.6 against 98.0 on 14336x4096 (BENCHMARKS.md, "Decode table entries").
+fn table_entry(e: u32) -> u32 {
+    if (P <= 11u) {
+        return (e & 0xffu) | ((e >> 20u) << 8u) | ((((e >> 8u) & 0xfffu) + 1u) << 20u);
+    }
+    return e;
+}
+
+// The decode step's new state D(x) = freq * (x >> P) + slot - cum, for slot x mod 2^P and its entry `e` as
+// `table_entry` leaves it. Where P <= 11, e >> 8 = freq * 2^12 + slot - cum, so D(x) = freq * ((x >> P) - 2^12) +
+// (e >> 8) in wrapping u32 arithmetic: the subtraction does not wait on the table, and the entry needs no mask.
+fn decode_state(x: u32, e: u32) -> u32 {
+    if (P <= 11u) {
+        return (e >> 20u) * ((x >> P) - 4096u) + (e >> 8u);
+    }
+    return (((e >> 8u) & 0xfffu) + 1u) * (x >> P) + (e >> 20u);
 }
 
 // Lane identity, set once by the entry point through `lanes_init`.

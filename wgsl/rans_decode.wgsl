@@ -51,7 +51,7 @@ fn decode_step(live: bool) -> u32 {
     // kept by `select`, so the per-step dependency chain has no branch to reconverge from.
     let x = dec_x;
     let e = table[x & (TABLE - 1u)];
-    let y = select(x, (((e >> 8u) & 0xfffu) + 1u) * (x >> P) + (e >> 20u), live);
+    let y = select(x, decode_state(x, e), live);
     let need = live & (y < 65536u);
     let rank = word_rank(need);
     // A word past the tile's end is wanted only on a corrupt stream, which then leaves the cursor past the end
