@@ -65,6 +65,32 @@ fn symbol_f32(e: u32, i: u32) -> f32 {
     return field_f32(e, i, BITS);
 }
 
+//#if SPLIT
+//#if QUADS
+//#else
+// The mask of `unit_f32`, set once from the parameters so the compiler cannot see it as a constant: it then keeps one
+// shift and one three-input bit operation a weight (AND with the mask, OR with 1.0's bits as the immediate), as
+// q_gemv's `quad` does.
+var<private> unit_mask: u32;
+
+// 1 + q / 16 for the 4-bit field q at bits 4 n .. 4 n + 4 of `w`: q shifted to the top of the mantissa of 1.0 (exact),
+// so a weight takes one shift and one bit operation and no subtraction (`field_f32` needs a second bit operation and
+// a subtraction). The fold takes 16 times the sums: sum(q x) = 16 (sum((1 + q / 16) x) - sum(x)). The price is
+// precision, as for q_gemv's `unit4`: the sums run about 3 times the magnitude of sum(q x) / 16, and so does their
+// rounding error: the gemv example's split error against float64 at M = 1 went from 6.8e-6 to 1.6e-5 (|y| up to 9).
+// Measured on an H200 against the kernel before (P = 11, M = 1, the two binaries alternated twice): 64.1 and 63.8
+// against 67.0 and 66.8 us on 14336x4096, 53.7 and 53.8 against 56.6 and 56.5 on 4096x14336; within 1% where x is
+// staged or the product small (4096x4096 37.1 against 36.8-36.9, 576x1536 34.4-34.5 against 34.2). With several
+// vectors (QUADS, b / s added to 1 + q / 16) it was slower on three of five shapes (M = 4 on 4096x4096 52.6 against
+// 49.9 us), so QUADS keeps `field_f32`.
+fn unit_f32(w: u32, n: u32) -> f32 {
+    let p = 4u * n;
+    let placed = select(w >> (p - 19u), w << (19u - p), p < 19u);
+    return bitcast<f32>((placed & unit_mask) | 0x3f800000u);
+}
+//#endif
+//#endif
+
 //#if QUADS
 // With several vectors, sum(x) per vector costs an add per weight per vector; b / s added to each symbol costs one
 // per weight, whatever the number of vectors: s (q + b / s) = s q + b. That holds where b / s is finite (q + b / s
@@ -119,6 +145,13 @@ fn main(
 //#endif
     workgroupBarrier();
 
+//#if SPLIT
+//#if QUADS
+//#else
+    // Zero: the host keeps rows below 2^27 (`check_gpu_shape`).
+    unit_mask = (15u << 19u) | (params.rows >> 31u);
+//#endif
+//#endif
     let max_steps = params.segment / KW;
     let steps_per_group = params.group_size / KW;
     let groups_per_row = params.cols / params.group_size;
@@ -280,10 +313,17 @@ fn main(
                     // The block merged with its low word: columns col4 .. col4 + 16 as 4-bit weights, two at a time.
                     let block = merge_block(hi, low_word(row_tile, col4));
                     for (var j = 0u; j < 16u; j += 2u) {
+//#if QUADS
                         // Four 4-bit weights at a time from the low 16 bits, as `field_f32` needs.
                         let w = select(block.x, block.y, j >= 8u) >> (16u * ((j / 4u) % 2u));
                         let q0 = field_f32(w, j % 4u, 4u);
                         let q1 = field_f32(w, j % 4u + 1u, 4u);
+//#else
+                        // Two weights as 1 + q / 16 (`unit_f32`); the fold takes 16 times their sums.
+                        let w = select(block.x, block.y, j >= 8u);
+                        let q0 = unit_f32(w, j % 8u);
+                        let q1 = unit_f32(w, j % 8u + 1u);
+//#endif
                         for (var v = 0u; v < M; v++) {
                             if (j % 4u == 0u) {
 //#if GROUPED
@@ -328,7 +368,12 @@ fn main(
                     }
 //#else
                     for (var v = 0u; v < M; v++) {
+//#if SPLIT
+                        // sum((1 + q / 16) x) = sum(x) + sum(q x) / 16 (`unit_f32`).
+                        acc[v] += select(0.0, (16.0 * s) * (qx[v] - sx[v]) + b * sx[v], lane_live);
+//#else
                         acc[v] += select(0.0, s * qx[v] + b * sx[v], lane_live);
+//#endif
                         qx[v] = 0.0;
                         sx[v] = 0.0;
                     }
