@@ -12,7 +12,8 @@
 // and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x); or, with QUADS, sum((q + b / s) x) alone and
 // then s * sum((q + b / s) x) (see `bias_ratio`). The slabs' partial sums are then added in workgroup memory.
 // With SPLIT (a split stream, BITS = 2 coded of 4-bit weights; lanes.wgsl) every 4 steps code one block of 16
-// columns, merged with its low word (binding 7) into 16 4-bit weights before they are multiplied.
+// columns, merged with its low word (binding 7) into 16 4-bit weights before they are multiplied; without QUADS
+// each weight is taken as 1 + q / 16 (`unit_f32`) and the fold takes 16 s (sum((1 + q / 16) x) - sum(x)) + b sum(x).
 
 // Per-group scales and biases, row-major rows x (cols / group_size).
 @group(0) @binding(5) var<storage, read> scales: array<f32>;
