@@ -82,7 +82,7 @@ var<private> unit_mask: u32;
 // Measured on an H200 against the kernel before (P = 11, M = 1, the two binaries alternated twice): 64.1 and 63.8
 // against 67.0 and 66.8 us on 14336x4096, 53.7 and 53.8 against 56.6 and 56.5 on 4096x14336; within 1% where x is
 // staged or the product small (4096x4096 37.1 against 36.8-36.9, 576x1536 34.4-34.5 against 34.2). With several
-// vectors (QUADS, b / s added to 1 + q / 16) it was slower on three of five shapes (M = 4 on 4096x4096 52.6 against
+// vectors (QUADS, b / s added to 1 + q / 16) it was slower on four of five shapes (M = 4 on 4096x4096 52.6 against
 // 49.9 us), so QUADS keeps `field_f32`.
 fn unit_f32(w: u32, n: u32) -> f32 {
     let p = 4u * n;
