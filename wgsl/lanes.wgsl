@@ -76,25 +76,29 @@ fn load_table(lid: u32) {
     }
 }
 
-// Entry `e` of the decode table as the workgroup holds it. Where P <= 11 every frequency fits in 12 bits (at most
-// 2^11), and the entry becomes symbol | (slot - cum) << 8 | freq << 20, so that `decode_state` needs no mask and
-// no add after the table lookup (the symbol stays in the low 8 bits).
+// Where P <= 11 every frequency fits in 12 bits (at most 2^11): the workgroup then holds the frequency itself on
+// top of each table entry (`table_entry`, `decode_state`).
+const FREQ_ON_TOP: bool = P <= 11u;
+
+// Entry `e` of the decode table as the workgroup holds it. Where FREQ_ON_TOP the entry becomes symbol | (slot - cum)
+// << 8 | freq << 20, so that `decode_state` needs no mask and no add after the table lookup (the symbol stays in the
+// low 8 bits).
 // Measured on an H200 against the kernel before (P = 11, the two binaries alternated, two runs each on split
 // streams): split fused M = 1 66.6-66.9 against 68.1-68.2 us on 14336x4096, 56.6-56.8 against 57.7-57.9 on
 // 4096x14336, 36.9 against 37.2-37.3 on 4096x4096; split decode-only of SmolLM2's `stack_k576 x4` 76.9-77.0
 // against 78.3; not split, fused M = 1 93.6 against 98.0 on 14336x4096 (BENCHMARKS.md, "Decode table entries").
 fn table_entry(e: u32) -> u32 {
-    if (P <= 11u) {
+    if (FREQ_ON_TOP) {
         return (e & 0xffu) | ((e >> 20u) << 8u) | ((((e >> 8u) & 0xfffu) + 1u) << 20u);
     }
     return e;
 }
 
 // The decode step's new state D(x) = freq * (x >> P) + slot - cum, for slot x mod 2^P and its entry `e` as
-// `table_entry` leaves it. Where P <= 11, e >> 8 = freq * 2^12 + slot - cum, so D(x) = freq * ((x >> P) - 2^12) +
+// `table_entry` leaves it. Where FREQ_ON_TOP, e >> 8 = freq * 2^12 + slot - cum, so D(x) = freq * ((x >> P) - 2^12) +
 // (e >> 8) in wrapping u32 arithmetic: the subtraction does not wait on the table, and the entry needs no mask.
 fn decode_state(x: u32, e: u32) -> u32 {
-    if (P <= 11u) {
+    if (FREQ_ON_TOP) {
         return (e >> 20u) * ((x >> P) - 4096u) + (e >> 8u);
     }
     return (((e >> 8u) & 0xfffu) + 1u) * (x >> P) + (e >> 20u);
