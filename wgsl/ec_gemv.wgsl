@@ -3,11 +3,12 @@
 // Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS;
 // GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
 // stream's one vector is held in workgroup memory (below); EARLY_X where 4-bit steps read a loop trip's x before
-// its steps (QUADS, not GROUPED, below).
+// its steps (QUADS, not GROUPED, below); TILE_PAIRS where each workgroup takes two row tiles at a time (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
-// Grid: workgroups stride over row tiles (the grid's first dimension); the second splits the vectors, row g of
-// workgroups taking vectors g M .. g M + M of the product (so each of those row tiles is decoded once per row of
-// workgroups). Within one row tile, slab s decodes segments s, s + SLABS, ...; lane r
+// Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
+// second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
+// tiles is decoded once per row of workgroups). Within one row tile, slab s of its S slabs (SLABS, or SLABS / 2 with
+// TILE_PAIRS) decodes segments s, s + S, ...; lane r
 // keeps M accumulators for row r. Per group it accumulates sum(q * x) and sum(x) and applies the group's scale
 // and bias once: sum_k (s q_k + b) x_k = s * sum(q x) + b * sum(x); or, with QUADS, sum((q + b / s) x) alone and
 // then s * sum((q + b / s) x) (see `bias_ratio`). The slabs' partial sums are then added in workgroup memory.
@@ -156,15 +157,30 @@ fn main(
     let max_steps = params.segment / KW;
     let steps_per_group = params.group_size / KW;
     let groups_per_row = params.cols / params.group_size;
+//#if TILE_PAIRS
+    // With TILE_PAIRS a workgroup takes two row tiles at a time, SLABS / 2 slabs each: slab s works on row tile
+    // 2 w + s / (SLABS / 2) of workgroup w's pair (`kernels::row_tile_pairs`).
+    let rounds = (params.segments + SLABS / 2u - 1u) / (SLABS / 2u);
+    let slab_in_tile = lane_slab % (SLABS / 2u);
+//#else
     let rounds = (params.segments + SLABS - 1u) / SLABS;
+//#endif
 //#if GROUPED
     // This workgroup's first vector. (The lines that read it are kept apart from those of a kernel that is not
     // GROUPED, which stay as they were: the driver's code for a kernel moves by up to 20% with small changes to its
     // source, measured on an H200.)
     let v0 = wid.y * M;
 //#endif
+//#if TILE_PAIRS
+    for (var pair = wid.x; 2u * pair < params.row_tiles; pair += nwg.x) {
+        // Past the last row tile where their count is odd: no row of it is active, and its reads stay in the last.
+        let tile_row = 2u * pair + lane_slab / (SLABS / 2u);
+        let row_tile = min(tile_row, params.row_tiles - 1u);
+        let row = tile_row * 32u + lane_row;
+//#else
     for (var row_tile = wid.x; row_tile < params.row_tiles; row_tile += nwg.x) {
         let row = row_tile * 32u + lane_row;
+//#endif
         let row_active = row < params.rows;
         let row_c = min(row, params.rows - 1u);
         var acc: array<f32, M>;
@@ -172,7 +188,11 @@ fn main(
             acc[v] = 0.0;
         }
         for (var round = 0u; round < rounds; round++) {
+//#if TILE_PAIRS
+            let seg = round * (SLABS / 2u) + slab_in_tile;
+//#else
             let seg = round * SLABS + lane_slab;
+//#endif
             let valid = seg < params.segments;
             let t = row_tile * params.segments + min(seg, params.segments - 1u);
             let col0 = min(seg, params.segments - 1u) * params.segment;
@@ -392,11 +412,19 @@ fn main(
         for (var v = 0u; v < M; v++) {
             partial[lane_slab * 32u + lane_row] = acc[v];
             workgroupBarrier();
+//#if TILE_PAIRS
+            if (slab_in_tile == 0u && row_active) {
+                var sum = 0.0;
+                for (var s = 0u; s < SLABS / 2u; s++) {
+                    sum += partial[(lane_slab + s) * 32u + lane_row];
+                }
+//#else
             if (lane_slab == 0u && row_active) {
                 var sum = 0.0;
                 for (var s = 0u; s < SLABS; s++) {
                     sum += partial[s * 32u + lane_row];
                 }
+//#endif
 //#if GROUPED
                 y[(v0 + v) * params.rows + row] = sum;
 //#else

@@ -113,6 +113,42 @@ pub fn early_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bo
     spec.bits == 4 && !spec.split && !spec.grouped && spec.m == EARLY_X_VECTORS && workgroups <= units as usize
 }
 
+/// Most vectors a workgroup at which [`row_tile_pairs`] applies.
+pub const TILE_PAIR_MAX_VECTORS: u32 = 4;
+
+/// Whether ec_gemv workgroups take two row tiles at a time, `slabs` slabs each (`Spec::tile_pairs`), for
+/// `row_tiles` row tiles in one row of workgroups (`groups` = 1, at most [`TILE_PAIR_MAX_VECTORS`] vectors) on a
+/// device of `compute_units` that allows `max_invocations` per workgroup: where the row tiles number more than 2
+/// and at most 4 per compute unit, and the most row tiles a compute unit gets is no more in pairs than one at a
+/// time (2 ceil(row_tiles / 2 units) <= ceil(row_tiles / units)). A product ends when the compute units with the
+/// most row tiles are done, and with whole row tiles per workgroup 448 of them on 132 SMs take as long as 528.
+/// Measured on an H200 (132 SMs), binaries without and with pairs alternated (BENCHMARKS.md, "Two row tiles a
+/// workgroup"; a second alternation within 0.4 us), us at M = 1 / 2 / 3 / 4: split 14336x4096 (448 row tiles) 64.2 /
+/// 81.2 / 85.5 / 93.6 -> 59.2 / 73.3 / 80.9 / 83.8, 16896x4096 (528) 64.5 / 81.3 / 86.2 / 92.6 -> 60.0 / 74.6 / 81.0
+/// / 84.1; not split 14336x4096 94.0 / 104.4 / 115.2 / 119.6 -> 88.7 / 95.6 / 111.1 / 109.5. Where pairs would leave
+/// a unit more row tiles, slower (as experiments): 12672x4096 (396 row tiles, 3 a unit against 4 in pairs) 50.2 /
+/// 73.6 at M = 1 / 4 -> 58.8 / 83.6; 4096x4096 (128) the same, 40.4 / 62.6 -> 40.0 / 63.0.
+pub fn row_tile_pairs(
+    row_tiles: usize,
+    slabs: u32,
+    m: usize,
+    groups: usize,
+    compute_units: Option<u32>,
+    max_invocations: u32,
+) -> bool {
+    let Some(units) = compute_units else {
+        return false;
+    };
+    let units = units as usize;
+    groups == 1
+        && m <= TILE_PAIR_MAX_VECTORS as usize
+        && 2 * slabs <= MAX_GEMV_SLABS as u32
+        && 64 * slabs <= max_invocations
+        && row_tiles > 2 * units
+        && row_tiles <= 4 * units
+        && 2 * row_tiles.div_ceil(2 * units) <= row_tiles.div_ceil(units)
+}
+
 /// The ec_gemv specialization for `m` vectors of `stream` on `ctx`'s device, and the rows of workgroups that
 /// share out the vectors ([`vector_groups`]; each row takes `spec.m` of them).
 pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, usize) {
@@ -120,12 +156,15 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let units = ctx.compute_units();
     let slabs = gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
     let groups = vector_groups(l.row_tiles(), slabs, m, units);
+    let max_invocations = ctx.limits().max_compute_invocations_per_workgroup;
+    let pairs = row_tile_pairs(l.row_tiles(), slabs, m, groups, units, max_invocations);
     let spec = Spec {
         split: stream.split(),
         grouped: groups > 1,
-        ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * slabs)
+        tile_pairs: pairs,
+        ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * slabs * (1 + pairs as u32))
     };
-    let workgroups = l.row_tiles() * groups;
+    let workgroups = ec_gemv_workgroups(&spec, l.row_tiles()) * groups;
     let spec = Spec { early_x: early_x(&spec, workgroups, units), ..spec };
     let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let fits = workgroup_bytes(Kernel::EcGemv, &staged) <= u64::from(ctx.limits().max_compute_workgroup_storage_size);
@@ -637,10 +676,10 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
 /// Records the fused GEMV of `m` (1..=8) vectors: `weights` from [`ec_gemv_weights`], `io` a group-1 bind
 /// group of `x` (`m x cols` f32) and `y` (`m x rows` f32) from [`io_bind_group`].
 ///
-/// Grid: one workgroup per row tile of 32 rows, capped at the dimension limit (the kernel loops over the rest), by
-/// [`vector_groups`] rows, each taking its share of the vectors. A workgroup has [`gemv_slabs`] slabs of 32 lanes
-/// (about one per segment, up to 32); slab `s` decodes segments `s`, `s + slabs`, ... The specialization is
-/// [`ec_gemv_spec`]'s.
+/// Grid: one workgroup per row tile of 32 rows, or per pair of them ([`row_tile_pairs`]), capped at the dimension
+/// limit (the kernel loops over the rest), by [`vector_groups`] rows, each taking its share of the vectors. A row
+/// tile has [`gemv_slabs`] slabs of 32 lanes (about one per segment, up to 32); slab `s` decodes segments `s`,
+/// `s + slabs`, ... The specialization is [`ec_gemv_spec`]'s.
 pub fn ec_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
@@ -661,8 +700,17 @@ pub fn ec_gemv(
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
-    pass.dispatch_workgroups(grid(ctx, l.row_tiles()), groups as u32, 1);
+    pass.dispatch_workgroups(grid(ctx, ec_gemv_workgroups(&spec, l.row_tiles())), groups as u32, 1);
     Ok(())
+}
+
+/// Workgroups in one row of an ec_gemv grid under `spec` for `row_tiles` row tiles: one a row tile, or a pair.
+fn ec_gemv_workgroups(spec: &Spec, row_tiles: usize) -> usize {
+    if spec.tile_pairs {
+        row_tiles.div_ceil(2)
+    } else {
+        row_tiles
+    }
 }
 
 /// The group-0 bind group of q_gemv for one weight.

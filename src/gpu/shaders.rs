@@ -120,14 +120,17 @@ pub struct Spec {
     /// ec_gemv only, for 4-bit streams that are not split, `m` >= 2 and not `grouped`: each loop trip's x is
     /// loaded before its steps (`EARLY_X`; see [`super::kernels::early_x`]); false for every other kernel.
     pub early_x: bool,
+    /// ec_gemv only, not `grouped`: each workgroup takes two row tiles at a time, half its slabs each
+    /// (`TILE_PAIRS`; see [`super::kernels::row_tile_pairs`]); false for every other kernel.
+    pub tile_pairs: bool,
 }
 
 impl Spec {
     /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
-    /// `early_x`) off.
+    /// `early_x`, `tile_pairs`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
-        let (lane_x, split, grouped, stage_x, early_x) = (false, false, false, false, false);
-        Self { lanes, bits, precision, m, workgroup, lane_x, split, grouped, stage_x, early_x }
+        let (lane_x, split, grouped, stage_x, early_x, tile_pairs) = (false, false, false, false, false, false);
+        Self { lanes, bits, precision, m, workgroup, lane_x, split, grouped, stage_x, early_x, tile_pairs }
     }
 
     /// Tiles per workgroup of the tile kernels: 32 lanes each.
@@ -212,6 +215,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::EcGemv && spec.early_x {
         flags.push("EARLY_X");
     }
+    if kernel == Kernel::EcGemv && spec.tile_pairs {
+        flags.push("TILE_PAIRS");
+    }
     flags
 }
 
@@ -239,7 +245,7 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
         decode_workgroup, row_workgroup, EARLY_X_VECTORS, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, SPLIT_WIDE_TILES,
-        STAGE_X_MIN_SLABS, TILE_WORKGROUP,
+        STAGE_X_MIN_SLABS, TILE_PAIR_MAX_VECTORS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -275,6 +281,10 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         }
                         if !split && !grouped && bits == 4 && m == EARLY_X_VECTORS {
                             out.push((Kernel::EcGemv, Spec { early_x: true, ..base }));
+                        }
+                        // Two row tiles a workgroup (`row_tile_pairs`): twice the slabs.
+                        if !grouped && m <= TILE_PAIR_MAX_VECTORS && 2 * slabs <= MAX_GEMV_SLABS as u32 {
+                            out.push((Kernel::EcGemv, Spec { tile_pairs: true, workgroup: 64 * slabs, ..base }));
                         }
                     }
                 }
@@ -544,6 +554,40 @@ mod tests {
             }
         }
         assert!(!listed.iter().any(|(_, s)| s.early_x && (s.split || s.bits != 4 || s.m != 4 || s.grouped)));
+    }
+
+    /// Workgroups take two row tiles only where the row tiles number more than 2 and at most 4 a compute unit and
+    /// pairs leave no unit more of them, in one row of workgroups, for up to `TILE_PAIR_MAX_VECTORS` vectors and
+    /// 16 slabs a row tile, never without a count; every such specialization is listed, with twice the slabs.
+    #[test]
+    fn row_tile_pairs_only_where_they_spread_the_row_tiles_no_worse() {
+        use super::super::kernels::{row_tile_pairs, TILE_PAIR_MAX_VECTORS};
+        assert_eq!(TILE_PAIR_MAX_VECTORS, 4);
+        let pairs = |row_tiles, slabs, m, groups, units| row_tile_pairs(row_tiles, slabs, m, groups, units, 1024);
+        // 14336x4096 (448 row tiles) and 16896x4096 (528) on 132 SMs; not 12672x4096 (396: 3 a unit, 4 in pairs),
+        // 8448x4096 (264) or 4096x4096 (128).
+        assert!(pairs(448, 8, 1, 1, Some(132)));
+        assert!(pairs(528, 8, 4, 1, Some(132)));
+        for row_tiles in [396, 264, 128, 529, 1000] {
+            assert!(!pairs(row_tiles, 8, 1, 1, Some(132)), "{row_tiles}");
+        }
+        // An odd count: 7 row tiles on 2 units, 4 a unit either way.
+        assert!(pairs(7, 8, 1, 1, Some(2)));
+        // More vectors, rows of workgroups, more than 16 slabs or invocations past the device's, no count.
+        assert!(!pairs(448, 8, 5, 1, Some(132)));
+        assert!(!pairs(448, 8, 4, 2, Some(132)));
+        assert!(!pairs(448, 17, 1, 1, Some(132)));
+        assert!(!row_tile_pairs(448, 16, 1, 1, Some(132), 512));
+        assert!(row_tile_pairs(448, 16, 1, 1, Some(132), 1024));
+        assert!(!pairs(448, 8, 1, 1, None));
+        let listed = specializations();
+        for (m, slabs, split) in [(1, 8, true), (4, 8, false), (1, 16, false), (2, 1, true)] {
+            let one = Spec { split, ..Spec::new(LaneMode::SubgroupWide, if split { 2 } else { 4 }, 11, m, 32 * slabs) };
+            let paired = Spec { tile_pairs: true, workgroup: 64 * slabs, ..one };
+            assert!(listed.contains(&(Kernel::EcGemv, paired)), "{paired:?}");
+        }
+        let odd = |s: &Spec| s.grouped || s.m > TILE_PAIR_MAX_VECTORS || s.slabs() % 2 == 1;
+        assert!(!listed.iter().any(|(k, s)| s.tile_pairs && (*k != Kernel::EcGemv || odd(s))));
     }
 
     /// rans_decode takes 16 tiles a workgroup only for split streams of at least `SPLIT_WIDE_TILES` tiles, on a
