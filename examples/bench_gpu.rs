@@ -113,7 +113,8 @@ fn parse_opts(args: &[String]) -> Opts {
             // 4-bit streams split: the high 2 bits coded, the low 2 stored (docs/FORMAT.md, section 2.1).
             "--split" => o.encode.split = true,
             // The compute units the fused products take the device to have (0: none known), whatever it reports
-            // (`GpuContext::with_compute_units`; they choose `kernels::vector_groups`, `stage_x` and `early_x`).
+            // (`GpuContext::with_compute_units`; they choose `kernels::vector_groups`, `row_tile_pairs`, `stage_x`
+            // and `early_x`).
             "--compute-units" => o.compute_units = Some(num(val()) as u32),
             // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
             "--experiments" => {
