@@ -116,18 +116,24 @@ pub fn early_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bo
 /// Most vectors a workgroup at which [`row_tile_pairs`] applies.
 pub const TILE_PAIR_MAX_VECTORS: u32 = 4;
 
+/// Slabs a row tile (segments of the row, [`gemv_slabs`]) for which [`row_tile_pairs`] applies.
+pub const TILE_PAIR_SLABS: std::ops::RangeInclusive<u32> = 6..=8;
+
 /// Whether ec_gemv workgroups take two row tiles at a time, `slabs` slabs each (`Spec::tile_pairs`), for
-/// `row_tiles` row tiles in one row of workgroups (`groups` = 1, at most [`TILE_PAIR_MAX_VECTORS`] vectors) on a
-/// device of `compute_units` that allows `max_invocations` per workgroup: where the row tiles number more than 2
-/// and at most 4 per compute unit, and the most row tiles a compute unit gets is no more in pairs than one at a
-/// time (2 ceil(row_tiles / 2 units) <= ceil(row_tiles / units)). A product ends when the compute units with the
-/// most row tiles are done, and with whole row tiles per workgroup 448 of them on 132 SMs take as long as 528.
-/// Measured on an H200 (132 SMs), binaries without and with pairs alternated (BENCHMARKS.md, "Two row tiles a
-/// workgroup"; a second alternation within 0.4 us), us at M = 1 / 2 / 3 / 4: split 14336x4096 (448 row tiles) 64.2 /
-/// 81.2 / 85.5 / 93.6 -> 59.2 / 73.3 / 80.9 / 83.8, 16896x4096 (528) 64.5 / 81.3 / 86.2 / 92.6 -> 60.0 / 74.6 / 81.0
-/// / 84.1; not split 14336x4096 94.0 / 104.4 / 115.2 / 119.6 -> 88.7 / 95.6 / 111.1 / 109.5. Where pairs would leave
-/// a unit more row tiles, slower (as experiments): 12672x4096 (396 row tiles, 3 a unit against 4 in pairs) 50.2 /
-/// 73.6 at M = 1 / 4 -> 58.8 / 83.6; 4096x4096 (128) the same, 40.4 / 62.6 -> 40.0 / 63.0.
+/// `row_tiles` row tiles in one row of workgroups (`groups` = 1, at most [`TILE_PAIR_MAX_VECTORS`] vectors,
+/// [`TILE_PAIR_SLABS`] slabs a row tile) on a device of `compute_units` that allows `max_invocations` per
+/// workgroup: where the row tiles number more than 2 and at most 4 per compute unit, and the most row tiles a
+/// compute unit gets is no more in pairs than one at a time (2 ceil(row_tiles / 2 units) <= ceil(row_tiles /
+/// units)). A product ends when the compute units with the most row tiles are done, and with one row tile a
+/// workgroup 448 of them on 132 SMs take as long as 528.
+///
+/// Measured on an H200 (132 SMs; BENCHMARKS.md, "Two row tiles a workgroup"), one row tile a workgroup against
+/// pairs, us at M = 1 / 4, split streams: 14336x4096 (448 row tiles) 64.2 / 93.6 -> 59.2 / 83.8, 16896x4096 (528)
+/// 64.5 / 92.6 -> 60.0 / 84.1, 13312x4096 (416) 63.2 / 91.6 -> 59.0 / 83.3, 16384x4096 (512) 64.2 / 93.2 -> 59.6 /
+/// 83.8, 14336x3072 (6 slabs a row tile) 51.6 / 74.0 -> 49.3 / 74.2; not split 14336x4096 94.0 / 119.6 -> 88.7 /
+/// 109.5 (M = 2 and 3 gain too). Left alone: 14336x2048 (4 slabs a row tile), 42.3 / 55.2 -> 43.1 / 69.1 in pairs;
+/// 12672x4096 (396 row tiles, 3 a unit against 4 in pairs), 50.2 / 73.6 -> 58.8 / 83.6; 4096x4096 (128), 40.4 /
+/// 62.6 -> 40.0 / 63.0.
 pub fn row_tile_pairs(
     row_tiles: usize,
     slabs: u32,
@@ -142,7 +148,7 @@ pub fn row_tile_pairs(
     let units = units as usize;
     groups == 1
         && m <= TILE_PAIR_MAX_VECTORS as usize
-        && 2 * slabs <= MAX_GEMV_SLABS as u32
+        && TILE_PAIR_SLABS.contains(&slabs)
         && 64 * slabs <= max_invocations
         && row_tiles > 2 * units
         && row_tiles <= 4 * units
