@@ -131,9 +131,9 @@ pub const TILE_PAIR_SLABS: std::ops::RangeInclusive<u32> = 6..=8;
 /// pairs, us at M = 1 / 4, split streams: 14336x4096 (448 row tiles) 64.2 / 93.6 -> 59.2 / 83.8, 16896x4096 (528)
 /// 64.5 / 92.6 -> 60.0 / 84.1, 13312x4096 (416) 63.2 / 91.6 -> 59.0 / 83.3, 16384x4096 (512) 64.2 / 93.2 -> 59.6 /
 /// 83.8, 14336x3072 (6 slabs a row tile) 51.6 / 74.0 -> 49.3 / 74.2; not split 14336x4096 94.0 / 119.6 -> 88.7 /
-/// 109.5 (M = 2 and 3 gain too). Left alone: 14336x2048 (4 slabs a row tile), 42.3 / 55.2 -> 43.1 / 69.1 in pairs;
-/// 12672x4096 (396 row tiles, 3 a unit against 4 in pairs), 50.2 / 73.6 -> 58.8 / 83.6; 4096x4096 (128), 40.4 /
-/// 62.6 -> 40.0 / 63.0.
+/// 109.5 (M = 2 and 3 gain too); on an H100, split 14336x4096 64.7 / 93.7 -> 60.4 / 84.3. Left alone: 14336x2048 (4
+/// slabs a row tile), 42.3 / 55.2 -> 43.1 / 69.1 in pairs; 12672x4096 (396 row tiles, 3 a unit against 4 in pairs),
+/// 50.2 / 73.6 -> 58.8 / 83.6; 4096x4096 (128), 40.4 / 62.6 -> 40.0 / 63.0.
 pub fn row_tile_pairs(
     row_tiles: usize,
     slabs: u32,
