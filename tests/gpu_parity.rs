@@ -711,23 +711,27 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
 
 /// With the device taken to have 2 compute units, fused products over 7 and 8 row tiles (200 and 256 rows; 7 an odd
 /// count, its last row tile partial) of 6 segments (1472 columns, the last segment 192 wide) take two row tiles a
-/// workgroup (`kernels::row_tile_pairs`) at 1 to 4 vectors: their products equal, bit for bit, those of the same
+/// workgroup (`kernels::row_tile_pairs`) at 1 to 4 vectors, and over 8 row tiles of 8 segments (2048 columns) at 1
+/// to 8 vectors on split streams and 1 to 7 on 4-bit streams: their products equal, bit for bit, those of the same
 /// context taken to have no known compute units (one row tile a workgroup), and the float64 reference within
-/// tolerance, on 4-bit and split streams, with the outputs poisoned first. 5 vectors, 6 row tiles (3 a unit, 4 in
-/// pairs) and rows of 4 segments keep one row tile a workgroup.
+/// tolerance, with the outputs poisoned first. More vectors, 6 row tiles (3 a unit, 4 in pairs) and rows of 4
+/// segments keep one row tile a workgroup.
 fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
     let two = ctx.with_compute_units(Some(2));
     let none = ctx.with_compute_units(None);
-    for (rows, cols, paired) in [(200, 1472, true), (256, 1472, true), (192, 1472, false), (256, 1024, false)] {
-        let q = random_matrix(rows, cols, 4, 32, 1500 + rows as u64);
+    // (rows, columns, most vectors paired on 4-bit and on split streams)
+    for (rows, cols, most) in
+        [(200, 1472, [4, 4]), (256, 1472, [4, 4]), (256, 2048, [7, 8]), (192, 1472, [0, 0]), (256, 1024, [0, 0])]
+    {
+        let q = random_matrix(rows, cols, 4, 32, 1500 + (rows + cols) as u64);
         for split in [false, true] {
             let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
             let t = EcTensor::encode(&q, options).expect("encode");
             let stream = GpuStream::upload(&two, &t).unwrap();
-            for m in 1..=5 {
+            for m in 1..=8 {
                 let what = format!("{rows}x{cols} split {split} {:?} m={m}", ctx.lane_mode());
                 let (spec, groups) = kernels::ec_gemv_spec(&two, &stream, m);
-                assert_eq!((spec.tile_pairs, groups), (paired && m <= 4, 1), "{what}");
+                assert_eq!((spec.tile_pairs, groups), (m <= most[split as usize], 1), "{what}");
                 assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.tile_pairs, "{what}");
                 fused_equal_on_both(&none, &two, &q, &t, m, &what);
             }

@@ -244,8 +244,8 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 /// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
-        decode_workgroup, row_workgroup, EARLY_X_VECTORS, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, SPLIT_WIDE_TILES,
-        STAGE_X_MIN_SLABS, TILE_PAIR_MAX_VECTORS, TILE_PAIR_SLABS, TILE_WORKGROUP,
+        decode_workgroup, row_workgroup, tile_pair_vectors, EARLY_X_VECTORS, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS,
+        SPLIT_WIDE_TILES, STAGE_X_MIN_SLABS, TILE_PAIR_SLABS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -283,7 +283,8 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                             out.push((Kernel::EcGemv, Spec { early_x: true, ..base }));
                         }
                         // Two row tiles a workgroup (`row_tile_pairs`): twice the slabs.
-                        if !grouped && m <= TILE_PAIR_MAX_VECTORS && TILE_PAIR_SLABS.contains(&slabs) {
+                        let pairs = TILE_PAIR_SLABS.contains(&slabs) && m <= tile_pair_vectors(slabs, split);
+                        if !grouped && pairs {
                             out.push((Kernel::EcGemv, Spec { tile_pairs: true, workgroup: 64 * slabs, ..base }));
                         }
                     }
@@ -557,41 +558,57 @@ mod tests {
     }
 
     /// Workgroups take two row tiles only where the row tiles number more than 2 and at most 4 a compute unit and
-    /// pairs leave no unit more of them, in one row of workgroups, for up to `TILE_PAIR_MAX_VECTORS` vectors and 6
-    /// to 8 slabs a row tile, never without a count; every such specialization is listed, with twice the slabs.
+    /// pairs leave no unit more of them, in one row of workgroups, for 6 to 8 slabs a row tile and up to 4 vectors
+    /// (at 8 slabs, 8 on split streams and 7 on others), never without a count; every such specialization is
+    /// listed, with twice the slabs.
     #[test]
     fn row_tile_pairs_only_where_they_spread_the_row_tiles_no_worse() {
-        use super::super::kernels::{row_tile_pairs, TILE_PAIR_MAX_VECTORS, TILE_PAIR_SLABS};
-        assert_eq!((TILE_PAIR_MAX_VECTORS, TILE_PAIR_SLABS), (4, 6..=8));
-        let pairs = |row_tiles, slabs, m, groups, units| row_tile_pairs(row_tiles, slabs, m, groups, units, 1024);
+        use super::super::kernels::{row_tile_pairs, tile_pair_vectors, TILE_PAIR_SLABS};
+        assert_eq!(TILE_PAIR_SLABS, 6..=8);
+        let vectors: Vec<_> = [(6, false), (6, true), (7, true), (8, false), (8, true)]
+            .iter()
+            .map(|&(slabs, split)| tile_pair_vectors(slabs, split))
+            .collect();
+        assert_eq!(vectors, [4, 4, 4, 7, 8]);
+        let pairs =
+            |row_tiles, slabs, m, split, groups, units| row_tile_pairs(row_tiles, slabs, m, split, groups, units, 1024);
         // 14336x4096 (448 row tiles), 13312x4096 (416) and 16896x4096 (528) on 132 SMs, and 14336x3072 (6 slabs);
         // not 12672x4096 (396: 3 a unit, 4 in pairs), 8448x4096 (264) or 4096x4096 (128).
-        assert!(pairs(448, 8, 1, 1, Some(132)));
-        assert!(pairs(416, 8, 1, 1, Some(132)));
-        assert!(pairs(528, 8, 4, 1, Some(132)));
-        assert!(pairs(448, 6, 1, 1, Some(132)));
+        assert!(pairs(448, 8, 1, false, 1, Some(132)));
+        assert!(pairs(416, 8, 1, true, 1, Some(132)));
+        assert!(pairs(528, 8, 4, false, 1, Some(132)));
+        assert!(pairs(448, 6, 4, false, 1, Some(132)));
         for row_tiles in [396, 264, 128, 529, 1000] {
-            assert!(!pairs(row_tiles, 8, 1, 1, Some(132)), "{row_tiles}");
+            assert!(!pairs(row_tiles, 8, 1, true, 1, Some(132)), "{row_tiles}");
         }
         // An odd count: 7 row tiles on 2 units, 4 a unit either way.
-        assert!(pairs(7, 6, 1, 1, Some(2)));
-        // More vectors, rows of workgroups, other slab counts (14336x2048 has 4), invocations past the device's, no
-        // count.
-        assert!(!pairs(448, 8, 5, 1, Some(132)));
-        assert!(!pairs(448, 8, 4, 2, Some(132)));
+        assert!(pairs(7, 6, 1, false, 1, Some(2)));
+        // More vectors only at 8 slabs, 8 only on split streams; rows of workgroups, other slab counts (14336x2048
+        // has 4), invocations past the device's, no count.
+        assert!(!pairs(448, 6, 5, true, 1, Some(132)));
+        assert!(pairs(448, 8, 7, false, 1, Some(132)));
+        assert!(!pairs(448, 8, 8, false, 1, Some(132)));
+        assert!(pairs(448, 8, 8, true, 1, Some(132)));
+        assert!(!pairs(448, 8, 4, false, 2, Some(132)));
         for slabs in [1, 4, 5, 9, 16] {
-            assert!(!pairs(448, slabs, 1, 1, Some(132)), "{slabs}");
+            assert!(!pairs(448, slabs, 1, true, 1, Some(132)), "{slabs}");
         }
-        assert!(!row_tile_pairs(448, 8, 1, 1, Some(132), 256));
-        assert!(!pairs(448, 8, 1, 1, None));
+        assert!(!row_tile_pairs(448, 8, 1, true, 1, Some(132), 256));
+        assert!(!pairs(448, 8, 1, true, 1, None));
         let listed = specializations();
-        for (m, slabs, split) in [(1, 8, true), (4, 8, false), (1, 6, false), (2, 7, true)] {
+        for (m, slabs, split) in [(1, 8, true), (7, 8, false), (4, 6, false), (8, 8, true), (2, 7, true)] {
             let one = Spec { split, ..Spec::new(LaneMode::SubgroupWide, if split { 2 } else { 4 }, 11, m, 32 * slabs) };
             let paired = Spec { tile_pairs: true, workgroup: 64 * slabs, ..one };
             assert!(listed.contains(&(Kernel::EcGemv, paired)), "{paired:?}");
         }
-        let odd = |s: &Spec| s.grouped || s.m > TILE_PAIR_MAX_VECTORS || !TILE_PAIR_SLABS.contains(&(s.slabs() / 2));
-        assert!(!listed.iter().any(|(k, s)| s.tile_pairs && (*k != Kernel::EcGemv || odd(s) || s.slabs() % 2 == 1)));
+        let odd = |s: &Spec| {
+            let slabs = s.slabs() / 2;
+            s.grouped
+                || s.slabs() % 2 == 1
+                || !TILE_PAIR_SLABS.contains(&slabs)
+                || s.m > tile_pair_vectors(slabs, s.split)
+        };
+        assert!(!listed.iter().any(|(k, s)| s.tile_pairs && (*k != Kernel::EcGemv || odd(s))));
     }
 
     /// rans_decode takes 16 tiles a workgroup only for split streams of at least `SPLIT_WIDE_TILES` tiles, on a
