@@ -133,11 +133,11 @@ pub fn tile_pair_vectors(slabs: u32, split: bool) -> u32 {
 
 /// Whether ec_gemv workgroups take two row tiles at a time, `slabs` slabs each (`Spec::tile_pairs`), for
 /// `row_tiles` row tiles of a stream (`split` or not) in one row of workgroups (`groups` = 1; [`TILE_PAIR_SLABS`]
-/// slabs a row tile, at most [`tile_pair_vectors`] vectors) on a device of `compute_units` that allows `max_invocations` per
-/// workgroup: where the row tiles number more than 2 and at most 4 per compute unit, and the most row tiles a
-/// compute unit gets is no more in pairs than one at a time (2 ceil(row_tiles / 2 units) <= ceil(row_tiles /
-/// units)). A product ends when the compute units with the most row tiles are done, and with one row tile a
-/// workgroup 448 of them on 132 SMs take as long as 528.
+/// slabs a row tile, at most [`tile_pair_vectors`] vectors) on a device of `compute_units` that allows
+/// `max_invocations` per workgroup: where the row tiles number more than 2 and at most 4 per compute unit, and the
+/// most row tiles a compute unit gets is no more in pairs than one at a time (2 ceil(row_tiles / 2 units) <=
+/// ceil(row_tiles / units)). A product ends when the compute units with the most row tiles are done, and with one
+/// row tile a workgroup 448 of them on 132 SMs take as long as 528.
 ///
 /// Measured on an H200 (132 SMs; BENCHMARKS.md, "Two row tiles a workgroup"), one row tile a workgroup against
 /// pairs, us at M = 1 / 4, split streams: 14336x4096 (448 row tiles) 64.2 / 93.6 -> 59.2 / 83.8, 16896x4096 (528)
