@@ -116,24 +116,25 @@ pub fn early_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bo
 /// Slabs a row tile (segments of the row, [`gemv_slabs`]) for which [`row_tile_pairs`] applies.
 pub const TILE_PAIR_SLABS: std::ops::RangeInclusive<u32> = 6..=8;
 
-/// Most vectors a workgroup at which [`row_tile_pairs`] applies to rows of `slabs` slabs ([`TILE_PAIR_SLABS`]) of a
-/// stream that is `split` or not: 4; at 8 slabs a row tile all 8 on split streams and 7 on others. Measured on an
-/// H200, one row tile a workgroup against pairs, us at M = 5 / 6 / 7 / 8: 14336x4096 split 127.5 / 143.4 / 183.9 /
-/// 201.7 -> 98.6 / 104.3 / 123.6 / 143.5, not split 136.7 / 151.3 / 198.5 / 153.9 -> 123.7 / 129.6 / 149.1 / 166.8
-/// (the last in an earlier process, against 154.0); 14336x3072 (6 slabs) split 85.6 / 90.6 / 96.4 / 106.9 -> 88.0 /
-/// 83.9 / 107.1 / 107.8, not split 107.7 / 117.6 / 124.9 -> 96.9 / 104.6 / 115.5 at M = 5 / 6 / 7 (BENCHMARKS.md,
-/// "Two row tiles a workgroup").
+/// Most vectors a workgroup at which [`row_tile_pairs`] applies to rows of `slabs` slabs of a stream that is
+/// `split` or not: none outside [`TILE_PAIR_SLABS`], else 4, and at 8 slabs a row tile all 8 on split streams and 7
+/// on others. Measured on an H200, one row tile a workgroup against pairs, us at M = 5 / 6 / 7 / 8: 14336x4096
+/// split 127.5 / 143.4 / 183.9 / 201.7 -> 98.6 / 104.3 / 123.6 / 143.5, not split 136.7 / 151.3 / 198.5 / 153.9 ->
+/// 123.7 / 129.6 / 149.1 / 166.8 (the last in an earlier process, against 154.0); 14336x3072 (6 slabs) split 85.6 /
+/// 90.6 / 96.4 / 106.9 -> 88.0 / 83.9 / 107.1 / 107.8, not split 107.7 / 117.6 / 124.9 -> 96.9 / 104.6 / 115.5 at M
+/// = 5 / 6 / 7 (BENCHMARKS.md, "Two row tiles a workgroup").
 pub fn tile_pair_vectors(slabs: u32, split: bool) -> u32 {
     match (slabs, split) {
         (8, true) => MAX_VECTORS_PER_PASS as u32,
         (8, false) => 7,
-        _ => 4,
+        _ if TILE_PAIR_SLABS.contains(&slabs) => 4,
+        _ => 0,
     }
 }
 
 /// Whether ec_gemv workgroups take two row tiles at a time, `slabs` slabs each (`Spec::tile_pairs`), for
-/// `row_tiles` row tiles of a stream (`split` or not) in one row of workgroups (`groups` = 1; [`TILE_PAIR_SLABS`]
-/// slabs a row tile, at most [`tile_pair_vectors`] vectors) on a device of `compute_units` that allows
+/// `row_tiles` row tiles of a stream (`split` or not) in one row of workgroups (`groups` = 1; at most
+/// [`tile_pair_vectors`] vectors, so [`TILE_PAIR_SLABS`] slabs a row tile) on a device of `compute_units` that allows
 /// `max_invocations` per workgroup: where the row tiles number more than 2 and at most 4 per compute unit, and the
 /// most row tiles a compute unit gets is no more in pairs than one at a time (2 ceil(row_tiles / 2 units) <=
 /// ceil(row_tiles / units)). A product ends when the compute units with the most row tiles are done, and with one
@@ -160,7 +161,6 @@ pub fn row_tile_pairs(
     };
     let units = units as usize;
     groups == 1
-        && TILE_PAIR_SLABS.contains(&slabs)
         && m <= tile_pair_vectors(slabs, split) as usize
         && 64 * slabs <= max_invocations
         && row_tiles > 2 * units
@@ -173,9 +173,9 @@ pub fn row_tile_pairs(
 pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, usize) {
     let l = stream.layout;
     let units = ctx.compute_units();
-    let slabs = gemv_slabs(l.segments(), ctx.limits().max_compute_invocations_per_workgroup);
-    let groups = vector_groups(l.row_tiles(), slabs, m, units);
     let max_invocations = ctx.limits().max_compute_invocations_per_workgroup;
+    let slabs = gemv_slabs(l.segments(), max_invocations);
+    let groups = vector_groups(l.row_tiles(), slabs, m, units);
     let pairs = row_tile_pairs(l.row_tiles(), slabs, m / groups, stream.split(), groups, units, max_invocations);
     let spec = Spec {
         split: stream.split(),

@@ -245,7 +245,7 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
         decode_workgroup, row_workgroup, tile_pair_vectors, EARLY_X_VECTORS, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS,
-        SPLIT_WIDE_TILES, STAGE_X_MIN_SLABS, TILE_PAIR_SLABS, TILE_WORKGROUP,
+        SPLIT_WIDE_TILES, STAGE_X_MIN_SLABS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -283,8 +283,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                             out.push((Kernel::EcGemv, Spec { early_x: true, ..base }));
                         }
                         // Two row tiles a workgroup (`row_tile_pairs`): twice the slabs.
-                        let pairs = TILE_PAIR_SLABS.contains(&slabs) && m <= tile_pair_vectors(slabs, split);
-                        if !grouped && pairs {
+                        if !grouped && m <= tile_pair_vectors(slabs, split) {
                             out.push((Kernel::EcGemv, Spec { tile_pairs: true, workgroup: 64 * slabs, ..base }));
                         }
                     }
@@ -565,11 +564,11 @@ mod tests {
     fn row_tile_pairs_only_where_they_spread_the_row_tiles_no_worse() {
         use super::super::kernels::{row_tile_pairs, tile_pair_vectors, TILE_PAIR_SLABS};
         assert_eq!(TILE_PAIR_SLABS, 6..=8);
-        let vectors: Vec<_> = [(6, false), (6, true), (7, true), (8, false), (8, true)]
+        let vectors: Vec<_> = [(6, false), (6, true), (7, true), (8, false), (8, true), (4, true), (9, false)]
             .iter()
             .map(|&(slabs, split)| tile_pair_vectors(slabs, split))
             .collect();
-        assert_eq!(vectors, [4, 4, 4, 7, 8]);
+        assert_eq!(vectors, [4, 4, 4, 7, 8, 0, 0]);
         let pairs =
             |row_tiles, slabs, m, split, groups, units| row_tile_pairs(row_tiles, slabs, m, split, groups, units, 1024);
         // 14336x4096 (448 row tiles), 13312x4096 (416) and 16896x4096 (528) on 132 SMs, and 14336x3072 (6 slabs);
