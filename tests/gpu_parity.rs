@@ -767,22 +767,27 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
     }
 }
 
-/// With the device taken to have 3 compute units, fused products of 4 vectors by 4-bit streams that are not split
-/// load each loop trip's x before its steps (`kernels::early_x`) where the 4 vectors take one row of workgroups:
-/// 67 rows (3 row tiles, the last partial) by 4160 columns in 17 segments (the last 64 columns wide). Their
-/// products equal, bit for bit, those of the same context taken to have no known compute units, and the float64
-/// reference within tolerance, with the outputs poisoned first. 8 vectors on 67 rows (one row of 8) and on 20 rows
-/// (2 rows of 4 vectors) keep the loads after the steps.
+/// With the device taken to have 3 compute units, fused products load each loop trip's x before its steps
+/// (`kernels::early_x`) where the vectors take one row of workgroups: of 4 vectors by 4-bit streams that are not
+/// split, on 67 rows (3 row tiles, the last partial) by 4160 columns in 17 segments (the last 64 columns wide); of 2
+/// to 4 vectors by split streams of 22 segments, on 67 rows by 5440 columns (the last segment 64 columns wide).
+/// Their products equal, bit for bit, those of the same context taken to have no known compute units, and the
+/// float64 reference within tolerance, with the outputs poisoned first. Those that keep the loads after the steps:
+/// 8 vectors on 67 rows (one row of 8) and on 20 rows (2 rows of 4 vectors) not split; 1 and 5 vectors split, and
+/// split streams of 21 segments (5376 columns).
 fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
     let none = ctx.with_compute_units(None);
     let units = ctx.with_compute_units(Some(3));
-    for (rows, m, groups, early) in [(67, 4, 1, true), (20, 8, 2, false), (67, 8, 1, false)] {
-        let q = random_matrix(rows, 4160, 4, 32, 1500 + rows as u64);
-        let t = encode(&q, 256);
+    let plain = [(67, 4160, false, 4, 1, true), (20, 4160, false, 8, 2, false), (67, 4160, false, 8, 1, false)];
+    let split = [2, 3, 4, 1, 5].map(|m| (67, 5440, true, m, 1, (2..=4).contains(&m)));
+    for (rows, cols, split, m, groups, early) in plain.into_iter().chain(split).chain([(67, 5376, true, 4, 1, false)]) {
+        let q = random_matrix(rows, cols, 4, 32, 1500 + rows as u64);
+        let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
+        let t = EcTensor::encode(&q, options).expect("encode");
         let stream = GpuStream::upload(&units, &t).unwrap();
-        let what = format!("{rows}x4160 {:?} m={m}", ctx.lane_mode());
+        let what = format!("{rows}x{cols} split={split} {:?} m={m}", ctx.lane_mode());
         let (spec, g) = kernels::ec_gemv_spec(&units, &stream, m);
-        if ctx.limits().max_compute_invocations_per_workgroup >= 17 * 32 {
+        if ctx.limits().max_compute_invocations_per_workgroup >= t.layout().segments() as u32 * 32 {
             assert_eq!((spec.early_x, g), (early, groups), "{what}");
         }
         assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.early_x, "{what}");

@@ -2,8 +2,9 @@
 //
 // Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS;
 // GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
-// stream's one vector is held in workgroup memory (below); EARLY_X where 4-bit steps read a loop trip's x before
-// its steps (QUADS, not GROUPED, below); TILE_PAIRS where each workgroup takes two row tiles at a time (below).
+// stream's one vector is held in workgroup memory (below); EARLY_X where a loop trip's x is read before its steps
+// (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each workgroup takes two row
+// tiles at a time (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -244,7 +245,17 @@ fn main(
 //#if SPLIT
                     // A split stream's 4 steps code one block of 16 columns; their joint symbols, the first lowest.
                     var hi = 0u;
+//#if EARLY_X
+                    // With EARLY_X the block's x (4 16-byte pieces a vector) is loaded before its steps, so the loads
+                    // are in flight while the steps run (`kernels::early_x`).
+                    var xe: array<vec4<f32>, 4 * M>;
+                    for (var v = 0u; v < M; v++) {
+                        for (var p = 0u; p < 4u; p++) {
+                            xe[v * 4u + p] = x[v * (params.cols / 4u) + col4 / 4u + p];
+                        }
+                    }
 //#endif
+//#else
 //#if EARLY_X
                     // With EARLY_X (KW = 2: the trip's 8 columns, two 16-byte pieces a vector) the trip's x is loaded
                     // before its steps, so the loads are in flight while the steps run (`kernels::early_x`).
@@ -254,6 +265,7 @@ fn main(
                         xa[v] = x[v * (params.cols / 4u) + col4 / 4u];
                         xb[v] = x[v * (params.cols / 4u) + col4 / 4u + 1u];
                     }
+//#endif
 //#endif
                     for (var h = 0u; h < 4u; h++) {
                         // The decode step on every lane, the state kept by `select` (no branch on the per-step chain:
@@ -353,7 +365,11 @@ fn main(
 //#if STAGE_X
                                 xq[v] = xs[col4 / 4u + j / 4u];
 //#else
+//#if EARLY_X
+                                xq[v] = xe[v * 4u + j / 4u];
+//#else
                                 xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#endif
 //#endif
 //#endif
                             }

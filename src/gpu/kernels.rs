@@ -94,23 +94,45 @@ pub fn stage_x(spec: &Spec, workgroups: usize, cols: usize, compute_units: Optio
         && workgroups <= units as usize
 }
 
-/// Vectors per workgroup at which [`early_x`] applies.
+/// Vectors per workgroup at which [`early_x`] applies to streams that are not split; the most for split ones.
 pub const EARLY_X_VECTORS: u32 = 4;
 
+/// Fewest slabs a workgroup for which [`early_x`] applies to split streams.
+pub const SPLIT_EARLY_X_MIN_SLABS: u32 = 22;
+
 /// Whether ec_gemv, specialized as `spec` otherwise, loads each loop trip's x before the trip's steps
-/// (`Spec::early_x`) for `workgroups` workgroups on a device of `compute_units`: only for 4-bit streams that are
-/// not split, at [`EARLY_X_VECTORS`] vectors a workgroup in one row of workgroups (not `grouped`), and only where
-/// every workgroup has a compute unit to itself, whose few warps otherwise wait on the loads after the steps.
-/// Measured on an H100 (132 SMs), against the loads after the steps in the same process, us at M = 3 / 4:
+/// (`Spec::early_x`) for `workgroups` workgroups on a device of `compute_units`: in one row of workgroups (not
+/// `grouped`), only where every workgroup has a compute unit to itself, whose few warps otherwise wait on the loads
+/// after the steps; for 4-bit streams that are not split at [`EARLY_X_VECTORS`] vectors a workgroup, and for split
+/// streams at 2 to [`EARLY_X_VECTORS`] vectors in workgroups of at least [`SPLIT_EARLY_X_MIN_SLABS`] slabs.
+///
+/// Not split, measured on an H100 (132 SMs), against the loads after the steps in the same process, us at M = 3 / 4:
 /// 4096x14336 (28 slabs) 115.3 / 125.9 -> 102.2 / 107.6, 2048x14336 109.8 / 118.0 -> 98.5 / 102.8, 4096x11008 (22
 /// slabs) 91.8 / 93.4 -> 96.8 / 87.6; where an SM holds more than one workgroup, slower: 6144x4096 71.5 / 80.0 ->
 /// 82.1 / 84.3, 14336x4096 M = 4 122.8 -> 124.6; M = 2 unchanged, M = 8 on 14336x4096 160.1 -> 256.2. Rows of
 /// workgroups of 4 vectors each (8 vectors shared out) were not measured, so they keep the loads after the steps.
+///
+/// Split, measured on an H200 (132 SMs) in one process each (BENCHMARKS.md, "A split block's x loaded before its
+/// steps"), us at M = 2 / 3 / 4: 4096x14336 (28 slabs) 66.4 / 77.3 / 83.0 -> 63.4 / 73.5 / 79.3, 2048x14336 65.1 /
+/// 76.5 / 81.7 -> 62.2 / 72.7 / 77.7, 4096x11008 (22 slabs) 59.5 / 69.9 / 76.2 -> 59.7 / 64.3 / 71.2; with fewer
+/// slabs mixed or slower: 4096x8192 (16) 51.5 / 57.6 / 69.1 -> 53.2 / 65.5 / 61.6, 4096x6144 (12) 48.9 / 62.1 / 66.9
+/// -> 46.9 / 64.4 / 78.0, 4096x4096 (8) 48.0 / 46.1 / 63.6 -> 57.8 / 63.1 / 63.6. One vector went both ways
+/// (4096x14336 54.0 -> 55.8, 4096x6144 42.7 -> 49.4, 4096x8192 52.2 -> 43.8), so it keeps the loads after the steps.
 pub fn early_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bool {
     let Some(units) = compute_units else {
         return false;
     };
-    spec.bits == 4 && !spec.split && !spec.grouped && spec.m == EARLY_X_VECTORS && workgroups <= units as usize
+    early_x_kind(spec.split, spec.bits, spec.m, spec.slabs()) && !spec.grouped && workgroups <= units as usize
+}
+
+/// The part of [`early_x`] that the specialization alone decides: `m` vectors a workgroup of `slabs` slabs, on a
+/// stream of `bits`-bit coded symbols, `split` or not.
+pub fn early_x_kind(split: bool, bits: u32, m: u32, slabs: u32) -> bool {
+    if split {
+        (2..=EARLY_X_VECTORS).contains(&m) && slabs >= SPLIT_EARLY_X_MIN_SLABS
+    } else {
+        bits == 4 && m == EARLY_X_VECTORS
+    }
 }
 
 /// Slabs a row tile (segments of the row, [`gemv_slabs`]) for which [`row_tile_pairs`] applies.

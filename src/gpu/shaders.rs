@@ -244,7 +244,7 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 /// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
-        decode_workgroup, row_workgroup, tile_pair_vectors, EARLY_X_VECTORS, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS,
+        decode_workgroup, early_x_kind, row_workgroup, tile_pair_vectors, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS,
         SPLIT_WIDE_TILES, STAGE_X_MIN_SLABS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
@@ -279,7 +279,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         if split && m == 1 && slabs >= STAGE_X_MIN_SLABS {
                             out.push((Kernel::EcGemv, Spec { stage_x: true, ..base }));
                         }
-                        if !split && !grouped && bits == 4 && m == EARLY_X_VECTORS {
+                        if !grouped && early_x_kind(split, bits, m, slabs) {
                             out.push((Kernel::EcGemv, Spec { early_x: true, ..base }));
                         }
                         // Two row tiles a workgroup (`row_tile_pairs`): twice the slabs.
@@ -525,35 +525,53 @@ mod tests {
         assert!(!listed.iter().any(|(_, s)| s.stage_x && odd(s)));
     }
 
-    /// A trip's x is loaded before its steps only for 4-bit streams that are not split, at 4 vectors a workgroup
-    /// in one row of workgroups, only where the workgroups do not outnumber the compute units, never without a
-    /// count; every such specialization is listed.
+    /// A trip's x is loaded before its steps only for 4-bit streams that are not split at 4 vectors a workgroup,
+    /// and for split streams at 2 to 4 vectors in workgroups of at least 22 slabs; in one row of workgroups, only
+    /// where the workgroups do not outnumber the compute units, never without a count; every such specialization is
+    /// listed, and no other.
     #[test]
-    fn early_x_only_for_four_plain_4_bit_vectors_with_a_unit_per_workgroup() {
-        use super::super::kernels::{early_x, EARLY_X_VECTORS};
-        assert_eq!(EARLY_X_VECTORS, 4);
+    fn early_x_only_for_plain_4_bit_4_vectors_and_wide_split_2_to_4_with_a_unit_per_workgroup() {
+        use super::super::kernels::{early_x, EARLY_X_VECTORS, SPLIT_EARLY_X_MIN_SLABS};
+        assert_eq!((EARLY_X_VECTORS, SPLIT_EARLY_X_MIN_SLABS), (4, 22));
         let four = Spec::new(LaneMode::SubgroupNarrow, 4, 11, 4, 32 * 28);
+        let split = Spec { bits: 2, split: true, ..four };
         // 4096x14336 and 2048x14336 on 132 SMs; not 6144x4096 (192 row tiles) or 14336x4096 (448).
-        assert!(early_x(&four, 128, Some(132)));
-        assert!(early_x(&four, 64, Some(132)));
-        assert!(!early_x(&four, 192, Some(132)));
-        assert!(!early_x(&four, 448, Some(132)));
-        // Other vector counts, rows of workgroups, split streams (2-bit coded symbols), other widths, no count.
+        for spec in [four, split, Spec { m: 2, ..split }, Spec { m: 3, ..split }, Spec { workgroup: 32 * 22, ..split }]
+        {
+            assert!(early_x(&spec, 128, Some(132)), "{spec:?}");
+            assert!(early_x(&spec, 64, Some(132)), "{spec:?}");
+            assert!(!early_x(&spec, 192, Some(132)), "{spec:?}");
+            assert!(!early_x(&spec, 448, Some(132)), "{spec:?}");
+            // Rows of workgroups, no count.
+            assert!(!early_x(&Spec { grouped: true, ..spec }, 64, Some(132)), "{spec:?}");
+            assert!(!early_x(&spec, 1, None), "{spec:?}");
+        }
+        // Other vector counts, other widths, split workgroups of fewer slabs.
         for m in [1, 2, 3, 8] {
             assert!(!early_x(&Spec { m, ..four }, 128, Some(132)), "{m}");
         }
-        assert!(!early_x(&Spec { grouped: true, ..four }, 64, Some(132)));
-        assert!(!early_x(&Spec { bits: 2, split: true, ..four }, 128, Some(132)));
+        for m in [1, 5, 8] {
+            assert!(!early_x(&Spec { m, ..split }, 128, Some(132)), "{m}");
+        }
         assert!(!early_x(&Spec { bits: 3, ..four }, 128, Some(132)));
-        assert!(!early_x(&four, 1, None));
+        assert!(!early_x(&Spec { bits: 2, ..four }, 128, Some(132)));
+        assert!(!early_x(&Spec { workgroup: 32 * 21, ..split }, 128, Some(132)));
+        assert!(!early_x(&Spec { workgroup: 32 * 8, ..split }, 128, Some(132)));
         let listed = specializations();
         for slabs in 1..=32 {
             for precision in 1..=crate::rans::MAX_PRECISION {
                 let spec = Spec { early_x: true, precision, workgroup: 32 * slabs, ..four };
                 assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
+                for m in 2..=4 {
+                    let spec = Spec { early_x: true, precision, workgroup: 32 * slabs, m, ..split };
+                    assert_eq!(listed.contains(&(Kernel::EcGemv, spec)), slabs >= 22, "{spec:?}");
+                }
             }
         }
-        assert!(!listed.iter().any(|(_, s)| s.early_x && (s.split || s.bits != 4 || s.m != 4 || s.grouped)));
+        let odd = |s: &Spec| {
+            s.grouped || if s.split { !(2..=4).contains(&s.m) || s.slabs() < 22 } else { s.bits != 4 || s.m != 4 }
+        };
+        assert!(!listed.iter().any(|(_, s)| s.early_x && odd(s)));
     }
 
     /// Workgroups take two row tiles only where the row tiles number more than 2 and at most 4 a compute unit and
