@@ -53,6 +53,11 @@ var<workgroup> xs: array<vec4<f32>, XS_COLS / 4u>;
 
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
+//#if TILE_PAIRS
+
+// With TILE_PAIRS: the slabs on each row tile of a workgroup's pair.
+const TILE_SLABS: u32 = SLABS / 2u;
+//#endif
 
 // Field i of `w`, `width` bits each, as f32, built from bits where it lies (2^(23 - i width) + q, the field in the
 // mantissa's low bits, minus its offset) instead of an integer conversion, which runs at a fraction of the FMA rate
@@ -161,8 +166,8 @@ fn main(
 //#if TILE_PAIRS
     // With TILE_PAIRS a workgroup takes two row tiles at a time, SLABS / 2 slabs each: slab s works on row tile
     // 2 w + s / (SLABS / 2) of workgroup w's pair (`kernels::row_tile_pairs`).
-    let rounds = (params.segments + SLABS / 2u - 1u) / (SLABS / 2u);
-    let slab_in_tile = lane_slab % (SLABS / 2u);
+    let rounds = (params.segments + TILE_SLABS - 1u) / TILE_SLABS;
+    let slab_in_tile = lane_slab % TILE_SLABS;
 //#else
     let rounds = (params.segments + SLABS - 1u) / SLABS;
 //#endif
@@ -175,7 +180,7 @@ fn main(
 //#if TILE_PAIRS
     for (var pair = wid.x; 2u * pair < params.row_tiles; pair += nwg.x) {
         // Past the last row tile where their count is odd: no row of it is active, and its reads stay in the last.
-        let tile_row = 2u * pair + lane_slab / (SLABS / 2u);
+        let tile_row = 2u * pair + lane_slab / TILE_SLABS;
         let row_tile = min(tile_row, params.row_tiles - 1u);
         let row = tile_row * 32u + lane_row;
 //#else
@@ -190,7 +195,7 @@ fn main(
         }
         for (var round = 0u; round < rounds; round++) {
 //#if TILE_PAIRS
-            let seg = round * (SLABS / 2u) + slab_in_tile;
+            let seg = round * TILE_SLABS + slab_in_tile;
 //#else
             let seg = round * SLABS + lane_slab;
 //#endif
@@ -431,7 +436,7 @@ fn main(
 //#if TILE_PAIRS
             if (slab_in_tile == 0u && row_active) {
                 var sum = 0.0;
-                for (var s = 0u; s < SLABS / 2u; s++) {
+                for (var s = 0u; s < TILE_SLABS; s++) {
                     sum += partial[(lane_slab + s) * 32u + lane_row];
                 }
 //#else
