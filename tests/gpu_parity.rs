@@ -778,9 +778,10 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
 fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
     let none = ctx.with_compute_units(None);
     let units = ctx.with_compute_units(Some(3));
-    let plain = [(67, 4160, false, 4, 1, true), (20, 4160, false, 8, 2, false), (67, 4160, false, 8, 1, false)];
-    let split = [2, 3, 4, 1, 5].map(|m| (67, 5440, true, m, 1, (2..=4).contains(&m)));
-    for (rows, cols, split, m, groups, early) in plain.into_iter().chain(split).chain([(67, 5376, true, 4, 1, false)]) {
+    let plain_cases = [(67, 4160, false, 4, 1, true), (20, 4160, false, 8, 2, false), (67, 4160, false, 8, 1, false)];
+    let split_cases = [2, 3, 4, 1, 5].map(|m| (67, 5440, true, m, 1, (2..=4).contains(&m)));
+    let narrow_split = (67, 5376, true, 4, 1, false);
+    for (rows, cols, split, m, groups, early) in plain_cases.into_iter().chain(split_cases).chain([narrow_split]) {
         let q = random_matrix(rows, cols, 4, 32, 1500 + rows as u64);
         let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
         let t = EcTensor::encode(&q, options).expect("encode");

@@ -53,8 +53,8 @@ var<workgroup> xs: array<vec4<f32>, XS_COLS / 4u>;
 
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
-//#if TILE_PAIRS
 
+//#if TILE_PAIRS
 // With TILE_PAIRS: the slabs on each row tile of a workgroup's pair.
 const TILE_SLABS: u32 = SLABS / 2u;
 //#endif
@@ -164,8 +164,8 @@ fn main(
     let steps_per_group = params.group_size / KW;
     let groups_per_row = params.cols / params.group_size;
 //#if TILE_PAIRS
-    // With TILE_PAIRS a workgroup takes two row tiles at a time, SLABS / 2 slabs each: slab s works on row tile
-    // 2 w + s / (SLABS / 2) of workgroup w's pair (`kernels::row_tile_pairs`).
+    // With TILE_PAIRS a workgroup takes two row tiles at a time, TILE_SLABS slabs each: slab s works on row tile
+    // 2 w + s / TILE_SLABS of workgroup w's pair (`kernels::row_tile_pairs`).
     let rounds = (params.segments + TILE_SLABS - 1u) / TILE_SLABS;
     let slab_in_tile = lane_slab % TILE_SLABS;
 //#else
