@@ -117,8 +117,9 @@ pub struct Spec {
     /// [`super::kernels::STAGED_X_COLS`] columns (`STAGE_X`; see [`super::kernels::stage_x`]); false for every
     /// other kernel.
     pub stage_x: bool,
-    /// ec_gemv only, for 4-bit streams that are not split, `m` >= 2 and not `grouped`: each loop trip's x is
-    /// loaded before its steps (`EARLY_X`; see [`super::kernels::early_x`]); false for every other kernel.
+    /// ec_gemv only, `m` >= 2 and not `grouped`, on 4-bit streams that are not split or on split streams: each loop
+    /// trip's x is loaded before its steps (`EARLY_X`; see [`super::kernels::early_x`]); false for every other
+    /// kernel.
     pub early_x: bool,
     /// ec_gemv only, not `grouped`: each workgroup takes two row tiles at a time, half its slabs each
     /// (`TILE_PAIRS`; see [`super::kernels::row_tile_pairs`]); false for every other kernel.
