@@ -1441,13 +1441,118 @@ fn run(o: &Opts) -> Result<()> {
         copy_bw.max(copy_after) / 1e9
     );
     print_table(&rows, copy_bw.max(copy_after));
+    let targets = target_lines(&rows, copy_bw.max(copy_after));
+    if !targets.is_empty() {
+        println!("\ntargets, from the cases of this run as timed by the pass:");
+        for line in targets {
+            println!("{line}");
+        }
+    }
     Ok(())
+}
+
+/// Smallest product, in weights, for which fused must be no slower than dense f16 (4096x4096).
+const TARGET_MIN_WEIGHTS: u64 = 4096 * 4096;
+
+/// The speed targets read off `rows` (ratios of cases timed in the same run, by the pass), one line each with the
+/// value, the bound and whether it is met, for those whose cases the run has: fused over dense f16 at one vector on
+/// products of at least [`TARGET_MIN_WEIGHTS`] weights (at most 1), dense f16 and cached at one vector on 14336x4096
+/// as a share of the copy bandwidth `copy_bw` (at least 80% and 75%), fused at 4 vectors over 1 (at most 1.5), and
+/// decode-only on the real symbols repeated to a whole model's tiles (`smol stack_k576 x4`, at least 1 T weights/s).
+fn target_lines(rows: &[Row], copy_bw: f64) -> Vec<String> {
+    let find = |shape: &str, what: &str, m: usize| rows.iter().find(|r| r.shape == shape && r.what == what && r.m == m);
+    let secs = |r: &Row| r.time.pass.as_secs_f64();
+    let mut shapes: Vec<&str> = Vec::new();
+    for r in rows {
+        if !shapes.contains(&r.shape.as_str()) {
+            shapes.push(&r.shape);
+        }
+    }
+    let mut lines = Vec::new();
+    let mut line = |what: String, value: f64, bound: &str, met: bool, unit: &str| {
+        let verdict = if met { "met" } else { "missed" };
+        let (value, bound) = (format!("{value:.2}{unit}"), format!("{bound}{unit}"));
+        lines.push(format!("{what:<46} {value:>9} {bound:>10}  {verdict}"));
+    };
+    for &shape in &shapes {
+        if let (Some(f), Some(d)) = (find(shape, "fused", 1), find(shape, "dense f16", 1)) {
+            if f.weights >= TARGET_MIN_WEIGHTS {
+                let ratio = secs(f) / secs(d);
+                line(format!("fused / dense f16, M = 1, {shape}"), ratio, "<= 1.00", ratio <= 1.0, "");
+            }
+        }
+    }
+    for (what, bound) in [("dense f16", 80.0), ("cached", 75.0)] {
+        if let Some(r) = find("14336x4096", what, 1) {
+            let share = 100.0 * r.bytes as f64 / secs(r) / copy_bw;
+            line(format!("{what} % copy, M = 1, 14336x4096"), share, &format!(">= {bound:.2}"), share >= bound, "%");
+        }
+    }
+    for &shape in &shapes {
+        if let (Some(one), Some(four)) = (find(shape, "fused", 1), find(shape, "fused", 4)) {
+            let ratio = secs(four) / secs(one);
+            line(format!("fused M = 4 / M = 1, {shape}"), ratio, "<= 1.50", ratio <= 1.5, "");
+        }
+    }
+    if let Some(r) = rows.iter().find(|r| r.shape.starts_with("smol stack_k576 x4 ") && r.what == "decode only") {
+        let rate = r.weights as f64 / secs(r) / 1e12;
+        line("decode only, T weights/s, smol stack_k576 x4".to_string(), rate, ">= 1.00", rate >= 1.0, "");
+    }
+    lines
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use ecq::gpu::LaneMode;
+
+    fn row(shape: &str, what: &str, m: usize, us: f64, bytes: u64, weights: u64) -> Row {
+        let t = Duration::from_secs_f64(us * 1e-6);
+        Row {
+            shape: shape.into(),
+            what: what.into(),
+            m,
+            time: Timed { pass: t, own: t },
+            bytes,
+            weights,
+            copies: 4,
+            cached: None,
+        }
+    }
+
+    /// The target lines take their ratios from the rows of one run: fused over dense f16 only on products of at
+    /// least 4096x4096, the shares of the copy bandwidth only on 14336x4096, M = 4 over M = 1 on every shape that
+    /// has both, decode-only on the repeated real stack; each line says met or missed against its bound.
+    #[test]
+    fn target_lines_read_the_run() {
+        let big = 14336 * 4096;
+        let rows = [
+            row("14336x4096", "cached", 1, 20.0, 40_000_000, big),
+            row("14336x4096", "fused", 1, 60.0, 36_000_000, big),
+            row("14336x4096", "fused", 4, 84.0, 36_000_000, big),
+            row("14336x4096", "dense f16", 1, 30.0, 120_000_000, big),
+            row("576x1536", "fused", 1, 35.0, 550_000, 576 * 1536),
+            row("576x1536", "fused", 4, 36.0, 580_000, 576 * 1536),
+            row("576x1536", "dense f16", 1, 7.0, 1_780_000, 576 * 1536),
+            row("smol stack_k576 x4 147456x576", "decode only", 0, 77.0, 84_000_000, 147_456 * 576),
+            row("smol stack_k576 36864x576", "decode only", 0, 55.0, 21_000_000, 36_864 * 576),
+        ];
+        // Copy bandwidth 4 TB/s: dense f16 moves 120 MB in 30 us (100%), cached 40 MB in 20 us (50%).
+        let lines = target_lines(&rows, 4e12);
+        let find = |start: &str| lines.iter().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("{start}"));
+        // What follows the 46-column label: value, bound, verdict.
+        let fields = |l: &str| l[46..].split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(lines.len(), 6, "{lines:#?}");
+        assert_eq!(fields(find("fused / dense f16, M = 1, 14336x4096")), "2.00 <= 1.00 missed");
+        assert!(!lines.iter().any(|l| l.starts_with("fused / dense f16, M = 1, 576x1536")), "{lines:#?}");
+        assert_eq!(fields(find("dense f16 % copy, M = 1, 14336x4096")), "100.00% >= 80.00% met");
+        assert_eq!(fields(find("cached % copy, M = 1, 14336x4096")), "50.00% >= 75.00% missed");
+        assert_eq!(fields(find("fused M = 4 / M = 1, 14336x4096")), "1.40 <= 1.50 met");
+        assert_eq!(fields(find("fused M = 4 / M = 1, 576x1536")), "1.03 <= 1.50 met");
+        // 147456 x 576 weights in 77 us: 1.10 T weights/s; the stack not repeated is not the target's.
+        assert_eq!(fields(find("decode only, T weights/s, smol stack_k576 x4")), "1.10 >= 1.00 met");
+        assert!(target_lines(&rows[4..7], 4e12).iter().all(|l| !l.contains("copy")));
+    }
 
     /// Every line `--variants` replaces is still in the kernel it edits (a stale one stopped the run part way).
     #[test]
