@@ -149,6 +149,11 @@ fn encode(q: &QuantizedMatrix, segment: usize) -> EcTensor {
     encode_at(q, segment, ecq::rans::DEFAULT_PRECISION)
 }
 
+/// `q` encoded at the default precision, its stream `split` or not.
+fn encode_as(q: &QuantizedMatrix, segment: usize, split: bool) -> EcTensor {
+    EcTensor::encode(q, EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split }).expect("encode")
+}
+
 fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
     let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: false }).expect("encode");
     assert_eq!(t.layout().segment(), segment, "segment was adjusted");
@@ -636,8 +641,7 @@ fn fused_products_in_rounds_under_a_small_workgroup_limit() {
     for (cols, slabs) in [(4160, 5), (14336, 7)] {
         let q = random_matrix(37, cols, 4, 64, 1100 + cols as u64);
         for split in [false, true] {
-            let options = EncodeOptions { segment: 512, precision: ecq::rans::DEFAULT_PRECISION, split };
-            let t = EcTensor::encode(&q, options).expect("encode");
+            let t = encode_as(&q, 512, split);
             assert_eq!(kernels::gemv_slabs(t.layout().segments(), 256), slabs, "{cols} columns");
             check_products(&ctx, &q, &t, &[1, 4], &format!("37x{cols} split {split}, 256 invocations"));
         }
@@ -698,8 +702,7 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
     let many = ctx.with_compute_units(Some(1024));
     let none = ctx.with_compute_units(None);
     for split in [false, true] {
-        let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
-        let t = EcTensor::encode(&q, options).expect("encode");
+        let t = encode_as(&q, 256, split);
         let stream = GpuStream::upload(&many, &t).unwrap();
         for (m, groups) in [(2, 1), (3, 1), (4, 2), (6, 3), (8, 4)] {
             assert_eq!(kernels::ec_gemv_spec(&many, &stream, m).1, groups);
@@ -725,8 +728,7 @@ fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
     {
         let q = random_matrix(rows, cols, 4, 32, 1500 + (rows + cols) as u64);
         for split in [false, true] {
-            let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
-            let t = EcTensor::encode(&q, options).expect("encode");
+            let t = encode_as(&q, 256, split);
             let stream = GpuStream::upload(&two, &t).unwrap();
             for m in 1..=8 {
                 let what = format!("{rows}x{cols} split {split} {:?} m={m}", ctx.lane_mode());
@@ -757,8 +759,7 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
     ] {
         let units = ctx.with_compute_units(Some(units));
         let q = random_matrix(67, cols, 4, 32, 1400 + cols as u64);
-        let options = EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split: true };
-        let t = EcTensor::encode(&q, options).expect("encode");
+        let t = encode_as(&q, segment, true);
         let stream = GpuStream::upload(&units, &t).unwrap();
         let what = format!("67x{cols} split {:?} with {:?} units", ctx.lane_mode(), units.compute_units());
         assert_eq!(kernels::ec_gemv_spec(&units, &stream, 1).0.stage_x, staged, "{what}");
@@ -783,8 +784,7 @@ fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
     let narrow_split = (67, 5376, true, 4, 1, false);
     for (rows, cols, split, m, groups, early) in plain_cases.into_iter().chain(split_cases).chain([narrow_split]) {
         let q = random_matrix(rows, cols, 4, 32, 1500 + rows as u64);
-        let options = EncodeOptions { segment: 256, precision: ecq::rans::DEFAULT_PRECISION, split };
-        let t = EcTensor::encode(&q, options).expect("encode");
+        let t = encode_as(&q, 256, split);
         let stream = GpuStream::upload(&units, &t).unwrap();
         let what = format!("{rows}x{cols} split={split} {:?} m={m}", ctx.lane_mode());
         let (spec, g) = kernels::ec_gemv_spec(&units, &stream, m);
