@@ -3,9 +3,9 @@
 //! Builds a 4096 x 4096 weight matrix with heavy-tailed values (Student-t with 4 degrees of freedom, rows
 //! scaled like real weights around 0.02), quantizes it MLX-style (4 bits, groups of 64, f16 scales), encodes
 //! the symbols with the 32-lane rANS tile codec, then runs `y = W x` through [`EcMatmul`] and prints the
-//! stored size against the entropy bound, the error against a float64 reference and the time per call. On a GPU
-//! it also runs the fused product on the same symbols encoded as a split stream (high 2 bits coded, low 2 bits
-//! stored; docs/FORMAT.md, section 2.1).
+//! stored size against the entropy bound, the error against a float64 reference and the time per call. It also
+//! runs the CPU product, and on a GPU the fused one, on the same symbols encoded as a split stream (high 2 bits
+//! coded, low 2 bits stored; docs/FORMAT.md, section 2.1).
 //!
 //! ```text
 //! cargo run --release --example gemv
@@ -93,6 +93,7 @@ fn main() -> ecq::Result<()> {
     // ---- CPU path ---------------------------------------------------------------------------------------
     let cpu = EcMatmul::cpu(&tensor);
     run_strategy("Cpu (rayon, decode while multiplying)", &cpu, &x, &reference, RUNS)?;
+    run_strategy("Cpu on the split stream", &EcMatmul::cpu(&split), &x, &reference, RUNS)?;
 
     // ---- GPU path ---------------------------------------------------------------------------------------
     #[cfg(feature = "gpu")]
