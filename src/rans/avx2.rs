@@ -138,8 +138,8 @@ pub(crate) unsafe fn decode_steps(
 // The kernel relies on the state interval of the format: a word enters when x < 2^16.
 const _: () = assert!(STATE_LOWER == 1 << 16);
 
-/// Writes one full block of [`BLOCK`] = 32 decoded steps into the row tile output, for joint symbols of one or
-/// two weights (`bits >= 3`); returns `false` (writing nothing) for other widths, which the caller handles.
+/// Writes one full block of [`BLOCK`] = 32 decoded steps into the row tile output, for joint symbols of one, two
+/// or four weights (`bits >= 2`); returns `false` (writing nothing) for 1-bit weights, which the caller handles.
 ///
 /// `block[step][lane]` is transposed to `[lane][step]` with the perfect-shuffle transpose (four rounds of byte
 /// interleaves pairing register `i` with `i + 8`, inside each 128-bit half), then each lane's 32 joint symbols are
@@ -157,7 +157,7 @@ pub(crate) unsafe fn write_block(
     rows_out: &mut [u8],
 ) -> bool {
     let k = (8 / bits) as usize;
-    if k > 2 {
+    if k > 4 {
         return false;
     }
     // Two 16-step halves; in each, register i ends as: low half = lane i, high half = lane 16 + i.
@@ -189,6 +189,22 @@ pub(crate) unsafe fn write_block(
         let p = dst.as_mut_ptr() as *mut __m128i;
         if k == 1 {
             _mm256_storeu_si256(p as *mut __m256i, row);
+        } else if k == 4 {
+            // Joint symbol j = w0 | w1 << 2 | w2 << 4 | w3 << 6: w_t = (j >> 2 t) & 3 (as for two weights, the
+            // 16-bit shift's bits from the neighbouring byte land at bit 8 - 2 t or above, which the mask clears);
+            // the pairs (w0, w1) and (w2, w3) interleaved by bytes, then the two by 16-bit halves.
+            for (h, v) in [_mm256_castsi256_si128(row), _mm256_extracti128_si256::<1>(row)].into_iter().enumerate() {
+                let w0 = _mm_and_si128(v, mask);
+                let w1 = _mm_and_si128(_mm_srli_epi16::<2>(v), mask);
+                let w2 = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+                let w3 = _mm_and_si128(_mm_srli_epi16::<6>(v), mask);
+                let (lo01, hi01) = (_mm_unpacklo_epi8(w0, w1), _mm_unpackhi_epi8(w0, w1));
+                let (lo23, hi23) = (_mm_unpacklo_epi8(w2, w3), _mm_unpackhi_epi8(w2, w3));
+                _mm_storeu_si128(p.add(4 * h), _mm_unpacklo_epi16(lo01, lo23));
+                _mm_storeu_si128(p.add(4 * h + 1), _mm_unpackhi_epi16(lo01, lo23));
+                _mm_storeu_si128(p.add(4 * h + 2), _mm_unpacklo_epi16(hi01, hi23));
+                _mm_storeu_si128(p.add(4 * h + 3), _mm_unpackhi_epi16(hi01, hi23));
+            }
         } else {
             // Joint symbol j = w0 | w1 << bits: w0 = j & mask, w1 = (j >> bits) & mask (the 16-bit shift pulls
             // the neighbouring byte's low bits into bits >= 8 - bits >= bits, which the mask clears).
