@@ -91,16 +91,51 @@ pub fn merge_symbols(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) -> 
             actual: low.len(),
         });
     }
-    for (i, block) in high.chunks_exact_mut(SPLIT_BLOCK).enumerate() {
-        let (row, b) = (row0 + i / (cols / SPLIT_BLOCK), i % (cols / SPLIT_BLOCK));
-        let lo = low[low_index(row, b, cols)];
-        let mut q = [0u8; SPLIT_BLOCK];
-        for (p, &h) in block.iter().enumerate() {
-            q[split_column(p)] = (h & 3) << SPLIT_LOW_BITS | ((lo >> (2 * p)) & 3) as u8;
+    if cols == 0 {
+        return Ok(());
+    }
+    for (r, row) in high.chunks_exact_mut(cols).enumerate() {
+        // The row's low words, one per block, LANES apart.
+        let lows = low[low_index(row0 + r, 0, cols)..].iter().step_by(LANES);
+        for (block, &lo) in row.chunks_exact_mut(SPLIT_BLOCK).zip(lows) {
+            let block: &mut [u8; SPLIT_BLOCK] = block.try_into().expect("chunks of SPLIT_BLOCK");
+            *block = merge_block(block, lo);
         }
-        block.copy_from_slice(&q);
     }
     Ok(())
+}
+
+/// One block's 4-bit symbols in column order from its high parts in interleaved order (position `2c` is column `c`,
+/// position `2c + 1` column `8 + c`, [`split_column`]) and its low word, eight bytes at a time: the even positions'
+/// bytes gathered into the first eight columns, the odd into the last eight, and the low word's 2-bit fields spread
+/// one to a byte.
+#[inline]
+fn merge_block(high: &[u8; SPLIT_BLOCK], lo: u32) -> [u8; SPLIT_BLOCK] {
+    let a = u64::from_le_bytes(high[..8].try_into().expect("8 bytes"));
+    let b = u64::from_le_bytes(high[8..].try_into().expect("8 bytes"));
+    let first = (even_bytes(a) | even_bytes(b) << 32) & 0x0303_0303_0303_0303;
+    let second = (even_bytes(a >> 8) | even_bytes(b >> 8) << 32) & 0x0303_0303_0303_0303;
+    let mut q = [0u8; SPLIT_BLOCK];
+    q[..8].copy_from_slice(&(first << SPLIT_LOW_BITS | nibbles_to_bytes(lo & 0x3333_3333)).to_le_bytes());
+    q[8..].copy_from_slice(&(second << SPLIT_LOW_BITS | nibbles_to_bytes((lo >> 2) & 0x3333_3333)).to_le_bytes());
+    q
+}
+
+/// Bytes 0, 2, 4 and 6 of `x` as the low four bytes of the result (the others 0).
+#[inline]
+fn even_bytes(x: u64) -> u64 {
+    let x = x & 0x00ff_00ff_00ff_00ff;
+    let x = (x | x >> 8) & 0x0000_ffff_0000_ffff;
+    (x | x >> 16) & 0xffff_ffff
+}
+
+/// The eight 4-bit fields of `x`, field `i` in byte `i` of the result.
+#[inline]
+fn nibbles_to_bytes(x: u32) -> u64 {
+    let x = x as u64;
+    let x = (x | x << 16) & 0x0000_ffff_0000_ffff;
+    let x = (x | x << 8) & 0x00ff_00ff_00ff_00ff;
+    (x | x << 4) & 0x0f0f_0f0f_0f0f_0f0f
 }
 
 /// A block's two packed 4-bit words (columns 0..8 and 8..16, column `c` at bits `4c`) from its high parts packed
