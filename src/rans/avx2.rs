@@ -218,3 +218,38 @@ pub(crate) unsafe fn write_block(
     }
     true
 }
+
+/// Merges the split blocks of one row with their low words in place (what `split::merge_symbols` does a block at a
+/// time): block `b` of `row` (16 high parts in interleaved order) with `low[first + b * LANES]`.
+///
+/// The even positions' bytes are gathered into the first eight columns and the odd into the last eight with one
+/// byte shuffle; the low word's bytes are spread two to a byte by another, and each byte's 2-bit field is shifted
+/// down and masked (16-bit shifts: the bits they pull in from the neighbouring byte land above bit 1, which the
+/// mask clears).
+///
+/// # Safety
+/// The CPU must support AVX2 ([`available`]) and `row.len()` must be a multiple of 16. (An index past `low` panics:
+/// it needs more than `first + (row.len() / 16 - 1) * LANES` entries.)
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn merge_row(row: &mut [u8], low: &[u32], first: usize) {
+    let gather = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    let spread = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3);
+    // Which shift each byte of the spread low word takes: columns 0..8 the fields at bits 4c (0 or 4 within its
+    // byte), columns 8..16 those at 4c + 2 (2 or 6).
+    let at0 = _mm_setr_epi8(-1, 0, -1, 0, -1, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    let at4 = _mm_setr_epi8(0, -1, 0, -1, 0, -1, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let at2 = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, -1, 0, -1, 0, -1, 0, -1, 0);
+    let at6 = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, -1, 0, -1, 0, -1, 0, -1);
+    let three = _mm_set1_epi8(3);
+    for (b, block) in row.chunks_exact_mut(16).enumerate() {
+        let lo = low[first + b * LANES];
+        let p = block.as_mut_ptr() as *mut __m128i;
+        let high = _mm_and_si128(_mm_shuffle_epi8(_mm_loadu_si128(p), gather), three);
+        let t = _mm_shuffle_epi8(_mm_cvtsi32_si128(lo as i32), spread);
+        let fields = _mm_or_si128(
+            _mm_or_si128(_mm_and_si128(t, at0), _mm_and_si128(_mm_srli_epi16::<4>(t), at4)),
+            _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<2>(t), at2), _mm_and_si128(_mm_srli_epi16::<6>(t), at6)),
+        );
+        _mm_storeu_si128(p, _mm_or_si128(_mm_slli_epi16::<2>(high), _mm_and_si128(fields, three)));
+    }
+}

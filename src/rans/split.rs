@@ -91,18 +91,42 @@ pub fn merge_symbols(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) -> 
             actual: low.len(),
         });
     }
+    merge_rows(high, row0, cols, low, simd_merge());
+    Ok(())
+}
+
+/// Whether [`merge_rows`] can take the AVX2 path on this CPU.
+#[cfg(target_arch = "x86_64")]
+fn simd_merge() -> bool {
+    super::avx2::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn simd_merge() -> bool {
+    false
+}
+
+/// [`merge_symbols`] after its checks, with the AVX2 merge where `simd` (the same result).
+fn merge_rows(high: &mut [u8], row0: usize, cols: usize, low: &[u32], simd: bool) {
     if cols == 0 {
-        return Ok(());
+        return;
     }
     for (r, row) in high.chunks_exact_mut(cols).enumerate() {
         // The row's low words, one per block, LANES apart.
-        let lows = low[low_index(row0 + r, 0, cols)..].iter().step_by(LANES);
-        for (block, &lo) in row.chunks_exact_mut(SPLIT_BLOCK).zip(lows) {
+        let first = low_index(row0 + r, 0, cols);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` only where the CPU has AVX2 (`simd_merge`); `merge_symbols` checked that `low` holds
+            // every low word of these rows, and `cols` is a multiple of 16.
+            unsafe { super::avx2::merge_row(row, low, first) };
+            continue;
+        }
+        let _ = simd;
+        for (block, &lo) in row.chunks_exact_mut(SPLIT_BLOCK).zip(low[first..].iter().step_by(LANES)) {
             let block: &mut [u8; SPLIT_BLOCK] = block.try_into().expect("chunks of SPLIT_BLOCK");
             *block = merge_block(block, lo);
         }
     }
-    Ok(())
 }
 
 /// One block's 4-bit symbols in column order from its high parts in interleaved order (position `2c` is column `c`,
@@ -169,6 +193,22 @@ mod tests {
         assert_eq!(tail, symbols[32 * cols..]);
         merge_symbols(&mut high, 0, cols, &low).unwrap();
         assert_eq!(high, symbols);
+    }
+
+    #[test]
+    fn both_merges_agree() {
+        // 67 rows of 48 columns (three blocks a row, three row tiles, the last partial), every symbol value.
+        let (rows, cols) = (67, 48);
+        let symbols: Vec<u8> = (0..rows * cols).map(|i| ((i * 11 + i / 7) % 16) as u8).collect();
+        let (high, low) = split_symbols(&symbols, rows, cols).unwrap();
+        for simd in [false, simd_merge()] {
+            let mut merged = high.clone();
+            merge_rows(&mut merged, 0, cols, &low, simd);
+            assert_eq!(merged, symbols, "simd {simd}");
+            let mut tail = high[35 * cols..].to_vec();
+            merge_rows(&mut tail, 35, cols, &low, simd);
+            assert_eq!(tail, symbols[35 * cols..], "simd {simd}, from row 35");
+        }
     }
 
     #[test]
