@@ -11,7 +11,7 @@
 
 use crate::error::{Error, Result};
 
-use super::tile::LANES;
+use super::tile::{avx2_available, LANES};
 
 /// Columns per interleaved block: the columns of a matrix and the segment must be multiples of it.
 pub const SPLIT_BLOCK: usize = 16;
@@ -91,19 +91,8 @@ pub fn merge_symbols(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) -> 
             actual: low.len(),
         });
     }
-    merge_rows(high, row0, cols, low, simd_merge());
+    merge_rows(high, row0, cols, low, avx2_available());
     Ok(())
-}
-
-/// Whether [`merge_rows`] can take the AVX2 path on this CPU.
-#[cfg(target_arch = "x86_64")]
-fn simd_merge() -> bool {
-    super::avx2::available()
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn simd_merge() -> bool {
-    false
 }
 
 /// [`merge_symbols`] after its checks, with the AVX2 merge where `simd` (the same result).
@@ -116,7 +105,7 @@ fn merge_rows(high: &mut [u8], row0: usize, cols: usize, low: &[u32], simd: bool
         let first = low_index(row0 + r, 0, cols);
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: `simd` only where the CPU has AVX2 (`simd_merge`); `merge_symbols` checked that `low` holds
+            // SAFETY: `simd` only where the CPU has AVX2 (`avx2_available`); `merge_symbols` checked that `low` holds
             // every low word of these rows, and `cols` is a multiple of 16.
             unsafe { super::avx2::merge_row(row, low, first) };
             continue;
@@ -201,7 +190,7 @@ mod tests {
         let (rows, cols) = (67, 48);
         let symbols: Vec<u8> = (0..rows * cols).map(|i| ((i * 11 + i / 7) % 16) as u8).collect();
         let (high, low) = split_symbols(&symbols, rows, cols).unwrap();
-        for simd in [false, simd_merge()] {
+        for simd in [false, avx2_available()] {
             let mut merged = high.clone();
             merge_rows(&mut merged, 0, cols, &low, simd);
             assert_eq!(merged, symbols, "simd {simd}");

@@ -226,13 +226,14 @@ enum Decoder {
     Avx2,
 }
 
+/// Whether this CPU can run the AVX2 routines (`avx2.rs`): the tile decoder and the split merge.
 #[cfg(target_arch = "x86_64")]
-fn avx2_available() -> bool {
+pub(super) fn avx2_available() -> bool {
     super::avx2::available()
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn avx2_available() -> bool {
+pub(super) fn avx2_available() -> bool {
     false
 }
 
