@@ -11,6 +11,9 @@
 //! - ecq fast: `encode_with(.., Kernel::Fast)` in a one-thread rayon pool; `decode_row_tile_with(.., Fast)` over
 //!   every row tile on the calling thread (the AVX2 decoder where the CPU has it).
 //! - ecq scalar: the same with `Kernel::Reference`, the plain scalar loops.
+//! - ecq split: the same symbols encoded as a split stream (`EncodeOptions { split: true, .. }`: the high 2 bits
+//!   of each weight coded four to a step, the low 2 stored), decoded row tile by row tile with
+//!   `EcTensor::decode_row_tile` (the fast decoder, then the merge with the low bits); decode only.
 //! - constriction 0.4: `SmallAnsCoder` (32-bit state, 16-bit words, like ecq) with 12-bit fixed-point
 //!   probabilities (the same frequencies as ecq's table, zero counts raised to one because its contiguous models
 //!   need every symbol present): `SmallContiguousCategoricalEntropyModel` to encode and
@@ -34,6 +37,9 @@ use ecq::rans::*;
 /// Rows and columns of the timed layer (4M weights: large enough to leave the caches, quick to repeat).
 const BENCH_ROWS: usize = 1024;
 const BENCH_COLS: usize = 4096;
+/// Probability precision of the timed streams: 12 bits, the precision of constriction's `Small` models, which
+/// take the same frequencies (the crate's default, `DEFAULT_PRECISION`, is 11).
+const PRECISION: u32 = 12;
 /// The size table's layer: the 4096 x 4096 of the issue.
 const SIZE_ROWS: usize = 4096;
 const SIZE_COLS: usize = 4096;
@@ -84,6 +90,9 @@ struct Fixture {
     coder_model: SmallContiguousCategoricalEntropyModel,
     lookup_model: SmallContiguousLookupDecoderModel,
     constriction_words: Vec<u16>,
+    /// The same symbols as a split stream (docs/FORMAT.md, section 2.1), and its decode table.
+    split: EcTensor,
+    split_dtable: DecodeTable,
 }
 
 impl Fixture {
@@ -91,11 +100,11 @@ impl Fixture {
         let q = layer(BENCH_ROWS, BENCH_COLS, group_size);
         let layout = TileLayout::new(q.rows, q.cols, q.bits, DEFAULT_SEGMENT).unwrap();
         let counts = joint_counts(&q.symbols, &layout).unwrap();
-        let table = FreqTable::from_counts(&counts, DEFAULT_PRECISION).unwrap();
+        let table = FreqTable::from_counts(&counts, PRECISION).unwrap();
         let stream = encode(&q.symbols, &layout, &table).unwrap();
         let pairs: Vec<u16> = q.symbols.chunks_exact(2).map(|p| (p[0] | p[1] << 4) as u16).collect();
         let all: Vec<u64> = counts.iter().map(|&c| c.max(1)).collect();
-        let dense = FreqTable::from_counts(&all, DEFAULT_PRECISION).unwrap();
+        let dense = FreqTable::from_counts(&all, PRECISION).unwrap();
         let probs: Vec<u16> = dense.freqs().iter().map(|&f| f as u16).collect();
         let coder_model =
             SmallContiguousCategoricalEntropyModel::from_nonzero_fixed_point_probabilities(&probs, false).unwrap();
@@ -103,7 +112,22 @@ impl Fixture {
             SmallContiguousLookupDecoderModel::from_nonzero_fixed_point_probabilities(&probs, false).unwrap();
         let constriction_words = constriction_encode(&pairs, &coder_model);
         let dtable = DecodeTable::new(&table);
-        Self { q, layout, table, dtable, stream, pairs, coder_model, lookup_model, constriction_words }
+        let options = EncodeOptions { segment: DEFAULT_SEGMENT, precision: PRECISION, split: true };
+        let split = EcTensor::encode(&q, options).unwrap();
+        let split_dtable = DecodeTable::new(split.table());
+        Self {
+            q,
+            layout,
+            table,
+            dtable,
+            stream,
+            pairs,
+            coder_model,
+            lookup_model,
+            constriction_words,
+            split,
+            split_dtable,
+        }
     }
 
     fn weights(&self) -> usize {
@@ -129,6 +153,13 @@ fn constriction_decode(words: &[u16], model: &SmallContiguousLookupDecoderModel,
 fn ecq_decode(f: &Fixture, kernel: Kernel, out: &mut [u8]) {
     for (rt, rows) in out.chunks_mut(LANES * f.layout.cols()).enumerate() {
         decode_row_tile_with(&f.stream, &f.layout, &f.dtable, rt, rows, kernel).unwrap();
+    }
+}
+
+/// Decodes the split stream's row tiles on the calling thread, each merged with its low words (the fast decoder).
+fn split_decode(f: &Fixture, out: &mut [u8]) {
+    for (rt, rows) in out.chunks_mut(LANES * f.layout.cols()).enumerate() {
+        f.split.decode_row_tile(&f.split_dtable, rt, rows).unwrap();
     }
 }
 
@@ -158,6 +189,8 @@ fn summary(f: &Fixture) {
     let mut pairs_out = vec![0u16; f.pairs.len()];
     ecq_decode(f, Kernel::Fast, &mut out);
     assert_eq!(out, f.q.symbols, "fast decode mismatch");
+    split_decode(f, &mut out);
+    assert_eq!(out, f.q.symbols, "split decode mismatch");
     constriction_decode(&f.constriction_words, &f.lookup_model, &mut pairs_out);
     assert_eq!(pairs_out, f.pairs, "constriction decode mismatch");
     let reps = 7;
@@ -199,6 +232,14 @@ fn summary(f: &Fixture) {
     for (name, d, e) in rows {
         println!("{name:<14}{:>22.3}{:>22.3}", d / 1e9, e / 1e9);
     }
+    let split = best_rate(n, reps, || split_decode(f, black_box(&mut out)));
+    println!(
+        "{:<14}{:>22.3}{:>22}  (the same symbols as a split stream, {:.4} bits/weight)",
+        "ecq split",
+        split / 1e9,
+        "-",
+        f.split.stream_bits() as f64 / n as f64
+    );
     let ecq_bits = 16 * f.stream.words.len() + 32 * (f.stream.states.len() + f.stream.tile_offsets.len());
     println!(
         "stream size: ecq {:.4} bits/weight, constriction {:.4} bits/weight\n",
@@ -224,6 +265,7 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function("ecq_fast", |b| b.iter(|| ecq_decode(f, Kernel::Fast, &mut out)));
         g.bench_function("ecq_scalar", |b| b.iter(|| ecq_decode(f, Kernel::Reference, &mut out)));
+        g.bench_function("ecq_split", |b| b.iter(|| split_decode(f, &mut out)));
         g.bench_function("constriction", |b| {
             b.iter(|| constriction_decode(&f.constriction_words, &f.lookup_model, &mut pairs_out))
         });
