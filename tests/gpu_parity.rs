@@ -151,12 +151,17 @@ fn encode(q: &QuantizedMatrix, segment: usize) -> EcTensor {
 
 /// `q` encoded at the default precision, its stream `split` or not.
 fn encode_as(q: &QuantizedMatrix, segment: usize, split: bool) -> EcTensor {
-    EcTensor::encode(q, EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split }).expect("encode")
+    encode_with(q, EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split })
 }
 
 fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
-    let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: false }).expect("encode");
-    assert_eq!(t.layout().segment(), segment, "segment was adjusted");
+    encode_with(q, EncodeOptions { segment, precision, split: false })
+}
+
+/// `q` encoded with `options`, whose segment the encoder must keep as asked.
+fn encode_with(q: &QuantizedMatrix, options: EncodeOptions) -> EcTensor {
+    let t = EcTensor::encode(q, options).expect("encode");
+    assert_eq!(t.layout().segment(), options.segment, "segment was adjusted");
     t
 }
 
