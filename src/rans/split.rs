@@ -110,7 +110,8 @@ fn merge_rows(high: &mut [u8], row0: usize, cols: usize, low: &[u32], simd: bool
             unsafe { super::avx2::merge_row(row, low, first) };
             continue;
         }
-        let _ = simd;
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd; // no SIMD merge on this architecture
         for (block, &lo) in row.chunks_exact_mut(SPLIT_BLOCK).zip(low[first..].iter().step_by(LANES)) {
             let block: &mut [u8; SPLIT_BLOCK] = block.try_into().expect("chunks of SPLIT_BLOCK");
             *block = merge_block(block, lo);
