@@ -11,7 +11,7 @@
 //! - ecq fast: `encode_with(.., Kernel::Fast)` in a one-thread rayon pool; `decode_row_tile_with(.., Fast)` over
 //!   every row tile on the calling thread (the AVX2 decoder where the CPU has it).
 //! - ecq scalar: the same with `Kernel::Reference`, the plain scalar loops.
-//! - ecq split: the same symbols encoded as a split stream (`EncodeOptions { split: true, .. }`: the high 2 bits
+//! - ecq split: the same symbols encoded as a split stream (`EncodeOptions { split: Some(SplitForm::Low2), .. }`: the high 2 bits
 //!   of each weight coded four to a step, the low 2 stored), decoded row tile by row tile with
 //!   `EcTensor::decode_row_tile` (the fast decoder, then the merge with the low bits); decode only.
 //! - constriction 0.4: `SmallAnsCoder` (32-bit state, 16-bit words, like ecq) with 12-bit fixed-point
@@ -30,7 +30,7 @@ use constriction::stream::model::{SmallContiguousCategoricalEntropyModel, SmallC
 use constriction::stream::stack::SmallAnsCoder;
 use constriction::stream::Decode;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ecq::format::{EcTensor, EncodeOptions};
+use ecq::format::{EcTensor, EncodeOptions, SplitForm};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix};
 use ecq::rans::*;
 
@@ -71,7 +71,7 @@ fn size_table() {
     for p in [10, 11, 12] {
         print!("{p:>6}");
         for s in [256, 512, 1024] {
-            let t = EcTensor::encode(&q, EncodeOptions { segment: s, precision: p, split: false }).unwrap();
+            let t = EcTensor::encode(&q, EncodeOptions { segment: s, precision: p, split: None }).unwrap();
             let bpw = t.stream_bits() as f64 / (SIZE_ROWS * SIZE_COLS) as f64;
             print!("{:>20}", format!("{bpw:.4} ({:+.2}%)", 100.0 * (bpw / h - 1.0)));
         }
@@ -112,7 +112,7 @@ impl Fixture {
             SmallContiguousLookupDecoderModel::from_nonzero_fixed_point_probabilities(&probs, false).unwrap();
         let constriction_words = constriction_encode(&pairs, &coder_model);
         let dtable = DecodeTable::new(&table);
-        let options = EncodeOptions { segment: DEFAULT_SEGMENT, precision: PRECISION, split: true };
+        let options = EncodeOptions { segment: DEFAULT_SEGMENT, precision: PRECISION, split: Some(SplitForm::Low2) };
         let split = EcTensor::encode(&q, options).unwrap();
         let split_dtable = DecodeTable::new(split.table());
         Self {

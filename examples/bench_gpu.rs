@@ -32,7 +32,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ecq::format::{ContainerWriter, EcFile, EcTensor, EncodeOptions, GgufFile};
+use ecq::format::{ContainerWriter, EcFile, EcTensor, EncodeOptions, GgufFile, SplitForm};
 use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
 use ecq::gpu::shaders::Spec;
 use ecq::gpu::{time_on_device, time_passes_on_device, DenseDtype, DenseGemv, GpuContext, GpuScales, Kernel};
@@ -110,8 +110,10 @@ fn parse_opts(args: &[String]) -> Opts {
             // Encoder settings of the synthetic shapes and of the repeated SmolLM2 stacks (default: the crate's).
             "--precision" => o.encode.precision = num(val()) as u32,
             "--segment" => o.encode.segment = num(val()) as usize,
-            // 4-bit streams split: the high 2 bits coded, the low 2 stored (docs/FORMAT.md, section 2.1).
-            "--split" => o.encode.split = true,
+            // 4-bit streams split: the high 2 bits coded, the low 2 stored (docs/FORMAT.md, section 2.1); or one bit
+            // coded, 3 stored (section 2.2).
+            "--split" => o.encode.split = Some(SplitForm::Low2),
+            "--split3" => o.encode.split = Some(SplitForm::Low3),
             // The compute units the fused products take the device to have (0: none known), whatever it reports
             // (`GpuContext::with_compute_units`; they choose `kernels::vector_groups`, `row_tile_pairs`, `stage_x`
             // and `early_x`).

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use ecq::format::{EcTensor, EncodeOptions};
+use ecq::format::{EcTensor, EncodeOptions, SplitForm};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix};
 use ecq::rans::{entropy_bits, joint_counts};
 use ecq::EcMatmul;
@@ -69,7 +69,7 @@ fn main() -> ecq::Result<()> {
     );
     println!();
     report_size(&q, &tensor)?;
-    let split = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() })?;
+    let split = EcTensor::encode(&q, EncodeOptions { split: Some(SplitForm::Low2), ..EncodeOptions::default() })?;
     let weights_n = (ROWS * COLS) as f64;
     println!(
         "split stream          {:.4} bits/weight ({:+.2}% against the stream above), the same symbols",

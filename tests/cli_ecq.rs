@@ -233,7 +233,7 @@ fn convert_honours_bits_group_precision_and_segment() {
     assert_eq!(f.encoded_names().collect::<Vec<_>>(), ENCODED);
     for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
         let info = f.encoded_info(input.name).unwrap();
-        let segment = EncodeOptions { segment: 96, precision: 10, split: false }.segment_for(info.layout.cols(), 32);
+        let segment = EncodeOptions { segment: 96, precision: 10, split: None }.segment_for(info.layout.cols(), 32);
         assert_eq!((info.layout.bits(), info.group_size, info.precision, info.layout.segment()), (3, 32, 10, segment));
         assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 3, 32), "{}", input.name);
     }

@@ -1,7 +1,7 @@
 //! `EcMatmul::cpu` against a float64 reference built from `QuantizedMatrix::dequantize`, on shapes that do not
 //! divide evenly into tiles, segments or bytes, every bit width, several batch sizes.
 
-use ecq::format::{EcTensor, EncodeOptions};
+use ecq::format::{EcTensor, EncodeOptions, SplitForm};
 use ecq::quant::{quantize, QuantConfig, QuantizedMatrix, ScaleDtype, SUPPORTED_BITS};
 use ecq::{EcMatmul, Error, Strategy};
 use proptest::prelude::*;
@@ -103,11 +103,7 @@ fn many_small_segments() {
     // Segment 64: 1088 columns are 17 segments, so 3 row tiles x 17 = 51 tiles for 67 rows.
     for bits in SUPPORTED_BITS {
         let q = layer(67, 1088, QuantConfig { bits, ..QuantConfig::default() }, bits as u64);
-        check_layer(
-            &q,
-            EncodeOptions { segment: 64, precision: 12, split: false },
-            &format!("{bits} bits, segment 64"),
-        );
+        check_layer(&q, EncodeOptions { segment: 64, precision: 12, split: None }, &format!("{bits} bits, segment 64"));
     }
 }
 
@@ -126,7 +122,7 @@ fn other_group_sizes_and_scale_dtypes() {
 fn split_streams() {
     // 4-bit weights with the low 2 bits stored: every row count of ROWS, segments of 64 and the default, groups of
     // 32 and 128, and the constant-group case (a one-symbol alphabet of high parts).
-    let split = |segment| EncodeOptions { segment, split: true, ..EncodeOptions::default() };
+    let split = |segment| EncodeOptions { segment, split: Some(SplitForm::Low2), ..EncodeOptions::default() };
     for rows in ROWS {
         let q = layer(rows, 1088, QuantConfig::default(), 900 + rows as u64);
         for segment in [0, 64] {
@@ -147,7 +143,7 @@ fn split_streams() {
 fn split_needs_4_bits_and_columns_of_16() {
     // Other widths are not split; a 4-bit matrix whose columns or segment are not multiples of 16 is refused.
     let q = layer(9, 256, QuantConfig { bits: 8, ..QuantConfig::default() }, 5);
-    let t = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions { split: Some(SplitForm::Low2), ..EncodeOptions::default() }).unwrap();
     assert!(t.low().is_none() && t.layout().bits() == 8);
     // Groups of 8 (possible in a matrix built by hand; the quantizer makes groups of 32 to 128).
     let grouped = |cols: usize| {
@@ -156,9 +152,11 @@ fn split_needs_4_bits_and_columns_of_16() {
         let symbols = (0..9 * cols).map(|i| (i % 16) as u8).collect();
         QuantizedMatrix { rows: 9, cols, bits: 4, group_size: 8, symbols, scales, biases, scale_dtype: ScaleDtype::F32 }
     };
-    let err = EcTensor::encode(&grouped(40), EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap_err();
+    let err =
+        EcTensor::encode(&grouped(40), EncodeOptions { split: Some(SplitForm::Low2), ..EncodeOptions::default() })
+            .unwrap_err();
     assert!(err.to_string().contains("multiple of 16"), "{err}");
-    let options = EncodeOptions { segment: 24, split: true, ..EncodeOptions::default() };
+    let options = EncodeOptions { segment: 24, split: Some(SplitForm::Low2), ..EncodeOptions::default() };
     let err = EcTensor::encode(&grouped(64), options).unwrap_err();
     assert!(err.to_string().contains("multiple of 16"), "{err}");
 }
@@ -218,7 +216,7 @@ proptest! {
     ) {
         let cols = groups * group_size;
         let q = layer(rows, cols, QuantConfig { bits, group_size, ..QuantConfig::default() }, seed);
-        let tensor = EcTensor::encode(&q, EncodeOptions { segment: segment_groups * group_size, precision: 12, split: false }).unwrap();
+        let tensor = EcTensor::encode(&q, EncodeOptions { segment: segment_groups * group_size, precision: 12, split: None }).unwrap();
         let x = inputs(m, cols, seed ^ 1);
         let mut y = vec![f32::NAN; m * rows];
         EcMatmul::cpu(&tensor).matmul(&x, m, &mut y).unwrap();

@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EcTensor, EncodeOptions, RAW_CRC_KEY, VERSION_KEY};
+use ecq::format::{
+    ArrayNames, ContainerWriter, Dtype, EcFile, EcTensor, EncodeOptions, SplitForm, RAW_CRC_KEY, VERSION_KEY,
+};
 use ecq::quant::{quantize, QuantConfig, ScaleDtype};
 use ecq::Error;
 
@@ -21,7 +23,7 @@ fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
 fn encoded(rows: usize, cols: usize, bits: u32, group_size: usize, sd: ScaleDtype, segment: usize) -> EcTensor {
     let w = weights(rows, cols, (rows * 31 + cols) as u64 + bits as u64);
     let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: sd }).unwrap();
-    EcTensor::encode(&q, EncodeOptions { segment, precision: 12, split: false }).unwrap()
+    EcTensor::encode(&q, EncodeOptions { segment, precision: 12, split: None }).unwrap()
 }
 
 struct Raw {
@@ -187,7 +189,8 @@ fn split_and_plain() -> [EcTensor; 2] {
     let a = quantize(&weights(40, 256, 1), 40, 256, QuantConfig::default()).unwrap();
     let b = quantize(&weights(24, 128, 2), 24, 128, QuantConfig::default()).unwrap();
     [
-        EcTensor::encode(&a, EncodeOptions { segment: 128, split: true, ..EncodeOptions::default() }).unwrap(),
+        EcTensor::encode(&a, EncodeOptions { segment: 128, split: Some(SplitForm::Low2), ..EncodeOptions::default() })
+            .unwrap(),
         EcTensor::encode(&b, EncodeOptions::default()).unwrap(),
     ]
 }

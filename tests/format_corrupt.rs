@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EcTensor, EncodeOptions};
+use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EcTensor, EncodeOptions, SplitForm};
 use ecq::quant::{quantize, QuantConfig, ScaleDtype};
 use ecq::Error;
 use serde_json::{json, Value};
@@ -29,8 +29,8 @@ fn fixture_tensors() -> Vec<EcTensor> {
         quantize(&weights(9 * 64, 2), 9, 64, QuantConfig { bits: 2, group_size: 32, scale_dtype: ScaleDtype::Bf16 })
             .unwrap();
     vec![
-        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: false }).unwrap(),
-        EcTensor::encode(&b, EncodeOptions { segment: 64, precision: 10, split: false }).unwrap(),
+        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: None }).unwrap(),
+        EcTensor::encode(&b, EncodeOptions { segment: 64, precision: 10, split: None }).unwrap(),
     ]
 }
 
@@ -42,7 +42,8 @@ fn fixture_bytes() -> Vec<u8> {
 /// The same file with the first tensor (40 x 256 4-bit) split: a version-2 file.
 fn split_fixture_bytes() -> Vec<u8> {
     let a = quantize(&weights(40 * 256, 1), 40, 256, QuantConfig::default()).unwrap();
-    let split = EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: true }).unwrap();
+    let split =
+        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: Some(SplitForm::Low2) }).unwrap();
     let [_, b] = <[EcTensor; 2]>::try_from(fixture_tensors()).unwrap();
     container_bytes(vec![split, b])
 }

@@ -54,9 +54,9 @@ fn worked_example_first_steps_follow_the_formulas() {
 /// The split example of docs/FORMAT.md section 2.1: one row of 16 weights.
 #[test]
 fn split_example_matches_format_md() {
-    use ecq::rans::{merge_words, split_symbols};
+    use ecq::rans::{merge_words, split_symbols, SplitForm};
     let q: [u8; 16] = [3, 14, 7, 0, 9, 12, 5, 10, 1, 15, 6, 11, 2, 8, 13, 4];
-    let (high, low) = split_symbols(&q, 1, 16).unwrap();
+    let (high, low) = split_symbols(&q, 1, 16, SplitForm::Low2).unwrap();
     assert_eq!(high, [0, 0, 3, 3, 1, 1, 0, 2, 2, 0, 3, 2, 1, 3, 2, 1]);
     let joint: Vec<u32> =
         high.chunks(4).map(|h| h.iter().enumerate().fold(0, |j, (i, &s)| j | (s as u32) << (2 * i))).collect();

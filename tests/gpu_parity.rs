@@ -14,7 +14,7 @@
 
 use std::sync::OnceLock;
 
-use ecq::format::{EcTensor, EncodeOptions};
+use ecq::format::{EcTensor, EncodeOptions, SplitForm};
 use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
 use ecq::gpu::shaders::{Kernel, Spec};
 use ecq::gpu::{DenseDtype, DenseGemv, GpuContext, KernelPath};
@@ -149,13 +149,16 @@ fn encode(q: &QuantizedMatrix, segment: usize) -> EcTensor {
     encode_at(q, segment, ecq::rans::DEFAULT_PRECISION)
 }
 
-/// `q` encoded at the default precision, its stream `split` or not.
-fn encode_as(q: &QuantizedMatrix, segment: usize, split: bool) -> EcTensor {
+/// Streams not split and split in each form.
+const SPLITS: [Option<SplitForm>; 3] = [None, Some(SplitForm::Low2), Some(SplitForm::Low3)];
+
+/// `q` encoded at the default precision, its stream `split` in that form or not.
+fn encode_as(q: &QuantizedMatrix, segment: usize, split: Option<SplitForm>) -> EcTensor {
     encode_with(q, EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split })
 }
 
 fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
-    encode_with(q, EncodeOptions { segment, precision, split: false })
+    encode_with(q, EncodeOptions { segment, precision, split: None })
 }
 
 /// `q` encoded with `options`, whose segment the encoder must keep as asked.
@@ -261,9 +264,9 @@ fn decode_one_symbol_tables(ctx: &GpuContext) {
     let mut q = random_matrix(40, 256, 4, 32, 21);
     q.symbols.iter_mut().for_each(|s| *s = 11);
     for precision in [10, ecq::rans::DEFAULT_PRECISION, ecq::rans::MAX_PRECISION] {
-        for split in [false, true] {
+        for split in SPLITS {
             let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision, split }).expect("encode");
-            let what = format!("one symbol P={precision} split={split}");
+            let what = format!("one symbol P={precision} split={split:?}");
             check_decode(ctx, &t, &what);
             check_products(ctx, &q, &t, &[1, 4], &what);
         }
@@ -361,29 +364,34 @@ fn cached_reads_x_in_lane_order(ctx: &GpuContext) {
 /// scales; 1 to 33 vectors. Then 970 x 2144 in segments of 32 columns: 2077 tiles, which rans_decode takes 16 a
 /// workgroup (`kernels::SPLIT_WIDE_TILES`; the last workgroup 13), where the device allows it.
 fn split_streams(ctx: &GpuContext) {
+    split_streams_of(ctx, SplitForm::Low2);
+    split_streams_of(ctx, SplitForm::Low3);
+}
+
+fn split_streams_of(ctx: &GpuContext, form: SplitForm) {
     let split = |q: &QuantizedMatrix, segment: usize, precision: u32| {
-        let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: true }).expect("encode split");
-        assert!(t.low().is_some() && t.layout().bits() == 2 && t.bits() == 4, "not split");
+        let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: Some(form) }).expect("encode split");
+        assert!(t.split() == Some(form) && t.layout().bits() == form.coded_bits() && t.bits() == 4, "not split");
         t
     };
     let q = random_matrix(67, 1088, 4, 32, 400);
     for precision in [10, ecq::rans::DEFAULT_PRECISION, ecq::rans::MAX_PRECISION] {
         let t = split(&q, 256, precision);
-        let what = format!("67x1088 split P={precision}");
+        let what = format!("67x1088 split {form:?} P={precision}");
         check_decode(ctx, &t, &what);
         check_products(ctx, &q, &t, &[1, 3, 8, 33], &what);
     }
     let q = random_matrix(20, 128, 4, 32, 401);
     let t = split(&q, 128, ecq::rans::DEFAULT_PRECISION);
-    check_decode(ctx, &t, "single tile split");
-    check_products(ctx, &q, &t, &[1, 4], "single tile split");
+    check_decode(ctx, &t, &format!("single tile split {form:?}"));
+    check_products(ctx, &q, &t, &[1, 4], &format!("single tile split {form:?}"));
     let mut q = random_matrix(37, 2048, 4, 64, 402);
     // Row tile 1 (rows 32..37) with zero scales: the products fold b / s into the symbols only where it is finite.
     let groups = 2048 / 64;
     q.scales[32 * groups..].fill(0.0);
     let t = split(&q, 1024, ecq::rans::DEFAULT_PRECISION);
-    check_decode(ctx, &t, "37x2048 split S=1024");
-    check_products(ctx, &q, &t, &[1, 2, 5, 8], "37x2048 split S=1024");
+    check_decode(ctx, &t, &format!("37x2048 split {form:?} S=1024"));
+    check_products(ctx, &q, &t, &[1, 2, 5, 8], &format!("37x2048 split {form:?} S=1024"));
     let q = random_matrix(970, 2144, 4, 32, 403);
     let t = split(&q, 32, ecq::rans::DEFAULT_PRECISION);
     assert!(t.layout().tiles() >= kernels::SPLIT_WIDE_TILES && t.layout().tiles() % 16 != 0);
@@ -391,7 +399,7 @@ fn split_streams(ctx: &GpuContext) {
     if ctx.limits().max_compute_invocations_per_workgroup >= kernels::SPLIT_TILE_WORKGROUP {
         assert_eq!(spec.workgroup, kernels::SPLIT_TILE_WORKGROUP, "{spec:?}");
     }
-    check_decode(ctx, &t, "970x2144 split S=32");
+    check_decode(ctx, &t, &format!("970x2144 split {form:?} S=32"));
 }
 
 /// Groups whose scale is 0, -0 or so small that bias / scale overflows f32, with nonzero symbols and biases (the
@@ -645,10 +653,10 @@ fn fused_products_in_rounds_under_a_small_workgroup_limit() {
     let Some(ctx) = limited_context(|l| l.max_compute_invocations_per_workgroup = 256) else { return };
     for (cols, slabs) in [(4160, 5), (14336, 7)] {
         let q = random_matrix(37, cols, 4, 64, 1100 + cols as u64);
-        for split in [false, true] {
+        for split in SPLITS {
             let t = encode_as(&q, 512, split);
             assert_eq!(kernels::gemv_slabs(t.layout().segments(), 256), slabs, "{cols} columns");
-            check_products(&ctx, &q, &t, &[1, 4], &format!("37x{cols} split {split}, 256 invocations"));
+            check_products(&ctx, &q, &t, &[1, 4], &format!("37x{cols} split {split:?}, 256 invocations"));
         }
     }
 }
@@ -706,12 +714,13 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
     let q = random_matrix(67, 1088, 4, 32, 1200);
     let many = ctx.with_compute_units(Some(1024));
     let none = ctx.with_compute_units(None);
-    for split in [false, true] {
+    for split in SPLITS {
         let t = encode_as(&q, 256, split);
         let stream = GpuStream::upload(&many, &t).unwrap();
         for (m, groups) in [(2, 1), (3, 1), (4, 2), (6, 3), (8, 4)] {
             assert_eq!(kernels::ec_gemv_spec(&many, &stream, m).1, groups);
-            let what = format!("67x1088 split {split} {:?} m={m}, one row of workgroups and {groups}", ctx.lane_mode());
+            let what =
+                format!("67x1088 split {split:?} {:?} m={m}, one row of workgroups and {groups}", ctx.lane_mode());
             fused_equal_on_both(&none, &many, &q, &t, m, &what);
         }
     }
@@ -732,13 +741,13 @@ fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
         [(200, 1472, [4, 4]), (256, 1472, [4, 4]), (256, 2048, [7, 8]), (192, 1472, [0, 0]), (256, 1024, [0, 0])]
     {
         let q = random_matrix(rows, cols, 4, 32, 1500 + (rows + cols) as u64);
-        for split in [false, true] {
+        for split in SPLITS {
             let t = encode_as(&q, 256, split);
             let stream = GpuStream::upload(&two, &t).unwrap();
             for m in 1..=8 {
-                let what = format!("{rows}x{cols} split {split} {:?} m={m}", ctx.lane_mode());
+                let what = format!("{rows}x{cols} split {split:?} {:?} m={m}", ctx.lane_mode());
                 let (spec, groups) = kernels::ec_gemv_spec(&two, &stream, m);
-                assert_eq!((spec.tile_pairs, groups), (m <= most[split as usize], 1), "{what}");
+                assert_eq!((spec.tile_pairs, groups), (m <= most[split.is_some() as usize], 1), "{what}");
                 assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.tile_pairs, "{what}");
                 fused_equal_on_both(&none, &two, &q, &t, m, &what);
             }
@@ -755,18 +764,21 @@ fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
 /// x where it is.
 fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
     let none = ctx.with_compute_units(None);
-    for (cols, segment, units, staged) in [
+    let cases = [
         (4096, 512, 1024, true),
         (1600, 256, 1024, true),
         (4160, 512, 1024, false),
         (1088, 256, 1024, false),
         (1600, 256, 2, false),
-    ] {
+    ];
+    for (form, (cols, segment, units, staged)) in
+        [SplitForm::Low2, SplitForm::Low3].into_iter().flat_map(|f| cases.map(|c| (f, c)))
+    {
         let units = ctx.with_compute_units(Some(units));
         let q = random_matrix(67, cols, 4, 32, 1400 + cols as u64);
-        let t = encode_as(&q, segment, true);
+        let t = encode_as(&q, segment, Some(form));
         let stream = GpuStream::upload(&units, &t).unwrap();
-        let what = format!("67x{cols} split {:?} with {:?} units", ctx.lane_mode(), units.compute_units());
+        let what = format!("67x{cols} split {form:?} {:?} with {:?} units", ctx.lane_mode(), units.compute_units());
         assert_eq!(kernels::ec_gemv_spec(&units, &stream, 1).0.stage_x, staged, "{what}");
         assert!(!kernels::ec_gemv_spec(&none, &stream, 1).0.stage_x, "{what}");
         fused_equal_on_both(&none, &units, &q, &t, 1, &what);
@@ -784,14 +796,17 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
 fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
     let none = ctx.with_compute_units(None);
     let units = ctx.with_compute_units(Some(3));
-    let plain_cases = [(67, 4160, false, 4, 1, true), (20, 4160, false, 8, 2, false), (67, 4160, false, 8, 1, false)];
-    let split_cases = [2, 3, 4, 1, 5].map(|m| (67, 5440, true, m, 1, (2..=4).contains(&m)));
-    let narrow_split = (67, 5376, true, 4, 1, false);
-    for (rows, cols, split, m, groups, early) in plain_cases.into_iter().chain(split_cases).chain([narrow_split]) {
+    let plain_cases = [(67, 4160, None, 4, 1, true), (20, 4160, None, 8, 2, false), (67, 4160, None, 8, 1, false)];
+    let low2 = Some(SplitForm::Low2);
+    let split_cases = [2, 3, 4, 1, 5].map(|m| (67, 5440, low2, m, 1, (2..=4).contains(&m)));
+    let narrow_split = (67, 5376, low2, 4, 1, false);
+    let split3_cases = [2, 4, 1].map(|m| (67, 5440, Some(SplitForm::Low3), m, 1, m != 1));
+    let cases = plain_cases.into_iter().chain(split_cases).chain([narrow_split]).chain(split3_cases);
+    for (rows, cols, split, m, groups, early) in cases {
         let q = random_matrix(rows, cols, 4, 32, 1500 + rows as u64);
         let t = encode_as(&q, 256, split);
         let stream = GpuStream::upload(&units, &t).unwrap();
-        let what = format!("{rows}x{cols} split={split} {:?} m={m}", ctx.lane_mode());
+        let what = format!("{rows}x{cols} split={split:?} {:?} m={m}", ctx.lane_mode());
         let (spec, g) = kernels::ec_gemv_spec(&units, &stream, m);
         if ctx.limits().max_compute_invocations_per_workgroup >= t.layout().segments() as u32 * 32 {
             assert_eq!((spec.early_x, g), (early, groups), "{what}");
@@ -829,7 +844,7 @@ fn unsupported_and_empty_shapes() {
     let Some(ctx) = device() else { return };
     // Groups of 16 columns: the kernels need whole 32-symbol chunks per group.
     let q = random_matrix(40, 96, 4, 16, 1200);
-    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12, split: false }).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12, split: None }).unwrap();
     for strategy in [Strategy::Fused, Strategy::Cached] {
         assert!(
             matches!(EcMatmul::new(&ctx, &t, strategy), Err(Error::InvalidParameter { name: "group_size", .. })),

@@ -282,7 +282,9 @@ impl Case {
         // Roughly bell-shaped weights, so the symbols are skewed as in real models.
         let w: Vec<f32> = (0..rows * cols).map(|_| (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0).collect();
         let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap();
-        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split }).unwrap();
+        let split_form = split.then_some(rans::SplitForm::Low2);
+        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split: split_form })
+            .unwrap();
         let kind = if split { " split" } else { "" };
         Self::from_tensor(format!("{rows}x{cols} b{bits}{kind} g{group_size} s{segment}"), &t, q)
     }

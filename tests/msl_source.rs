@@ -122,7 +122,7 @@ fn ec_params_bytes_follow_the_msl_field_order() {
     let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
     let q =
         quantize(&weights, rows, cols, QuantConfig { bits: 3, group_size: 64, scale_dtype: ScaleDtype::F32 }).unwrap();
-    let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision: 11, split: false }).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision: 11, split: None }).unwrap();
     let params = EcParams::new(&t, 5).unwrap();
     assert_eq!(std::mem::size_of::<EcParams>(), PARAMS_SIZE);
     let bytes = bytemuck::bytes_of(&params);
@@ -234,15 +234,20 @@ fn ec_gemv_threadgroup_bytes_match_the_declarations() {
 /// A split stream's parameter block: 2 coded bits and `low_bits` 2; 0 for a stream that is not split.
 #[test]
 fn params_block_of_a_split_stream() {
-    use ecq::format::{EcTensor, EncodeOptions};
+    use ecq::format::{EcTensor, EncodeOptions, SplitForm};
     use ecq::kernels_msl::EcParams;
     use ecq::quant::{quantize, QuantConfig};
 
     let weights: Vec<f32> = (0..40 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
     let q = quantize(&weights, 40, 256, QuantConfig::default()).unwrap();
-    let split = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap();
+    let split =
+        EcTensor::encode(&q, EncodeOptions { split: Some(SplitForm::Low2), ..EncodeOptions::default() }).unwrap();
     let p = EcParams::new(&split, 1).unwrap();
     assert_eq!((p.bits, p.low_bits), (2, 2));
+    let split3 =
+        EcTensor::encode(&q, EncodeOptions { split: Some(SplitForm::Low3), ..EncodeOptions::default() }).unwrap();
+    let p = EcParams::new(&split3, 1).unwrap();
+    assert_eq!((p.bits, p.low_bits), (1, 3));
     let plain = EcTensor::encode(&q, EncodeOptions::default()).unwrap();
     let p = EcParams::new(&plain, 1).unwrap();
     assert_eq!((p.bits, p.low_bits), (4, 0));

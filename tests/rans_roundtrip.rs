@@ -187,7 +187,7 @@ proptest! {
             })
             .collect();
         let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap();
-        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: DEFAULT_PRECISION, split: false }).unwrap();
+        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: DEFAULT_PRECISION, split: None }).unwrap();
         prop_assert_eq!(t.to_quantized().unwrap(), q);
     }
 }

@@ -9,7 +9,7 @@
 mod support;
 
 use ecq::format::gguf::{GgmlType, GgufFile};
-use ecq::format::{EcTensor, EncodeOptions};
+use ecq::format::{EcTensor, EncodeOptions, SplitForm};
 use ecq::quant::QuantizedMatrix;
 use ecq::rans;
 use rayon::prelude::*;
@@ -258,7 +258,9 @@ fn smollm2_split_streams_round_trip_within_1pct_of_unsplit() {
             if q.bits != rans::SPLIT_BITS {
                 return None;
             }
-            let split = EcTensor::encode(&q, EncodeOptions { split: true, ..EncodeOptions::default() }).unwrap();
+            let split =
+                EcTensor::encode(&q, EncodeOptions { split: Some(SplitForm::Low2), ..EncodeOptions::default() })
+                    .unwrap();
             assert!(split.low().is_some(), "{name}: not split");
             assert!(split.decode_symbols().unwrap() == q.symbols, "{name}: split stream decodes to other symbols");
             let plain = EcTensor::encode(&q, EncodeOptions::default()).unwrap();

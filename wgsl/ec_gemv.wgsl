@@ -16,6 +16,8 @@
 // With SPLIT (a split stream, BITS = 2 coded of 4-bit weights; lanes.wgsl) every 4 steps code one block of 16
 // columns, merged with its low word (binding 7) into 16 4-bit weights before they are multiplied; without QUADS
 // each weight is taken as 1 + q / 16 (`unit_f32`) and the fold takes 16 s (sum((1 + q / 16) x) - sum(x)) + b sum(x).
+// With SPLIT3 as well (BITS = 1 coded, KW = 8) the 4 steps code a block of 32 columns, merged with its three low
+// words into 32 weights.
 
 // Per-group scales and biases, row-major rows x (cols / group_size).
 @group(0) @binding(5) var<storage, read> scales: array<f32>;
@@ -253,12 +255,22 @@ fn main(
 //#if EARLY_X
                     // With EARLY_X the block's x (4 16-byte pieces a vector) is loaded before its steps, so the loads
                     // are in flight while the steps run (`kernels::early_x`).
+//#if SPLIT3
+                    // (SPLIT3: the block's 32 columns, 8 pieces a vector.)
+                    var xe: array<vec4<f32>, 8 * M>;
+                    for (var v = 0u; v < M; v++) {
+                        for (var p = 0u; p < 8u; p++) {
+                            xe[v * 8u + p] = x[v * (params.cols / 4u) + col4 / 4u + p];
+                        }
+                    }
+//#else
                     var xe: array<vec4<f32>, 4 * M>;
                     for (var v = 0u; v < M; v++) {
                         for (var p = 0u; p < 4u; p++) {
                             xe[v * 4u + p] = x[v * (params.cols / 4u) + col4 / 4u + p];
                         }
                     }
+//#endif
 //#endif
 //#else
 //#if EARLY_X
@@ -348,17 +360,32 @@ fn main(
                         pos += rank.y;
                     }
 //#if SPLIT
+//#if SPLIT3
+                    // SPLIT3: the block merged with its three low words, columns col4 .. col4 + 32 as 4-bit weights,
+                    // two at a time.
+                    let block = merge_block3(hi, low_words3(row_tile, col4));
+                    for (var j = 0u; j < 32u; j += 2u) {
+//#else
                     // The block merged with its low word: columns col4 .. col4 + 16 as 4-bit weights, two at a time.
                     let block = merge_block(hi, low_word(row_tile, col4));
                     for (var j = 0u; j < 16u; j += 2u) {
+//#endif
 //#if QUADS
                         // Four 4-bit weights at a time from the low 16 bits, as `field_f32` needs.
+//#if SPLIT3
+                        let w = block[j / 8u] >> (16u * ((j / 4u) % 2u));
+//#else
                         let w = select(block.x, block.y, j >= 8u) >> (16u * ((j / 4u) % 2u));
+//#endif
                         let q0 = field_f32(w, j % 4u, 4u);
                         let q1 = field_f32(w, j % 4u + 1u, 4u);
 //#else
                         // Two weights as 1 + q / 16 (`unit_f32`); the fold takes 16 times their sums.
+//#if SPLIT3
+                        let w = block[j / 8u];
+//#else
                         let w = select(block.x, block.y, j >= 8u);
+//#endif
                         let q0 = unit_f32(w, j % 8u);
                         let q1 = unit_f32(w, j % 8u + 1u);
 //#endif
@@ -371,7 +398,11 @@ fn main(
                                 xq[v] = xs[col4 / 4u + j / 4u];
 //#else
 //#if EARLY_X
+//#if SPLIT3
+                                xq[v] = xe[v * 8u + j / 4u];
+//#else
                                 xq[v] = xe[v * 4u + j / 4u];
+//#endif
 //#else
                                 xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
 //#endif

@@ -39,6 +39,7 @@ struct StreamParams {
 // A split stream (SPLIT; docs/FORMAT.md, section 2.1) codes the high 2 bits of 4-bit weights, four a step (BITS = 2,
 // KW = 4), in interleaved order within each block of 16 columns; `low` holds each block's low 2 bits, one u32 per
 // row and block, by row tile, then block, then row within the tile (a slab's lanes read 128 consecutive bytes).
+// With SPLIT3 as well, the other form (below).
 @group(0) @binding(7) var<storage, read> low: array<u32>;
 
 // A block's two packed 4-bit words (columns 0..8, 8..16) from its coded symbols packed 16 to a u32 (four steps'
@@ -54,6 +55,30 @@ fn low_word(row_tile: u32, col: u32) -> u32 {
     let i = (min(row_tile, params.row_tiles - 1u) * blocks + min(col / 16u, blocks - 1u)) * 32u + lane_row;
     return low[i];
 }
+//#if SPLIT3
+// With SPLIT3 (docs/FORMAT.md, section 2.2: BITS = 1 coded, KW = 8) the stream codes q3 ^ q2 of each 4-bit weight,
+// eight a step, in the order of each block of 32 columns where position p is column 8 (p % 4) + p / 4; `low` holds
+// three words per row and block (q3, q1 and q0 of the block, by row tile, then block, then word, then row).
+
+// A block's four packed 4-bit words (columns 8 k .. 8 k + 8 in component k) from its coded bits packed 32 to a u32
+// (four steps' joint symbols, the first lowest) and its three low words: q2 = c ^ q3 goes where each of the first
+// three words holds a bit of the fourth.
+fn merge_block3(hi: u32, s: vec3<u32>) -> vec4<u32> {
+    let q2 = (vec3<u32>(hi << 2u, hi << 1u, hi) ^ (s >> vec3<u32>(1u))) & vec3<u32>(0x44444444u);
+    let w = (s & vec3<u32>(0xbbbbbbbbu)) | q2;
+    let last = ((s.x << 1u) & 0x88888888u) | (((hi >> 1u) ^ s.x) & 0x44444444u) | ((s.y >> 1u) & 0x22222222u)
+        | ((s.z >> 2u) & 0x11111111u);
+    return vec4<u32>(w, last);
+}
+
+// The three low words of row `lane_row` of row tile `row_tile` at the block of column `col` (a multiple of 32),
+// clamped into the array.
+fn low_words3(row_tile: u32, col: u32) -> vec3<u32> {
+    let blocks = params.cols / 32u;
+    let i = ((min(row_tile, params.row_tiles - 1u) * blocks + min(col / 32u, blocks - 1u)) * 3u) * 32u + lane_row;
+    return vec3<u32>(low[i], low[i + 32u], low[i + 64u]);
+}
+//#endif
 //#endif
 
 const TABLE: u32 = 1u << P;

@@ -144,11 +144,34 @@ fn main(
         // 64.0, 4096x14336 72.9 against 73.5. Loading the low words a trip ahead (below): `stack_k576 x4` 91.6
         // against 94.8 us, 14336x4096 61.7 against 62.6 (the driver's code then holds 48 registers, the most that
         // leaves 5 workgroups an SM; with the low words read as zero, wrong on purpose, 83.4 against 94.4).
+//#if SPLIT3
+        let chunks = steps / 4u;
+//#else
         let chunks = steps / 8u;
+//#endif
         let row_vec4s = params.words_per_row / 4u;
         let out0 = (row0 * params.words_per_row + col0 / 8u) / 4u;
         // Each trip's two low words are loaded a trip ahead, so their loads are not waited on at the merge (the
         // last trip loads words it does not use, clamped into the array by `low_word`).
+//#if SPLIT3
+        // SPLIT3 (BITS = 1 coded, KW = 8): 4 steps code one block of 32 columns, merged with its three low words
+        // into one staged piece; the same rounds as below, a piece every 4 steps.
+        var lo_next = low_words3(row_tile, col0);
+        for (var step0 = 0u; step0 < max_steps; step0 += 4u) {
+            let live = lane_live & (step0 < steps);
+            let lo = lo_next;
+            lo_next = low_words3(row_tile, col0 + (step0 + 4u) * KW);
+            var hi = 0u;
+            for (var k = 0u; k < 4u; k++) {
+                hi |= decode_step(live) << (8u * k);
+            }
+            words_advance(dec_pos);
+            let c = (step0 / 4u) % STAGE;
+            stage[(lane_slab * 32u + lane_row) * STAGE + c] = merge_block3(hi, lo);
+            if ((c == STAGE - 1u) | (step0 + 4u >= max_steps)) {
+                workgroupBarrier();
+                let first = step0 / 4u - c;
+//#else
         var lo_next = low_pair(row_tile, col0);
         for (var step0 = 0u; step0 < max_steps; step0 += 8u) {
             let live = lane_live & (step0 < steps);
@@ -172,6 +195,7 @@ fn main(
             if ((c == STAGE - 1u) | (step0 + 8u >= max_steps)) {
                 workgroupBarrier();
                 let first = step0 / 8u - c;
+//#endif
                 for (var k = 0u; k < STAGE; k++) {
                     let i = k * 32u + lane_row;
                     let r = i / STAGE;

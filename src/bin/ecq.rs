@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EncodeOptions, MAX_SEGMENT};
+use ecq::format::{ArrayNames, ContainerWriter, Dtype, EcFile, EncodeOptions, SplitForm, MAX_SEGMENT};
 use ecq::model::{self, ConvertOptions, Progress, Stage, TensorSelection, TensorStats};
 use ecq::quant::{self, QuantConfig, ScaleDtype};
 use ecq::rans;
@@ -76,10 +76,13 @@ enum Command {
         /// 0 (the default) splits each row into round(K/512) equal segments.
         #[arg(long, default_value_t = 0)]
         segment: usize,
-        /// Split 4-bit matrices: code the high 2 bits of each weight, four weights a decode step, and store the
-        /// low 2 bits as they are (format version 2). About 0.7% larger, and the GPU decodes them faster.
-        #[arg(long)]
-        split: bool,
+        /// Split 4-bit matrices: code part of each weight and store the rest as it is. `--split` (or `--split=2`)
+        /// codes the high 2 bits, four weights a decode step, and stores the low 2 (format version 2);
+        /// `--split=3` codes one bit, eight weights a step, and stores 3 (format version 3; columns and segment
+        /// multiples of 32). Either is about 0.7% larger, and the GPU decodes them faster.
+        #[arg(long, value_name = "LOW_BITS", num_args = 0..=1, require_equals = true, default_missing_value = "2",
+              value_parser = parse_split)]
+        split: Option<SplitForm>,
         /// Quantize the float matrices whose names match this glob (`*` any run, `?` one character); repeatable.
         /// Without it: all eligible matrices of a float model, none of an already-quantized one.
         #[arg(long, value_name = "PATTERN")]
@@ -97,8 +100,9 @@ enum Command {
     },
     /// Print a table of every tensor: shape, bits, stored size against the entropy bound, overhead.
     ///
-    /// Columns: `bits` is the weight width (`split4` for a split 4-bit tensor); `stored` is the symbol stream in
-    /// bits per weight (words, states, tile offsets, frequency table and a split tensor's low words); `entropy` is
+    /// Columns: `bits` is the weight width (`split4` for a split 4-bit tensor, `split4/3` for one that stores 3
+    /// bits of each weight); `stored` is the symbol stream in bits per weight (words, states, tile offsets,
+    /// frequency table and a split tensor's low words); `entropy` is
     /// the order-0 entropy of the decoded weight symbols in bits per weight (coding k weights per joint symbol can
     /// go slightly below it when neighbours are correlated); `+H` is how far `stored` is above it; `side` is
     /// states + offsets + table as a percentage of the words (low words included); `scale` and `bias` are their
@@ -127,6 +131,11 @@ enum Command {
 }
 
 type CliResult<T> = Result<T, String>;
+
+/// `--split`'s value: the low bits stored, 2 or 3.
+fn parse_split(v: &str) -> Result<SplitForm, String> {
+    v.parse().ok().and_then(SplitForm::from_low_bits).ok_or_else(|| format!("`{v}`: 2 or 3 low bits"))
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -309,8 +318,12 @@ fn inspect(path: &Path) -> CliResult<()> {
             Ok(s) => {
                 let mut one = Sum::default();
                 one.add(&s);
-                // A split tensor shows as `split4` (4-bit weights, the low 2 bits stored).
-                let bits = if info.low_bits > 0 { format!("split{}", s.bits) } else { format!("{}-bit", s.bits) };
+                // A split tensor shows as `split4` (4-bit weights, the low 2 bits stored) or `split4/3` (3 stored).
+                let bits = match info.low_bits {
+                    0 => format!("{}-bit", s.bits),
+                    2 => format!("split{}", s.bits),
+                    l => format!("split{}/{l}", s.bits),
+                };
                 println!("{name:<width$}  {shape:>14}  {:>6}  {:>5}  {}", bits, s.group_size, one.columns());
                 total.add(&s);
                 roles.entry(role(name)).or_default().add(&s);

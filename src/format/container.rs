@@ -5,8 +5,8 @@
 //! names, `stem.scales` and `stem.biases` (`[rows, cols / group_size]`, F32, F16 or BF16), where `stem` is
 //! `name` without a trailing `.weight`. The header metadata holds `ecq.format_version` and one JSON entry
 //! `name.ecq` per encoded tensor with its parameters and a CRC-32 of every array; `ecq.raw_crc32` holds the
-//! CRC-32 of every other tensor, which passes through unchanged. A split tensor (version 2) also holds
-//! `name.ecq.low` (U32), the low bits of its weights.
+//! CRC-32 of every other tensor, which passes through unchanged. A split tensor (version 2 for the form that
+//! stores 2 bits of each weight, 3 for the one that stores 3) also holds `name.ecq.low` (U32), those bits.
 //!
 //! [`ContainerWriter`] streams: tensors are added one at a time and spooled to a temporary file next to the
 //! destination, so memory stays bounded by the largest tensor. [`EcFile`] maps a file and validates the whole
@@ -24,15 +24,13 @@ use super::safetensors_file::{Dtype, SafetensorsFile, TensorView};
 use super::tensor::EcTensor;
 use crate::error::{Error, Result};
 use crate::quant::ScaleDtype;
-use crate::rans::{
-    check_split_shape, low_words, EncodedStream, FreqTable, TileLayout, LANES, MAX_PRECISION, SPLIT_BITS,
-    SPLIT_LOW_BITS,
-};
+use crate::rans::{EncodedStream, FreqTable, SplitForm, TileLayout, LANES, MAX_PRECISION, SPLIT_BITS};
 
-/// The newest container format version this build writes and reads (it reads 1 and 2). A file is written as
-/// version 1 unless it holds a split tensor, which needs version 2.
-pub const FORMAT_VERSION: u32 = 2;
-/// Metadata key holding the format version, `"1"` or `"2"`.
+/// The newest container format version this build writes and reads (it reads 1, 2 and 3). A file is written as
+/// version 1 unless it holds a split tensor: version 2 where every split tensor stores 2 bits of each weight
+/// ([`SplitForm::Low2`]), version 3 where one stores 3 ([`SplitForm::Low3`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// Metadata key holding the format version, `"1"`, `"2"` or `"3"`.
 pub const VERSION_KEY: &str = "ecq.format_version";
 /// Metadata key holding the CRC-32 of every passthrough tensor, a JSON object `{name: crc}`.
 pub const RAW_CRC_KEY: &str = "ecq.raw_crc32";
@@ -142,7 +140,8 @@ struct EntryJson {
     group_size: u64,
     precision: u32,
     segment: u64,
-    /// Version 2: low bits of each weight stored as they are (2, with `bits` 4), absent or 0 otherwise.
+    /// Version 2: low bits of each weight stored as they are (2, with `bits` 4; version 3: also 3), absent or 0
+    /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     low_bits: Option<u32>,
     crc32: Checksums,
@@ -151,9 +150,9 @@ struct EntryJson {
 /// Parameters of one encoded tensor, as read from a validated header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncodedInfo {
-    /// The tile layout of the coded symbols (rows, columns, bits, segment): 2 bits for a split tensor.
+    /// The tile layout of the coded symbols (rows, columns, bits, segment): 2 or 1 bits for a split tensor.
     pub layout: TileLayout,
-    /// Low bits of each weight stored as they are: 2 for a split tensor, else 0.
+    /// Low bits of each weight stored as they are: 2 or 3 for a split tensor ([`SplitForm::low_bits`]), else 0.
     pub low_bits: u32,
     /// Columns per scale/bias group.
     pub group_size: usize,
@@ -226,8 +225,8 @@ pub struct ContainerWriter {
     entries: BTreeMap<String, String>,
     raw_crc: BTreeMap<String, u32>,
     metadata: BTreeMap<String, String>,
-    /// Whether a split tensor was added (the file is then version 2).
-    split: bool,
+    /// The format version the tensors added so far need: 1, or 2 or 3 for a split tensor.
+    version: u32,
 }
 
 #[derive(Debug)]
@@ -285,7 +284,7 @@ impl ContainerWriter {
             entries: BTreeMap::new(),
             raw_crc: BTreeMap::new(),
             metadata: BTreeMap::new(),
-            split: false,
+            version: 1,
         })
     }
 
@@ -370,14 +369,19 @@ impl ContainerWriter {
                 None => None,
             },
         };
-        self.split |= low.is_some();
+        let split = tensor.split();
+        self.version = self.version.max(match split {
+            None => 1,
+            Some(SplitForm::Low2) => 2,
+            Some(SplitForm::Low3) => 3,
+        });
         let entry = EntryJson {
             shape: vec![layout.rows() as u64, layout.cols() as u64],
             bits: tensor.bits(),
             group_size: tensor.group_size() as u64,
             precision: tensor.table().precision(),
             segment: layout.segment() as u64,
-            low_bits: low.map(|_| SPLIT_LOW_BITS),
+            low_bits: split.map(SplitForm::low_bits),
             crc32: crc,
         };
         self.entries.insert(key, serde_json::to_string(&entry).expect("plain struct serializes"));
@@ -487,7 +491,7 @@ impl ContainerWriter {
         let mut header = serde_json::Map::new();
         let mut metadata = self.metadata.clone();
         if !self.entries.is_empty() {
-            let version = if self.split { FORMAT_VERSION } else { 1 };
+            let version = self.version;
             metadata.insert(VERSION_KEY.into(), version.to_string());
             metadata.extend(self.entries.iter().map(|(k, v)| (k.clone(), v.clone())));
             if !self.raw_crc.is_empty() {
@@ -732,21 +736,25 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str, version: u32) ->
     if e.low_bits.is_some() && version < 2 {
         return Err(invalid(name, "field `low_bits` needs format version 2"));
     }
-    let low_bits = match e.low_bits.unwrap_or(0) {
-        0 => 0,
-        SPLIT_LOW_BITS if e.bits == SPLIT_BITS => SPLIT_LOW_BITS,
+    let form = match e.low_bits.unwrap_or(0) {
+        0 => None,
+        l if e.bits == SPLIT_BITS && SplitForm::from_low_bits(l).is_some() => SplitForm::from_low_bits(l),
         l => {
             return Err(invalid(
                 name,
-                format!("low_bits {l} with {} bits: only {SPLIT_LOW_BITS} with {SPLIT_BITS} bits is defined", e.bits),
+                format!("low_bits {l} with {} bits: only 2 or 3 with {SPLIT_BITS} bits is defined", e.bits),
             ))
         }
     };
-    if (low_bits > 0) != e.crc32.low.is_some() {
-        return Err(invalid(name, "a checksum of `low` is given exactly when `low_bits` is 2"));
+    if form == Some(SplitForm::Low3) && version < 3 {
+        return Err(invalid(name, "`low_bits` 3 needs format version 3"));
     }
-    if low_bits > 0 {
-        check_split_shape(cols, segment).map_err(|err| invalid(name, err))?;
+    let low_bits = form.map_or(0, SplitForm::low_bits);
+    if form.is_some() != e.crc32.low.is_some() {
+        return Err(invalid(name, "a checksum of `low` is given exactly when `low_bits` is 2 or 3"));
+    }
+    if let Some(form) = form {
+        form.check_shape(cols, segment).map_err(|err| invalid(name, err))?;
     }
     if !(1..=MAX_PRECISION).contains(&e.precision) {
         return Err(invalid(name, format!("precision {} outside 1..={MAX_PRECISION}", e.precision)));
@@ -800,9 +808,10 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str, version: u32) ->
         return Err(invalid(name, format!("scales are {sd} but biases are {bd}; they must share one dtype")));
     }
     let scale_dtype = sd.to_scale_dtype().expect("checked to be a float dtype");
-    if low_bits > 0 {
-        // Bounded by the tile count checked above: at most 32 * 65536 weights a tile, one word per 16.
-        expect(&arrays.low, &[Dtype::U32], &[low_words(rows, cols)])?;
+    if let Some(form) = form {
+        // Bounded by the tile count checked above: at most 32 * 65536 weights a tile, one word per 16 (Low2) or
+        // three per 32 (Low3).
+        expect(&arrays.low, &[Dtype::U32], &[form.low_words(rows, cols)])?;
     }
     Ok(EncodedInfo { layout, low_bits, group_size, precision: e.precision, scale_dtype, checksums: e.crc32, arrays })
 }

@@ -6,6 +6,7 @@ pub mod mlx;
 mod safetensors_file;
 mod tensor;
 
+pub use crate::rans::SplitForm;
 pub use container::{
     refuse_overwrite, ArrayNames, Checksums, ContainerWriter, EcFile, EncodedInfo, FORMAT_VERSION, MAX_SEGMENT,
     RAW_CRC_KEY, VERSION_KEY,

@@ -2,9 +2,9 @@
 
 use crate::error::{Error, Result};
 use crate::quant::{QuantizedMatrix, ScaleDtype};
-use crate::rans::{self, DecodeTable, EncodedStream, FreqTable, TileLayout};
+use crate::rans::{self, DecodeTable, EncodedStream, FreqTable, SplitForm, TileLayout};
 
-/// Encoder settings: segment width `S`, probability precision `P`, and whether 4-bit symbols are split.
+/// Encoder settings: segment width `S`, probability precision `P`, and whether and how 4-bit symbols are split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncodeOptions {
     /// Columns per segment, rounded up to a multiple of the group size and capped at the matrix width; `0`
@@ -12,11 +12,12 @@ pub struct EncodeOptions {
     pub segment: usize,
     /// Probability precision `P` of the frequency table, `1..=12`.
     pub precision: u32,
-    /// Split 4-bit symbols (docs/FORMAT.md, section 2.1): code the high 2 bits of each weight, four weights a
-    /// step, and store the low 2 bits as they are. About 0.7% larger on SmolLM2-135M's weights and half the
-    /// decode steps (BENCHMARKS.md). Needs `bits == 4` and columns and segment multiples of 16; ignored for
-    /// other widths.
-    pub split: bool,
+    /// Split 4-bit symbols: code part of each weight and store the rest as it is (docs/FORMAT.md, sections 2.1
+    /// and 2.2). [`SplitForm::Low2`] codes the high 2 bits, four weights a step (half the decode steps), and needs
+    /// columns and segment multiples of 16; [`SplitForm::Low3`] codes one bit, eight weights a step (a quarter of
+    /// the decode steps), and needs multiples of 32. Either is about 0.7% larger on SmolLM2-135M's weights
+    /// (BENCHMARKS.md). `None` (the default) codes whole symbols; ignored for widths other than 4.
+    pub split: Option<SplitForm>,
 }
 
 impl EncodeOptions {
@@ -42,7 +43,7 @@ impl EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        Self { segment: 0, precision: rans::DEFAULT_PRECISION, split: false }
+        Self { segment: 0, precision: rans::DEFAULT_PRECISION, split: None }
     }
 }
 
@@ -50,9 +51,10 @@ impl Default for EncodeOptions {
 ///
 /// Invariants (checked by every constructor): the stream matches the layout (offsets, states), the table
 /// covers the layout's joint alphabet, `segment % group_size == 0`, and scales and biases hold
-/// `rows * cols / group_size` values exactly representable in `scale_dtype`. A split tensor (4-bit weights whose
-/// low 2 bits are stored as they are) codes 2-bit symbols: its layout has 2 bits, columns and segment are
-/// multiples of 16, and it holds 32 low words per row tile and block of 16 columns, 0 for rows past the last.
+/// `rows * cols / group_size` values exactly representable in `scale_dtype`. A split tensor (4-bit weights of which
+/// 2 or 3 bits are stored as they are, [`SplitForm`]) codes the rest: its layout has the form's coded bits (2 or 1),
+/// columns and segment are multiples of the form's block, and it holds the form's low words, 0 for rows past the
+/// last.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EcTensor {
     layout: TileLayout,
@@ -72,15 +74,15 @@ impl EcTensor {
     pub fn encode(q: &QuantizedMatrix, options: EncodeOptions) -> Result<Self> {
         q.validate()?;
         let segment = options.segment_for(q.cols, q.group_size);
-        let split = options.split && q.bits == rans::SPLIT_BITS;
-        let (coded, low) = if split {
-            // (A segment that is not a multiple of 16 is refused by `from_parts`.)
-            let (high, low) = rans::split_symbols(&q.symbols, q.rows, q.cols)?;
+        let split = options.split.filter(|_| q.bits == rans::SPLIT_BITS);
+        let (coded, low) = if let Some(form) = split {
+            // (A segment that is not a multiple of the block is refused by `from_parts`.)
+            let (high, low) = rans::split_symbols(&q.symbols, q.rows, q.cols, form)?;
             (std::borrow::Cow::Owned(high), Some(low))
         } else {
             (std::borrow::Cow::Borrowed(&q.symbols[..]), None)
         };
-        let coded_bits = if split { rans::SPLIT_BITS - rans::SPLIT_LOW_BITS } else { q.bits };
+        let coded_bits = split.map_or(q.bits, SplitForm::coded_bits);
         let layout = TileLayout::new(q.rows, q.cols, coded_bits, segment)?;
         let counts = rans::joint_counts(&coded, &layout)?;
         let table = FreqTable::from_counts(&counts, options.precision)?;
@@ -90,7 +92,8 @@ impl EcTensor {
     }
 
     /// Assembles a tensor from its parts after checking every invariant (used by readers). `low` holds the low
-    /// words of a split tensor, whose `layout` then describes the coded 2-bit symbols.
+    /// words of a split tensor, whose `layout` then describes the coded symbols: 2 bits for [`SplitForm::Low2`], 1
+    /// for [`SplitForm::Low3`].
     #[allow(clippy::too_many_arguments)]
     pub fn from_parts(
         layout: TileLayout,
@@ -121,25 +124,27 @@ impl EcTensor {
         }
         rans::check_stream_shape(&stream, &layout)?;
         if let Some(low) = &low {
-            let coded_bits = rans::SPLIT_BITS - rans::SPLIT_LOW_BITS;
-            if layout.bits() != coded_bits {
+            let Some(form) = SplitForm::from_coded_bits(layout.bits()) else {
                 return Err(Error::param(
                     "bits",
-                    format!("a split tensor codes {coded_bits}-bit symbols, not {}", layout.bits()),
+                    format!("a split tensor codes 2-bit or 1-bit symbols, not {}-bit ones", layout.bits()),
                 ));
-            }
-            rans::check_split_shape(layout.cols(), layout.segment())?;
-            let words = rans::low_words(layout.rows(), layout.cols());
+            };
+            form.check_shape(layout.cols(), layout.segment())?;
+            let words = form.low_words(layout.rows(), layout.cols());
             if low.len() != words {
                 return Err(Error::ShapeMismatch { what: "low words".into(), expected: words, actual: low.len() });
             }
-            // Rows past the last hold 0 (docs/FORMAT.md, section 2.1).
-            let blocks = layout.cols() / rans::SPLIT_BLOCK;
+            // Rows past the last hold 0 (docs/FORMAT.md, sections 2.1 and 2.2).
+            let blocks = layout.cols() / form.block();
             for row in layout.rows()..layout.rows().div_ceil(rans::LANES) * rans::LANES {
-                if let Some(b) = (0..blocks).find(|&b| low[rans::low_index(row, b, layout.cols())] != 0) {
+                let word_of = |b: usize| (0..form.block_words()).map(move |k| (b, k));
+                if let Some((b, k)) =
+                    (0..blocks).flat_map(word_of).find(|&(b, k)| low[form.low_index(row, b, k, layout.cols())] != 0)
+                {
                     return Err(Error::param(
                         "low",
-                        format!("the low word of row {row} (past the last), block {b}, is not 0"),
+                        format!("low word {k} of row {row} (past the last), block {b}, is not 0"),
                     ));
                 }
             }
@@ -159,8 +164,8 @@ impl EcTensor {
     /// Decodes the symbols (row-major `rows * cols`), checking end states.
     pub fn decode_symbols(&self) -> Result<Vec<u8>> {
         let mut symbols = rans::decode(&self.stream, &self.layout, &self.table)?;
-        if let Some(low) = &self.low {
-            rans::merge_symbols(&mut symbols, 0, self.cols(), low)?;
+        if let (Some(low), Some(form)) = (&self.low, self.split()) {
+            rans::merge_symbols(&mut symbols, 0, self.cols(), low, form)?;
         }
         Ok(symbols)
     }
@@ -169,8 +174,8 @@ impl EcTensor {
     /// [`rans::decode_row_tile`]; `dtable` is this tensor's table).
     pub fn decode_row_tile(&self, dtable: &DecodeTable, row_tile: usize, out: &mut [u8]) -> Result<()> {
         rans::decode_row_tile(&self.stream, &self.layout, dtable, row_tile, out)?;
-        if let Some(low) = &self.low {
-            rans::merge_symbols(out, row_tile * rans::LANES, self.cols(), low)?;
+        if let (Some(low), Some(form)) = (&self.low, self.split()) {
+            rans::merge_symbols(out, row_tile * rans::LANES, self.cols(), low, form)?;
         }
         Ok(())
     }
@@ -205,16 +210,20 @@ impl EcTensor {
             self.layout.bits()
         }
     }
-    /// The low words of a split tensor (32 per row tile and block of 16 columns, [`rans::low_index`]; docs/FORMAT.md
-    /// section 2.1); `None` when the tensor is not split.
+    /// The low words of a split tensor ([`SplitForm::low_index`]; docs/FORMAT.md sections 2.1 and 2.2); `None`
+    /// when the tensor is not split.
     pub fn low(&self) -> Option<&[u32]> {
         self.low.as_deref()
+    }
+    /// How the tensor is split, or `None` when it is not.
+    pub fn split(&self) -> Option<SplitForm> {
+        self.low.as_ref().and_then(|_| SplitForm::from_coded_bits(self.layout.bits()))
     }
     /// Columns per scale/bias group.
     pub fn group_size(&self) -> usize {
         self.group_size
     }
-    /// The tile layout of the coded symbols (rows, columns, bits, segment): 2 bits for a split tensor.
+    /// The tile layout of the coded symbols (rows, columns, bits, segment): 2 or 1 bits for a split tensor.
     pub fn layout(&self) -> &TileLayout {
         &self.layout
     }

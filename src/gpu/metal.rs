@@ -236,6 +236,12 @@ pub(crate) struct MslGemv {
 }
 
 impl MslGemv {
+    /// Whether the MSL kernel takes `tensor`: every stream but those split in the form that codes one bit of each
+    /// weight (docs/FORMAT.md, section 2.2), which the WGSL kernel multiplies by on every backend.
+    pub fn takes(tensor: &EcTensor) -> bool {
+        tensor.split() != Some(crate::rans::SplitForm::Low3)
+    }
+
     /// The MSL side of a fused product of `tensor`, whose stream and scales are already on the device; runs the
     /// kernel once and refuses a stream with a failing tile.
     pub fn new(ctx: &GpuContext, tensor: &EcTensor, stream: &GpuStream, scales: &GpuScales) -> Result<Self> {

@@ -107,8 +107,9 @@ pub struct Spec {
     /// q_gemv only: its word path reads x in lane order (`XLANES`), from x_lanes.wgsl run just before (see
     /// [`super::kernels::lane_x`]); false for every other kernel.
     pub lane_x: bool,
-    /// rans_decode and ec_gemv only: the stream is split (`SPLIT`, docs/FORMAT.md section 2.1): `bits` is then
-    /// the coded symbols' 2, the weights have 4, and binding 7 holds the low words; false for every other kernel.
+    /// rans_decode and ec_gemv only: the stream is split (`SPLIT`, docs/FORMAT.md sections 2.1 and 2.2): `bits`
+    /// is then the coded symbols' 2 (or 1: `SPLIT3` as well), the weights have 4, and binding 7 holds the low
+    /// words; false for every other kernel.
     pub split: bool,
     /// ec_gemv only: the grid's second dimension shares out the vectors, `m` to a row of workgroups (`GROUPED`;
     /// see [`super::kernels::vector_groups`]); false for every other kernel.
@@ -206,6 +207,10 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     }
     if matches!(kernel, Kernel::RansDecode | Kernel::EcGemv) && spec.split {
         flags.push("SPLIT");
+        // The form that codes one bit of each weight (docs/FORMAT.md, section 2.2).
+        if spec.bits == crate::rans::SplitForm::Low3.coded_bits() {
+            flags.push("SPLIT3");
+        }
     }
     if kernel == Kernel::EcGemv && spec.grouped {
         flags.push("GROUPED");
@@ -254,9 +259,9 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
     let mut out = Vec::new();
     for lanes in lane_modes {
         for bits in 1..=8 {
-            // Split streams code 2-bit symbols.
+            // Split streams code 2-bit or 1-bit symbols.
             let splits: &[bool] =
-                if bits == crate::rans::SPLIT_BITS - crate::rans::SPLIT_LOW_BITS { &[false, true] } else { &[false] };
+                if crate::rans::SplitForm::from_coded_bits(bits).is_some() { &[false, true] } else { &[false] };
             for (&split, precision) in splits.iter().flat_map(|s| precisions.clone().map(move |p| (s, p))) {
                 let spec = Spec { split, ..Spec::new(lanes, bits, precision, 1, TILE_WORKGROUP) };
                 out.push((Kernel::RansDecode, spec));

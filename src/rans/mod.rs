@@ -26,8 +26,8 @@ mod table;
 mod tile;
 
 pub use split::{
-    check_split_shape, low_index, low_words, merge_symbols, merge_words, split_column, split_symbols, SPLIT_BITS,
-    SPLIT_BLOCK, SPLIT_LOW_BITS,
+    check_split_shape, low_index, low_words, merge_symbols, merge_words, merge_words3, split_column, split_symbols,
+    SplitForm, SPLIT_BITS, SPLIT_BLOCK, SPLIT_LOW_BITS,
 };
 pub use table::{entropy_bits, FreqTable, DEFAULT_PRECISION, MAX_PRECISION};
 pub use tile::{

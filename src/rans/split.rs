@@ -1,61 +1,155 @@
-//! Split 4-bit symbols (docs/FORMAT.md, section 2.1): the high 2 bits of each weight are rANS-coded as a 2-bit
-//! stream (four weights a step), the low 2 bits are stored as they are.
+//! Split 4-bit symbols (docs/FORMAT.md, sections 2.1 and 2.2): part of each weight is rANS-coded, the rest stored
+//! as it is. Two forms ([`SplitForm`]):
 //!
-//! Within each block of [`SPLIT_BLOCK`] columns the weights are taken in interleaved order: position `2i` is
-//! column `i`, position `2i + 1` is column `8 + i`. The coded matrix holds the high parts in that order, and
-//! each block's low parts are one `u32`, position `p` at bits `2p .. 2p + 2`. In that order, the high parts of a
-//! block packed 16 to a `u32` (`hi`, position `p` at bits `2p`) and its low word `lo` give the block's two packed
-//! 4-bit words with four bit operations each ([`merge_words`]): that is what the GPU decoders do. The low words
-//! are stored by row tile, then block, then row within the tile ([`low_index`]), so the 32 lanes of a tile read
-//! one block's low words as 128 consecutive bytes; rows past the last of the matrix hold 0.
+//! - [`SplitForm::Low2`] (section 2.1): the high 2 bits are coded, four weights a step, the low 2 stored. Within
+//!   each block of 16 columns the weights are taken in interleaved order: position `2i` is column `i`, position
+//!   `2i + 1` is column `8 + i`. Each block's low parts are one `u32`, position `p` at bits `2p .. 2p + 2`. In that
+//!   order, the high parts of a block packed 16 to a `u32` (`hi`, position `p` at bits `2p`) and its low word `lo`
+//!   give the block's two packed 4-bit words with four bit operations each ([`merge_words`]).
+//! - [`SplitForm::Low3`] (section 2.2): one bit a weight is coded, `q3 ^ q2` (whether the weight lies in the middle
+//!   half, 4 to 11), eight weights a step; `q3`, `q1` and `q0` are stored. Within each block of 32 columns position
+//!   `p` is column `8 (p % 4) + p / 4`, and the stored bits are three `u32`s ([`split_symbols`] says where each bit
+//!   goes): with the block's coded bits packed 32 to a `u32` they give its four packed 4-bit words with a few bit
+//!   operations each ([`merge_words3`]). A step then decodes 8 weights, twice as many as with `Low2`, at the same
+//!   order-0 size: SmolLM2-135M's weights are symmetric about 7.5, so `q3 ^ q2` carries what `q3 q2` does less the
+//!   one bit (`q3`) that is close to uniform.
+//!
+//! The low words are stored by row tile, then block, then word of the block, then row within the tile
+//! ([`low_index`]), so the 32 lanes of a tile read each low word of a block as 128 consecutive bytes; rows past the
+//! last of the matrix hold 0. That is what the GPU decoders do.
 
 use crate::error::{Error, Result};
 
 use super::tile::{avx2_available, LANES};
 
-/// Columns per interleaved block: the columns of a matrix and the segment must be multiples of it.
+/// Columns per interleaved block of the `Low2` form: the columns of a matrix and the segment must be multiples of
+/// it ([`SplitForm::block`]).
 pub const SPLIT_BLOCK: usize = 16;
 /// Bits per weight of a split tensor.
 pub const SPLIT_BITS: u32 = 4;
-/// Low bits of each weight stored as they are; the other `SPLIT_BITS - SPLIT_LOW_BITS` are coded.
+/// Low bits of each weight stored as they are in the `Low2` form; the other `SPLIT_BITS - SPLIT_LOW_BITS` are coded.
 pub const SPLIT_LOW_BITS: u32 = 2;
 
-/// The column of a block held at interleaved position `p`.
+/// How a 4-bit weight is split into a coded part and a stored part (docs/FORMAT.md, sections 2.1 and 2.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SplitForm {
+    /// The high 2 bits coded (four weights a step), the low 2 stored; blocks of 16 columns, one low word each.
+    Low2,
+    /// `q3 ^ q2` coded (eight weights a step), `q3`, `q1` and `q0` stored; blocks of 32 columns, three low words.
+    Low3,
+}
+
+impl SplitForm {
+    /// The form that stores `low_bits` bits of each weight, if there is one.
+    pub fn from_low_bits(low_bits: u32) -> Option<Self> {
+        match low_bits {
+            2 => Some(Self::Low2),
+            3 => Some(Self::Low3),
+            _ => None,
+        }
+    }
+
+    /// The form whose coded symbols have `bits` bits, if there is one.
+    pub fn from_coded_bits(bits: u32) -> Option<Self> {
+        SPLIT_BITS.checked_sub(bits).and_then(Self::from_low_bits)
+    }
+
+    /// Bits of each weight stored as they are.
+    pub const fn low_bits(self) -> u32 {
+        match self {
+            Self::Low2 => 2,
+            Self::Low3 => 3,
+        }
+    }
+
+    /// Bits of each weight coded: the coded symbols' width.
+    pub const fn coded_bits(self) -> u32 {
+        SPLIT_BITS - self.low_bits()
+    }
+
+    /// Columns per block: the columns of a matrix and the segment must be multiples of it.
+    pub const fn block(self) -> usize {
+        match self {
+            Self::Low2 => SPLIT_BLOCK,
+            Self::Low3 => 32,
+        }
+    }
+
+    /// Low words per row and block.
+    pub const fn block_words(self) -> usize {
+        self.low_bits() as usize * self.block() / 32
+    }
+
+    /// The column of a block held at interleaved position `p`.
+    #[inline]
+    pub fn column(self, p: usize) -> usize {
+        match self {
+            Self::Low2 => split_column(p),
+            Self::Low3 => 8 * (p % 4) + p / 4,
+        }
+    }
+
+    /// Where low word `word` of row `row`, block `block` lies in a split tensor's low words, for `cols` columns:
+    /// `(((row / 32) * (cols / block) + block) * block_words + word) * 32 + row % 32`.
+    #[inline]
+    pub fn low_index(self, row: usize, block: usize, word: usize, cols: usize) -> usize {
+        (((row / LANES) * (cols / self.block()) + block) * self.block_words() + word) * LANES + row % LANES
+    }
+
+    /// The number of low words of a split `rows x cols` tensor: `ceil(rows / 32) * 32 * cols / block *
+    /// block_words`.
+    pub fn low_words(self, rows: usize, cols: usize) -> usize {
+        rows.div_ceil(LANES) * LANES * (cols / self.block()) * self.block_words()
+    }
+
+    /// Checks that a `cols`-column matrix cut into segments of `segment` columns can be split: both multiples of
+    /// [`block`](Self::block).
+    pub fn check_shape(self, cols: usize, segment: usize) -> Result<()> {
+        self.check_block("cols", cols)?;
+        self.check_block("segment", segment)
+    }
+
+    fn check_block(self, what: &'static str, v: usize) -> Result<()> {
+        if v % self.block() != 0 {
+            return Err(Error::param(
+                what,
+                format!("{v} is not a multiple of {}, as a split tensor ({self:?}) needs", self.block()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The column of a `Low2` block held at interleaved position `p`.
 #[inline]
 pub fn split_column(p: usize) -> usize {
     (p >> 1) + 8 * (p & 1)
 }
 
-/// Where the low word of row `row`, block `block` (columns `16 block ..`) lies in a split tensor's low words, for
+/// Where the low word of row `row`, block `block` (columns `16 block ..`) lies in a `Low2` tensor's low words, for
 /// `cols` columns: `((row / 32) * (cols / 16) + block) * 32 + row % 32`.
 #[inline]
 pub fn low_index(row: usize, block: usize, cols: usize) -> usize {
-    ((row / LANES) * (cols / SPLIT_BLOCK) + block) * LANES + row % LANES
+    SplitForm::Low2.low_index(row, block, 0, cols)
 }
 
-/// The number of low words of a split `rows x cols` tensor: 32 per row tile and block, `ceil(rows / 32) * 32 *
+/// The number of low words of a `Low2` `rows x cols` tensor: 32 per row tile and block, `ceil(rows / 32) * 32 *
 /// cols / 16`.
 pub fn low_words(rows: usize, cols: usize) -> usize {
-    rows.div_ceil(LANES) * LANES * (cols / SPLIT_BLOCK)
+    SplitForm::Low2.low_words(rows, cols)
 }
 
-/// Checks that a `cols`-column matrix cut into segments of `segment` columns can be split: both multiples of 16.
+/// Checks that a `cols`-column matrix cut into segments of `segment` columns can be split in the `Low2` form: both
+/// multiples of 16.
 pub fn check_split_shape(cols: usize, segment: usize) -> Result<()> {
-    check_block("cols", cols)?;
-    check_block("segment", segment)
+    SplitForm::Low2.check_shape(cols, segment)
 }
 
-fn check_block(what: &'static str, v: usize) -> Result<()> {
-    if v % SPLIT_BLOCK != 0 {
-        return Err(Error::param(what, format!("{v} is not a multiple of {SPLIT_BLOCK}, as a split tensor needs")));
-    }
-    Ok(())
-}
-
-/// Splits row-major 4-bit symbols of a `rows x cols` matrix (`cols` a multiple of 16) into the coded high parts
-/// (2-bit symbols, row-major, columns interleaved within each block) and the low words ([`low_index`] order).
-pub fn split_symbols(symbols: &[u8], rows: usize, cols: usize) -> Result<(Vec<u8>, Vec<u32>)> {
-    check_block("cols", cols)?;
+/// Splits row-major 4-bit symbols of a `rows x cols` matrix (`cols` a multiple of the form's block) into the
+/// coded parts (`form.coded_bits()`-bit symbols, row-major, columns in interleaved order within each block) and the
+/// low words ([`SplitForm::low_index`] order).
+pub fn split_symbols(symbols: &[u8], rows: usize, cols: usize, form: SplitForm) -> Result<(Vec<u8>, Vec<u32>)> {
+    form.check_block("cols", cols)?;
     if symbols.len() != rows * cols {
         return Err(Error::ShapeMismatch { what: "symbols".into(), expected: rows * cols, actual: symbols.len() });
     }
@@ -63,36 +157,83 @@ pub fn split_symbols(symbols: &[u8], rows: usize, cols: usize) -> Result<(Vec<u8
         return Err(Error::param("symbols", format!("{s} does not fit {SPLIT_BITS} bits")));
     }
     let mut high = vec![0u8; symbols.len()];
-    let mut low = vec![0u32; low_words(rows, cols)];
-    let blocks = symbols.chunks_exact(SPLIT_BLOCK).zip(high.chunks_exact_mut(SPLIT_BLOCK));
+    let mut low = vec![0u32; form.low_words(rows, cols)];
+    let block_len = form.block();
+    let blocks = symbols.chunks_exact(block_len).zip(high.chunks_exact_mut(block_len));
     for (i, (block, out)) in blocks.enumerate() {
-        let mut lo = 0u32;
-        for (p, h) in out.iter_mut().enumerate() {
-            let q = block[split_column(p)];
-            *h = q >> SPLIT_LOW_BITS;
-            lo |= ((q & 3) as u32) << (2 * p);
+        let (row, b) = (i / (cols / block_len), i % (cols / block_len));
+        let words = match form {
+            SplitForm::Low2 => {
+                let mut lo = 0u32;
+                for (p, h) in out.iter_mut().enumerate() {
+                    let q = block[split_column(p)];
+                    *h = q >> SPLIT_LOW_BITS;
+                    lo |= ((q & 3) as u32) << (2 * p);
+                }
+                [lo, 0, 0]
+            }
+            SplitForm::Low3 => {
+                for (p, h) in out.iter_mut().enumerate() {
+                    let q = block[form.column(p)];
+                    *h = ((q >> 3) ^ (q >> 2)) & 1;
+                }
+                // Word k holds q3, q1 and q0 of columns 8k .. 8k + 8 in their places, and in the place of their q2
+                // bits bit [3, 1, 0][k] of columns 24 .. 32.
+                let mut s = [0u32; 3];
+                for (k, w) in s.iter_mut().enumerate() {
+                    for i in 0..8 {
+                        let own = (block[8 * k + i] & 0b1011) as u32;
+                        let last = ((block[24 + i] >> [3, 1, 0][k]) & 1) as u32;
+                        *w |= (own | last << 2) << (4 * i);
+                    }
+                }
+                s
+            }
+        };
+        for (word, &w) in words.iter().enumerate().take(form.block_words()) {
+            low[form.low_index(row, b, word, cols)] = w;
         }
-        let (row, b) = (i / (cols / SPLIT_BLOCK), i % (cols / SPLIT_BLOCK));
-        low[low_index(row, b, cols)] = lo;
     }
     Ok((high, low))
 }
 
-/// Merges the high parts of rows `row0 ..` (`high`, whole rows of `cols` 2-bit symbols in interleaved order, as
-/// decoded) with their low words in place: `high` becomes those rows' 4-bit symbols in column order. `low` is
-/// all of the tensor's low words.
-pub fn merge_symbols(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) -> Result<()> {
-    check_block("cols", cols)?;
+/// Merges the coded parts of rows `row0 ..` (`high`, whole rows of `cols` symbols in interleaved order, as decoded)
+/// with their low words in place: `high` becomes those rows' 4-bit symbols in column order. `low` is all of the
+/// tensor's low words.
+pub fn merge_symbols(high: &mut [u8], row0: usize, cols: usize, low: &[u32], form: SplitForm) -> Result<()> {
+    form.check_block("cols", cols)?;
     let rows = high.len().checked_div(cols).unwrap_or(0);
-    if rows * cols != high.len() || low.len() < low_words(row0 + rows, cols) {
+    if rows * cols != high.len() || low.len() < form.low_words(row0 + rows, cols) {
         return Err(Error::ShapeMismatch {
             what: "split low words".into(),
-            expected: low_words(row0 + rows, cols),
+            expected: form.low_words(row0 + rows, cols),
             actual: low.len(),
         });
     }
-    merge_rows(high, row0, cols, low, avx2_available());
+    match form {
+        SplitForm::Low2 => merge_rows(high, row0, cols, low, avx2_available()),
+        SplitForm::Low3 => merge_rows3(high, row0, cols, low),
+    }
     Ok(())
+}
+
+/// [`merge_symbols`] of the `Low3` form after its checks.
+fn merge_rows3(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) {
+    let form = SplitForm::Low3;
+    if cols == 0 {
+        return;
+    }
+    for (r, row) in high.chunks_exact_mut(cols).enumerate() {
+        for (b, block) in row.chunks_exact_mut(form.block()).enumerate() {
+            let hi = block.iter().enumerate().fold(0u32, |w, (p, &h)| w | ((h & 1) as u32) << p);
+            let s = [0, 1, 2].map(|k| low[form.low_index(row0 + r, b, k, cols)]);
+            for (k, w) in merge_words3(hi, s).into_iter().enumerate() {
+                for i in 0..8 {
+                    block[8 * k + i] = ((w >> (4 * i)) & 15) as u8;
+                }
+            }
+        }
+    }
 }
 
 /// [`merge_symbols`] after its checks, with the AVX2 merge where `simd` (the same result).
@@ -159,6 +300,23 @@ pub fn merge_words(hi: u32, lo: u32) -> [u32; 2] {
     [((hi & 0x3333_3333) << 2) | (lo & 0x3333_3333), (hi & 0xcccc_cccc) | ((lo >> 2) & 0x3333_3333)]
 }
 
+/// A `Low3` block's four packed 4-bit words (columns `8k .. 8k + 8` in word `k`, column `8k + i` at bits `4i`) from
+/// its coded bits packed 32 to a `u32` (position `p` at bit `p`: bit `4i + k` is column `8k + i`) and its three low
+/// words: `q2 = c ^ q3` goes in where each word holds a bit of word 3.
+#[inline]
+pub fn merge_words3(hi: u32, s: [u32; 3]) -> [u32; 4] {
+    let own = |k: usize, c: u32| (s[k] & 0xbbbb_bbbb) | ((c ^ (s[k] >> 1)) & 0x4444_4444);
+    [
+        own(0, hi << 2),
+        own(1, hi << 1),
+        own(2, hi),
+        ((s[0] << 1) & 0x8888_8888)
+            | (((hi >> 1) ^ s[0]) & 0x4444_4444)
+            | ((s[1] >> 1) & 0x2222_2222)
+            | ((s[2] >> 2) & 0x1111_1111),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +326,7 @@ mod tests {
         // 35 rows of 32 columns: two row tiles, the second with 3 rows (its other 29 rows' low words are 0).
         let (rows, cols) = (35, 32);
         let symbols: Vec<u8> = (0..rows * cols).map(|i| ((i * 7 + i / 5) % 16) as u8).collect();
-        let (mut high, low) = split_symbols(&symbols, rows, cols).unwrap();
+        let (mut high, low) = split_symbols(&symbols, rows, cols, SplitForm::Low2).unwrap();
         assert_eq!(low.len(), 2 * 32 * 2);
         for (b, chunk) in high.chunks_exact(16).enumerate() {
             let (row, block) = (b / 2, b % 2);
@@ -179,9 +337,9 @@ mod tests {
         }
         assert!(low[64 + 3..96].iter().chain(&low[96 + 3..]).all(|&w| w == 0));
         let mut tail = high[32 * cols..].to_vec();
-        merge_symbols(&mut tail, 32, cols, &low).unwrap();
+        merge_symbols(&mut tail, 32, cols, &low, SplitForm::Low2).unwrap();
         assert_eq!(tail, symbols[32 * cols..]);
-        merge_symbols(&mut high, 0, cols, &low).unwrap();
+        merge_symbols(&mut high, 0, cols, &low, SplitForm::Low2).unwrap();
         assert_eq!(high, symbols);
     }
 
@@ -190,7 +348,7 @@ mod tests {
         // 67 rows of 48 columns (three blocks a row, three row tiles, the last partial), every symbol value.
         let (rows, cols) = (67, 48);
         let symbols: Vec<u8> = (0..rows * cols).map(|i| ((i * 11 + i / 7) % 16) as u8).collect();
-        let (high, low) = split_symbols(&symbols, rows, cols).unwrap();
+        let (high, low) = split_symbols(&symbols, rows, cols, SplitForm::Low2).unwrap();
         for simd in [false, avx2_available()] {
             let mut merged = high.clone();
             merge_rows(&mut merged, 0, cols, &low, simd);
@@ -203,8 +361,63 @@ mod tests {
 
     #[test]
     fn split_refuses_odd_columns_and_wide_symbols() {
-        assert!(split_symbols(&[0; 24], 1, 24).is_err());
-        assert!(split_symbols(&[16; 16], 1, 16).is_err());
-        assert!(merge_symbols(&mut [0; 32], 0, 16, &[0; 31]).is_err());
+        assert!(split_symbols(&[0; 24], 1, 24, SplitForm::Low2).is_err());
+        assert!(split_symbols(&[16; 16], 1, 16, SplitForm::Low2).is_err());
+        assert!(merge_symbols(&mut [0; 32], 0, 16, &[0; 31], SplitForm::Low2).is_err());
+        assert!(split_symbols(&[0; 48], 1, 48, SplitForm::Low3).is_err());
+        assert!(split_symbols(&[16; 32], 1, 32, SplitForm::Low3).is_err());
+        assert!(merge_symbols(&mut [0; 64], 0, 32, &[0; 3 * 32 - 1], SplitForm::Low3).is_err());
+        assert!(SplitForm::Low3.check_shape(64, 48).is_err());
+        assert!(SplitForm::Low3.check_shape(64, 96).is_ok());
+    }
+
+    #[test]
+    fn low3_codes_the_middle_half_bit_and_stores_the_rest() {
+        // One row of 32 columns, column c holding c % 16: the coded bit of position p (column 8 (p % 4) + p / 4) is
+        // whether that column's weight lies in 4..12.
+        let symbols: Vec<u8> = (0..32).map(|c| (c % 16) as u8).collect();
+        let (high, low) = split_symbols(&symbols, 1, 32, SplitForm::Low3).unwrap();
+        for (p, &h) in high.iter().enumerate() {
+            let q = symbols[8 * (p % 4) + p / 4];
+            assert_eq!(h, (4..12).contains(&q) as u8, "position {p}");
+        }
+        // Three low words for the one row (32 entries each, the other 31 rows 0).
+        assert_eq!(low.len(), 3 * 32);
+        assert!(low.iter().enumerate().all(|(i, &w)| i % 32 == 0 || w == 0));
+        // Columns 24..32 hold 8..15. Word 0: columns 0..8 (0..7) without q2, and in the q2 places q3 of columns
+        // 24..32 (all 1); word 1: columns 8..16 (8..15) and q1 of 24..32; word 2: columns 16..24 (0..7) and q0.
+        assert_eq!([low[0], low[32], low[64]], [0x7654_7654, 0xfe98_fe98, 0x7250_7250]);
+    }
+
+    #[test]
+    fn low3_merge_words_and_merge_symbols_invert_the_split() {
+        // 35 rows of 64 columns: two row tiles (the second with 3 rows), two blocks a row, every symbol value.
+        let (rows, cols) = (35, 64);
+        let symbols: Vec<u8> = (0..rows * cols).map(|i| ((i * 7 + i / 5) % 16) as u8).collect();
+        let form = SplitForm::Low3;
+        let (mut high, low) = split_symbols(&symbols, rows, cols, form).unwrap();
+        assert_eq!(low.len(), form.low_words(rows, cols));
+        assert_eq!(low.len(), 2 * 32 * 2 * 3);
+        for (b, chunk) in high.chunks_exact(32).enumerate() {
+            let (row, block) = (b / 2, b % 2);
+            let hi = (0..32).fold(0u32, |w, p| w | (chunk[p] as u32) << p);
+            let s = [0, 1, 2].map(|k| low[form.low_index(row, block, k, cols)]);
+            let words = merge_words3(hi, s);
+            for col in 0..32 {
+                let got = (words[col / 8] >> (4 * (col % 8))) & 15;
+                assert_eq!(got, symbols[32 * b + col] as u32, "row {row} block {block} column {col}");
+            }
+        }
+        // Rows past the last hold 0.
+        for row in rows..64 {
+            for block in 0..2 {
+                assert!((0..3).all(|k| low[form.low_index(row, block, k, cols)] == 0));
+            }
+        }
+        let mut tail = high[32 * cols..].to_vec();
+        merge_symbols(&mut tail, 32, cols, &low, form).unwrap();
+        assert_eq!(tail, symbols[32 * cols..]);
+        merge_symbols(&mut high, 0, cols, &low, form).unwrap();
+        assert_eq!(high, symbols);
     }
 }
