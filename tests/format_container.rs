@@ -226,6 +226,27 @@ fn split_tensor_round_trips_in_a_version_2_file() {
 }
 
 #[test]
+fn split3_tensor_round_trips_in_a_version_3_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = quantize(&weights(40, 256, 1), 40, 256, QuantConfig::default()).unwrap();
+    let low3 = EncodeOptions { segment: 128, split: Some(SplitForm::Low3), ..EncodeOptions::default() };
+    let a = EcTensor::encode(&q, low3).unwrap();
+    assert_eq!((a.split(), a.layout().bits(), a.bits()), (Some(SplitForm::Low3), 1, 4));
+    let [low2, _] = split_and_plain();
+    let path = dir.path().join("m.safetensors");
+    let file = write_encoded(&path, &[("blk.up.weight", &a), ("blk.gate.weight", &low2)]);
+    assert_eq!(file.format_version(), Some(3));
+    let info = file.encoded_info("blk.up.weight").unwrap();
+    assert_eq!((info.bits(), info.low_bits, info.layout.bits()), (4, 3, 1));
+    let low = &file.safetensors().tensors()[&ArrayNames::new("blk.up.weight").low];
+    assert_eq!(low.shape, vec![SplitForm::Low3.low_words(40, 256)]);
+    assert_eq!(low.shape, vec![64 * 8 * 3]);
+    assert_eq!(file.tensor("blk.up.weight").unwrap(), a);
+    assert_eq!(file.tensor("blk.up.weight").unwrap().to_quantized().unwrap(), q);
+    assert_eq!(file.tensor("blk.gate.weight").unwrap(), low2);
+}
+
+#[test]
 fn files_without_split_tensors_stay_version_1() {
     let dir = tempfile::tempdir().unwrap();
     let [_, b] = split_and_plain();

@@ -41,9 +41,13 @@ fn fixture_bytes() -> Vec<u8> {
 
 /// The same file with the first tensor (40 x 256 4-bit) split: a version-2 file.
 fn split_fixture_bytes() -> Vec<u8> {
+    split_fixture_bytes_as(SplitForm::Low2)
+}
+
+/// The same file with the first tensor split in `form`: a version-2 file for `Low2`, version 3 for `Low3`.
+fn split_fixture_bytes_as(form: SplitForm) -> Vec<u8> {
     let a = quantize(&weights(40 * 256, 1), 40, 256, QuantConfig::default()).unwrap();
-    let split =
-        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: Some(SplitForm::Low2) }).unwrap();
+    let split = EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: Some(form) }).unwrap();
     let [_, b] = <[EcTensor; 2]>::try_from(fixture_tensors()).unwrap();
     container_bytes(vec![split, b])
 }
@@ -322,11 +326,11 @@ fn a_changed_word_with_a_matching_checksum_fails_the_end_state_check() {
 #[test]
 fn unknown_or_missing_versions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    for v in ["0", "3", "1.0", "", "v1"] {
+    for v in ["0", "4", "1.0", "", "v1"] {
         let mut p = Parts::parse(&fixture_bytes());
         p.metadata.insert("ecq.format_version".into(), v.into());
         match read_all(dir.path(), &p.to_bytes()) {
-            Err(Error::UnsupportedVersion { found, supported: 2 }) => assert_eq!(found, v),
+            Err(Error::UnsupportedVersion { found, supported: 3 }) => assert_eq!(found, v),
             other => panic!("version {v:?}: expected UnsupportedVersion, got {other:?}"),
         }
     }
@@ -553,6 +557,31 @@ fn split_fixture_is_valid() {
 }
 
 #[test]
+fn split3_fixture_is_valid_in_version_3_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = split_fixture_bytes_as(SplitForm::Low3);
+    read_all(dir.path(), &bytes).unwrap();
+    let p = Parts::parse(&bytes);
+    assert_eq!(p.metadata["ecq.format_version"], "3");
+    assert_eq!(p.entry(ENCODED[0])["low_bits"], json!(3));
+    let mut p = Parts::parse(&bytes);
+    p.metadata.insert("ecq.format_version".into(), "2".into());
+    expect_invalid(read_all(dir.path(), &p.to_bytes()), "needs format version 3", "version 2 with low_bits 3");
+    // Version 3 on a file whose tensors need less (also what one flipped bit makes of "1").
+    for fixture in [fixture_bytes(), split_fixture_bytes()] {
+        let mut p = Parts::parse(&fixture);
+        p.metadata.insert("ecq.format_version".into(), "3".into());
+        expect_invalid(read_all(dir.path(), &p.to_bytes()), "version-3 file must hold", "version 3 without low_bits 3");
+    }
+    // A segment that holds whole blocks of 16 columns but not of 32.
+    let mut p = Parts::parse(&bytes);
+    let mut e = p.entry(ENCODED[0]);
+    e["segment"] = json!(48);
+    p.set_entry(ENCODED[0], &e);
+    expect_invalid(read_all(dir.path(), &p.to_bytes()), "48 is not a multiple of 32", "segment of 48");
+}
+
+#[test]
 fn split_fields_in_a_version_1_file_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Parts::parse(&split_fixture_bytes());
@@ -566,8 +595,8 @@ fn bad_split_parameters_are_refused() {
     let bytes = split_fixture_bytes();
     type Edit = fn(&mut Value);
     let cases: [(&str, Edit, &str); 4] = [
-        ("low_bits 1", |e| e["low_bits"] = json!(1), "only 2 with 4 bits"),
-        ("low_bits with 8 bits", |e| e["bits"] = json!(8), "only 2 with 4 bits"),
+        ("low_bits 1", |e| e["low_bits"] = json!(1), "only 2 or 3 with 4 bits"),
+        ("low_bits with 8 bits", |e| e["bits"] = json!(8), "only 2 or 3 with 4 bits"),
         ("no checksum of low", |e| drop(e["crc32"].as_object_mut().unwrap().remove("low")), "checksum of `low`"),
         ("segment of 8", |e| e["segment"] = json!(8), "8 is not a multiple of 16"),
     ];

@@ -69,3 +69,25 @@ fn split_example_matches_format_md() {
     assert_eq!(merge_words(hi, low[0]), [0xa5c907e3, 0x4d82b6f1]);
     assert_eq!(ecq::quant::pack_mlx(&q, 16, 4).unwrap(), [0xa5c907e3, 0x4d82b6f1]);
 }
+
+/// The split example of docs/FORMAT.md section 2.2 (one bit coded): one row of 32 weights.
+#[test]
+fn split3_example_matches_format_md() {
+    use ecq::rans::{merge_words3, split_symbols, SplitForm};
+    let q: [u8; 32] =
+        [3, 14, 7, 0, 9, 12, 5, 10, 1, 15, 6, 11, 2, 8, 13, 4, 6, 9, 0, 15, 4, 11, 10, 5, 12, 3, 8, 7, 13, 2, 1, 14];
+    let (high, low) = split_symbols(&q, 1, 32, SplitForm::Low3).unwrap();
+    let h = [0, 0, 1, 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0];
+    assert_eq!(high, h);
+    let joint: Vec<u32> =
+        high.chunks(8).map(|h| h.iter().enumerate().fold(0, |j, (i, &s)| j | (s as u32) << i)).collect();
+    assert_eq!(joint, [0x44, 0xab, 0x65, 0x75]);
+    // One row: three words, each followed by the 31 rows past it in the row tile, which are 0.
+    assert_eq!(low.len(), 3 * 32);
+    assert_eq!([low[0], low[32], low[64]], [0xe18d07a7, 0x49c2f2f1, 0x1eb4f0d2]);
+    assert!(low.iter().enumerate().all(|(i, &w)| i % 32 == 0 || w == 0));
+    let hi = joint.iter().enumerate().fold(0u32, |w, (t, &j)| w | j << (8 * t));
+    let words = [0xa5c907e3, 0x4d82b6f1, 0x5ab4f096, 0xe12d783c];
+    assert_eq!(merge_words3(hi, [low[0], low[32], low[64]]), words);
+    assert_eq!(ecq::quant::pack_mlx(&q, 32, 4).unwrap(), words);
+}

@@ -576,6 +576,7 @@ impl EcFile {
         let version = match meta.get(VERSION_KEY).map(String::as_str) {
             Some("1") => Some(1),
             Some("2") => Some(2),
+            Some("3") => Some(3),
             Some(v) => return Err(Error::UnsupportedVersion { found: v.into(), supported: FORMAT_VERSION }),
             None => None,
         };
@@ -599,6 +600,12 @@ impl EcFile {
             }
             encoded.insert(name.to_string(), info);
         }
+        // A writer writes version 3 only for a file that holds a tensor storing 3 bits of each weight.
+        if version == Some(3) && !encoded.values().any(|i| i.low_bits == SplitForm::Low3.low_bits()) {
+            return Err(Error::file(
+                "a version-3 file must hold a split tensor with `low_bits` 3, and this one does not",
+            ));
+        }
         let raw_crc: BTreeMap<String, u32> = match meta.get(RAW_CRC_KEY) {
             Some(v) => serde_json::from_str(v)
                 .map_err(|e| Error::file(format!("`{RAW_CRC_KEY}` is not a map of CRC-32 values: {e}")))?,
@@ -606,7 +613,7 @@ impl EcFile {
         };
         let unclaimed = || file.tensors().keys().filter(|n| !claimed.contains(n.as_str()));
         for name in unclaimed() {
-            let reserved = if version == Some(2) { &STREAM_SUFFIXES[..] } else { &STREAM_SUFFIXES[..4] };
+            let reserved = if version >= Some(2) { &STREAM_SUFFIXES[..] } else { &STREAM_SUFFIXES[..4] };
             if let Some(s) = reserved.iter().find(|s| name.ends_with(*s)) {
                 let owner = &name[..name.len() - s.len()];
                 return Err(Error::file(format!("array `{name}` has no `{owner}.ecq` metadata entry")));
