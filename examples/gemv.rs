@@ -4,8 +4,8 @@
 //! scaled like real weights around 0.02), quantizes it MLX-style (4 bits, groups of 64, f16 scales), encodes
 //! the symbols with the 32-lane rANS tile codec, then runs `y = W x` through [`EcMatmul`] and prints the
 //! stored size against the entropy bound, the error against a float64 reference and the time per call. It also
-//! runs the CPU product, and on a GPU the fused one, on the same symbols encoded as a split stream (high 2 bits
-//! coded, low 2 bits stored; docs/FORMAT.md, section 2.1).
+//! runs the CPU product, and on a GPU the fused one, on the same symbols encoded as split streams in both forms (high
+//! 2 bits coded and low 2 stored, docs/FORMAT.md section 2.1; one bit coded and 3 stored, section 2.2).
 //!
 //! ```text
 //! cargo run --release --example gemv
@@ -69,14 +69,19 @@ fn main() -> ecq::Result<()> {
     );
     println!();
     report_size(&q, &tensor)?;
-    let split = EcTensor::encode(&q, EncodeOptions { split: Some(SplitForm::Low2), ..EncodeOptions::default() })?;
     let weights_n = (ROWS * COLS) as f64;
-    println!(
-        "split stream          {:.4} bits/weight ({:+.2}% against the stream above), the same symbols",
-        split.stream_bits() as f64 / weights_n,
-        100.0 * (split.stream_bits() as f64 / tensor.stream_bits() as f64 - 1.0)
-    );
-    assert_eq!(split.decode_symbols()?, q.symbols, "the split stream decodes to other symbols");
+    let mut splits = Vec::new();
+    for (form, name) in [(SplitForm::Low2, "split stream  "), (SplitForm::Low3, "split stream 3")] {
+        let split = EcTensor::encode(&q, EncodeOptions { split: Some(form), ..EncodeOptions::default() })?;
+        println!(
+            "{name}        {:.4} bits/weight ({:+.2}% against the stream above), the same symbols",
+            split.stream_bits() as f64 / weights_n,
+            100.0 * (split.stream_bits() as f64 / tensor.stream_bits() as f64 - 1.0)
+        );
+        assert_eq!(split.decode_symbols()?, q.symbols, "the split stream decodes to other symbols");
+        splits.push(split);
+    }
+    let [split, split3] = <[EcTensor; 2]>::try_from(splits).expect("two forms");
     println!();
 
     let x = activations(BATCH * COLS);
@@ -94,10 +99,11 @@ fn main() -> ecq::Result<()> {
     let cpu = EcMatmul::cpu(&tensor);
     run_strategy("Cpu (rayon, decode while multiplying)", &cpu, &x, &reference, RUNS)?;
     run_strategy("Cpu on the split stream", &EcMatmul::cpu(&split), &x, &reference, RUNS)?;
+    run_strategy("Cpu on the split stream 3", &EcMatmul::cpu(&split3), &x, &reference, RUNS)?;
 
     // ---- GPU path ---------------------------------------------------------------------------------------
     #[cfg(feature = "gpu")]
-    run_gpu(&tensor, &split, &x, &reference)?;
+    run_gpu(&tensor, [&split, &split3], &x, &reference)?;
     #[cfg(not(feature = "gpu"))]
     println!("GPU path not built (the `gpu` feature is off); only the CPU path ran.");
 
@@ -214,7 +220,7 @@ fn max_abs_err(y: &[f32], reference: &[f64]) -> f64 {
 /// The GPU strategies on the default adapter, checked against the same float64 reference as the CPU path.
 /// Without an adapter this says so and how to get one; the CPU path above has already run.
 #[cfg(feature = "gpu")]
-fn run_gpu(tensor: &EcTensor, split: &EcTensor, x: &[f32], reference: &[f64]) -> ecq::Result<()> {
+fn run_gpu(tensor: &EcTensor, splits: [&EcTensor; 2], x: &[f32], reference: &[f64]) -> ecq::Result<()> {
     use ecq::gpu::GpuContext;
     use ecq::Strategy;
 
@@ -236,7 +242,8 @@ fn run_gpu(tensor: &EcTensor, split: &EcTensor, x: &[f32], reference: &[f64]) ->
     for (name, tensor, strategy) in [
         ("Fused (decode + dequantize + GEMV in one kernel, compressed weights only)", tensor, Strategy::Fused),
         ("Cached (decoded once at load to packed 4-bit, quantized GEMV)", tensor, Strategy::Cached),
-        ("Fused on the split stream", split, Strategy::Fused),
+        ("Fused on the split stream", splits[0], Strategy::Fused),
+        ("Fused on the split stream 3 (one bit coded)", splits[1], Strategy::Fused),
     ] {
         let matmul = EcMatmul::new(&ctx, tensor, strategy)?;
         run_strategy(name, &matmul, x, reference, runs)?;
