@@ -89,7 +89,7 @@ impl EcParams {
             precision: tensor.table().precision(),
             total_words: u32_of("total_words", tensor.stream().words.len())?,
             vectors,
-            low_bits: if tensor.low().is_some() { crate::rans::SPLIT_LOW_BITS } else { 0 },
+            low_bits: tensor.split().map_or(0, crate::rans::SplitForm::low_bits),
             reserved1: 0,
         })
     }

@@ -217,7 +217,9 @@ pub fn merge_symbols(high: &mut [u8], row0: usize, cols: usize, low: &[u32], for
     Ok(())
 }
 
-/// [`merge_symbols`] of the `Low3` form after its checks.
+/// [`merge_symbols`] of the `Low3` form after its checks: per block, the 32 coded bits gathered from their bytes
+/// eight at a time with one multiply, the four packed words merged as the GPU does ([`merge_words3`]), and each
+/// word's nibbles spread one to a byte.
 fn merge_rows3(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) {
     let form = SplitForm::Low3;
     if cols == 0 {
@@ -225,12 +227,16 @@ fn merge_rows3(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) {
     }
     for (r, row) in high.chunks_exact_mut(cols).enumerate() {
         for (b, block) in row.chunks_exact_mut(form.block()).enumerate() {
-            let hi = block.iter().enumerate().fold(0u32, |w, (p, &h)| w | ((h & 1) as u32) << p);
-            let s = [0, 1, 2].map(|k| low[form.low_index(row0 + r, b, k, cols)]);
-            for (k, w) in merge_words3(hi, s).into_iter().enumerate() {
-                for i in 0..8 {
-                    block[8 * k + i] = ((w >> (4 * i)) & 15) as u8;
-                }
+            let mut hi = 0u32;
+            for (i, eight) in block.chunks_exact(8).enumerate() {
+                // Bytes of 0 or 1: byte j lands on bit 56 + j of the product, with no carries between them.
+                let x = u64::from_le_bytes(eight.try_into().expect("8 bytes")) & 0x0101_0101_0101_0101;
+                hi |= ((x.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32) << (8 * i);
+            }
+            let first = form.low_index(row0 + r, b, 0, cols);
+            let s = [low[first], low[first + LANES], low[first + 2 * LANES]];
+            for (out, w) in block.chunks_exact_mut(8).zip(merge_words3(hi, s)) {
+                out.copy_from_slice(&nibbles_to_bytes(w).to_le_bytes());
             }
         }
     }
