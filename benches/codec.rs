@@ -11,8 +11,8 @@
 //! - ecq fast: `encode_with(.., Kernel::Fast)` in a one-thread rayon pool; `decode_row_tile_with(.., Fast)` over
 //!   every row tile on the calling thread (the AVX2 decoder where the CPU has it).
 //! - ecq scalar: the same with `Kernel::Reference`, the plain scalar loops.
-//! - ecq split: the same symbols encoded as a split stream (`EncodeOptions { split: Some(SplitForm::Low2), .. }`: the high 2 bits
-//!   of each weight coded four to a step, the low 2 stored), decoded row tile by row tile with
+//! - ecq split: the same symbols encoded as a split stream (`EncodeOptions { split: Some(SplitForm::Low2), .. }`:
+//!   the high 2 bits of each weight coded four to a step, the low 2 stored), decoded row tile by row tile with
 //!   `EcTensor::decode_row_tile` (the fast decoder, then the merge with the low bits); decode only.
 //! - constriction 0.4: `SmallAnsCoder` (32-bit state, 16-bit words, like ecq) with 12-bit fixed-point
 //!   probabilities (the same frequencies as ecq's table, zero counts raised to one because its contiguous models

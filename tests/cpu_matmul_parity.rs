@@ -216,7 +216,8 @@ proptest! {
     ) {
         let cols = groups * group_size;
         let q = layer(rows, cols, QuantConfig { bits, group_size, ..QuantConfig::default() }, seed);
-        let tensor = EcTensor::encode(&q, EncodeOptions { segment: segment_groups * group_size, precision: 12, split: None }).unwrap();
+        let options = EncodeOptions { segment: segment_groups * group_size, precision: 12, split: None };
+        let tensor = EcTensor::encode(&q, options).unwrap();
         let x = inputs(m, cols, seed ^ 1);
         let mut y = vec![f32::NAN; m * rows];
         EcMatmul::cpu(&tensor).matmul(&x, m, &mut y).unwrap();

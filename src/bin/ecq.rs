@@ -79,7 +79,8 @@ enum Command {
         /// Split 4-bit matrices: code part of each weight and store the rest as it is. `--split` (or `--split=2`)
         /// codes the high 2 bits, four weights a decode step, and stores the low 2 (format version 2);
         /// `--split=3` codes one bit, eight weights a step, and stores 3 (format version 3; columns and segment
-        /// multiples of 32). Either is about 0.7% larger, and the GPU decodes them faster.
+        /// multiples of 32). On SmolLM2-135M's 4-bit tensors the stream grows by 0.6-1.1% (`=3`:
+        /// 0.7-1.6%), and the GPU decodes them faster.
         #[arg(long, value_name = "LOW_BITS", num_args = 0..=1, require_equals = true, default_missing_value = "2",
               value_parser = parse_split)]
         split: Option<SplitForm>,

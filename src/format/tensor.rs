@@ -15,8 +15,9 @@ pub struct EncodeOptions {
     /// Split 4-bit symbols: code part of each weight and store the rest as it is (docs/FORMAT.md, sections 2.1
     /// and 2.2). [`SplitForm::Low2`] codes the high 2 bits, four weights a step (half the decode steps), and needs
     /// columns and segment multiples of 16; [`SplitForm::Low3`] codes one bit, eight weights a step (a quarter of
-    /// the decode steps), and needs multiples of 32. Either is about 0.7% larger on SmolLM2-135M's weights
-    /// (BENCHMARKS.md). `None` (the default) codes whole symbols; ignored for widths other than 4.
+    /// the decode steps), and needs multiples of 32. On SmolLM2-135M's 4-bit tensors `Low2` costs 0.6-1.1% of the
+    /// stream and `Low3` 0.7-1.6%; on the gemv example's heavy-tailed layer 0.9% and 2.6% (BENCHMARKS.md). `None`
+    /// (the default) codes whole symbols; ignored for widths other than 4.
     pub split: Option<SplitForm>,
 }
 
