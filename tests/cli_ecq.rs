@@ -261,6 +261,28 @@ fn convert_split_writes_version_2_that_verifies() {
 }
 
 #[test]
+fn convert_split3_writes_version_3_that_verifies() {
+    let s = setup();
+    let out = s.dir.join("split3.safetensors");
+    let r = ecq(&[&"convert", &s.model, &out, &"--split=3"]);
+    assert!(r.status.success(), "convert failed: {}", text(&r.stderr));
+    let f = EcFile::open(&out).unwrap();
+    assert_eq!(f.format_version(), Some(3));
+    for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
+        let info = f.encoded_info(input.name).unwrap();
+        assert_eq!((info.bits(), info.low_bits, info.layout.bits()), (4, 3, 1), "{}", input.name);
+        assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 4, 64), "{}", input.name);
+    }
+    let r = ecq(&[&"verify", &out]);
+    assert!(r.status.success(), "verify failed: {}", text(&r.stdout));
+    let r = ecq(&[&"inspect", &out]);
+    assert!(r.status.success() && text(&r.stdout).contains("split4/3"), "inspect: {}", text(&r.stdout));
+    // Only 2 or 3 low bits are defined.
+    let r = ecq(&[&"convert", &s.model, &s.dir.join("x.safetensors"), &"--split=4"]);
+    assert!(!r.status.success() && text(&r.stderr).contains("2 or 3 low bits"), "{}", text(&r.stderr));
+}
+
+#[test]
 fn verify_fails_on_a_corrupted_file() {
     let s = setup();
     let out = s.dir.join("c.safetensors");
