@@ -17,7 +17,10 @@
 //   sum(x) is one lane-strided sum plus `simd_sum`, shared by the 32 rows.
 // - Split streams (docs/FORMAT.md section 2.1; the ec_gemv_split_* entry points, BITS = 2 coded): every 4 steps
 //   code the high 2 bits of one block of 16 columns in interleaved order (columns 0, 8, 1, 9, ...); with the
-//   block's low word (`low`, by row tile, block and row) they make two packed words of 4-bit weights.
+//   block's low word (`low`, by row tile, block and row) they make two packed words of 4-bit weights. Those of
+//   section 2.2 (the ec_gemv_split3_* entry points, BITS = 1 coded): every 4 steps code q3 ^ q2 of one block of 32
+//   columns (position p is column 8 (p % 4) + p / 4); with the block's three low words (`low`, by row tile,
+//   block, word and row) they make four packed words.
 // - Stream-derived indices are clamped (see ec_rans.h); a corrupt tile sets its `tile_status`. Sizes come from
 //   `EcParams`, which the host validates (wgpu passes no buffer lengths to passthrough shaders).
 //
@@ -25,6 +28,7 @@
 //   ec_gemv_b{1..8}_v1_t{11,12}   one vector (params.vectors == 1)
 //   ec_gemv_b{1..8}_v8_t{11,12}   up to 8 vectors (params.vectors in 1..=8), one accumulator per vector per lane
 //   ec_gemv_split_v{1,8}_t{11,12} the same for split streams (params.bits == 2, params.low_bits == 2)
+//   ec_gemv_split3_v{1,8}_t{11,12} the same for split streams of one coded bit (params.bits == 1, low_bits == 3)
 // where t11 holds a decode table of 2^11 entries (params.precision <= 11) and t12 one of 2^12.
 // Buffers, in binding order:
 //   0 words         ushort[total_words]        the tiles' 16-bit words, tile after tile
@@ -33,7 +37,8 @@
 //   3 decode_table  uint[2^precision]          symbol | (freq - 1) << 8 | (slot - cum) << 20
 //   4 scales        float[rows * cols / group_size]
 //   5 biases        float[rows * cols / group_size]
-//   6 low           uint[row_tiles * 32 * cols / 16]  a split stream's low words; read by ec_gemv_split_* only
+//   6 low           uint[row_tiles * 32 * cols / 16]  a split stream's low words (row_tiles * 32 * cols / 32 * 3
+//                                              for ec_gemv_split3_*); read by the split entry points only
 //   7 x             float[vectors * cols]      row-major, one input vector per row
 //   8 y             float[vectors * rows]      row-major, written
 //   9 tile_status   uint[tiles]                written: 0 ok, bit 0 an end state != 2^16, bit 1 word count
@@ -87,10 +92,13 @@ template <int BITS, int VECTORS, int TABLE_BITS, bool SPLIT>
     static_assert(BITS >= 1 && BITS <= 8, "ec_gemv supports 1- to 8-bit symbols");
     static_assert(VECTORS >= 1 && VECTORS <= 8, "ec_gemv keeps at most 8 accumulators per lane");
     static_assert(TABLE_BITS >= 1 && TABLE_BITS <= int(MAX_PRECISION), "the table holds 2^1 to 2^12 entries");
-    static_assert(!SPLIT || BITS == 2, "a split stream codes 2-bit symbols");
+    static_assert(!SPLIT || BITS == 2 || BITS == 1, "a split stream codes 2-bit or 1-bit symbols");
     constexpr uint K = 8 / BITS;  // weights per joint symbol
-    // Columns a trip of the step loop covers: one joint symbol, or a split stream's block of 16 (4 steps).
-    constexpr uint STEP_COLS = SPLIT ? 16u : K;
+    // Columns a trip of the step loop covers: one joint symbol, or a split stream's block (4 steps): 16 columns,
+    // or 32 where one bit is coded.
+    constexpr uint STEP_COLS = SPLIT ? 4u * K : K;
+    // Low bits of each weight a split stream stores.
+    constexpr uint LOW_BITS = SPLIT ? 4u - uint(BITS) : 0u;
 
     threadgroup uint table[1u << TABLE_BITS];
     threadgroup float partial[MAX_SIMDGROUPS * VECTORS * LANES];
@@ -99,7 +107,7 @@ template <int BITS, int VECTORS, int TABLE_BITS, bool SPLIT>
     const uint group_size = params.group_size;
     // Whole simdgroups only: lane r is row r of the tile.
     if (params.bits != uint(BITS) || params.vectors == 0 || params.vectors > uint(VECTORS) || group_size == 0 ||
-        group_size % STEP_COLS != 0 || params.low_bits != (SPLIT ? 2u : 0u) || params.segment == 0 ||
+        group_size % STEP_COLS != 0 || params.low_bits != LOW_BITS || params.segment == 0 ||
         params.segment % group_size != 0 ||
         params.cols % group_size != 0 || row_tile >= params.row_tiles || threads % LANES != 0 ||
         params.precision > uint(TABLE_BITS)) {
@@ -151,13 +159,34 @@ template <int BITS, int VECTORS, int TABLE_BITS, bool SPLIT>
                         hi |= (entry & 0xffu) << (8u * h);
                         state = renormalize(state, active, lane, window, words, range.y);
                     }
-                    const uint lo = low[(row_tile * (cols / 16u) + col / 16u) * LANES + lane];
-                    const uint first = ((hi & 0x33333333u) << 2) | (lo & 0x33333333u);
-                    const uint second = (hi & 0xccccccccu) | ((lo >> 2) & 0x33333333u);
-                    for (int v = 0; v < VECTORS; v++) {
-                        if (uint(v) < vectors) {
-                            device const float* xv = x + v * cols + col;
-                            qx[v] += symbol_dot<4, 8>(first, xv) + symbol_dot<4, 8>(second, xv + 8);
+                    if (BITS == 2) {
+                        const uint lo = low[(row_tile * (cols / 16u) + col / 16u) * LANES + lane];
+                        const uint first = ((hi & 0x33333333u) << 2) | (lo & 0x33333333u);
+                        const uint second = (hi & 0xccccccccu) | ((lo >> 2) & 0x33333333u);
+                        for (int v = 0; v < VECTORS; v++) {
+                            if (uint(v) < vectors) {
+                                device const float* xv = x + v * cols + col;
+                                qx[v] += symbol_dot<4, 8>(first, xv) + symbol_dot<4, 8>(second, xv + 8);
+                            }
+                        }
+                    } else {
+                        // One coded bit (section 2.2): q2 = c ^ q3 goes where each of the first three low words
+                        // holds a bit of the fourth packed word.
+                        const uint at = (row_tile * (cols / 32u) + col / 32u) * 3u * LANES + lane;
+                        const uint s0 = low[at];
+                        const uint s1 = low[at + LANES];
+                        const uint s2 = low[at + 2u * LANES];
+                        const uint w0 = (s0 & 0xbbbbbbbbu) | (((hi << 2) ^ (s0 >> 1)) & 0x44444444u);
+                        const uint w1 = (s1 & 0xbbbbbbbbu) | (((hi << 1) ^ (s1 >> 1)) & 0x44444444u);
+                        const uint w2 = (s2 & 0xbbbbbbbbu) | ((hi ^ (s2 >> 1)) & 0x44444444u);
+                        const uint w3 = ((s0 << 1) & 0x88888888u) | (((hi >> 1) ^ s0) & 0x44444444u) |
+                                        ((s1 >> 1) & 0x22222222u) | ((s2 >> 2) & 0x11111111u);
+                        for (int v = 0; v < VECTORS; v++) {
+                            if (uint(v) < vectors) {
+                                device const float* xv = x + v * cols + col;
+                                qx[v] += symbol_dot<4, 8>(w0, xv) + symbol_dot<4, 8>(w1, xv + 8) +
+                                         symbol_dot<4, 8>(w2, xv + 16) + symbol_dot<4, 8>(w3, xv + 24);
+                            }
                         }
                     }
                 } else {
@@ -220,6 +249,11 @@ template <int BITS, int VECTORS, int TABLE_BITS, bool SPLIT>
     template [[host_name("ec_gemv_split_v" #vectors "_t" #table)]] [[kernel]]                              \
         decltype(ec_gemv<2, vectors, table, true>) ec_gemv<2, vectors, table, true>;
 
+// Split streams of one coded bit: ec_gemv_split3_v{VECTORS}_t{TABLE_BITS}, 1-bit coded symbols.
+#define instantiate_ec_gemv_split3(vectors, table)                                                          \
+    template [[host_name("ec_gemv_split3_v" #vectors "_t" #table)]] [[kernel]]                             \
+        decltype(ec_gemv<1, vectors, table, true>) ec_gemv<1, vectors, table, true>;
+
 #define instantiate_ec_gemv_vectors(bits) \
     instantiate_ec_gemv(bits, 1, 11)      \
     instantiate_ec_gemv(bits, 1, 12)      \
@@ -238,3 +272,7 @@ instantiate_ec_gemv_split(1, 11)
 instantiate_ec_gemv_split(1, 12)
 instantiate_ec_gemv_split(8, 11)
 instantiate_ec_gemv_split(8, 12)
+instantiate_ec_gemv_split3(1, 11)
+instantiate_ec_gemv_split3(1, 12)
+instantiate_ec_gemv_split3(8, 11)
+instantiate_ec_gemv_split3(8, 12)

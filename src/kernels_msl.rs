@@ -143,14 +143,19 @@ pub fn msl_table_bits(precision: u32) -> u32 {
 /// size of [`msl_table_bits`]; `split` picks the split-stream entry points (2 coded bits).
 pub fn ec_gemv_entry_point(bits: u32, vectors: u32, precision: u32, split: bool) -> String {
     let v = if vectors == 1 { 1 } else { EC_GEMV_MAX_VECTORS };
-    let kind = if split { "split".to_string() } else { format!("b{bits}") };
+    // Split streams: `split` for 2 coded bits (docs/FORMAT.md section 2.1), `split3` for 1 (section 2.2).
+    let kind = match (split, bits) {
+        (true, 1) => "split3".to_string(),
+        (true, _) => "split".to_string(),
+        (false, _) => format!("b{bits}"),
+    };
     format!("ec_gemv_{kind}_v{v}_t{}", msl_table_bits(precision))
 }
 
 /// Every entry point of [`EC_GEMV`], in the order the source instantiates them.
 pub fn ec_gemv_entry_points() -> Vec<String> {
     let mut out = Vec::new();
-    let widths = (1..=8).map(|bits| (bits, false)).chain([(2, true)]);
+    let widths = (1..=8).map(|bits| (bits, false)).chain([(2, true), (1, true)]);
     for (bits, split) in widths {
         for vectors in [1, EC_GEMV_MAX_VECTORS] {
             for table in MSL_TABLE_BITS {

@@ -314,7 +314,7 @@ mod gpu {
         pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
             let stream = GpuStream::upload(ctx, tensor)?;
             let scales = GpuScales::upload(ctx, tensor)?;
-            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() && MslGemv::takes(tensor) {
+            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() {
                 Some(MslGemv::new(ctx, tensor, &stream, &scales)?)
             } else {
                 None

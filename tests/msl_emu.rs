@@ -240,7 +240,7 @@ fn shim_rejects_divergent_collectives_and_barriers() {
 #[test]
 fn entry_points_cover_every_width() {
     let Some(emu) = emulator() else { return };
-    let kinds = (1..=8).map(|b| format!("b{b}")).chain(["split".to_string()]);
+    let kinds = (1..=8).map(|b| format!("b{b}")).chain(["split".to_string(), "split3".to_string()]);
     let want: Vec<String> =
         kinds.flat_map(|k| [1, 8].map(|v| [11, 12].map(|t| format!("ec_gemv_{k}_v{v}_t{t}")))).flatten().collect();
     assert_eq!(host_names(emu, "msl/ec_gemv.metal"), want);
@@ -269,23 +269,30 @@ struct Case {
 impl Case {
     /// Random weights quantized by ecq's quantizer and encoded with `EcTensor::encode`.
     fn quantized(rows: usize, cols: usize, bits: u32, group_size: usize, segment: usize, seed: u64) -> Self {
-        Self::encoded(rows, cols, bits, group_size, segment, seed, false)
+        Self::encoded(rows, cols, bits, group_size, segment, seed, None)
     }
 
-    /// [`Case::quantized`] at 4 bits as a split stream (high 2 bits coded, low 2 stored).
-    fn split(rows: usize, cols: usize, group_size: usize, segment: usize, seed: u64) -> Self {
-        Self::encoded(rows, cols, 4, group_size, segment, seed, true)
+    /// [`Case::quantized`] at 4 bits as a split stream in `form` (high 2 bits coded and low 2 stored, or one bit
+    /// coded and 3 stored).
+    fn split(rows: usize, cols: usize, group_size: usize, segment: usize, seed: u64, form: rans::SplitForm) -> Self {
+        Self::encoded(rows, cols, 4, group_size, segment, seed, Some(form))
     }
 
-    fn encoded(rows: usize, cols: usize, bits: u32, group_size: usize, segment: usize, seed: u64, split: bool) -> Self {
+    fn encoded(
+        rows: usize,
+        cols: usize,
+        bits: u32,
+        group_size: usize,
+        segment: usize,
+        seed: u64,
+        split: Option<rans::SplitForm>,
+    ) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         // Roughly bell-shaped weights, so the symbols are skewed as in real models.
         let w: Vec<f32> = (0..rows * cols).map(|_| (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0).collect();
         let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap();
-        let split_form = split.then_some(rans::SplitForm::Low2);
-        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split: split_form })
-            .unwrap();
-        let kind = if split { " split" } else { "" };
+        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split }).unwrap();
+        let kind = split.map_or(String::new(), |f| format!(" split {f:?}"));
         Self::from_tensor(format!("{rows}x{cols} b{bits}{kind} g{group_size} s{segment}"), &t, q)
     }
 
@@ -364,7 +371,8 @@ impl Case {
             self.table.precision(),
             self.stream.words.len() as u32,
             vectors,
-            if self.low.is_some() { rans::SPLIT_LOW_BITS } else { 0 },
+            // A split stream stores the bits its coded symbols leave out of 4.
+            if self.low.is_some() { rans::SPLIT_BITS - l.bits() } else { 0 },
             0,
         ]
     }
@@ -405,7 +413,11 @@ fn run_gemv(emu: &Emulator, case: &Case, x: &[f32], m: usize, variant: u32, thre
     a.put_scalar("variant", variant);
     a.put_scalar("threads", threads);
     let table = ecq::kernels_msl::msl_table_bits(case.table.precision());
-    let kind = if case.low.is_some() { "split".to_string() } else { format!("b{}", case.layout.bits()) };
+    let kind = match (&case.low, case.layout.bits()) {
+        (Some(_), 1) => "split3".to_string(),
+        (Some(_), _) => "split".to_string(),
+        (None, bits) => format!("b{bits}"),
+    };
     let what = format!("ec_gemv_{kind}_v{variant}_t{table} {} m={m} threads={threads}", case.name);
     let out = run_driver(&emu.ec_gemv, &a, &what);
     GemvRun { y: out.get_f32("y"), tile_status: out.get_u32("tile_status") }
@@ -473,15 +485,17 @@ fn check_gemv(case: &Case, m: usize, variant: u32, threads: u32) {
 
 const PARITY_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 
-/// Split streams (ec_gemv_split_*): a 3-row last row tile and a 64-column last segment, one 20-row tile, long
-/// segments with groups of 64; one vector and several.
+/// Split streams of both forms (ec_gemv_split_* and ec_gemv_split3_*): a 3-row last row tile and a 64-column last
+/// segment, one 20-row tile, long segments with groups of 64; one vector and several.
 #[test]
 fn ec_gemv_split_streams_match_reference() {
-    let case = Case::split(67, 1088, 32, 256, 500);
-    check_gemv(&case, 1, 1, THREADS);
-    check_gemv(&case, 3, 8, THREADS);
-    check_gemv(&Case::split(20, 128, 32, 128, 501), 1, 1, THREADS);
-    check_gemv(&Case::split(37, 2048, 64, 1024, 502), 8, 8, THREADS);
+    for form in [rans::SplitForm::Low2, rans::SplitForm::Low3] {
+        let case = Case::split(67, 1088, 32, 256, 500, form);
+        check_gemv(&case, 1, 1, THREADS);
+        check_gemv(&case, 3, 8, THREADS);
+        check_gemv(&Case::split(20, 128, 32, 128, 501, form), 1, 1, THREADS);
+        check_gemv(&Case::split(37, 2048, 64, 1024, 502, form), 8, 8, THREADS);
+    }
 }
 
 #[test]

@@ -236,12 +236,6 @@ pub(crate) struct MslGemv {
 }
 
 impl MslGemv {
-    /// Whether the MSL kernel takes `tensor`: every stream but those split in the form that codes one bit of each
-    /// weight (docs/FORMAT.md, section 2.2), which the WGSL kernel multiplies by on every backend.
-    pub fn takes(tensor: &EcTensor) -> bool {
-        tensor.split() != Some(crate::rans::SplitForm::Low3)
-    }
-
     /// The MSL side of a fused product of `tensor`, whose stream and scales are already on the device; runs the
     /// kernel once and refuses a stream with a failing tile.
     pub fn new(ctx: &GpuContext, tensor: &EcTensor, stream: &GpuStream, scales: &GpuScales) -> Result<Self> {
@@ -356,9 +350,10 @@ fn first_failed_tile(status: &[u32]) -> Result<()> {
 /// The conditions under which the kernel leaves without writing (see the top of msl/ec_gemv.metal), checked
 /// on the host so a product never silently skips its work.
 fn check_params(p: &EcParams) -> Result<()> {
-    // Columns one trip of the kernel's step loop covers: a joint symbol, or a split stream's block of 16.
-    let step_cols = if p.low_bits == 0 { 8 / p.bits.max(1) } else { crate::rans::SPLIT_BLOCK as u32 };
-    let split_ok = p.low_bits == 0 || (p.low_bits == crate::rans::SPLIT_LOW_BITS && p.bits == 2);
+    // Columns one trip of the kernel's step loop covers: a joint symbol, or a split stream's block (16 or 32).
+    let form = crate::rans::SplitForm::from_low_bits(p.low_bits);
+    let step_cols = form.map_or(8 / p.bits.max(1), |f| f.block() as u32);
+    let split_ok = p.low_bits == 0 || form.is_some_and(|f| f.coded_bits() == p.bits);
     let fits = (1..=8).contains(&p.bits)
         && split_ok
         && p.group_size != 0
@@ -490,6 +485,7 @@ mod tests {
         };
         assert!(check_params(&good).is_ok());
         assert!(check_params(&EcParams { low_bits: 2, bits: 2, ..good }).is_ok());
+        assert!(check_params(&EcParams { low_bits: 3, bits: 1, ..good }).is_ok());
         for bad in [
             EcParams { bits: 0, ..good },
             EcParams { bits: 9, ..good },
@@ -502,6 +498,8 @@ mod tests {
             EcParams { low_bits: 2, ..good },
             EcParams { low_bits: 1, bits: 2, ..good },
             EcParams { low_bits: 2, bits: 2, group_size: 8, segment: 128, ..good },
+            EcParams { low_bits: 3, bits: 2, ..good },
+            EcParams { low_bits: 3, bits: 1, group_size: 16, segment: 128, ..good },
         ] {
             assert!(check_params(&bad).is_err(), "{bad:?}");
         }

@@ -1,6 +1,7 @@
 // Emulation driver for msl/ec_gemv.metal: reads the kernel inputs from an array file (driver.h), launches the
-// ec_gemv_b{bits}_v{variant}_t{11,12} grid, or ec_gemv_split_v{variant}_t{11,12} where params.low_bits is 2 (one
-// threadgroup per row tile), and writes `y` and `tile_status`.
+// ec_gemv_b{bits}_v{variant}_t{11,12} grid, or ec_gemv_split_v{variant}_t{11,12} where params.low_bits is 2 and
+// ec_gemv_split3_v{variant}_t{11,12} where it is 3 (one threadgroup per row tile), and writes `y` and
+// `tile_status`.
 //
 // Usage: ec_gemv_emu INPUT OUTPUT. Scalars in the input: `variant` (1 or 8: which VECTORS instantiation),
 // `threads` (threads per threadgroup), `workers` (OS threads).
@@ -39,12 +40,17 @@ Kernel pick_bits(uint32_t bits, uint32_t variant) {
 }
 
 // The instantiation whose table holds 2^precision entries (t11 up to 11, else t12), as the host picks; the split
-// one (2 coded bits) where `split`.
-Kernel pick(uint32_t bits, uint32_t variant, uint32_t precision, bool split) {
-    if (split) {
-        if (bits != 2) driver::die("a split stream codes 2 bits");
+// one where `low_bits` is 2 (2 coded bits) or 3 (1 coded bit).
+Kernel pick(uint32_t bits, uint32_t variant, uint32_t precision, uint32_t low_bits) {
+    if (low_bits == 2) {
+        if (bits != 2) driver::die("a split stream with 2 low bits codes 2 bits");
         return precision <= SMALL_TABLE_BITS ? pick_variant<2, SMALL_TABLE_BITS, true>(variant)
                                              : pick_variant<2, MAX_PRECISION, true>(variant);
+    }
+    if (low_bits == 3) {
+        if (bits != 1) driver::die("a split stream with 3 low bits codes 1 bit");
+        return precision <= SMALL_TABLE_BITS ? pick_variant<1, SMALL_TABLE_BITS, true>(variant)
+                                             : pick_variant<1, MAX_PRECISION, true>(variant);
     }
     return precision <= SMALL_TABLE_BITS ? pick_bits<SMALL_TABLE_BITS>(bits, variant)
                                          : pick_bits<MAX_PRECISION>(bits, variant);
@@ -61,7 +67,7 @@ int main(int argc, char** argv) {
     std::memcpy(&params, p->second.data(), sizeof(EcParams));
     const uint32_t threads = driver::scalar(in, "threads");
     const uint32_t workers = driver::scalar(in, "workers");
-    const Kernel run = pick(params.bits, driver::scalar(in, "variant"), params.precision, params.low_bits == 2);
+    const Kernel run = pick(params.bits, driver::scalar(in, "variant"), params.precision, params.low_bits);
 
     std::unique_ptr<driver::GuardedBuffer> words(driver::input(in, "words", 2));
     std::unique_ptr<driver::GuardedBuffer> offsets(driver::input(in, "tile_offsets", 4));
