@@ -68,7 +68,7 @@ pub fn refuse_overwrite<P: AsRef<Path>>(inputs: &[P], output: &Path) -> Result<(
 }
 
 /// Name suffixes of the stream arrays, reserved for encoded tensors (the last, a split tensor's, since version 2:
-/// writers refuse it for passthrough tensors, readers take it as an ordinary name in other files).
+/// writers refuse it for passthrough tensors, readers take it as an ordinary name in version-1 files).
 const STREAM_SUFFIXES: [&str; 5] = [".ecq.words", ".ecq.tile_offsets", ".ecq.states", ".ecq.freqs", ".ecq.low"];
 
 /// The array names of encoded tensor `name`: six, and `low` for a split tensor.
@@ -126,7 +126,7 @@ pub struct Checksums {
     pub scales: u32,
     /// Of `biases`.
     pub biases: u32,
-    /// Of `low`, present for a split tensor only (version 2).
+    /// Of `low`, present for a split tensor only (version 2 and later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low: Option<u32>,
 }
