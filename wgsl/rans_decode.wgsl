@@ -8,8 +8,8 @@
 // 16-byte store) where the tile's words start on 16 bytes in every row, else one by one. (Measured on an H200:
 // 16-byte stores, which write a quarter as many scattered lines as 4-byte ones, and 8 tiles per workgroup
 // instead of 4 took 14336x4096 from 192 to 142 us; either alone, 178 and 230 us.) With SPLIT (a split stream:
-// BITS = 2 coded, 4-bit weights written, binding 7 the low words; lanes.wgsl) the slab writes its rows through
-// workgroup memory instead (`stage`).
+// BITS = 2 coded, or 1 with SPLIT3; 4-bit weights written, binding 7 the low words; lanes.wgsl) the slab writes its
+// rows through workgroup memory instead (`stage`).
 
 // Output: packed symbols, rows * words_per_row u32 words, four to a vec4 (the buffer is padded to 16 bytes).
 @group(0) @binding(5) var<storage, read_write> packed: array<vec4<u32>>;
