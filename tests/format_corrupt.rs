@@ -617,8 +617,14 @@ fn bad_split_parameters_are_refused() {
 
 #[test]
 fn missing_or_damaged_low_words_are_refused() {
+    for form in [SplitForm::Low2, SplitForm::Low3] {
+        missing_or_damaged_low_words_are_refused_in(form);
+    }
+}
+
+fn missing_or_damaged_low_words_are_refused_in(form: SplitForm) {
     let dir = tempfile::tempdir().unwrap();
-    let bytes = split_fixture_bytes();
+    let bytes = split_fixture_bytes_as(form);
     let low = ArrayNames::new(ENCODED[0]).low;
 
     let mut p = Parts::parse(&bytes);
@@ -638,10 +644,11 @@ fn missing_or_damaged_low_words_are_refused() {
         other => panic!("flipped low byte: expected ChecksumMismatch, got {other:?}"),
     }
 
-    // A nonzero word of a row past the last (row 40 of the second row tile), with a matching checksum.
+    // A nonzero word of a row past the last (row 40 of the second row tile; the last word of a block), with a
+    // matching checksum.
     let mut p = Parts::parse(&bytes);
     let mut words = p.array(&low).to_vec();
-    words[4 * ecq::rans::low_index(40, 3, 256)] = 1;
+    words[4 * form.low_index(40, 3, form.block_words() - 1, 256)] = 1;
     p.replace_array(ENCODED[0], "low", words);
     expect_invalid(read_all(dir.path(), &p.to_bytes()), "past the last", "nonzero padding row");
 }
