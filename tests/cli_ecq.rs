@@ -241,40 +241,37 @@ fn convert_honours_bits_group_precision_and_segment() {
     assert!(r.status.success(), "verify failed: {}", text(&r.stdout));
 }
 
+/// Converts the model with `flag` into `file`, checks that the file is of format `version` and that every encoded
+/// tensor has `(bits, low_bits, coded bits)` as `split` and decodes to what the quantizer gives, and that `verify`
+/// passes; returns the file.
+fn convert_split(s: &Setup, flag: &str, file: &str, version: u32, split: (u32, u32, u32)) -> PathBuf {
+    let out = s.dir.join(file);
+    let r = ecq(&[&"convert", &s.model, &out, &flag]);
+    assert!(r.status.success(), "convert failed: {}", text(&r.stderr));
+    let f = EcFile::open(&out).unwrap();
+    assert_eq!(f.format_version(), Some(version));
+    for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
+        let info = f.encoded_info(input.name).unwrap();
+        assert_eq!((info.bits(), info.low_bits, info.layout.bits()), split, "{}", input.name);
+        assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 4, 64), "{}", input.name);
+    }
+    let r = ecq(&[&"verify", &out]);
+    assert!(r.status.success(), "verify failed: {}", text(&r.stdout));
+    out
+}
+
 #[test]
 fn convert_split_writes_version_2_that_verifies() {
     let s = setup();
-    let out = s.dir.join("split.safetensors");
-    let r = ecq(&[&"convert", &s.model, &out, &"--split"]);
-    assert!(r.status.success(), "convert failed: {}", text(&r.stderr));
-    let f = EcFile::open(&out).unwrap();
-    assert_eq!(f.format_version(), Some(2));
-    for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
-        let info = f.encoded_info(input.name).unwrap();
-        assert_eq!((info.bits(), info.low_bits, info.layout.bits()), (4, 2, 2), "{}", input.name);
-        assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 4, 64), "{}", input.name);
-    }
-    for command in ["verify", "inspect"] {
-        let r = ecq(&[&command, &out]);
-        assert!(r.status.success(), "{command} failed: {}", text(&r.stdout));
-    }
+    let out = convert_split(&s, "--split", "split.safetensors", 2, (4, 2, 2));
+    let r = ecq(&[&"inspect", &out]);
+    assert!(r.status.success(), "inspect failed: {}", text(&r.stdout));
 }
 
 #[test]
 fn convert_split3_writes_version_3_that_verifies() {
     let s = setup();
-    let out = s.dir.join("split3.safetensors");
-    let r = ecq(&[&"convert", &s.model, &out, &"--split=3"]);
-    assert!(r.status.success(), "convert failed: {}", text(&r.stderr));
-    let f = EcFile::open(&out).unwrap();
-    assert_eq!(f.format_version(), Some(3));
-    for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
-        let info = f.encoded_info(input.name).unwrap();
-        assert_eq!((info.bits(), info.low_bits, info.layout.bits()), (4, 3, 1), "{}", input.name);
-        assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 4, 64), "{}", input.name);
-    }
-    let r = ecq(&[&"verify", &out]);
-    assert!(r.status.success(), "verify failed: {}", text(&r.stdout));
+    let out = convert_split(&s, "--split=3", "split3.safetensors", 3, (4, 3, 1));
     let r = ecq(&[&"inspect", &out]);
     assert!(r.status.success() && text(&r.stdout).contains("split4/3"), "inspect: {}", text(&r.stdout));
     // Only 2 or 3 low bits are defined.
