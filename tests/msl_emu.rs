@@ -266,34 +266,32 @@ struct Case {
     q: QuantizedMatrix,
 }
 
+/// Roughly bell-shaped random weights, so the symbols are skewed as in real models, quantized by ecq's quantizer
+/// with f16 scales.
+fn bell_quantized(rows: usize, cols: usize, bits: u32, group_size: usize, seed: u64) -> QuantizedMatrix {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w: Vec<f32> = (0..rows * cols).map(|_| (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0).collect();
+    quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap()
+}
+
 impl Case {
     /// Random weights quantized by ecq's quantizer and encoded with `EcTensor::encode`.
     fn quantized(rows: usize, cols: usize, bits: u32, group_size: usize, segment: usize, seed: u64) -> Self {
-        Self::encoded(rows, cols, bits, group_size, segment, seed, None)
+        Self::encoded(bell_quantized(rows, cols, bits, group_size, seed), segment, None)
     }
 
     /// [`Case::quantized`] at 4 bits as a split stream in `form` (high 2 bits coded and low 2 stored, or one bit
     /// coded and 3 stored).
     fn split(rows: usize, cols: usize, group_size: usize, segment: usize, seed: u64, form: rans::SplitForm) -> Self {
-        Self::encoded(rows, cols, 4, group_size, segment, seed, Some(form))
+        Self::encoded(bell_quantized(rows, cols, 4, group_size, seed), segment, Some(form))
     }
 
-    fn encoded(
-        rows: usize,
-        cols: usize,
-        bits: u32,
-        group_size: usize,
-        segment: usize,
-        seed: u64,
-        split: Option<rans::SplitForm>,
-    ) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        // Roughly bell-shaped weights, so the symbols are skewed as in real models.
-        let w: Vec<f32> = (0..rows * cols).map(|_| (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0).collect();
-        let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap();
+    /// `q` encoded in segments of `segment` columns at the default precision, split in `split` or not.
+    fn encoded(q: QuantizedMatrix, segment: usize, split: Option<rans::SplitForm>) -> Self {
         let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split }).unwrap();
         let kind = split.map_or(String::new(), |f| format!(" split {f:?}"));
-        Self::from_tensor(format!("{rows}x{cols} b{bits}{kind} g{group_size} s{segment}"), &t, q)
+        let name = format!("{}x{} b{}{kind} g{} s{segment}", q.rows, q.cols, q.bits, q.group_size);
+        Self::from_tensor(name, &t, q)
     }
 
     /// Random skewed symbols of any width 1..=8 (beyond what the quantizer produces) with f32 scales, coded at
