@@ -242,7 +242,7 @@ fn merge_rows3(high: &mut [u8], row0: usize, cols: usize, low: &[u32]) {
     }
 }
 
-/// [`merge_symbols`] after its checks, with the AVX2 merge where `simd` (the same result).
+/// [`merge_symbols`] of the `Low2` form after its checks, with the AVX2 merge where `simd` (the same result).
 fn merge_rows(high: &mut [u8], row0: usize, cols: usize, low: &[u32], simd: bool) {
     if cols == 0 {
         return;
