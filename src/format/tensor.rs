@@ -65,7 +65,7 @@ pub struct EcTensor {
     scales: Vec<f32>,
     biases: Vec<f32>,
     scale_dtype: ScaleDtype,
-    /// The low words of a split tensor ([`rans::low_words`] of them); `None` for an unsplit one.
+    /// The low words of a split tensor ([`SplitForm::low_words`] of them); `None` for an unsplit one.
     low: Option<Vec<u32>>,
 }
 

@@ -25,10 +25,7 @@ mod split;
 mod table;
 mod tile;
 
-pub use split::{
-    check_split_shape, low_index, low_words, merge_symbols, merge_words, merge_words3, split_column, split_symbols,
-    SplitForm, SPLIT_BITS, SPLIT_BLOCK, SPLIT_LOW_BITS,
-};
+pub use split::{merge_symbols, merge_words, merge_words3, split_symbols, SplitForm, SPLIT_BITS};
 pub use table::{entropy_bits, FreqTable, DEFAULT_PRECISION, MAX_PRECISION};
 pub use tile::{
     check_stream_shape, decode, decode_into, decode_into_with, decode_row_tile, decode_row_tile_with, decode_with,

@@ -24,11 +24,11 @@ use super::tile::{avx2_available, LANES};
 
 /// Columns per interleaved block of the `Low2` form: the columns of a matrix and the segment must be multiples of
 /// it ([`SplitForm::block`]).
-pub const SPLIT_BLOCK: usize = 16;
+const SPLIT_BLOCK: usize = 16;
 /// Bits per weight of a split tensor.
 pub const SPLIT_BITS: u32 = 4;
 /// Low bits of each weight stored as they are in the `Low2` form; the other `SPLIT_BITS - SPLIT_LOW_BITS` are coded.
-pub const SPLIT_LOW_BITS: u32 = 2;
+const SPLIT_LOW_BITS: u32 = 2;
 
 /// How a 4-bit weight is split into a coded part and a stored part (docs/FORMAT.md, sections 2.1 and 2.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -84,7 +84,7 @@ impl SplitForm {
     #[inline]
     pub fn column(self, p: usize) -> usize {
         match self {
-            Self::Low2 => split_column(p),
+            Self::Low2 => (p >> 1) + 8 * (p & 1),
             Self::Low3 => 8 * (p % 4) + p / 4,
         }
     }
@@ -120,31 +120,6 @@ impl SplitForm {
     }
 }
 
-/// The column of a `Low2` block held at interleaved position `p`.
-#[inline]
-pub fn split_column(p: usize) -> usize {
-    (p >> 1) + 8 * (p & 1)
-}
-
-/// Where the low word of row `row`, block `block` (columns `16 block ..`) lies in a `Low2` tensor's low words, for
-/// `cols` columns: `((row / 32) * (cols / 16) + block) * 32 + row % 32`.
-#[inline]
-pub fn low_index(row: usize, block: usize, cols: usize) -> usize {
-    SplitForm::Low2.low_index(row, block, 0, cols)
-}
-
-/// The number of low words of a `Low2` `rows x cols` tensor: 32 per row tile and block, `ceil(rows / 32) * 32 *
-/// cols / 16`.
-pub fn low_words(rows: usize, cols: usize) -> usize {
-    SplitForm::Low2.low_words(rows, cols)
-}
-
-/// Checks that a `cols`-column matrix cut into segments of `segment` columns can be split in the `Low2` form: both
-/// multiples of 16.
-pub fn check_split_shape(cols: usize, segment: usize) -> Result<()> {
-    SplitForm::Low2.check_shape(cols, segment)
-}
-
 /// Splits row-major 4-bit symbols of a `rows x cols` matrix (`cols` a multiple of the form's block) into the
 /// coded parts (`form.coded_bits()`-bit symbols, row-major, columns in interleaved order within each block) and the
 /// low words ([`SplitForm::low_index`] order).
@@ -166,7 +141,7 @@ pub fn split_symbols(symbols: &[u8], rows: usize, cols: usize, form: SplitForm) 
             SplitForm::Low2 => {
                 let mut lo = 0u32;
                 for (p, h) in out.iter_mut().enumerate() {
-                    let q = block[split_column(p)];
+                    let q = block[form.column(p)];
                     *h = q >> SPLIT_LOW_BITS;
                     lo |= ((q & 3) as u32) << (2 * p);
                 }
@@ -249,7 +224,7 @@ fn merge_rows(high: &mut [u8], row0: usize, cols: usize, low: &[u32], simd: bool
     }
     for (r, row) in high.chunks_exact_mut(cols).enumerate() {
         // The row's low words, one per block, LANES apart.
-        let first = low_index(row0 + r, 0, cols);
+        let first = SplitForm::Low2.low_index(row0 + r, 0, 0, cols);
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` only where the CPU has AVX2 (`avx2_available`); `merge_symbols` checked that `low` holds
@@ -267,9 +242,9 @@ fn merge_rows(high: &mut [u8], row0: usize, cols: usize, low: &[u32], simd: bool
 }
 
 /// One block's 4-bit symbols in column order from its high parts in interleaved order (position `2c` is column `c`,
-/// position `2c + 1` column `8 + c`, [`split_column`]) and its low word, eight bytes at a time: the even positions'
-/// bytes gathered into the first eight columns, the odd into the last eight, and the low word's 2-bit fields spread
-/// one to a byte.
+/// position `2c + 1` column `8 + c`, [`SplitForm::column`]) and its low word, eight bytes at a time: the even
+/// positions' bytes gathered into the first eight columns, the odd into the last eight, and the low word's 2-bit
+/// fields spread one to a byte.
 #[inline]
 fn merge_block(high: &[u8; SPLIT_BLOCK], lo: u32) -> [u8; SPLIT_BLOCK] {
     let a = u64::from_le_bytes(high[..8].try_into().expect("8 bytes"));
@@ -337,7 +312,7 @@ mod tests {
         for (b, chunk) in high.chunks_exact(16).enumerate() {
             let (row, block) = (b / 2, b % 2);
             let hi = (0..16).fold(0u32, |w, p| w | (chunk[p] as u32) << (2 * p));
-            let [a, c] = merge_words(hi, low[low_index(row, block, cols)]);
+            let [a, c] = merge_words(hi, low[SplitForm::Low2.low_index(row, block, 0, cols)]);
             let want = (0..16).fold(0u64, |w, col| w | (symbols[16 * b + col] as u64) << (4 * col));
             assert_eq!((a as u64) | (c as u64) << 32, want, "row {row} block {block}");
         }
