@@ -30,6 +30,17 @@ use crate::rans::{EncodedStream, FreqTable, SplitForm, TileLayout, LANES, MAX_PR
 /// version 1 unless it holds a split tensor: version 2 where every split tensor stores 2 bits of each weight
 /// ([`SplitForm::Low2`]), version 3 where one stores 3 ([`SplitForm::Low3`]).
 pub const FORMAT_VERSION: u32 = 3;
+
+/// The lowest format version that holds a tensor split in `form` (1 for one that is not split): what writers write
+/// and readers require.
+fn version_needed(form: Option<SplitForm>) -> u32 {
+    match form {
+        None => 1,
+        Some(SplitForm::Low2) => 2,
+        Some(SplitForm::Low3) => 3,
+    }
+}
+
 /// Metadata key holding the format version, `"1"`, `"2"` or `"3"`.
 pub const VERSION_KEY: &str = "ecq.format_version";
 /// Metadata key holding the CRC-32 of every passthrough tensor, a JSON object `{name: crc}`.
@@ -370,11 +381,7 @@ impl ContainerWriter {
             },
         };
         let split = tensor.split();
-        self.version = self.version.max(match split {
-            None => 1,
-            Some(SplitForm::Low2) => 2,
-            Some(SplitForm::Low3) => 3,
-        });
+        self.version = self.version.max(version_needed(split));
         let entry = EntryJson {
             shape: vec![layout.rows() as u64, layout.cols() as u64],
             bits: tensor.bits(),
@@ -601,7 +608,8 @@ impl EcFile {
             encoded.insert(name.to_string(), info);
         }
         // A writer writes version 3 only for a file that holds a tensor storing 3 bits of each weight.
-        if version == Some(3) && !encoded.values().any(|i| i.low_bits == SplitForm::Low3.low_bits()) {
+        let needed = encoded.values().map(|i| version_needed(SplitForm::from_low_bits(i.low_bits))).max();
+        if version == Some(3) && needed != Some(3) {
             return Err(Error::file(
                 "a version-3 file must hold a split tensor with `low_bits` 3, and this one does not",
             ));
@@ -753,8 +761,9 @@ fn parse_entry(file: &SafetensorsFile, name: &str, value: &str, version: u32) ->
             ))
         }
     };
-    if form == Some(SplitForm::Low3) && version < 3 {
-        return Err(invalid(name, "`low_bits` 3 needs format version 3"));
+    let needed = version_needed(form);
+    if version < needed {
+        return Err(invalid(name, format!("`low_bits` {} needs format version {needed}", e.low_bits.unwrap_or(0))));
     }
     let low_bits = form.map_or(0, SplitForm::low_bits);
     if form.is_some() != e.crc32.low.is_some() {
