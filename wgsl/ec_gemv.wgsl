@@ -235,6 +235,19 @@ fn main(
 //#endif
             words_begin(pos);
             let end = tile_offsets[t + 1u];
+//#if SPLIT3
+//#if EARLY_X
+//#else
+            // SPLIT3 without EARLY_X: the next block's three low words, loaded a loop trip ahead of their merge, so
+            // the trip's merge does not wait on them (the segment's last trip loads words it does not use, clamped
+            // into the array by `low_words3`), as rans_decode does. Measured on an H100 (one bit coded, the two
+            // binaries alternated twice, us): M = 1 4096x14336 46.8 / 46.5 -> 42.2 / 42.5, 4096x4096 24.7 / 24.8 ->
+            // 24.1 / 24.1, 14336x4096 (row-tile pairs) 47.9 / 48.0 -> 47.8 / 47.8; M = 4 4096x4096 (two rows of
+            // workgroups) 46.7 / 46.7 -> 42.4 / 42.5, 14336x4096 73.3 / 73.3 -> 73.4 / 73.4; with EARLY_X
+            // (4096x14336 at M = 4) slower, 70.8 / 70.9 -> 74.6 / 74.5, so EARLY_X loads them at the merge.
+            var low_next = low_words3(row_tile, col0);
+//#endif
+//#endif
             // A group's steps, then its scale and bias applied once and the next group's fetched (a segment holds
             // whole groups; every lane of a slab is at the same step, so the fold's branch is uniform). Measured on
             // an H200 against one loop over the steps with the group's end tested in it: 151.6 -> 143.8 us on
@@ -363,7 +376,12 @@ fn main(
 //#if SPLIT3
                     // SPLIT3: the block merged with its three low words, columns col4 .. col4 + 32 as 4-bit weights,
                     // two at a time.
+//#if EARLY_X
                     let block = merge_block3(hi, low_words3(row_tile, col4));
+//#else
+                    let block = merge_block3(hi, low_next);
+                    low_next = low_words3(row_tile, col4 + 32u);
+//#endif
                     for (var j = 0u; j < 32u; j += 2u) {
 //#else
                     // The block merged with its low word: columns col4 .. col4 + 16 as 4-bit weights, two at a time.
