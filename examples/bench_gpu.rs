@@ -562,10 +562,13 @@ fn random_x(ctx: &GpuContext, len: usize, seed: u64) -> wgpu::Buffer {
     buf
 }
 
-/// Largest |a - b| over the largest |b|: a cross-check that two strategies compute the same product.
+/// Largest |a - b| over the largest |b|: a cross-check that two strategies compute the same product. NaN where
+/// any pair differs by NaN (an output left unwritten keeps the NaN it was poisoned with), since `f64::max` would
+/// drop it.
 fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)).max(1e-30);
-    a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs())) / scale
+    let diffs = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs());
+    diffs.fold(0f64, |m, d| if d.is_nan() || m.is_nan() { f64::NAN } else { m.max(d) }) / scale
 }
 
 fn bench_shape(
