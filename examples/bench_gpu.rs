@@ -1129,7 +1129,7 @@ fn fused_experiments(
     for _ in 0..copies_for(o, bytes) {
         let stream = GpuStream::upload(ctx, tensor)?;
         let scales = GpuScales::upload(ctx, tensor)?;
-        held.push(kernels::ec_gemv_weights(ctx, &stream, &scales));
+        held.push(kernels::ec_gemv_weights(ctx, &stream, &scales)?);
     }
     let io = kernels::io_bind_group(ctx, Kernel::EcGemv, x, y, None, None);
     let l = *first.layout();

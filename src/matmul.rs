@@ -324,7 +324,7 @@ mod gpu {
                 let weights = kernels::q_gemv_weights(ctx, &packed, &scales);
                 (None, Some(packed), weights)
             } else {
-                let weights = kernels::ec_gemv_weights(ctx, &stream, &scales);
+                let weights = kernels::ec_gemv_weights(ctx, &stream, &scales)?;
                 (Some(stream), None, weights)
             };
             Ok(Self {

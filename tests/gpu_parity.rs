@@ -125,6 +125,7 @@ per_path!(
     fused_split_vector_staged_in_workgroup_memory,
     fused_trip_x_loaded_before_its_steps,
     fused_row_tiles_in_pairs,
+    fused_tasks_dealt_out_in_runs,
 );
 
 /// A quantized matrix with skewed random symbols (so the coder has something to gain) and f16 scales.
@@ -732,7 +733,8 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
 /// to 8 vectors on split streams and 1 to 7 on 4-bit streams: their products equal, bit for bit, those of the same
 /// context taken to have no known compute units (one row tile a workgroup), and the float64 reference within
 /// tolerance, with the outputs poisoned first. More vectors, 6 row tiles (3 a unit, 4 in pairs) and rows of 4
-/// segments keep one row tile a workgroup.
+/// segments keep one row tile a workgroup. One vector by the 7 row tiles of 1472 columns is dealt out in runs
+/// instead (`fused_tasks_dealt_out_in_runs`).
 fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
     let two = ctx.with_compute_units(Some(2));
     let none = ctx.with_compute_units(None);
@@ -747,6 +749,10 @@ fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
             for m in 1..=8 {
                 let what = format!("{rows}x{cols} split {split:?} {:?} m={m}", ctx.lane_mode());
                 let (spec, groups) = kernels::ec_gemv_spec(&two, &stream, m);
+                if (rows, cols, m) == (200, 1472, 1) {
+                    assert!(spec.spread && !spec.tile_pairs, "{what}");
+                    continue;
+                }
                 assert_eq!((spec.tile_pairs, groups), (m <= most[split.is_some() as usize], 1), "{what}");
                 assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.tile_pairs, "{what}");
                 fused_equal_on_both(&none, &two, &q, &t, m, &what);
@@ -760,8 +766,8 @@ fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
 /// holds x in workgroup memory (`kernels::stage_x`): on 67 rows (the last row tile partial) by 4096 columns (the
 /// most, 8 segments) and by 1600 (the last of 7 segments 64 columns wide), its products equal, bit for bit, those
 /// of the same context taken to have no known compute units (x read from global memory), and the float64 reference
-/// within tolerance, with the outputs poisoned first. 4160 columns, 5 segments, or fewer units than row tiles keep
-/// x where it is.
+/// within tolerance, with the outputs poisoned first. 4160 columns, 5 segments, or fewer units than row tiles (one
+/// unit, which the three row tiles' workgroups fill as evenly as runs of tasks would) keep x where it is.
 fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
     let none = ctx.with_compute_units(None);
     let cases = [
@@ -769,7 +775,7 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
         (1600, 256, 1024, true),
         (4160, 512, 1024, false),
         (1088, 256, 1024, false),
-        (1600, 256, 2, false),
+        (1600, 256, 1, false),
     ];
     for (form, (cols, segment, units, staged)) in
         [SplitForm::Low2, SplitForm::Low3].into_iter().flat_map(|f| cases.map(|c| (f, c)))
@@ -813,6 +819,45 @@ fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
         }
         assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.early_x, "{what}");
         fused_equal_on_both(&none, &units, &q, &t, m, &what);
+    }
+}
+
+/// With the device taken to have 2 or 3 compute units, fused products of one vector deal the row tiles' segments
+/// out over the workgroups in runs (`kernels::spread_slabs`) where whole row tiles would leave one unit more slabs:
+/// 200 rows (7 row tiles, the last partial) by 1472 columns (6 segments, the last 192 wide) in 2 workgroups of 21
+/// slabs and in 3 of 14, and 224 rows by 2048 columns (4 segments) in 3 workgroups of 10, so that row tiles lie
+/// across two workgroups and meet in the seam words. On streams not split and split in both forms, products with two
+/// vectors in turn each come within tolerance of the float64 reference, with the outputs poisoned first (the second
+/// finds the seams empty again), and a third, of the first vector, equals the first bit for bit. Two vectors keep
+/// whole row tiles.
+fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
+    for (rows, cols, segment, units, slabs) in
+        [(200, 1472, 256, 2, 21), (200, 1472, 256, 3, 14), (224, 2048, 512, 3, 10)]
+    {
+        let dealt = ctx.with_compute_units(Some(units));
+        let q = random_matrix(rows, cols, 4, 32, 1600 + (rows + cols) as u64 + units as u64);
+        for split in SPLITS {
+            let t = encode_as(&q, segment, split);
+            let stream = GpuStream::upload(&dealt, &t).unwrap();
+            let what = format!("{rows}x{cols} split {split:?} {:?} with {units} units", ctx.lane_mode());
+            let (spec, groups) = kernels::ec_gemv_spec(&dealt, &stream, 1);
+            if ctx.limits().max_compute_invocations_per_workgroup >= 32 * slabs {
+                assert_eq!((spec.spread, spec.slabs(), groups), (true, slabs, 1), "{what}");
+            }
+            assert!(!kernels::ec_gemv_spec(&dealt, &stream, 2).0.spread, "{what}");
+            let mm = EcMatmul::new(&dealt, &t, Strategy::Fused).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut ys = Vec::new();
+            for seed in [1700, 1701, 1700] {
+                let x = random_vectors(cols, seed);
+                let (want, mag) = reference(&q, &x, 1);
+                let mut y = vec![f32::NAN; rows];
+                mm.matmul(&x, 1, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_close(&format!("{what}, x seed {seed}"), &y, &want, &mag, GEMV_REL_TOL);
+                ys.push(y);
+            }
+            let first = ys[0].iter().zip(&ys[2]).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(first.is_none(), "{what}: element {first:?} differs between two products of the same vector");
+        }
     }
 }
 

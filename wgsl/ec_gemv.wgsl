@@ -4,7 +4,8 @@
 // GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
 // stream's one vector is held in workgroup memory (below); EARLY_X where a loop trip's x is read before its steps
 // (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each workgroup takes two row
-// tiles at a time (below).
+// tiles at a time (below); SPREAD where a product of one vector deals its (row tile, segment) tasks out over the
+// workgroups in runs of SLABS (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -55,6 +56,38 @@ var<workgroup> xs: array<vec4<f32>, XS_COLS / 4u>;
 
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
+
+//#if SPREAD
+// With SPREAD (one vector, `kernels::spread_slabs`) workgroup w takes tasks w SLABS .. w SLABS + SLABS of the row
+// tiles' segments, in order (task = row tile * segments + segment), so each workgroup holds about as many slabs as the
+// device has for it and a row tile may lie across two workgroups (SLABS is at least the segments of a row). Each
+// workgroup adds the slabs of each of its row tiles; a row tile it holds whole goes straight to y, the two parts of one
+// it shares meet in `seams`, one u32 per row of the row tile, which holds SEAM_EMPTY between products (the host fills
+// it so, and the second part leaves it so). Only atomic operations on that one word pass the first part's sum to the
+// second, so no ordering between workgroups is needed; a + b = b + a, so y does not depend on which part comes first.
+@group(0) @binding(8) var<storage, read_write> seams: array<atomic<u32>>;
+
+const SEAM_EMPTY: u32 = 0xffffffffu;
+
+// Adds `sum`, this workgroup's part of row `out` of y, to the other part through seam word `i`: the first part to
+// arrive leaves its sum there, the second writes the whole to y and empties the word.
+fn seam_add(i: u32, sum: f32, out: u32) {
+    // A NaN sum with the empty word's bits is stored as another NaN.
+    let bits = select(bitcast<u32>(sum), 0x7fc00000u, bitcast<u32>(sum) == SEAM_EMPTY);
+    loop {
+        let r = atomicCompareExchangeWeak(&seams[i], SEAM_EMPTY, bits);
+        if (r.exchanged) {
+            return;
+        }
+        // A weak exchange may fail with the word still empty: then it is tried again.
+        if (r.old_value != SEAM_EMPTY) {
+            y[out] = bitcast<f32>(r.old_value) + sum;
+            atomicStore(&seams[i], SEAM_EMPTY);
+            return;
+        }
+    }
+}
+//#endif
 
 //#if TILE_PAIRS
 // With TILE_PAIRS: the slabs on each row tile of a workgroup's pair.
@@ -171,7 +204,13 @@ fn main(
     let rounds = (params.segments + TILE_SLABS - 1u) / TILE_SLABS;
     let slab_in_tile = lane_slab % TILE_SLABS;
 //#else
+//#if SPREAD
+    // With SPREAD each slab takes one task a trip of the loop over row tiles.
+    let rounds = 1u;
+    let tasks = params.row_tiles * params.segments;
+//#else
     let rounds = (params.segments + SLABS - 1u) / SLABS;
+//#endif
 //#endif
 //#if GROUPED
     // This workgroup's first vector. (The lines that read it are kept apart from those of a kernel that is not
@@ -186,10 +225,25 @@ fn main(
         let row_tile = min(tile_row, params.row_tiles - 1u);
         let row = tile_row * 32u + lane_row;
 //#else
+//#if SPREAD
+    // Every slab makes the same trips (the steps' ballots and barriers need uniform control flow); a slab past the
+    // last task repeats it and writes nothing.
+    let trips = (tasks + nwg.x * SLABS - 1u) / (nwg.x * SLABS);
+    for (var trip = 0u; trip < trips; trip++) {
+        let task_raw = (trip * nwg.x + wid.x) * SLABS + lane_slab;
+        let task = min(task_raw, tasks - 1u);
+        let row_tile = task / params.segments;
+        let row = row_tile * 32u + lane_row;
+//#else
     for (var row_tile = wid.x; row_tile < params.row_tiles; row_tile += nwg.x) {
         let row = row_tile * 32u + lane_row;
 //#endif
+//#endif
+//#if SPREAD
+        let row_active = row < params.rows && task_raw < tasks;
+//#else
         let row_active = row < params.rows;
+//#endif
         let row_c = min(row, params.rows - 1u);
         var acc: array<f32, M>;
         for (var v = 0u; v < M; v++) {
@@ -199,7 +253,11 @@ fn main(
 //#if TILE_PAIRS
             let seg = round * TILE_SLABS + slab_in_tile;
 //#else
+//#if SPREAD
+            let seg = task % params.segments;
+//#else
             let seg = round * SLABS + lane_slab;
+//#endif
 //#endif
             let valid = seg < params.segments;
             let t = row_tile * params.segments + min(seg, params.segments - 1u);
@@ -484,6 +542,28 @@ fn main(
                 }
             }
         }
+//#if SPREAD
+        // The slabs of each row tile in this workgroup added by the first of them; the row tile's sum goes to y, or,
+        // where the row tile lies across two workgroups, through its seam. M = 1.
+        let seg0 = task % params.segments;
+        partial[lane_slab * 32u + lane_row] = acc[0];
+        workgroupBarrier();
+        if ((lane_slab == 0u || seg0 == 0u) && row_active) {
+            let n = min(params.segments - seg0, SLABS - lane_slab);
+            var sum = 0.0;
+            for (var s = 0u; s < n; s++) {
+                sum += partial[(lane_slab + s) * 32u + lane_row];
+            }
+            if (n == params.segments) {
+                y[row] = sum;
+            } else {
+                seam_add(row_tile * 32u + lane_row, sum, row);
+            }
+        }
+        workgroupBarrier();
+    }
+}
+//#else
         // Add the slabs' partial sums of each row, one vector at a time.
         for (var v = 0u; v < M; v++) {
             partial[lane_slab * 32u + lane_row] = acc[v];
@@ -511,3 +591,4 @@ fn main(
         }
     }
 }
+//#endif

@@ -175,7 +175,8 @@ impl GpuContext {
 
     /// A context on the same device and caches that takes the device to have `units` compute units (NVIDIA's
     /// SMs), or not to say (None), whatever it reported: for tests and benchmarks of the choices that depend on it
-    /// ([`kernels::vector_groups`], [`kernels::row_tile_pairs`], [`kernels::stage_x`], [`kernels::early_x`]).
+    /// ([`kernels::vector_groups`], [`kernels::row_tile_pairs`], [`kernels::spread_slabs`], [`kernels::stage_x`],
+    /// [`kernels::early_x`]).
     pub fn with_compute_units(&self, units: Option<u32>) -> Self {
         Self { compute_units: units, ..self.clone() }
     }

@@ -192,6 +192,39 @@ pub fn row_tile_pairs(
         && 2 * row_tiles.div_ceil(2 * units) <= row_tiles.div_ceil(units)
 }
 
+/// Slabs a workgroup with which ec_gemv deals one vector's tasks (a row tile's segment each, in the order row tile
+/// by row tile) out over its workgroups in runs (`Spec::spread`), for `row_tiles` row tiles of `segments` segments
+/// that the row-tile form gives `slabs` slabs a row tile (two row tiles a workgroup where `pairs`), on a device of
+/// `compute_units` that allows `max_invocations` a workgroup: the tasks over the compute units, rounded up, but at
+/// least `segments` (so a row tile lies across two workgroups at most) and at most a workgroup's most slabs; only
+/// where that leaves fewer slabs on the busiest compute unit than the row-tile form, whose workgroups hold whole row
+/// tiles. None where the device does not say how many compute units it has.
+///
+/// A product's time follows the most warps a compute unit holds: 14336x4096 (448 row tiles of 8 segments) in pairs
+/// puts 32 on 92 of an H200's 132 SMs and 16 on the rest, where 4096x14336 (the same 3584 tasks, 28 a row tile)
+/// puts at most 28 on one and runs 12% faster. Measured on an H200 at one vector, split streams of one coded bit,
+/// as `--experiments` files with no compute units known (BENCHMARKS.md, "Tasks dealt out in runs"): 14336x4096 in
+/// 128 workgroups of 28 slabs, row tiles across two workgroups added as here, 40.9 us against 48.9 for the kernel
+/// in one row tile a workgroup and 46.5 for the crate's row-tile pairs; 4096x14336 41.3 against 40.9; at four
+/// vectors 73.0 against 71.2 in pairs, so only one vector is dealt out.
+pub fn spread_slabs(
+    row_tiles: usize,
+    segments: usize,
+    slabs: u32,
+    pairs: bool,
+    compute_units: Option<u32>,
+    max_invocations: u32,
+) -> Option<u32> {
+    let units = compute_units? as usize;
+    let tasks = row_tiles * segments;
+    let spread = tasks.div_ceil(units.max(1)).max(segments);
+    let most = (max_invocations / 32).min(MAX_GEMV_SLABS as u32) as usize;
+    let (per, workgroups) =
+        if pairs { (2 * slabs as usize, row_tiles.div_ceil(2)) } else { (slabs as usize, row_tiles) };
+    let busiest = per * workgroups.div_ceil(units.max(1));
+    (tasks > 0 && spread <= most && spread < busiest).then_some(spread as u32)
+}
+
 /// The ec_gemv specialization for `m` vectors of `stream` on `ctx`'s device, and the rows of workgroups that
 /// share out the vectors ([`vector_groups`]; each row takes `spec.m` of them).
 pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, usize) {
@@ -201,13 +234,17 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let slabs = gemv_slabs(l.segments(), max_invocations);
     let groups = vector_groups(l.row_tiles(), slabs, m, units);
     let pairs = row_tile_pairs(l.row_tiles(), slabs, m / groups, stream.split(), groups, units, max_invocations);
+    let spread =
+        if m == 1 { spread_slabs(l.row_tiles(), l.segments(), slabs, pairs, units, max_invocations) } else { None };
+    let wg_slabs = spread.unwrap_or(slabs * (1 + pairs as u32));
     let spec = Spec {
         split: stream.split(),
         grouped: groups > 1,
-        tile_pairs: pairs,
-        ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * slabs * (1 + pairs as u32))
+        tile_pairs: pairs && spread.is_none(),
+        spread: spread.is_some(),
+        ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * wg_slabs)
     };
-    let workgroups = ec_gemv_workgroups(&spec, l.row_tiles()) * groups;
+    let workgroups = ec_gemv_workgroups(&spec, &l) * groups;
     let spec = Spec { early_x: early_x(&spec, workgroups, units), ..spec };
     let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let fits = workgroup_bytes(Kernel::EcGemv, &staged) <= u64::from(ctx.limits().max_compute_workgroup_storage_size);
@@ -274,7 +311,8 @@ pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
         // Binding 7 of the tile kernels: a split stream's low words (another of the stream's buffers stands in,
         // unread, for a stream that is not split).
         Kernel::RansDecode => &["urrrrwwr"],
-        Kernel::EcGemv => &["urrrrrrr", "rw"],
+        // Binding 8 of ec_gemv: the seam words of `Spec::spread` (4 bytes, unread, where the stream is not spread).
+        Kernel::EcGemv => &["urrrrrrrw", "rw"],
         // x_lanes.wgsl runs on q_gemv's groups; binding 4 of group 1 is the vectors in lane order.
         Kernel::QGemv | Kernel::XLanes => &["urrr", "rwurw"],
         Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwur"],
@@ -697,9 +735,13 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
     Ok(())
 }
 
-/// The group-0 bind group of ec_gemv for one weight.
-pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales) -> wgpu::BindGroup {
-    bind_group(
+/// The group-0 bind group of ec_gemv for one weight on `ctx`'s device (products of it must be recorded with a
+/// context of the same compute units): with, where [`ec_gemv_spec`] deals one vector's tasks out
+/// ([`spread_slabs`]), the seam words, one u32 a row of every row tile, all bits set.
+pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales) -> Result<wgpu::BindGroup> {
+    let words = if ec_gemv_spec(ctx, stream, 1).0.spread { stream.layout.row_tiles() * 32 } else { 1 };
+    let seams = ctx.storage_init("ecq seams", &vec![0xff; 4 * words], wgpu::BufferUsages::empty())?;
+    Ok(bind_group(
         ctx,
         Kernel::EcGemv,
         0,
@@ -712,8 +754,9 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
             &scales.scales,
             &scales.biases,
             stream.low_binding(),
+            &seams,
         ],
-    )
+    ))
 }
 
 /// Records the fused GEMV of `m` (1..=8) vectors: `weights` from [`ec_gemv_weights`], `io` a group-1 bind
@@ -743,16 +786,19 @@ pub fn ec_gemv(
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, weights, &[]);
     pass.set_bind_group(1, io, &[]);
-    pass.dispatch_workgroups(grid(ctx, ec_gemv_workgroups(&spec, l.row_tiles())), groups as u32, 1);
+    pass.dispatch_workgroups(grid(ctx, ec_gemv_workgroups(&spec, &l)), groups as u32, 1);
     Ok(())
 }
 
-/// Workgroups in one row of an ec_gemv grid under `spec` for `row_tiles` row tiles: one a row tile, or a pair.
-fn ec_gemv_workgroups(spec: &Spec, row_tiles: usize) -> usize {
-    if spec.tile_pairs {
-        row_tiles.div_ceil(2)
+/// Workgroups in one row of an ec_gemv grid under `spec` for a stream of layout `l`: one a row tile, or a pair, or
+/// with `spread` one a run of `spec.slabs()` tasks.
+fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
+    if spec.spread {
+        (l.row_tiles() * l.segments()).div_ceil(spec.slabs() as usize)
+    } else if spec.tile_pairs {
+        l.row_tiles().div_ceil(2)
     } else {
-        row_tiles
+        l.row_tiles()
     }
 }
 

@@ -125,14 +125,19 @@ pub struct Spec {
     /// ec_gemv only, not `grouped`: each workgroup takes two row tiles at a time, half its slabs each
     /// (`TILE_PAIRS`; see [`super::kernels::row_tile_pairs`]); false for every other kernel.
     pub tile_pairs: bool,
+    /// ec_gemv only, `m` = 1, not `grouped` or `tile_pairs`: the row tiles' segments are dealt out over the
+    /// workgroups in runs of [`Self::slabs`], a row tile across two workgroups meeting in the seam words (`SPREAD`;
+    /// see [`super::kernels::spread_slabs`]); false for every other kernel.
+    pub spread: bool,
 }
 
 impl Spec {
     /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
-    /// `early_x`, `tile_pairs`) off.
+    /// `early_x`, `tile_pairs`, `spread`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
         let (lane_x, split, grouped, stage_x, early_x, tile_pairs) = (false, false, false, false, false, false);
-        Self { lanes, bits, precision, m, workgroup, lane_x, split, grouped, stage_x, early_x, tile_pairs }
+        let spread = false;
+        Self { lanes, bits, precision, m, workgroup, lane_x, split, grouped, stage_x, early_x, tile_pairs, spread }
     }
 
     /// Tiles per workgroup of the tile kernels: 32 lanes each.
@@ -224,6 +229,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::EcGemv && spec.tile_pairs {
         flags.push("TILE_PAIRS");
     }
+    if kernel == Kernel::EcGemv && spec.spread {
+        flags.push("SPREAD");
+    }
     flags
 }
 
@@ -291,6 +299,13 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         // Two row tiles a workgroup (`row_tile_pairs`): twice the slabs.
                         if !grouped && m <= tile_pair_vectors(slabs, split) {
                             out.push((Kernel::EcGemv, Spec { tile_pairs: true, workgroup: 64 * slabs, ..base }));
+                        }
+                        // One vector's tasks dealt out in runs (`spread_slabs`), with x staged as above.
+                        if !grouped && m == 1 {
+                            out.push((Kernel::EcGemv, Spec { spread: true, ..base }));
+                            if split && slabs >= STAGE_X_MIN_SLABS {
+                                out.push((Kernel::EcGemv, Spec { spread: true, stage_x: true, ..base }));
+                            }
                         }
                     }
                 }
