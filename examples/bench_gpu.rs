@@ -115,8 +115,8 @@ fn parse_opts(args: &[String]) -> Opts {
             "--split" => o.encode.split = Some(SplitForm::Low2),
             "--split3" => o.encode.split = Some(SplitForm::Low3),
             // The compute units the fused products take the device to have (0: none known), whatever it reports
-            // (`GpuContext::with_compute_units`; they choose `kernels::vector_groups`, `row_tile_pairs`, `stage_x`
-            // and `early_x`).
+            // (`GpuContext::with_compute_units`; they choose `kernels::vector_groups`, `row_tile_pairs`,
+            // `spread_slabs`, `stage_x` and `early_x`).
             "--compute-units" => o.compute_units = Some(num(val()) as u32),
             // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
             "--experiments" => {
