@@ -828,8 +828,9 @@ fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
 /// slabs and in 3 of 14, and 224 rows by 2048 columns (4 segments) in 3 workgroups of 10, so that row tiles lie
 /// across two workgroups and meet in the seam words. On streams not split and split in both forms, products with two
 /// vectors in turn each come within tolerance of the float64 reference, with the outputs poisoned first (the second
-/// finds the seams empty again), and a third, of the first vector, equals the first bit for bit. Two vectors keep
-/// whole row tiles.
+/// finds the seams empty again), and a third, of the first vector, equals the first bit for bit; so does a product
+/// recorded with weights bound on a context with no compute units known (`kernels::ec_gemv_weights` holds the seam
+/// words whatever the context). Two vectors keep whole row tiles.
 fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
     for (rows, cols, segment, units, slabs) in
         [(200, 1472, 256, 2, 21), (200, 1472, 256, 3, 14), (224, 2048, 512, 3, 10)]
@@ -857,6 +858,22 @@ fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
             }
             let first = ys[0].iter().zip(&ys[2]).position(|(a, b)| a.to_bits() != b.to_bits());
             assert!(first.is_none(), "{what}: element {first:?} differs between two products of the same vector");
+            let plain = ctx.with_compute_units(None);
+            let scales = kernels::GpuScales::upload(&plain, &t).unwrap();
+            let weights = kernels::ec_gemv_weights(&plain, &stream, &scales).unwrap();
+            let x = random_vectors(cols, 1700);
+            let (xb, yb) = (storage(ctx, cols), storage(ctx, rows));
+            ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
+            ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; rows]));
+            let io = kernels::io_bind_group(&dealt, Kernel::EcGemv, &xb, &yb, None, None);
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                kernels::ec_gemv(&dealt, &mut pass, &stream, &weights, &io, 1).unwrap();
+            }
+            let y = read_buffer(ctx, encoder, &yb, rows);
+            let first = ys[0].iter().zip(&y).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(first.is_none(), "{what}: element {first:?} differs with weights bound on another context");
         }
     }
 }

@@ -311,7 +311,7 @@ pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
         // Binding 7 of the tile kernels: a split stream's low words (another of the stream's buffers stands in,
         // unread, for a stream that is not split).
         Kernel::RansDecode => &["urrrrwwr"],
-        // Binding 8 of ec_gemv: the seam words of `Spec::spread` (4 bytes, unread, where the stream is not spread).
+        // Binding 8 of ec_gemv: the seam words of `Spec::spread` (`ec_gemv_weights`).
         Kernel::EcGemv => &["urrrrrrrw", "rw"],
         // x_lanes.wgsl runs on q_gemv's groups; binding 4 of group 1 is the vectors in lane order.
         Kernel::QGemv | Kernel::XLanes => &["urrr", "rwurw"],
@@ -735,12 +735,16 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
     Ok(())
 }
 
-/// The group-0 bind group of ec_gemv for one weight on `ctx`'s device (products of it must be recorded with a
-/// context of the same compute units): with, where [`ec_gemv_spec`] deals one vector's tasks out
-/// ([`spread_slabs`]), the seam words, one u32 a row of every row tile, all bits set.
+/// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream`: one u32 a row of every row tile.
+pub fn seam_bytes(stream: &GpuStream) -> u64 {
+    4 * (stream.layout.row_tiles() * 32).max(1) as u64
+}
+
+/// The group-0 bind group of ec_gemv for one weight: with the seam words that one vector's tasks dealt out in runs
+/// need ([`spread_slabs`]), all bits set ([`seam_bytes`]). They are there whether or not a context deals this
+/// stream's tasks out, so that any context on the device can record its products.
 pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales) -> Result<wgpu::BindGroup> {
-    let words = if ec_gemv_spec(ctx, stream, 1).0.spread { stream.layout.row_tiles() * 32 } else { 1 };
-    let seams = ctx.storage_init("ecq seams", &vec![0xff; 4 * words], wgpu::BufferUsages::empty())?;
+    let seams = ctx.storage_init("ecq seams", &vec![0xff; seam_bytes(stream) as usize], wgpu::BufferUsages::empty())?;
     Ok(bind_group(
         ctx,
         Kernel::EcGemv,
