@@ -215,13 +215,13 @@ pub fn spread_slabs(
     compute_units: Option<u32>,
     max_invocations: u32,
 ) -> Option<u32> {
-    let units = compute_units? as usize;
+    let units = (compute_units? as usize).max(1);
     let tasks = row_tiles * segments;
-    let spread = tasks.div_ceil(units.max(1)).max(segments);
+    let spread = tasks.div_ceil(units).max(segments);
     let most = (max_invocations / 32).min(MAX_GEMV_SLABS as u32) as usize;
     let (per, workgroups) =
         if pairs { (2 * slabs as usize, row_tiles.div_ceil(2)) } else { (slabs as usize, row_tiles) };
-    let busiest = per * workgroups.div_ceil(units.max(1));
+    let busiest = per * workgroups.div_ceil(units);
     (tasks > 0 && spread <= most && spread < busiest).then_some(spread as u32)
 }
 

@@ -15,8 +15,8 @@
 //!   one bit (`q3`) that is close to uniform.
 //!
 //! The low words are stored by row tile, then block, then word of the block, then row within the tile
-//! ([`SplitForm::low_index`]), so the 32 lanes of a tile read each low word of a block as 128 consecutive bytes; rows past the
-//! last of the matrix hold 0. That is what the GPU decoders do.
+//! ([`SplitForm::low_index`]), so the 32 lanes of a tile read each low word of a block as 128 consecutive bytes;
+//! rows past the last of the matrix hold 0. That is what the GPU decoders do.
 
 use crate::error::{Error, Result};
 
