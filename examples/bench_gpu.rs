@@ -1106,8 +1106,10 @@ fn experiment_ms(o: &Opts) -> Vec<usize> {
     ms
 }
 
-/// Times the ec_gemv experiments at M = 1 and at every `--ms` up to one pass's most vectors (`per` = row tiles
-/// per workgroup, default 1), each checked first against ec_gemv's product at the same M.
+/// Times the ec_gemv experiments at M = 1 and at every `--ms` up to one pass's most vectors, each checked first
+/// against ec_gemv's product at the same M. Each takes the crate's specialization and grid for no known compute
+/// units, or for `--compute-units N` where N > 0 (`per` = the crate's workgroups per experiment workgroup, default
+/// 1).
 #[allow(clippy::too_many_arguments)]
 fn fused_experiments(
     ctx: &GpuContext,
@@ -1134,7 +1136,7 @@ fn fused_experiments(
     let io = kernels::io_bind_group(ctx, Kernel::EcGemv, x, y, None, None);
     let l = *first.layout();
     let rows = l.rows();
-    let product = |pipeline: &wgpu::ComputePipeline, grid: u32, m: usize| -> Result<Vec<f32>> {
+    let product = |pipeline: &wgpu::ComputePipeline, grid: u32, groups: u32, m: usize| -> Result<Vec<f32>> {
         ctx.queue().write_buffer(y, 0, bytemuck::cast_slice(&vec![f32::NAN; m * rows]));
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         {
@@ -1142,20 +1144,27 @@ fn fused_experiments(
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &held[0], &[]);
             pass.set_bind_group(1, &io, &[]);
-            pass.dispatch_workgroups(grid, 1, 1);
+            pass.dispatch_workgroups(grid, groups, 1);
         }
         ctx.queue().submit([enc.finish()]);
         Ok(bytemuck::pod_collect_to_vec(&ctx.read_back(y, (m * rows * 4) as u64)?))
     };
-    // The crate's own specialization with no compute-unit count: one row of workgroups, x read as without one.
-    let one_row = ctx.with_compute_units(None);
+    // The crate's own specialization and grid: with no compute-unit count (one row of workgroups, x read as without
+    // one), or, where `--compute-units N` names N > 0, for that many.
+    let spec_ctx = match o.compute_units {
+        Some(n) if n > 0 => ctx.clone(),
+        _ => ctx.with_compute_units(None),
+    };
     for m in experiment_ms(o) {
-        let (own, _) = kernels::ec_gemv_spec(&one_row, &first, m);
-        let reference = product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, l.row_tiles() as u32, m)?;
+        let (own, groups) = kernels::ec_gemv_spec(&spec_ctx, &first, m);
+        let groups = groups as u32;
+        let own_grid = kernels::ec_gemv_workgroups(&own, &l);
+        let reference =
+            product(&kernels::edited_pipeline(ctx, Kernel::EcGemv, own, |s| s)?, own_grid as u32, groups, m)?;
         for e in exps.iter().filter(|e| e.kernel == Kernel::EcGemv) {
-            let grid = e.grid(ctx, l.row_tiles(), 1);
+            let grid = e.grid(ctx, own_grid, 1);
             let Some(pipeline) = e.checked_pipeline(ctx, own, &format!("{shape} m={m}"), |p| {
-                let diff = rel_diff(&product(p, grid, m)?, &reference);
+                let diff = rel_diff(&product(p, grid, groups, m)?, &reference);
                 Ok((same_product(diff), format!("vs ec_gemv.wgsl {diff:.1e}")))
             })?
             else {
@@ -1166,7 +1175,7 @@ fn fused_experiments(
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &held[run % held.len()], &[]);
                 pass.set_bind_group(1, &io, &[]);
-                pass.dispatch_workgroups(grid, 1, 1);
+                pass.dispatch_workgroups(grid, groups, 1);
                 Ok(())
             })?;
             out.push(Row {

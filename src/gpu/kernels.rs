@@ -796,7 +796,7 @@ pub fn ec_gemv(
 
 /// Workgroups in one row of an ec_gemv grid under `spec` for a stream of layout `l`: one a row tile, or a pair, or
 /// with `spread` one a run of `spec.slabs()` tasks.
-fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
+pub fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
     if spec.spread {
         (l.row_tiles() * l.segments()).div_ceil(spec.slabs() as usize)
     } else if spec.tile_pairs {
