@@ -814,7 +814,7 @@ impl<'a> RowWeights<'a> {
         for _ in 0..copies_for(o, q_bytes) {
             let packed = kernels::decode_to_packed(ctx, &first)?;
             let scales = GpuScales::upload(ctx, tensor)?;
-            q_groups.push(kernels::q_gemv_weights(ctx, &packed, &scales));
+            q_groups.push(kernels::q_gemv_weights(ctx, &packed, &scales)?);
         }
         // Dense f16 copies; their bind groups keep the buffers alive.
         let f16: Vec<DenseGemv> = (0..copies_for(o, (rows * cols * 2) as u64))
@@ -1130,7 +1130,7 @@ fn fused_experiments(
     let mut held = Vec::new();
     for _ in 0..copies_for(o, bytes) {
         let stream = GpuStream::upload(ctx, tensor)?;
-        let scales = GpuScales::upload(ctx, tensor)?;
+        let scales = GpuScales::upload_tiles(ctx, tensor)?;
         held.push(kernels::ec_gemv_weights(ctx, &stream, &scales)?);
     }
     let io = kernels::io_bind_group(ctx, Kernel::EcGemv, x, y, None, None);

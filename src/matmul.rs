@@ -313,7 +313,12 @@ mod gpu {
     impl GpuMatmul {
         pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
             let stream = GpuStream::upload(ctx, tensor)?;
-            let scales = GpuScales::upload(ctx, tensor)?;
+            // ec_gemv.wgsl reads the scales in tile order; q_gemv and the Metal kernel row-major.
+            let scales = if strategy == Strategy::Fused && !ctx.fused_uses_msl() {
+                GpuScales::upload_tiles(ctx, tensor)?
+            } else {
+                GpuScales::upload(ctx, tensor)?
+            };
             let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() {
                 Some(MslGemv::new(ctx, tensor, &stream, &scales)?)
             } else {
@@ -321,7 +326,7 @@ mod gpu {
             };
             let (stream, packed, weights) = if strategy == Strategy::Cached {
                 let packed = kernels::decode_to_packed(ctx, &stream)?;
-                let weights = kernels::q_gemv_weights(ctx, &packed, &scales);
+                let weights = kernels::q_gemv_weights(ctx, &packed, &scales)?;
                 (None, Some(packed), weights)
             } else {
                 let weights = kernels::ec_gemv_weights(ctx, &stream, &scales)?;
@@ -385,12 +390,14 @@ mod gpu {
                     None => kernels::ec_gemv(&self.ctx, pass, stream, &self.weights, io, m),
                 },
                 (Some(stream), _) => {
-                    // Many vectors: decode once into scratch packed symbols, then the tiled quantized matmul (wgpu
-                    // places the barrier between the two dispatches).
+                    // Many vectors: decode once into scratch packed symbols (and the scales row-major, where they are
+                    // in tile order), then the tiled quantized matmul (wgpu places the barriers between the
+                    // dispatches).
                     let scratch = GpuPacked::for_stream(&self.ctx, stream)?;
                     let status = self.ctx.storage("decode status", 8, wgpu::BufferUsages::empty())?;
                     kernels::rans_decode(&self.ctx, pass, stream, &scratch, &status)?;
-                    let weights = kernels::q_gemv_weights(&self.ctx, &scratch, &self.scales);
+                    let scales = self.scales.to_rows(&self.ctx, pass)?;
+                    let weights = kernels::q_gemv_weights(&self.ctx, &scratch, &scales)?;
                     kernels::q_gemv(&self.ctx, pass, &scratch, &weights, io, m)
                 }
                 (None, Some(packed)) => kernels::q_gemv(&self.ctx, pass, packed, &self.weights, io, m),

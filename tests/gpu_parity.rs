@@ -865,7 +865,7 @@ fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
             let first = ys[0].iter().zip(&ys[2]).position(|(a, b)| a.to_bits() != b.to_bits());
             assert!(first.is_none(), "{what}: element {first:?} differs between two products of the same vector");
             let plain = ctx.with_compute_units(None);
-            let scales = kernels::GpuScales::upload(&plain, &t).unwrap();
+            let scales = kernels::GpuScales::upload_tiles(&plain, &t).unwrap();
             let weights = kernels::ec_gemv_weights(&plain, &stream, &scales).unwrap();
             let x = random_vectors(cols, 1700);
             let (xb, yb) = (storage(ctx, cols), storage(ctx, rows));
@@ -938,4 +938,47 @@ fn unsupported_and_empty_shapes() {
     });
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     assert!(matches!(mm.encode(&mut encoder, &plain, &plain, 1), Err(Error::InvalidParameter { .. })));
+}
+
+/// ec_gemv.wgsl reads the scales in tile order, q_gemv row-major: each kernel's bind group refuses the other order,
+/// and the tile order places every group of 67x1088 (segments of 256 in groups of 32, the last segment 64 columns;
+/// the last row tile 3 rows) at its own index inside the padded buffer, a segment's groups of a row side by side.
+/// (Products through the tile order, and of more vectors than one ec_gemv pass takes, which go back to rows through
+/// scale_rows.wgsl, are checked by every product test.)
+#[test]
+fn scales_in_the_order_each_kernel_reads() {
+    let q = random_matrix(67, 1088, 4, 32, 1300);
+    let t = encode(&q, 256);
+    let l = *t.layout();
+    let (groups, per_segment) = (1088 / 32, 256 / 32);
+    let len = l.row_tiles() * 32 * l.segments() * per_segment;
+    let mut seen = vec![false; len];
+    for row in 0..67 {
+        for group in 0..groups {
+            let i = kernels::tile_scale_index(&l, per_segment, row, group);
+            assert!(i < len && !seen[i], "row {row} group {group}: index {i}");
+            seen[i] = true;
+            if group % per_segment != 0 {
+                assert_eq!(i, kernels::tile_scale_index(&l, per_segment, row, group - 1) + 1);
+            }
+        }
+    }
+    let Some(ctx) = device() else { return };
+    let stream = GpuStream::upload(&ctx, &t).unwrap();
+    let rows = kernels::GpuScales::upload(&ctx, &t).unwrap();
+    let tiles = kernels::GpuScales::upload_tiles(&ctx, &t).unwrap();
+    assert_eq!((rows.order(), tiles.order()), (kernels::ScaleOrder::Rows, kernels::ScaleOrder::Tiles));
+    assert!(matches!(
+        kernels::ec_gemv_weights(&ctx, &stream, &rows),
+        Err(Error::InvalidParameter { name: "scales", .. })
+    ));
+    let packed = kernels::decode_to_packed(&ctx, &stream).unwrap();
+    assert!(matches!(
+        kernels::q_gemv_weights(&ctx, &packed, &tiles),
+        Err(Error::InvalidParameter { name: "scales", .. })
+    ));
+    assert!(
+        kernels::ec_gemv_weights(&ctx, &stream, &tiles).is_ok()
+            && kernels::q_gemv_weights(&ctx, &packed, &rows).is_ok()
+    );
 }

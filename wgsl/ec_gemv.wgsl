@@ -20,7 +20,8 @@
 // With SPLIT3 as well (BITS = 1 coded, KW = 8) the 4 steps code a block of 32 columns, merged with its three low
 // words into 32 weights.
 
-// Per-group scales and biases, row-major rows x (cols / group_size).
+// Per-group scales and biases in tile order (`kernels::ScaleOrder::Tiles`): by row tile, then segment, then row of the
+// row tile, then group of the segment, so a slab's lanes find their segment's groups side by side.
 @group(0) @binding(5) var<storage, read> scales: array<f32>;
 @group(0) @binding(6) var<storage, read> biases: array<f32>;
 // Input vectors, row-major M x cols. Where a step takes an even number of weights (4 bits or fewer) the host sets
@@ -197,7 +198,7 @@ fn main(
 //#endif
     let max_steps = params.segment / KW;
     let steps_per_group = params.group_size / KW;
-    let groups_per_row = params.cols / params.group_size;
+    let groups_per_segment = params.segment / params.group_size;
 //#if TILE_PAIRS
     // With TILE_PAIRS a workgroup takes two row tiles at a time, TILE_SLABS slabs each: slab s works on row tile
     // 2 w + s / TILE_SLABS of workgroup w's pair (`kernels::row_tile_pairs`).
@@ -244,7 +245,6 @@ fn main(
 //#else
         let row_active = row < params.rows;
 //#endif
-        let row_c = min(row, params.rows - 1u);
         var acc: array<f32, M>;
         for (var v = 0u; v < M; v++) {
             acc[v] = 0.0;
@@ -283,9 +283,10 @@ fn main(
 //#endif
 //#endif
             // The scale and bias of the group being summed, loaded a whole group ahead of their use; a segment
-            // starts on a group boundary and holds whole groups.
-            var g = row_c * groups_per_row + col0 / params.group_size;
-            let g_last = row_c * groups_per_row + groups_per_row - 1u;
+            // starts on a group boundary and holds whole groups, and in tile order this row's groups of the segment
+            // lie side by side (padded to a whole segment's at the end of a row).
+            var g = (t * 32u + lane_row) * groups_per_segment;
+            let g_last = g + groups_per_segment - 1u;
             var s = scales[g];
             var b = biases[g];
 //#if QUADS

@@ -316,6 +316,7 @@ pub(crate) fn group_kinds(kernel: Kernel) -> &'static [&'static str] {
         // x_lanes.wgsl runs on q_gemv's groups; binding 4 of group 1 is the vectors in lane order.
         Kernel::QGemv | Kernel::XLanes => &["urrr", "rwurw"],
         Kernel::GemvF32 | Kernel::GemvF16 => &["ur", "rwur"],
+        Kernel::ScaleRows => &["urrww"],
     }
 }
 
@@ -365,7 +366,7 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         Kernel::RansDecode => table + lanes,
         Kernel::EcGemv => table + lanes + 4 * wg + if spec.stage_x { 4 * STAGED_X_COLS as u64 } else { 0 },
         Kernel::GemvF32 => 4 * wg,
-        Kernel::XLanes => 0,
+        Kernel::XLanes | Kernel::ScaleRows => 0,
         // rows.wgsl's sums, a quad of up to 4 rows at a time.
         Kernel::QGemv | Kernel::GemvF16 => 4 * wg * rows_per_group(kernel, spec).min(4) as u64,
     }
@@ -521,26 +522,118 @@ pub fn check_gpu_shape(tensor: &EcTensor) -> Result<()> {
     Ok(())
 }
 
-/// Per-group scales and biases on the device, as `f32`.
+/// The order of the groups in a [`GpuScales`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleOrder {
+    /// Row-major, `rows x cols / group_size`, as the tensor holds them: what q_gemv and the Metal kernel read.
+    Rows,
+    /// Tile order, what ec_gemv.wgsl reads: by row tile, then segment, then row of the row tile, then group of the
+    /// segment ([`tile_scale_index`]), so the 32 rows of a tile have their segment's groups side by side. A slab
+    /// (one tile) then reads its scales as one contiguous run at its first group, and its later groups from the
+    /// same lines, where the row-major order spreads each of them over 32 rows' lines. Measured on an H100
+    /// (`bench_gpu --experiments` reading the row-major buffers at the tile order's indices, one bit coded):
+    /// M = 1 43.0 -> 39.2 us on 14336x4096, 42.5 -> 40.0 on 4096x14336, 24.1 -> 23.6 on 4096x4096; M = 4 73.4
+    /// -> 69.1, 71.1 -> 70.0, 42.8 -> 41.1 (BENCHMARKS.md, "Scales in tile order").
+    Tiles,
+}
+
+/// Where group `group` of row `row` lies in the tile order of [`ScaleOrder::Tiles`] for layout `l`, with
+/// `per_segment` groups to a segment: row tile, segment, row of the tile, group of the segment. Rows past the
+/// last and groups past the last segment's end are padding.
+pub fn tile_scale_index(l: &TileLayout, per_segment: usize, row: usize, group: usize) -> usize {
+    ((row / 32 * l.segments() + group / per_segment) * 32 + row % 32) * per_segment + group % per_segment
+}
+
+/// Per-group scales and biases on the device, as `f32`, in one of two orders ([`ScaleOrder`]).
 pub struct GpuScales {
     scales: wgpu::Buffer,
     biases: wgpu::Buffer,
+    order: ScaleOrder,
+    /// `rows`, groups a row, segments a row, groups a segment: the uniform of scale_rows.wgsl, which takes the tile
+    /// order back to rows.
+    shape: [u32; 4],
 }
 
 impl GpuScales {
-    /// Uploads the scales and biases of `tensor`.
+    /// Uploads the scales and biases of `tensor`, row-major ([`ScaleOrder::Rows`]), for q_gemv and the Metal
+    /// kernel.
     pub fn upload(ctx: &GpuContext, tensor: &EcTensor) -> Result<Self> {
+        Self::upload_as(ctx, tensor.scales(), tensor.biases(), ScaleOrder::Rows, scale_shape(tensor))
+    }
+
+    /// Uploads the scales and biases of `tensor` in tile order ([`ScaleOrder::Tiles`]), for ec_gemv.wgsl
+    /// ([`ec_gemv_weights`]).
+    pub fn upload_tiles(ctx: &GpuContext, tensor: &EcTensor) -> Result<Self> {
+        let shape = scale_shape(tensor);
+        let [rows, groups, segments, per_segment] = shape.map(|v| v as usize);
+        let l = tensor.layout();
+        let len = l.row_tiles() * 32 * segments * per_segment;
+        let (mut scales, mut biases) = (vec![0f32; len], vec![0f32; len]);
+        for row in 0..rows {
+            for group in 0..groups {
+                let i = tile_scale_index(l, per_segment, row, group);
+                scales[i] = tensor.scales()[row * groups + group];
+                biases[i] = tensor.biases()[row * groups + group];
+            }
+        }
+        Self::upload_as(ctx, &scales, &biases, ScaleOrder::Tiles, shape)
+    }
+
+    fn upload_as(ctx: &GpuContext, scales: &[f32], biases: &[f32], order: ScaleOrder, shape: [u32; 4]) -> Result<Self> {
         let none = wgpu::BufferUsages::empty();
         Ok(Self {
-            scales: ctx.storage_init("scales", bytemuck::cast_slice(tensor.scales()), none)?,
-            biases: ctx.storage_init("biases", bytemuck::cast_slice(tensor.biases()), none)?,
+            scales: ctx.storage_init("scales", bytemuck::cast_slice(scales), none)?,
+            biases: ctx.storage_init("biases", bytemuck::cast_slice(biases), none)?,
+            order,
+            shape,
         })
+    }
+
+    /// The order of the groups.
+    pub fn order(&self) -> ScaleOrder {
+        self.order
     }
 
     /// Bytes held on the device.
     pub fn device_bytes(&self) -> u64 {
         self.scales.size() + self.biases.size()
     }
+
+    /// The same scales and biases row-major ([`ScaleOrder::Rows`]), for q_gemv: these buffers where they are
+    /// row-major already, else new ones that scale_rows.wgsl, recorded into `pass`, fills from the tile order.
+    pub fn to_rows(&self, ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>) -> Result<GpuScales> {
+        if self.order == ScaleOrder::Rows {
+            return Ok(GpuScales { scales: self.scales.clone(), biases: self.biases.clone(), ..*self });
+        }
+        let n = u64::from(self.shape[0]) * u64::from(self.shape[1]);
+        let rows = GpuScales {
+            scales: ctx.storage("scales", 4 * n, wgpu::BufferUsages::empty())?,
+            biases: ctx.storage("biases", 4 * n, wgpu::BufferUsages::empty())?,
+            order: ScaleOrder::Rows,
+            shape: self.shape,
+        };
+        if n == 0 {
+            return Ok(rows);
+        }
+        let params = ctx.uniform("ecq scale_rows params", &self.shape)?;
+        let spec = Spec::new(ctx.lane_mode(), 0, 0, 1, SCALE_ROWS_WORKGROUP);
+        pass.set_pipeline(&ctx.pipeline(Kernel::ScaleRows, spec)?);
+        let group =
+            bind_group(ctx, Kernel::ScaleRows, 0, &[&params, &self.scales, &self.biases, &rows.scales, &rows.biases]);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(grid(ctx, n.div_ceil(u64::from(SCALE_ROWS_WORKGROUP)) as usize), 1, 1);
+        Ok(rows)
+    }
+}
+
+/// Invocations per workgroup of scale_rows.wgsl.
+pub const SCALE_ROWS_WORKGROUP: u32 = 256;
+
+/// `rows`, groups a row, segments a row and groups a segment of `tensor`'s scales ([`GpuScales`]'s `shape`).
+fn scale_shape(tensor: &EcTensor) -> [u32; 4] {
+    let l = tensor.layout();
+    let group = tensor.group_size().max(1);
+    [l.rows(), l.cols().div_ceil(group), l.segments(), l.segment() / group].map(|v| v as u32)
 }
 
 /// MLX-packed symbols on the device: each row a little-endian bit stream in `u32` words.
@@ -740,10 +833,17 @@ pub fn seam_bytes(stream: &GpuStream) -> u64 {
     4 * (stream.layout.row_tiles() * 32).max(1) as u64
 }
 
-/// The group-0 bind group of ec_gemv for one weight: with the seam words that one vector's tasks dealt out in runs
+/// The group-0 bind group of ec_gemv for one weight, whose scales must be in tile order
+/// ([`GpuScales::upload_tiles`]): with the seam words that one vector's tasks dealt out in runs
 /// need ([`spread_slabs`]), all bits set ([`seam_bytes`]). They are there whether or not a context deals this
 /// stream's tasks out, so that any context on the device can record its products.
 pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales) -> Result<wgpu::BindGroup> {
+    if scales.order != ScaleOrder::Tiles {
+        return Err(Error::param(
+            "scales",
+            "ec_gemv reads scales in tile order: upload them with GpuScales::upload_tiles",
+        ));
+    }
     let seams = ctx.storage_init("ecq seams", &vec![0xff; seam_bytes(stream) as usize], wgpu::BufferUsages::empty())?;
     Ok(bind_group(
         ctx,
@@ -807,8 +907,11 @@ pub fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
 }
 
 /// The group-0 bind group of q_gemv for one weight.
-pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) -> wgpu::BindGroup {
-    bind_group(ctx, Kernel::QGemv, 0, &[&packed.params, &packed.packed, &scales.scales, &scales.biases])
+pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) -> Result<wgpu::BindGroup> {
+    if scales.order != ScaleOrder::Rows {
+        return Err(Error::param("scales", "q_gemv reads scales row-major: GpuScales::upload, or to_rows"));
+    }
+    Ok(bind_group(ctx, Kernel::QGemv, 0, &[&packed.params, &packed.packed, &scales.scales, &scales.biases]))
 }
 
 /// A group-1 bind group of `x`, `y` and, for the row kernels, the call's uniform from [`call_params`] and `x`

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::context::GpuContext;
-use super::kernels::{GpuScales, GpuStream};
+use super::kernels::{GpuScales, GpuStream, ScaleOrder};
 use crate::error::{Error, Result};
 use crate::format::EcTensor;
 use crate::kernels_msl::{
@@ -236,9 +236,12 @@ pub(crate) struct MslGemv {
 }
 
 impl MslGemv {
-    /// The MSL side of a fused product of `tensor`, whose stream and scales are already on the device; runs the
-    /// kernel once and refuses a stream with a failing tile.
+    /// The MSL side of a fused product of `tensor`, whose stream and scales (row-major: [`GpuScales::upload`]) are
+    /// already on the device; runs the kernel once and refuses a stream with a failing tile.
     pub fn new(ctx: &GpuContext, tensor: &EcTensor, stream: &GpuStream, scales: &GpuScales) -> Result<Self> {
+        if scales.order() != ScaleOrder::Rows {
+            return Err(Error::param("scales", "msl/ec_gemv.metal reads scales row-major: GpuScales::upload"));
+        }
         let l = tensor.layout();
         let base = EcParams::new(tensor, 1)?;
         check_params(&base)?;

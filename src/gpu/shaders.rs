@@ -16,6 +16,8 @@ pub const EC_GEMV: &str = include_str!("../../wgsl/ec_gemv.wgsl");
 pub const Q_GEMV: &str = include_str!("../../wgsl/q_gemv.wgsl");
 /// The input vectors in the order q_gemv's lanes read them.
 pub const X_LANES: &str = include_str!("../../wgsl/x_lanes.wgsl");
+/// Scales and biases from ec_gemv's tile order back to rows.
+pub const SCALE_ROWS: &str = include_str!("../../wgsl/scale_rows.wgsl");
 /// Dense GEMV with f32 weights.
 pub const GEMV_F32: &str = include_str!("../../wgsl/gemv_f32.wgsl");
 /// Dense GEMV with f16 weights.
@@ -43,6 +45,8 @@ pub enum Kernel {
     QGemv,
     /// `wgsl/x_lanes.wgsl`.
     XLanes,
+    /// `wgsl/scale_rows.wgsl`.
+    ScaleRows,
     /// `wgsl/gemv_f32.wgsl`.
     GemvF32,
     /// `wgsl/gemv_f16.wgsl`.
@@ -51,8 +55,15 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 6] =
-        [Kernel::RansDecode, Kernel::EcGemv, Kernel::QGemv, Kernel::XLanes, Kernel::GemvF32, Kernel::GemvF16];
+    pub const ALL: [Kernel; 7] = [
+        Kernel::RansDecode,
+        Kernel::EcGemv,
+        Kernel::QGemv,
+        Kernel::XLanes,
+        Kernel::ScaleRows,
+        Kernel::GemvF32,
+        Kernel::GemvF16,
+    ];
 
     /// The kernel's file name under `wgsl/`.
     pub fn file(self) -> &'static str {
@@ -61,6 +72,7 @@ impl Kernel {
             Kernel::EcGemv => "ec_gemv.wgsl",
             Kernel::QGemv => "q_gemv.wgsl",
             Kernel::XLanes => "x_lanes.wgsl",
+            Kernel::ScaleRows => "scale_rows.wgsl",
             Kernel::GemvF32 => "gemv_f32.wgsl",
             Kernel::GemvF16 => "gemv_f16.wgsl",
         }
@@ -73,6 +85,7 @@ impl Kernel {
             Kernel::EcGemv => (&[LANES], EC_GEMV),
             Kernel::QGemv => (&[PACKED, ROW_IO, ROWS], Q_GEMV),
             Kernel::XLanes => (&[PACKED, ROW_IO], X_LANES),
+            Kernel::ScaleRows => (&[], SCALE_ROWS),
             Kernel::GemvF32 => (&[ROW_IO, REDUCE], GEMV_F32),
             Kernel::GemvF16 => (&[ROW_IO, ROWS], GEMV_F16),
         }
@@ -259,7 +272,7 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
         decode_workgroup, early_x_kind, row_workgroup, tile_pair_vectors, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS,
-        SPLIT_WIDE_TILES, STAGE_X_MIN_SLABS, TILE_WORKGROUP,
+        SCALE_ROWS_WORKGROUP, SPLIT_WIDE_TILES, STAGE_X_MIN_SLABS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -329,6 +342,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                 out.push((Kernel::XLanes, Spec::new(lanes, bits, 0, 1, workgroup)));
             }
         }
+        out.push((Kernel::ScaleRows, Spec::new(lanes, 0, 0, 1, SCALE_ROWS_WORKGROUP)));
         for kernel in [Kernel::GemvF32, Kernel::GemvF16] {
             for m in vectors.clone() {
                 out.push((kernel, Spec::new(lanes, 0, 0, m, row_workgroup(kernel, m, 0))));
