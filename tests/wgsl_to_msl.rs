@@ -162,15 +162,19 @@ fn specializations_cover_every_kernel_mode_width_and_vector_count() {
             let of =
                 |pred: &dyn Fn(&Spec) -> bool| specs.iter().any(|(k, s)| *k == kernel && s.lanes == lanes && pred(s));
             let widths: Vec<u32> = match kernel {
-                Kernel::GemvF32 | Kernel::GemvF16 => vec![0],
+                // Neither the dense kernels nor the scales' reordering has a bit width.
+                Kernel::GemvF32 | Kernel::GemvF16 | Kernel::ScaleRows => vec![0],
                 _ => (1..=8).collect(),
             };
             for bits in widths {
                 assert!(of(&|s| s.bits == bits), "{} {lanes:?} bits {bits}", kernel.file());
             }
-            // Neither the tile decode nor the lane reordering depends on the vector count.
-            let vectors: Vec<u32> =
-                if matches!(kernel, Kernel::RansDecode | Kernel::XLanes) { vec![1] } else { (1..=8).collect() };
+            // Neither the tile decode nor the reorderings of x and of the scales depend on the vector count.
+            let vectors: Vec<u32> = if matches!(kernel, Kernel::RansDecode | Kernel::XLanes | Kernel::ScaleRows) {
+                vec![1]
+            } else {
+                (1..=8).collect()
+            };
             for m in vectors {
                 assert!(of(&|s| s.m == m), "{} {lanes:?} m {m}", kernel.file());
             }
