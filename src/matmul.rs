@@ -297,8 +297,9 @@ mod gpu {
         /// Cached: the packed symbols, decoded once at load.
         packed: Option<GpuPacked>,
         scales: GpuScales,
-        /// Group 0 of ec_gemv (Fused) or q_gemv (Cached).
-        weights: wgpu::BindGroup,
+        /// Group 0 of ec_gemv (Fused) or q_gemv (Cached); None where the Metal kernel, which binds its own, takes the
+        /// fused products.
+        weights: Option<wgpu::BindGroup>,
         /// Fused on a context whose fused kernel is the MSL one: that kernel, for up to 8 vectors.
         msl: Option<MslGemv>,
         /// The q_gemv call uniform per vector count.
@@ -327,10 +328,12 @@ mod gpu {
             let (stream, packed, weights) = if strategy == Strategy::Cached {
                 let packed = kernels::decode_to_packed(ctx, &stream)?;
                 let weights = kernels::q_gemv_weights(ctx, &packed, &scales)?;
-                (None, Some(packed), weights)
+                (None, Some(packed), Some(weights))
+            } else if msl.is_some() {
+                (Some(stream), None, None)
             } else {
                 let weights = kernels::ec_gemv_weights(ctx, &stream, &scales)?;
-                (Some(stream), None, weights)
+                (Some(stream), None, Some(weights))
             };
             Ok(Self {
                 ctx: ctx.clone(),
@@ -383,11 +386,16 @@ mod gpu {
             Ok(kernels::io_bind_group(&self.ctx, kernel, x, y, Some(&call), xl.as_ref()))
         }
 
+        /// Group 0 of ec_gemv or q_gemv, held wherever the Metal kernel does not take the product.
+        fn own_weights(&self) -> &wgpu::BindGroup {
+            self.weights.as_ref().unwrap_or_else(|| unreachable!("a product not on the Metal kernel holds its group 0"))
+        }
+
         fn record(&self, pass: &mut wgpu::ComputePass<'_>, io: &wgpu::BindGroup, m: usize) -> Result<()> {
             match (&self.stream, &self.packed) {
                 (Some(stream), _) if m <= MAX_VECTORS_PER_PASS => match &self.msl {
                     Some(msl) => msl.record(&self.ctx, pass, io, m),
-                    None => kernels::ec_gemv(&self.ctx, pass, stream, &self.weights, io, m),
+                    None => kernels::ec_gemv(&self.ctx, pass, stream, self.own_weights(), io, m),
                 },
                 (Some(stream), _) => {
                     // Many vectors: decode once into scratch packed symbols (and the scales row-major, where they are
@@ -400,7 +408,7 @@ mod gpu {
                     let weights = kernels::q_gemv_weights(&self.ctx, &scratch, &scales)?;
                     kernels::q_gemv(&self.ctx, pass, &scratch, &weights, io, m)
                 }
-                (None, Some(packed)) => kernels::q_gemv(&self.ctx, pass, packed, &self.weights, io, m),
+                (None, Some(packed)) => kernels::q_gemv(&self.ctx, pass, packed, self.own_weights(), io, m),
                 (None, None) => unreachable!("a GPU product holds a stream or packed symbols"),
             }
         }
