@@ -530,10 +530,10 @@ pub enum ScaleOrder {
     /// Tile order, what ec_gemv.wgsl reads: by row tile, then segment, then row of the row tile, then group of the
     /// segment ([`tile_scale_index`]), so the 32 rows of a tile have their segment's groups side by side. A slab
     /// (one tile) then reads its scales as one contiguous run at its first group, and its later groups from the
-    /// same lines, where the row-major order spreads each of them over 32 rows' lines. Measured on an H100
-    /// (`bench_gpu --experiments` reading the row-major buffers at the tile order's indices, one bit coded):
-    /// M = 1 43.0 -> 39.2 us on 14336x4096, 42.5 -> 40.0 on 4096x14336, 24.1 -> 23.6 on 4096x4096; M = 4 73.4
-    /// -> 69.1, 71.1 -> 70.0, 42.8 -> 41.1 (BENCHMARKS.md, "Scales in tile order").
+    /// same lines, where the row-major order spreads each of them over 32 rows' lines. Measured on an H100 against
+    /// row-major scales (one bit coded, the two binaries alternated twice): M = 1 42.8 -> 38.9 us on 14336x4096,
+    /// 24.1 -> 23.1 on 4096x4096, 42.2 -> 42.0 on 4096x14336; M = 4 73.2 -> 67.6, 42.4 -> 33.0, 70.6 -> 68.2
+    /// (BENCHMARKS.md, "Scales in tile order").
     Tiles,
 }
 
