@@ -2,10 +2,10 @@
 //
 // Specialization (prepended by the host): BITS, KW = 8 / BITS, P, M (vectors, 1..=8), SLABS, WG = 32 * SLABS;
 // GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
-// stream's one vector is held in workgroup memory, its first XS_COLS columns (below); EARLY_X where a loop trip's x
-// is read before its steps (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each
-// workgroup takes two row tiles at a time (below); SPREAD where a product of one vector deals its (row tile,
-// segment) tasks out over the workgroups in runs of SLABS (below).
+// stream's one vector is held in workgroup memory (below); EARLY_X where a loop trip's x is read before its steps
+// (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each workgroup takes two row
+// tiles at a time (below); SPREAD where a product of one vector deals its (row tile, segment) tasks out over the
+// workgroups in runs of SLABS (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -48,10 +48,10 @@
 // Output, row-major M x rows.
 @group(1) @binding(1) var<storage, read_write> y: array<f32>;
 //#if STAGE_X
-// With STAGE_X (a split stream, M = 1) the workgroup copies x, its first XS_COLS columns, into workgroup memory once,
-// with the decode table, and the products read those columns from there and any others from x: where every workgroup
-// has a compute unit to itself, its few warps wait on each x load (L1 or L2) after a block's four steps, and workgroup
-// memory answers sooner (`kernels::stage_x`).
+// With STAGE_X (a split stream, M = 1, cols <= XS_COLS) the workgroup copies x into workgroup memory once, with the
+// decode table, and the products read it from there: where every workgroup has a compute unit to itself, its few
+// warps wait on each x load (L1 or L2) after a block's four steps, and workgroup memory answers sooner
+// (`kernels::stage_x`).
 var<workgroup> xs: array<vec4<f32>, XS_COLS / 4u>;
 //#endif
 
@@ -472,12 +472,7 @@ fn main(
                                 xq[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + j / 4u];
 //#else
 //#if STAGE_X
-                                // A block lies wholly below XS_COLS or wholly above it (both are multiples of 32).
-                                if (col4 < XS_COLS) {
-                                    xq[v] = xs[col4 / 4u + j / 4u];
-                                } else {
-                                    xq[v] = x[col4 / 4u + j / 4u];
-                                }
+                                xq[v] = xs[col4 / 4u + j / 4u];
 //#else
 //#if EARLY_X
 //#if SPLIT3

@@ -65,31 +65,33 @@ pub fn vector_groups(row_tiles: usize, slabs: u32, m: usize, compute_units: Opti
     (1..=m / 2).rev().find(|&g| m % g == 0 && slabs * g <= room).unwrap_or(1)
 }
 
-/// Columns of x that ec_gemv holds in workgroup memory under [`stage_x`], the first of each row (16 KiB of f32).
+/// Most columns of x that ec_gemv holds in workgroup memory under [`stage_x`] (16 KiB of f32).
 pub const STAGED_X_COLS: usize = 4096;
 
 /// Fewest slabs a workgroup for which [`stage_x`] applies.
 pub const STAGE_X_MIN_SLABS: u32 = 6;
 
-/// Whether ec_gemv, specialized as `spec` otherwise, copies x into workgroup memory (`Spec::stage_x`) for `workgroups`
-/// workgroups (row tiles times [`vector_groups`]) on a device of `compute_units`: only for a split stream's single
-/// vector (its first [`STAGED_X_COLS`] columns; the products read any others from x), in workgroups of at least
-/// [`STAGE_X_MIN_SLABS`] slabs, and only where every workgroup has a compute unit to itself (the caller also checks the
-/// workgroup memory against the device's limit). Measured on an H200 (132 SMs), split streams, M = 1, products
-/// identical, us against x read from global memory: 4096x4096 (8 slabs) 42.4 -> 38.2, 2048x4096 42.1 -> 37.3, 1024x4096
-/// 42.2 -> 37.1, 4096x3584 (7) 42.3 -> 37.6, 4096x3072 (6) 42.0 -> 37.9, 4096x4096 at `--segment 256` (16) 29.5 ->
-/// 25.2; with fewer slabs, whose workgroups took 34-39 us without it, none or slower: 4096x2560 (5) 36.8 -> 37.0,
-/// 4096x2048 (4) 35.3 -> 36.3, 4096x1024 (2) 35.5 -> 35.8, SmolLM2's 576x1536 (3) 34.3 -> 34.5 and 1536x576 (1) 38.6 ->
-/// 39.0. Where an SM must hold two workgroups or more, as if it then held one at a time: 6144x4096 (192 workgroups)
-/// 44.0 -> 68.4, 14336x4096 68.7 -> 129.4. Streams that are not split read x a pair of columns a step, and staging them
-/// was slower (4096x4096 50.0 -> 52.4, 51.7 as 16-byte pieces). Rows of more columns have their first [`STAGED_X_COLS`]
-/// staged: measured on an H100, one bit coded, 4096x14336 42.4 -> 40.7 us (`bench_gpu --experiments`; 41.1 with 8192
-/// columns staged).
-pub fn stage_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bool {
+/// Whether ec_gemv, specialized as `spec` otherwise, copies x into workgroup memory (`Spec::stage_x`) for
+/// `workgroups` workgroups (row tiles times [`vector_groups`]) over `cols` columns on a device of `compute_units`:
+/// only for a split stream's single vector of at most [`STAGED_X_COLS`] columns, in workgroups of at least
+/// [`STAGE_X_MIN_SLABS`] slabs, and only where every workgroup has a compute unit to itself (the caller also checks
+/// the workgroup memory against the device's limit). Measured on an H200 (132 SMs), split streams, M = 1, products
+/// identical, us against x read from global memory: 4096x4096 (8 slabs) 42.4 -> 38.2, 2048x4096 42.1 -> 37.3,
+/// 1024x4096 42.2 -> 37.1, 4096x3584 (7) 42.3 -> 37.6, 4096x3072 (6) 42.0 -> 37.9, 4096x4096 at `--segment 256`
+/// (16) 29.5 -> 25.2; with fewer slabs, whose workgroups took 34-39 us without it, none or slower: 4096x2560 (5)
+/// 36.8 -> 37.0, 4096x2048 (4) 35.3 -> 36.3, 4096x1024 (2) 35.5 -> 35.8, SmolLM2's 576x1536 (3) 34.3 -> 34.5 and
+/// 1536x576 (1) 38.6 -> 39.0. Where an SM must hold two workgroups or more, as if it then held one at a time:
+/// 6144x4096 (192 workgroups) 44.0 -> 68.4, 14336x4096 68.7 -> 129.4. Streams that are not split read x a pair of
+/// columns a step, and staging them was slower (4096x4096 50.0 -> 52.4, 51.7 as 16-byte pieces).
+pub fn stage_x(spec: &Spec, workgroups: usize, cols: usize, compute_units: Option<u32>) -> bool {
     let Some(units) = compute_units else {
         return false;
     };
-    spec.split && spec.m == 1 && spec.slabs() >= STAGE_X_MIN_SLABS && workgroups <= units as usize
+    spec.split
+        && spec.m == 1
+        && spec.slabs() >= STAGE_X_MIN_SLABS
+        && cols <= STAGED_X_COLS
+        && workgroups <= units as usize
 }
 
 /// Vectors per workgroup at which [`early_x`] applies to streams that are not split; the most for split ones.
@@ -244,7 +246,7 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     };
     let workgroups = ec_gemv_workgroups(&spec, &l) * groups;
     let spec = Spec { early_x: early_x(&spec, workgroups, units), ..spec };
-    let staged = Spec { stage_x: stage_x(&spec, workgroups, units), ..spec };
+    let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let fits = workgroup_bytes(Kernel::EcGemv, &staged) <= u64::from(ctx.limits().max_compute_workgroup_storage_size);
     (if fits { staged } else { spec }, groups)
 }

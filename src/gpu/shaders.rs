@@ -127,7 +127,7 @@ pub struct Spec {
     /// ec_gemv only: the grid's second dimension shares out the vectors, `m` to a row of workgroups (`GROUPED`;
     /// see [`super::kernels::vector_groups`]); false for every other kernel.
     pub grouped: bool,
-    /// ec_gemv only, with `split` and `m` = 1: x is copied into workgroup memory, its first
+    /// ec_gemv only, with `split` and `m` = 1: x is copied into workgroup memory, up to
     /// [`super::kernels::STAGED_X_COLS`] columns (`STAGE_X`; see [`super::kernels::stage_x`]); false for every
     /// other kernel.
     pub stage_x: bool,
@@ -520,7 +520,7 @@ mod tests {
         }
     }
 
-    /// x goes to workgroup memory (its first `STAGED_X_COLS` columns) only for a split stream's single vector, in
+    /// x goes to workgroup memory only for a split stream's single vector of at most `STAGED_X_COLS` columns, in
     /// workgroups of at least `STAGE_X_MIN_SLABS` slabs, only where the workgroups do not outnumber the compute
     /// units, never without a count; every such specialization is listed, and its source declares the 16 KiB.
     #[test]
@@ -530,20 +530,21 @@ mod tests {
         let one = Spec { split: true, ..Spec::new(LaneMode::SubgroupWide, 2, 11, 1, 256) };
         // 4096x4096, 2048x4096 and 1024x4096 on 132 SMs; not 6144x4096 (192 row tiles) or 14336x4096.
         for workgroups in [128, 64, 32, 132] {
-            assert!(stage_x(&one, workgroups, Some(132)), "{workgroups}");
+            assert!(stage_x(&one, workgroups, 4096, Some(132)), "{workgroups}");
         }
         for workgroups in [133, 192, 448] {
-            assert!(!stage_x(&one, workgroups, Some(132)), "{workgroups}");
+            assert!(!stage_x(&one, workgroups, 4096, Some(132)), "{workgroups}");
         }
-        // Not split, several vectors a workgroup, no count.
+        // Not split, several vectors a workgroup, wider rows, no count.
         let plain = Spec { split: false, bits: 4, ..one };
-        assert!(!stage_x(&plain, 128, Some(132)));
-        assert!(!stage_x(&Spec { m: 2, ..one }, 64, Some(132)));
-        assert!(!stage_x(&one, 1, None));
+        assert!(!stage_x(&plain, 128, 4096, Some(132)));
+        assert!(!stage_x(&Spec { m: 2, ..one }, 64, 4096, Some(132)));
+        assert!(!stage_x(&one, 128, 4112, Some(132)));
+        assert!(!stage_x(&one, 1, 16, None));
         // 6 slabs and more (4096x3072 and wider), not 5 (4096x2560) or fewer.
         for slabs in 1..=32 {
             let spec = Spec { workgroup: 32 * slabs, ..one };
-            assert_eq!(stage_x(&spec, 128, Some(132)), slabs >= 6, "{slabs} slabs");
+            assert_eq!(stage_x(&spec, 128, 4096, Some(132)), slabs >= 6, "{slabs} slabs");
         }
         let listed = specializations();
         for slabs in 6..=32 {
