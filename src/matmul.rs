@@ -314,17 +314,15 @@ mod gpu {
     impl GpuMatmul {
         pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
             let stream = GpuStream::upload(ctx, tensor)?;
+            let fused = strategy == Strategy::Fused;
             // ec_gemv.wgsl reads the scales in tile order; q_gemv and the Metal kernel row-major.
-            let scales = if strategy == Strategy::Fused && !ctx.fused_uses_msl() {
+            let scales = if fused && !ctx.fused_uses_msl() {
                 GpuScales::upload_tiles(ctx, tensor)?
             } else {
                 GpuScales::upload(ctx, tensor)?
             };
-            let msl = if strategy == Strategy::Fused && ctx.fused_uses_msl() {
-                Some(MslGemv::new(ctx, tensor, &stream, &scales)?)
-            } else {
-                None
-            };
+            let msl =
+                if fused && ctx.fused_uses_msl() { Some(MslGemv::new(ctx, tensor, &stream, &scales)?) } else { None };
             let (stream, packed, weights) = if strategy == Strategy::Cached {
                 let packed = kernels::decode_to_packed(ctx, &stream)?;
                 let weights = kernels::q_gemv_weights(ctx, &packed, &scales)?;

@@ -548,25 +548,27 @@ pub fn tile_scale_index(l: &TileLayout, per_segment: usize, row: usize, group: u
 pub struct GpuScales {
     scales: wgpu::Buffer,
     biases: wgpu::Buffer,
-    order: ScaleOrder,
-    /// `rows`, groups a row, segments a row, groups a segment: the uniform of scale_rows.wgsl, which takes the tile
-    /// order back to rows.
-    shape: [u32; 4],
+    /// Scales a row-major copy holds: rows times groups a row.
+    len: u64,
+    /// In tile order (and only there): the uniform of scale_rows.wgsl, which takes them back to rows
+    /// ([`Self::to_rows`]): rows, groups a row, segments a row, groups a segment.
+    rows_params: Option<wgpu::Buffer>,
 }
 
 impl GpuScales {
     /// Uploads the scales and biases of `tensor`, row-major ([`ScaleOrder::Rows`]), for q_gemv and the Metal
     /// kernel.
     pub fn upload(ctx: &GpuContext, tensor: &EcTensor) -> Result<Self> {
-        Self::upload_as(ctx, tensor.scales(), tensor.biases(), ScaleOrder::Rows, scale_shape(tensor))
+        Self::upload_as(ctx, tensor.scales(), tensor.biases(), tensor.scales().len(), None)
     }
 
     /// Uploads the scales and biases of `tensor` in tile order ([`ScaleOrder::Tiles`]), for ec_gemv.wgsl
     /// ([`ec_gemv_weights`]).
     pub fn upload_tiles(ctx: &GpuContext, tensor: &EcTensor) -> Result<Self> {
-        let shape = scale_shape(tensor);
-        let [rows, groups, segments, per_segment] = shape.map(|v| v as usize);
         let l = tensor.layout();
+        let group_size = tensor.group_size().max(1);
+        let (rows, groups, segments, per_segment) =
+            (l.rows(), l.cols() / group_size, l.segments(), l.segment() / group_size);
         let len = l.row_tiles() * 32 * segments * per_segment;
         let (mut scales, mut biases) = (vec![0f32; len], vec![0f32; len]);
         for row in 0..rows {
@@ -576,50 +578,66 @@ impl GpuScales {
                 biases[i] = tensor.biases()[row * groups + group];
             }
         }
-        Self::upload_as(ctx, &scales, &biases, ScaleOrder::Tiles, shape)
+        let params = ctx.uniform("ecq scale_rows params", &[rows, groups, segments, per_segment].map(|v| v as u32))?;
+        Self::upload_as(ctx, &scales, &biases, rows * groups, Some(params))
     }
 
-    fn upload_as(ctx: &GpuContext, scales: &[f32], biases: &[f32], order: ScaleOrder, shape: [u32; 4]) -> Result<Self> {
+    fn upload_as(
+        ctx: &GpuContext,
+        scales: &[f32],
+        biases: &[f32],
+        len: usize,
+        rows_params: Option<wgpu::Buffer>,
+    ) -> Result<Self> {
         let none = wgpu::BufferUsages::empty();
         Ok(Self {
             scales: ctx.storage_init("scales", bytemuck::cast_slice(scales), none)?,
             biases: ctx.storage_init("biases", bytemuck::cast_slice(biases), none)?,
-            order,
-            shape,
+            len: len as u64,
+            rows_params,
         })
     }
 
     /// The order of the groups.
     pub fn order(&self) -> ScaleOrder {
-        self.order
+        if self.rows_params.is_some() {
+            ScaleOrder::Tiles
+        } else {
+            ScaleOrder::Rows
+        }
     }
 
     /// Bytes held on the device.
     pub fn device_bytes(&self) -> u64 {
-        self.scales.size() + self.biases.size()
+        self.scales.size() + self.biases.size() + self.rows_params.as_ref().map_or(0, |p| p.size())
     }
 
     /// The same scales and biases row-major ([`ScaleOrder::Rows`]), for q_gemv: these buffers where they are
     /// row-major already, else new ones that scale_rows.wgsl, recorded into `pass`, fills from the tile order.
     pub fn to_rows(&self, ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>) -> Result<GpuScales> {
-        if self.order == ScaleOrder::Rows {
-            return Ok(GpuScales { scales: self.scales.clone(), biases: self.biases.clone(), ..*self });
-        }
-        let n = u64::from(self.shape[0]) * u64::from(self.shape[1]);
+        let n = self.len;
+        let Some(params) = &self.rows_params else {
+            // Row-major already.
+            return Ok(GpuScales {
+                scales: self.scales.clone(),
+                biases: self.biases.clone(),
+                len: n,
+                rows_params: None,
+            });
+        };
         let rows = GpuScales {
             scales: ctx.storage("scales", 4 * n, wgpu::BufferUsages::empty())?,
             biases: ctx.storage("biases", 4 * n, wgpu::BufferUsages::empty())?,
-            order: ScaleOrder::Rows,
-            shape: self.shape,
+            len: n,
+            rows_params: None,
         };
         if n == 0 {
             return Ok(rows);
         }
-        let params = ctx.uniform("ecq scale_rows params", &self.shape)?;
         let spec = Spec::new(ctx.lane_mode(), 0, 0, 1, SCALE_ROWS_WORKGROUP);
         pass.set_pipeline(&ctx.pipeline(Kernel::ScaleRows, spec)?);
         let group =
-            bind_group(ctx, Kernel::ScaleRows, 0, &[&params, &self.scales, &self.biases, &rows.scales, &rows.biases]);
+            bind_group(ctx, Kernel::ScaleRows, 0, &[params, &self.scales, &self.biases, &rows.scales, &rows.biases]);
         pass.set_bind_group(0, &group, &[]);
         pass.dispatch_workgroups(grid(ctx, n.div_ceil(u64::from(SCALE_ROWS_WORKGROUP)) as usize), 1, 1);
         Ok(rows)
@@ -628,13 +646,6 @@ impl GpuScales {
 
 /// Invocations per workgroup of scale_rows.wgsl.
 pub const SCALE_ROWS_WORKGROUP: u32 = 256;
-
-/// `rows`, groups a row, segments a row and groups a segment of `tensor`'s scales ([`GpuScales`]'s `shape`).
-fn scale_shape(tensor: &EcTensor) -> [u32; 4] {
-    let l = tensor.layout();
-    let group = tensor.group_size().max(1);
-    [l.rows(), l.cols().div_ceil(group), l.segments(), l.segment() / group].map(|v| v as u32)
-}
 
 /// MLX-packed symbols on the device: each row a little-endian bit stream in `u32` words.
 pub struct GpuPacked {
@@ -838,7 +849,7 @@ pub fn seam_bytes(stream: &GpuStream) -> u64 {
 /// need ([`spread_slabs`]), all bits set ([`seam_bytes`]). They are there whether or not a context deals this
 /// stream's tasks out, so that any context on the device can record its products.
 pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales) -> Result<wgpu::BindGroup> {
-    if scales.order != ScaleOrder::Tiles {
+    if scales.order() != ScaleOrder::Tiles {
         return Err(Error::param(
             "scales",
             "ec_gemv reads scales in tile order: upload them with GpuScales::upload_tiles",
@@ -908,7 +919,7 @@ pub fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
 
 /// The group-0 bind group of q_gemv for one weight.
 pub fn q_gemv_weights(ctx: &GpuContext, packed: &GpuPacked, scales: &GpuScales) -> Result<wgpu::BindGroup> {
-    if scales.order != ScaleOrder::Rows {
+    if scales.order() != ScaleOrder::Rows {
         return Err(Error::param("scales", "q_gemv reads scales row-major: GpuScales::upload, or to_rows"));
     }
     Ok(bind_group(ctx, Kernel::QGemv, 0, &[&packed.params, &packed.packed, &scales.scales, &scales.biases]))
