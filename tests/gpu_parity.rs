@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use ecq::format::{EcTensor, EncodeOptions, SplitForm};
 use ecq::gpu::kernels::{self, GpuPacked, GpuStream};
-use ecq::gpu::shaders::{Kernel, Spec};
+use ecq::gpu::shaders::{Kernel, LaneMode, Spec};
 use ecq::gpu::{DenseDtype, DenseGemv, GpuContext, KernelPath};
 use ecq::quant::{pack_mlx, unpack_mlx, QuantizedMatrix, ScaleDtype};
 use ecq::{EcMatmul, Error, Strategy};
@@ -126,6 +126,7 @@ per_path!(
     fused_trip_x_loaded_before_its_steps,
     fused_row_tiles_in_pairs,
     fused_tasks_dealt_out_in_runs,
+    fused_trip_x_held_by_its_slab,
 );
 
 /// A quantized matrix with skewed random symbols (so the coder has something to gain) and f16 scales.
@@ -734,10 +735,10 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
 /// to 8 vectors on split streams and 1 to 7 on 4-bit streams: their products equal, bit for bit, those of the same
 /// context taken to have no known compute units (one row tile a workgroup), and the float64 reference within
 /// tolerance, with the outputs poisoned first. More vectors, 6 row tiles (3 a unit, 4 in pairs) and rows of 4
-/// segments keep one row tile a workgroup. One vector by the 7 row tiles of 1472 columns is dealt out in runs
-/// instead (`fused_tasks_dealt_out_in_runs`): its products, on both contexts, come within tolerance of the
-/// reference, and are not compared bit for bit (the row tiles across two workgroups add their parts in another
-/// order).
+/// segments keep one row tile a workgroup. Up to `kernels::SPREAD_VECTORS` vectors by the 7 row tiles of 1472
+/// columns are dealt out in runs instead (`fused_tasks_dealt_out_in_runs`): their products, on both contexts, come
+/// within tolerance of the reference, and are not compared bit for bit (the row tiles across two workgroups add
+/// their parts in another order).
 fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
     let two = ctx.with_compute_units(Some(2));
     let none = ctx.with_compute_units(None);
@@ -752,7 +753,7 @@ fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
             for m in 1..=8 {
                 let what = format!("{rows}x{cols} split {split:?} {:?} m={m}", ctx.lane_mode());
                 let (spec, groups) = kernels::ec_gemv_spec(&two, &stream, m);
-                if (rows, cols, m) == (200, 1472, 1) {
+                if (rows, cols) == (200, 1472) && m <= kernels::SPREAD_VECTORS {
                     assert!(spec.spread && !spec.tile_pairs, "{what}");
                     for c in [&none, &two] {
                         fused_close_to_reference(c, &q, &t, m, &what);
@@ -800,11 +801,12 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
 /// With the device taken to have 3 compute units, fused products load each loop trip's x before its steps
 /// (`kernels::early_x`) where the vectors take one row of workgroups: of 4 vectors by 4-bit streams that are not
 /// split, on 67 rows (3 row tiles, the last partial) by 4160 columns in 17 segments (the last 64 columns wide); of 2
-/// to 4 vectors by split streams of 22 segments, on 67 rows by 5440 columns (the last segment 64 columns wide).
-/// Their products equal, bit for bit, those of the same context taken to have no known compute units, and the
-/// float64 reference within tolerance, with the outputs poisoned first. Those that keep the loads after the steps:
-/// 8 vectors on 67 rows (one row of 8) and on 20 rows (2 rows of 4 vectors) not split; 1 and 5 vectors split, and
-/// split streams of 21 segments (5376 columns).
+/// to 4 vectors by split streams of 22 segments, on 67 rows by 5440 columns (the last segment 64 columns wide),
+/// where their slabs do not hold each trip's x (`kernels::slab_x`, which split streams take where the workgroup
+/// memory allows). Their products equal, bit for bit, those of the same context taken to have no known compute
+/// units, and the float64 reference within tolerance, with the outputs poisoned first. Those that keep the loads
+/// after the steps: 8 vectors on 67 rows (one row of 8) and on 20 rows (2 rows of 4 vectors) not split; 1 and 5
+/// vectors split, and split streams of 21 segments (5376 columns).
 fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
     let none = ctx.with_compute_units(None);
     let units = ctx.with_compute_units(Some(3));
@@ -821,22 +823,23 @@ fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
         let what = format!("{rows}x{cols} split={split:?} {:?} m={m}", ctx.lane_mode());
         let (spec, g) = kernels::ec_gemv_spec(&units, &stream, m);
         if ctx.limits().max_compute_invocations_per_workgroup >= t.layout().segments() as u32 * 32 {
-            assert_eq!((spec.early_x, g), (early, groups), "{what}");
+            assert_eq!((spec.early_x, g), (early && !spec.slab_x, groups), "{what}");
         }
         assert!(!kernels::ec_gemv_spec(&none, &stream, m).0.early_x, "{what}");
         fused_equal_on_both(&none, &units, &q, &t, m, &what);
     }
 }
 
-/// With the device taken to have 2 or 3 compute units, fused products of one vector deal the row tiles' segments
-/// out over the workgroups in runs (`kernels::spread_slabs`) where whole row tiles would leave one unit more slabs:
-/// 200 rows (7 row tiles, the last partial) by 1472 columns (6 segments, the last 192 wide) in 2 workgroups of 21
-/// slabs and in 3 of 14, and 224 rows by 2048 columns (4 segments) in 3 workgroups of 10, so that row tiles lie
-/// across two workgroups and meet in the seam words. On streams not split and split in both forms, products with two
-/// vectors in turn each come within tolerance of the float64 reference, with the outputs poisoned first (the second
-/// finds the seams empty again), and a third, of the first vector, equals the first bit for bit; so does a product
-/// recorded with weights bound on a context with no compute units known (`kernels::ec_gemv_weights` holds the seam
-/// words whatever the context). Two vectors keep whole row tiles.
+/// With the device taken to have 2 or 3 compute units, fused products of 1, 3 and 4 vectors deal the row tiles'
+/// segments out over the workgroups in runs (`kernels::spread_slabs`) where whole row tiles would leave one unit more
+/// slabs: 200 rows (7 row tiles, the last partial) by 1472 columns (6 segments, the last 192 wide) in 2 workgroups of
+/// 21 slabs and in 3 of 14, and 224 rows by 2048 columns (4 segments) in 3 workgroups of 10, so that row tiles lie
+/// across two workgroups and meet in the seam words (a row of them for each vector). On streams not split and split
+/// in both forms, products with two sets of vectors in turn each come within tolerance of the float64 reference,
+/// with the outputs poisoned first (the second finds the seams empty again), and a third, of the first set, equals
+/// the first bit for bit; so does a product of one vector recorded with weights bound on a context with no compute
+/// units known (`kernels::ec_gemv_weights` holds the seam words whatever the context). Five vectors keep whole row
+/// tiles.
 fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
     for (rows, cols, segment, units, slabs) in
         [(200, 1472, 256, 2, 21), (200, 1472, 256, 3, 14), (224, 2048, 512, 3, 10)]
@@ -847,27 +850,31 @@ fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
             let t = encode_as(&q, segment, split);
             let stream = GpuStream::upload(&dealt, &t).unwrap();
             let what = format!("{rows}x{cols} split {split:?} {:?} with {units} units", ctx.lane_mode());
-            let (spec, groups) = kernels::ec_gemv_spec(&dealt, &stream, 1);
-            if ctx.limits().max_compute_invocations_per_workgroup >= 32 * slabs {
-                assert_eq!((spec.spread, spec.slabs(), groups), (true, slabs, 1), "{what}");
-            }
-            assert!(!kernels::ec_gemv_spec(&dealt, &stream, 2).0.spread, "{what}");
             let mm = EcMatmul::new(&dealt, &t, Strategy::Fused).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let mut ys = Vec::new();
-            for seed in [1700, 1701, 1700] {
-                let x = random_vectors(cols, seed);
-                let (want, mag) = reference(&q, &x, 1);
-                let mut y = vec![f32::NAN; rows];
-                mm.matmul(&x, 1, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_close(&format!("{what}, x seed {seed}"), &y, &want, &mag, GEMV_REL_TOL);
-                ys.push(y);
+            for m in [1, 3, 4] {
+                let (spec, groups) = kernels::ec_gemv_spec(&dealt, &stream, m);
+                if ctx.limits().max_compute_invocations_per_workgroup >= 32 * slabs {
+                    assert_eq!((spec.spread, spec.slabs(), groups), (true, slabs, 1), "{what} m={m}");
+                }
+                let mut ys = Vec::new();
+                for seed in [1700, 1701, 1700] {
+                    let x = random_vectors(m * cols, seed);
+                    let (want, mag) = reference(&q, &x, m);
+                    let mut y = vec![f32::NAN; m * rows];
+                    mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what} m={m}: {e}"));
+                    assert_close(&format!("{what} m={m}, x seed {seed}"), &y, &want, &mag, GEMV_REL_TOL);
+                    ys.push(y);
+                }
+                let first = ys[0].iter().zip(&ys[2]).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(first.is_none(), "{what} m={m}: element {first:?} differs between two products of the same x");
             }
-            let first = ys[0].iter().zip(&ys[2]).position(|(a, b)| a.to_bits() != b.to_bits());
-            assert!(first.is_none(), "{what}: element {first:?} differs between two products of the same vector");
+            assert!(!kernels::ec_gemv_spec(&dealt, &stream, 5).0.spread, "{what}");
             let plain = ctx.with_compute_units(None);
             let scales = kernels::GpuScales::upload_tiles(&plain, &t).unwrap();
             let weights = kernels::ec_gemv_weights(&plain, &stream, &scales).unwrap();
             let x = random_vectors(cols, 1700);
+            let mut first_product = vec![f32::NAN; rows];
+            mm.matmul(&x, 1, &mut first_product).unwrap_or_else(|e| panic!("{what}: {e}"));
             let (xb, yb) = (storage(ctx, cols), storage(ctx, rows));
             ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
             ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; rows]));
@@ -878,9 +885,64 @@ fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
                 kernels::ec_gemv(&dealt, &mut pass, &stream, &weights, &io, 1).unwrap();
             }
             let y = read_buffer(ctx, encoder, &yb, rows);
-            let first = ys[0].iter().zip(&y).position(|(a, b)| a.to_bits() != b.to_bits());
+            let first = first_product.iter().zip(&y).position(|(a, b)| a.to_bits() != b.to_bits());
             assert!(first.is_none(), "{what}: element {first:?} differs with weights bound on another context");
         }
+    }
+}
+
+/// Fused products by split streams in both forms, of 1 to 8 vectors, on 67 rows (the last row tile partial) by 1472
+/// columns (6 segments, the last 192 wide) and by 4160 (17 segments, the last 64 wide): where the workgroup memory
+/// allows and the slab's lanes can wait for each other, each slab holds its loop trip's x in workgroup memory
+/// (`kernels::slab_x`; not where one vector is staged whole), and the products equal, bit for bit, those of the same
+/// specialization with x read from global memory, and the float64 reference within tolerance, with the outputs
+/// poisoned first.
+fn fused_trip_x_held_by_its_slab(ctx: &GpuContext) {
+    let limit = u64::from(ctx.limits().max_compute_workgroup_storage_size);
+    let barrier = ctx.features().contains(wgpu::Features::SUBGROUP_BARRIER);
+    let forms = [SplitForm::Low2, SplitForm::Low3];
+    let mut held = 0;
+    for (cols, form) in [1472, 4160].into_iter().flat_map(|c| forms.map(move |f| (c, f))) {
+        let q = random_matrix(67, cols, 4, 32, 1800 + cols as u64);
+        let t = encode_as(&q, 256, Some(form));
+        let stream = GpuStream::upload(ctx, &t).unwrap();
+        let scales = kernels::GpuScales::upload_tiles(ctx, &t).unwrap();
+        let weights = kernels::ec_gemv_weights(ctx, &stream, &scales).unwrap();
+        for m in 1..=8 {
+            let what = format!("67x{cols} split {form:?} {:?} m={m}", ctx.lane_mode());
+            let (spec, groups) = kernels::ec_gemv_spec(ctx, &stream, m);
+            let fits = kernels::workgroup_bytes(Kernel::EcGemv, &Spec { slab_x: true, ..spec }) <= limit;
+            assert_eq!(spec.slab_x, fits && kernels::slab_x(&spec, barrier), "{what}");
+            if !spec.slab_x {
+                continue;
+            }
+            held += 1;
+            let x = random_vectors(m * cols, 1900 + m as u64);
+            let (want, mag) = reference(&q, &x, m);
+            let ys = [spec, Spec { slab_x: false, ..spec }].map(|s| {
+                let pipeline = kernels::edited_pipeline(ctx, Kernel::EcGemv, s, |src| src).unwrap();
+                let (xb, yb) = (storage(ctx, m * cols), storage(ctx, m * 67));
+                ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
+                ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; m * 67]));
+                let io = kernels::io_bind_group(ctx, Kernel::EcGemv, &xb, &yb, None, None);
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                {
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&pipeline);
+                    pass.set_bind_group(0, &weights, &[]);
+                    pass.set_bind_group(1, &io, &[]);
+                    let n = kernels::ec_gemv_workgroups(&s, t.layout()) as u32;
+                    pass.dispatch_workgroups(n, groups as u32, 1);
+                }
+                read_buffer(ctx, encoder, &yb, m * 67)
+            });
+            assert_close(&what, &ys[0], &want, &mag, GEMV_REL_TOL);
+            let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(first.is_none(), "{what}: element {first:?} differs with x read from global memory");
+        }
+    }
+    if ctx.lane_mode() != LaneMode::SubgroupWide || barrier {
+        assert!(held > 0, "no product held its trip's x on {:?}", ctx.lane_mode());
     }
 }
 

@@ -4,8 +4,9 @@
 // GROUPED where the grid's second dimension shares out the vectors (below); STAGE_X, with XS_COLS, where a split
 // stream's one vector is held in workgroup memory (below); EARLY_X where a loop trip's x is read before its steps
 // (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each workgroup takes two row
-// tiles at a time (below); SPREAD where a product of one vector deals its (row tile, segment) tasks out over the
-// workgroups in runs of SLABS (below).
+// tiles at a time (below); SPREAD where a product of up to 4 vectors deals its (row tile, segment) tasks out over the
+// workgroups in runs of SLABS (below); SLAB_X where each slab of a split stream holds a loop trip's x in workgroup
+// memory, loaded a trip ahead (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -32,11 +33,27 @@
 // A split stream (SPLIT) reads x 16 bytes at a time at one vector too: measured on an H200 (P = 11, M = 1, outputs
 // identical) against pairs, 68.2 against 73.2 us on 14336x4096, 41.7 against 42.3 on 4096x4096, 62.0 against 64.8
 // on 4096x14336.
+// A split stream reads x as blocks of KW 16-byte pieces, a loop trip's 4 KW columns (`x_block`): a trip's pieces
+// are one block index and constant offsets into it, which the driver folds into its loads' addresses. Read as single
+// pieces, each load took its own index arithmetic. Measured on an H100 (one bit coded, the two kernels in one process,
+// twice): the staged loop trip 361 -> 341 instructions, M = 1 on 14336x4096 38.2 / 38.6 -> 37.3 / 37.3 us; where x is
+// read from global memory the driver's bounds check of each load stays (robust buffer access), M = 4 unchanged (67.4
+// / 67.5 -> 67.2 / 67.2), which SLAB_X (below) takes off. Streams that are not split keep single pieces (as blocks,
+// 4096x14336 at M = 4 took 101.2 us against 96.3 on an H100).
+//#if SPLIT
+@group(1) @binding(0) var<storage, read> x: array<array<vec4<f32>, KW>>;
+
+// Piece k (columns 4 k .. 4 k + 4 of the vectors laid end to end) of x.
+fn x_piece(k: u32) -> vec4<f32> {
+    return x[k / KW][k % KW];
+}
+//#else
 //#if QUADS
 @group(1) @binding(0) var<storage, read> x: array<vec4<f32>>;
-//#else
-//#if SPLIT
-@group(1) @binding(0) var<storage, read> x: array<vec4<f32>>;
+
+fn x_piece(k: u32) -> vec4<f32> {
+    return x[k];
+}
 //#else
 //#if PAIRS
 @group(1) @binding(0) var<storage, read> x: array<vec2<f32>>;
@@ -52,20 +69,70 @@
 // decode table, and the products read it from there: where every workgroup has a compute unit to itself, its few
 // warps wait on each x load (L1 or L2) after a block's four steps, and workgroup memory answers sooner
 // (`kernels::stage_x`).
-var<workgroup> xs: array<vec4<f32>, XS_COLS / 4u>;
+var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
+//#endif
+//#if SLAB_X
+// With SLAB_X (a split stream, not STAGE_X; `kernels::slab_x`) each slab holds the current loop trip's x, the KW pieces
+// of each of its M vectors (XT), in one of its two buffers of `xt`: at the start of a trip its lanes store the pieces
+// they loaded during the trip before (lane i piece i, and i + 32 where XT > 32), wait for each other, and load the next
+// trip's. Read from global memory, each of the trip's KW M loads carries the driver's bounds check (robust buffer
+// access) and waits on L1; here the slab makes XL of them a lane, and its products read workgroup memory at constant
+// offsets. Two buffers, so a trip's stores never meet the trip before's reads: the wait of trip t + 1 comes after
+// every lane's reads of trip t - 1's buffer, which trip t + 1 overwrites. Measured on an H100 (one bit coded, the two
+// kernels in one process, twice), us at M = 1 / 2 / 4: 4096x14336 42.3 / 51.7 / 69.1 -> 37.9 / 44.3 / 51.9; at M = 2
+// / 4 (one vector is staged whole) 4096x4096 31.2 / 32.7 -> 24.5 / 29.4 and 14336x4096 54.9 / 67.4 -> 50.7 / 62.0.
+const XT: u32 = M * KW;
+const XL: u32 = (XT + 31u) / 32u;
+var<workgroup> xt: array<array<vec4<f32>, XT>, 2u * SLABS>;
+// This lane's pieces of the next trip's x, and which of its slab's buffers the current trip uses.
+var<private> xt_next: array<vec4<f32>, XL>;
+var<private> xt_odd: u32;
+
+// Loads this lane's pieces of the trip at column `col` (a multiple of 4 KW) of vectors vb .. vb + M.
+fn slab_x_load(vb: u32, col: u32) {
+    for (var k = 0u; k < XL; k++) {
+        let i = min(lane_row + 32u * k, XT - 1u);
+        xt_next[k] = x[x_block(vb + i / KW, col)][i % KW];
+    }
+}
+
+// Stores this lane's loaded pieces into the slab's other buffer and waits for the slab's lanes; returns that
+// buffer's index in `xt`. Call from uniform control flow, once a trip on every lane.
+fn slab_x_store() -> u32 {
+    xt_odd ^= 1u;
+    let b = lane_slab * 2u + xt_odd;
+    for (var k = 0u; k < XL; k++) {
+        let i = lane_row + 32u * k;
+        if (i < XT) {
+            xt[b][i] = xt_next[k];
+        }
+    }
+    // A slab is one subgroup, or part of one, where subgroups are 32 lanes or more; otherwise it spans several.
+//#if SUBGROUP
+//#if NARROW
+    workgroupBarrier();
+//#else
+    subgroupBarrier();
+//#endif
+//#else
+    workgroupBarrier();
+//#endif
+    return b;
+}
 //#endif
 
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
 
 //#if SPREAD
-// With SPREAD (one vector, `kernels::spread_slabs`) workgroup w takes tasks w SLABS .. w SLABS + SLABS of the row
+// With SPREAD (up to 4 vectors, `kernels::spread_slabs`) workgroup w takes tasks w SLABS .. w SLABS + SLABS of the row
 // tiles' segments, in order (task = row tile * segments + segment), so each workgroup holds about as many slabs as the
 // device has for it and a row tile may lie across two workgroups (SLABS is at least the segments of a row). Each
 // workgroup adds the slabs of each of its row tiles; a row tile it holds whole goes straight to y, the two parts of one
-// it shares meet in `seams`, one u32 per row of the row tile, which holds SEAM_EMPTY between products (the host fills
-// it so, and the second part leaves it so). Only atomic operations on that one word pass the first part's sum to the
-// second, so no ordering between workgroups is needed; a + b = b + a, so y does not depend on which part comes first.
+// it shares meet in `seams`, one u32 per row of the row tile and vector (vector-major), which holds SEAM_EMPTY between
+// products (the host fills it so, and the second part leaves it so). Only atomic operations on that one word pass the
+// first part's sum to the second, so no ordering between workgroups is needed; a + b = b + a, so y does not depend on
+// which part comes first.
 @group(0) @binding(8) var<storage, read_write> seams: array<atomic<u32>>;
 
 const SEAM_EMPTY: u32 = 0xffffffffu;
@@ -159,11 +226,17 @@ fn bias_ratio(s: f32, b: f32) -> vec2<f32> {
 fn group_sum(v: u32, c: u32) -> f32 {
     var sum = 0.0;
     for (var i = 0u; i < params.group_size / 4u; i++) {
-        sum += dot(x[v * (params.cols / 4u) + c / 4u + i], vec4<f32>(1.0));
+        sum += dot(x_piece(v * (params.cols / 4u) + c / 4u + i), vec4<f32>(1.0));
     }
     return sum;
 }
 //#endif
+
+// With SPLIT, the block of x (KW 16-byte pieces) that holds columns col .. col + 4 KW of vector v, for `col` a multiple
+// of 4 KW (a loop trip's first column; the host keeps cols a multiple of 32).
+fn x_block(v: u32, col: u32) -> u32 {
+    return (v * params.cols + col) / (4u * KW);
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -184,7 +257,7 @@ fn main(
     load_table(lid);
 //#if STAGE_X
     for (var i = lid; i < min(params.cols, XS_COLS) / 4u; i += WG) {
-        xs[i] = x[i];
+        xs[i / KW][i % KW] = x[i / KW][i % KW];
     }
 //#endif
     workgroupBarrier();
@@ -317,10 +390,25 @@ fn main(
             // M = 1, outputs identical) against two steps a trip with those per step: 115.5 -> 98.0 us on
             // 14336x4096, 54.6 -> 49.5 on 4096x4096, 105.4 -> 89.0 on 4096x14336, 58.2 -> 53.5 on 1536x576; the
             // windows moved on after every two steps instead, 103.1, 52.3, 92.9.
+//#if SLAB_X
+            // The first trip's x (SLAB_X).
+//#if GROUPED
+            let vb = v0;
+//#else
+            let vb = 0u;
+//#endif
+            slab_x_load(vb, min(col0, params.cols - 4u * KW));
+//#endif
             for (var group_step = 0u; group_step < max_steps; group_step += steps_per_group) {
                 for (var k = 0u; k < steps_per_group; k += 4u) {
                     let live = lane_live & (group_step + k < steps);
                     let col4 = min(col0 + (group_step + k) * KW, params.cols - 4u * KW);
+//#if SLAB_X
+                    // This trip's x into the slab's buffer, and the next trip's loaded (past the segment's last trip,
+                    // clamped columns whose pieces go unused).
+                    let xtb = slab_x_store();
+                    slab_x_load(vb, min(col0 + (group_step + k + 4u) * KW, params.cols - 4u * KW));
+//#endif
 //#if SPLIT
                     // A split stream's 4 steps code one block of 16 columns; their joint symbols, the first lowest.
                     var hi = 0u;
@@ -332,14 +420,14 @@ fn main(
                     var xe: array<vec4<f32>, 8 * M>;
                     for (var v = 0u; v < M; v++) {
                         for (var p = 0u; p < 8u; p++) {
-                            xe[v * 8u + p] = x[v * (params.cols / 4u) + col4 / 4u + p];
+                            xe[v * 8u + p] = x[x_block(v, col4)][p];
                         }
                     }
 //#else
                     var xe: array<vec4<f32>, 4 * M>;
                     for (var v = 0u; v < M; v++) {
                         for (var p = 0u; p < 4u; p++) {
-                            xe[v * 4u + p] = x[v * (params.cols / 4u) + col4 / 4u + p];
+                            xe[v * 4u + p] = x[x_block(v, col4)][p];
                         }
                     }
 //#endif
@@ -468,11 +556,14 @@ fn main(
 //#endif
                         for (var v = 0u; v < M; v++) {
                             if (j % 4u == 0u) {
+//#if SLAB_X
+                                xq[v] = xt[xtb][v * KW + j / 4u];
+//#else
 //#if GROUPED
-                                xq[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + j / 4u];
+                                xq[v] = x[x_block(v0 + v, col4)][j / 4u];
 //#else
 //#if STAGE_X
-                                xq[v] = xs[col4 / 4u + j / 4u];
+                                xq[v] = xs[col4 / (4u * KW)][j / 4u];
 //#else
 //#if EARLY_X
 //#if SPLIT3
@@ -481,7 +572,8 @@ fn main(
                                 xq[v] = xe[v * 4u + j / 4u];
 //#endif
 //#else
-                                xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+                                xq[v] = x[x_block(v, col4)][j / 4u];
+//#endif
 //#endif
 //#endif
 //#endif
@@ -544,24 +636,26 @@ fn main(
             }
         }
 //#if SPREAD
-        // The slabs of each row tile in this workgroup added by the first of them; the row tile's sum goes to y, or,
-        // where the row tile lies across two workgroups, through its seam. M = 1.
+        // The slabs of each row tile in this workgroup added by the first of them, one vector at a time; the row
+        // tile's sum goes to y, or, where the row tile lies across two workgroups, through its seam.
         let seg0 = task % params.segments;
-        partial[lane_slab * 32u + lane_row] = acc[0];
-        workgroupBarrier();
-        if ((lane_slab == 0u || seg0 == 0u) && row_active) {
-            let n = min(params.segments - seg0, SLABS - lane_slab);
-            var sum = 0.0;
-            for (var s = 0u; s < n; s++) {
-                sum += partial[(lane_slab + s) * 32u + lane_row];
+        for (var v = 0u; v < M; v++) {
+            partial[lane_slab * 32u + lane_row] = acc[v];
+            workgroupBarrier();
+            if ((lane_slab == 0u || seg0 == 0u) && row_active) {
+                let n = min(params.segments - seg0, SLABS - lane_slab);
+                var sum = 0.0;
+                for (var s = 0u; s < n; s++) {
+                    sum += partial[(lane_slab + s) * 32u + lane_row];
+                }
+                if (n == params.segments) {
+                    y[v * params.rows + row] = sum;
+                } else {
+                    seam_add((v * params.row_tiles + row_tile) * 32u + lane_row, sum, v * params.rows + row);
+                }
             }
-            if (n == params.segments) {
-                y[row] = sum;
-            } else {
-                seam_add(row_tile * 32u + lane_row, sum, row);
-            }
+            workgroupBarrier();
         }
-        workgroupBarrier();
     }
 }
 //#else

@@ -21,8 +21,10 @@ pub enum KernelPath {
 }
 
 /// Features the kernels use where the adapter has them.
-const WANTED_FEATURES: wgpu::Features =
-    wgpu::Features::SUBGROUP.union(wgpu::Features::SHADER_F16).union(wgpu::Features::TIMESTAMP_QUERY);
+const WANTED_FEATURES: wgpu::Features = wgpu::Features::SUBGROUP
+    .union(wgpu::Features::SUBGROUP_BARRIER)
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::TIMESTAMP_QUERY);
 
 /// A device, its queue and a pipeline cache, shared by every GPU object built from it.
 ///
@@ -59,8 +61,8 @@ impl GpuContext {
     /// Opens the default adapter: a high-performance one on Vulkan, Metal or DX12 (the GL backend lacks subgroup
     /// operations), or on the backends named by `WGPU_BACKEND` (e.g. `vulkan`, `gl`); with `WGPU_ADAPTER_NAME`
     /// set, the first adapter whose name contains it (case-insensitive). The device gets the adapter's own
-    /// limits and, where present, the features `SUBGROUP`, `SHADER_F16` and `TIMESTAMP_QUERY` (and on Metal
-    /// `PASSTHROUGH_SHADERS`, for the MSL fused kernel: see [`FusedSource`]).
+    /// limits and, where present, the features `SUBGROUP`, `SUBGROUP_BARRIER`, `SHADER_F16` and `TIMESTAMP_QUERY`
+    /// (and on Metal `PASSTHROUGH_SHADERS`, for the MSL fused kernel: see [`FusedSource`]).
     pub fn new() -> Result<Self> {
         pollster::block_on(Self::new_async())
     }

@@ -192,13 +192,16 @@ pub fn row_tile_pairs(
         && 2 * row_tiles.div_ceil(2 * units) <= row_tiles.div_ceil(units)
 }
 
-/// Slabs a workgroup with which ec_gemv deals one vector's tasks (a row tile's segment each, in the order row tile
-/// by row tile) out over its workgroups in runs (`Spec::spread`), for `row_tiles` row tiles of `segments` segments
-/// that the row-tile form gives `slabs` slabs a row tile (two row tiles a workgroup where `pairs`), on a device of
-/// `compute_units` that allows `max_invocations` a workgroup: the tasks over the compute units, rounded up, but at
-/// least `segments` (so a row tile lies across two workgroups at most) and at most a workgroup's most slabs; only
-/// where that leaves fewer slabs on the busiest compute unit than the row-tile form, whose workgroups hold whole row
-/// tiles. None where the device does not say how many compute units it has.
+/// Most vectors a workgroup for which ec_gemv deals tasks out in runs ([`spread_slabs`]).
+pub const SPREAD_VECTORS: usize = 4;
+
+/// Slabs a workgroup with which ec_gemv deals a product's tasks (a row tile's segment each, in the order row tile by
+/// row tile) out over its workgroups in runs (`Spec::spread`; up to [`SPREAD_VECTORS`] vectors), for `row_tiles` row
+/// tiles of `segments` segments that the row-tile form gives `slabs` slabs a row tile (two row tiles a workgroup where
+/// `pairs`), on a device of `compute_units` that allows `max_invocations` a workgroup: the tasks over the compute
+/// units, rounded up, but at least `segments` (so a row tile lies across two workgroups at most) and at most a
+/// workgroup's most slabs; only where that leaves fewer slabs on the busiest compute unit than the row-tile form, whose
+/// workgroups hold whole row tiles. None where the device does not say how many compute units it has.
 ///
 /// A product's time follows the most warps a compute unit holds: 14336x4096 (448 row tiles of 8 segments) in pairs
 /// puts 32 on 92 of an H200's 132 SMs and 16 on the rest, where 4096x14336 (the same 3584 tasks, 28 a row tile)
@@ -206,7 +209,9 @@ pub fn row_tile_pairs(
 /// as `--experiments` files with no compute units known (BENCHMARKS.md, "Tasks dealt out in runs"): 14336x4096 in
 /// 128 workgroups of 28 slabs, row tiles across two workgroups added as here, 40.9 us against 48.9 for the kernel
 /// in one row tile a workgroup and 46.5 for the crate's row-tile pairs; 4096x14336 41.3 against 40.9; at four
-/// vectors 73.0 against 71.2 in pairs, so only one vector is dealt out.
+/// vectors 73.0 against 71.2 in pairs. With each slab holding its trip's x ([`slab_x`]), measured on an H100 as
+/// `--experiments` files (one bit coded, two processes), 14336x4096 at M = 2 / 4: 51.3 / 62.3 and 51.0 / 62.1 us in
+/// pairs, 46.5 / 53.5 and 46.5 / 53.8 dealt out; so products of up to [`SPREAD_VECTORS`] vectors are dealt out.
 pub fn spread_slabs(
     row_tiles: usize,
     segments: usize,
@@ -234,8 +239,11 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let slabs = gemv_slabs(l.segments(), max_invocations);
     let groups = vector_groups(l.row_tiles(), slabs, m, units);
     let pairs = row_tile_pairs(l.row_tiles(), slabs, m / groups, stream.split(), groups, units, max_invocations);
-    let spread =
-        if m == 1 { spread_slabs(l.row_tiles(), l.segments(), slabs, pairs, units, max_invocations) } else { None };
+    let spread = if groups == 1 && m <= SPREAD_VECTORS {
+        spread_slabs(l.row_tiles(), l.segments(), slabs, pairs, units, max_invocations)
+    } else {
+        None
+    };
     let wg_slabs = spread.unwrap_or(slabs * (1 + pairs as u32));
     let spec = Spec {
         split: stream.split(),
@@ -245,10 +253,35 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
         ..Spec::new(ctx.lane_mode(), l.bits(), stream.precision, (m / groups) as u32, 32 * wg_slabs)
     };
     let workgroups = ec_gemv_workgroups(&spec, &l) * groups;
-    let spec = Spec { early_x: early_x(&spec, workgroups, units), ..spec };
+    let limit = u64::from(ctx.limits().max_compute_workgroup_storage_size);
+    let fits = |s: &Spec| workgroup_bytes(Kernel::EcGemv, s) <= limit;
     let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
-    let fits = workgroup_bytes(Kernel::EcGemv, &staged) <= u64::from(ctx.limits().max_compute_workgroup_storage_size);
-    (if fits { staged } else { spec }, groups)
+    let spec = if fits(&staged) { staged } else { spec };
+    let slabbed = Spec { slab_x: slab_x(&spec, ctx.features().contains(wgpu::Features::SUBGROUP_BARRIER)), ..spec };
+    let spec = if fits(&slabbed) { slabbed } else { spec };
+    (Spec { early_x: !spec.slab_x && early_x(&spec, workgroups, units), ..spec }, groups)
+}
+
+/// Whether ec_gemv, specialized as `spec` otherwise, has each slab hold its loop trip's x in workgroup memory
+/// (`Spec::slab_x`): for split streams whose x is not staged whole ([`stage_x`]), where the slab's lanes can wait
+/// for each other: with workgroup barriers, or where a slab is one subgroup (`LaneMode::SubgroupWide`) with
+/// `subgroup_barrier` (the device has `Features::SUBGROUP_BARRIER`). The caller checks the workgroup memory
+/// ([`slab_x_bytes`]) against the device's limit. A slab's lanes then load a trip's M KW 16-byte pieces of x once
+/// between them, at most two a lane, where each lane loaded all of them, and the products read them from workgroup
+/// memory; on an NVIDIA GPU each load of x carries the driver's bounds check (robust buffer access). Measured on an
+/// H100 against x read from global memory (one bit coded, as `--experiments` files, two processes), us at M = 1 / 2
+/// / 4: 4096x14336 42.3 / 51.7 / 69.1 -> 37.9 / 44.3 / 51.9; 4096x4096 (one vector staged whole) 31.2 / 32.7 ->
+/// 24.5 / 29.4 at M = 2 / 4; 14336x4096 54.9 / 67.4 -> 50.7 / 62.0 at M = 2 / 4; split streams of two coded bits
+/// at M = 4: 14336x4096 81.6 -> 75.6, 4096x14336 76.4 -> 68.0, 4096x4096 52.1 -> 39.6 (BENCHMARKS.md, "A loop
+/// trip's x held by its slab").
+pub fn slab_x(spec: &Spec, subgroup_barrier: bool) -> bool {
+    spec.split && !spec.stage_x && (spec.lanes != LaneMode::SubgroupWide || subgroup_barrier)
+}
+
+/// Workgroup memory of ec_gemv's [`slab_x`] buffers under `spec`: two of a loop trip's x (M KW 16-byte pieces) a
+/// slab.
+pub fn slab_x_bytes(spec: &Spec) -> u64 {
+    2 * spec.slabs() as u64 * (spec.m * spec.weights_per_step()) as u64 * 16
 }
 
 /// Bytes of one stored weight row from which q_gemv takes 8 rows by 128 lanes per workgroup (up to 4 vectors):
@@ -364,7 +397,10 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         // A split stream's output staging: `split_stage` pieces of 16 bytes a lane.
         Kernel::RansDecode if spec.split => split_stage_bytes(spec, split_stage(spec)),
         Kernel::RansDecode => table + lanes,
-        Kernel::EcGemv => table + lanes + 4 * wg + if spec.stage_x { 4 * STAGED_X_COLS as u64 } else { 0 },
+        Kernel::EcGemv => {
+            let staged = if spec.stage_x { 4 * STAGED_X_COLS as u64 } else { 0 };
+            table + lanes + 4 * wg + staged + if spec.slab_x { slab_x_bytes(spec) } else { 0 }
+        }
         Kernel::GemvF32 => 4 * wg,
         Kernel::XLanes | Kernel::ScaleRows => 0,
         // rows.wgsl's sums, a quad of up to 4 rows at a time.
@@ -839,9 +875,10 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
     Ok(())
 }
 
-/// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream`: one u32 a row of every row tile.
+/// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream`: one u32 a row of every row tile for each
+/// of [`SPREAD_VECTORS`] vectors.
 pub fn seam_bytes(stream: &GpuStream) -> u64 {
-    4 * (stream.layout.row_tiles() * 32).max(1) as u64
+    4 * (SPREAD_VECTORS * stream.layout.row_tiles() * 32).max(1) as u64
 }
 
 /// The group-0 bind group of ec_gemv for one weight, whose scales must be in tile order

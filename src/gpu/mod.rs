@@ -22,11 +22,13 @@
 //! Where the driver reports its compute units ([`GpuContext::compute_units`]: NVIDIA's SMs on Vulkan), the fused
 //! kernel's specialization depends on them too ([`kernels::ec_gemv_spec`]): [`kernels::vector_groups`] shares a
 //! product's vectors out over more workgroups, [`kernels::row_tile_pairs`] gives each workgroup two row tiles where
-//! that spreads them more evenly over the compute units, [`kernels::spread_slabs`] deals one vector's row-tile
-//! segments out over the workgroups in runs where whole row tiles would leave some units more than others, and
-//! [`kernels::stage_x`] and [`kernels::early_x`] hold x nearer the decode steps where every workgroup has a compute
-//! unit to itself. The products are the same, bit for bit, but for the rows of a row tile dealt out across two
-//! workgroups, whose two parts are added in another order.
+//! that spreads them more evenly over the compute units, [`kernels::spread_slabs`] deals the row-tile segments of up
+//! to [`kernels::SPREAD_VECTORS`] vectors out over the workgroups in runs where whole row tiles would leave some units
+//! more than others, and [`kernels::stage_x`] and [`kernels::early_x`] hold x nearer the decode steps where every
+//! workgroup has a compute unit to itself. The products are the same, bit for bit, but for the rows of a row tile
+//! dealt out across two workgroups, whose two parts are added in another order. Whatever the compute units, each slab
+//! of a split stream's product holds its loop trip's x in workgroup memory where that fits ([`kernels::slab_x`]),
+//! with the same products.
 //!
 //! Limits wgpu does not check are checked here: each kernel's workgroup memory against
 //! `max_compute_workgroup_storage_size`, and every array against the storage binding limit (larger tensors

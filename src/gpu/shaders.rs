@@ -138,19 +138,36 @@ pub struct Spec {
     /// ec_gemv only, not `grouped`: each workgroup takes two row tiles at a time, half its slabs each
     /// (`TILE_PAIRS`; see [`super::kernels::row_tile_pairs`]); false for every other kernel.
     pub tile_pairs: bool,
-    /// ec_gemv only, `m` = 1, not `grouped` or `tile_pairs`: the row tiles' segments are dealt out over the
-    /// workgroups in runs of [`Self::slabs`], a row tile across two workgroups meeting in the seam words (`SPREAD`;
-    /// see [`super::kernels::spread_slabs`]); false for every other kernel.
+    /// ec_gemv only, `m` up to [`super::kernels::SPREAD_VECTORS`], not `grouped` or `tile_pairs`: the row tiles'
+    /// segments are dealt out over the workgroups in runs of [`Self::slabs`], a row tile across two workgroups
+    /// meeting in the seam words (`SPREAD`; see [`super::kernels::spread_slabs`]); false for every other kernel.
     pub spread: bool,
+    /// ec_gemv only, with `split` and not `stage_x`: each slab holds a loop trip's x in workgroup memory, loaded a
+    /// trip ahead (`SLAB_X`; see [`super::kernels::slab_x`]); false for every other kernel.
+    pub slab_x: bool,
 }
 
 impl Spec {
     /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
-    /// `early_x`, `tile_pairs`, `spread`) off.
+    /// `early_x`, `tile_pairs`, `spread`, `slab_x`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
         let (lane_x, split, grouped, stage_x, early_x, tile_pairs) = (false, false, false, false, false, false);
-        let spread = false;
-        Self { lanes, bits, precision, m, workgroup, lane_x, split, grouped, stage_x, early_x, tile_pairs, spread }
+        let (spread, slab_x) = (false, false);
+        Self {
+            lanes,
+            bits,
+            precision,
+            m,
+            workgroup,
+            lane_x,
+            split,
+            grouped,
+            stage_x,
+            early_x,
+            tile_pairs,
+            spread,
+            slab_x,
+        }
     }
 
     /// Tiles per workgroup of the tile kernels: 32 lanes each.
@@ -159,7 +176,7 @@ impl Spec {
     }
 
     /// Weights per joint symbol, `k = 8 / bits` (the kernels' `KW`).
-    fn weights_per_step(&self) -> u32 {
+    pub(crate) fn weights_per_step(&self) -> u32 {
         8 / self.bits.max(1)
     }
 
@@ -245,6 +262,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::EcGemv && spec.spread {
         flags.push("SPREAD");
     }
+    if kernel == Kernel::EcGemv && spec.slab_x {
+        flags.push("SLAB_X");
+    }
     flags
 }
 
@@ -272,7 +292,7 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
         decode_workgroup, early_x_kind, row_workgroup, tile_pair_vectors, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS,
-        SCALE_ROWS_WORKGROUP, SPLIT_WIDE_TILES, STAGE_X_MIN_SLABS, TILE_WORKGROUP,
+        SCALE_ROWS_WORKGROUP, SPLIT_WIDE_TILES, SPREAD_VECTORS, STAGE_X_MIN_SLABS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -300,24 +320,31 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         groupings.iter().flat_map(|g| (1..=MAX_GEMV_SLABS as u32).map(move |s| (g, s)))
                     {
                         let base = Spec { split, grouped, ..Spec::new(lanes, bits, precision, m, 32 * slabs) };
-                        out.push((Kernel::EcGemv, base));
+                        // Each form with a split stream's trip of x held by its slab (`slab_x`) as well.
+                        let mut push = |spec: Spec| {
+                            out.push((Kernel::EcGemv, spec));
+                            if split && !spec.stage_x && !spec.early_x {
+                                out.push((Kernel::EcGemv, Spec { slab_x: true, ..spec }));
+                            }
+                        };
+                        push(base);
                         // One vector of a split stream held in workgroup memory (`stage_x`); a trip's x loaded
                         // before its steps (`early_x`).
                         if split && m == 1 && slabs >= STAGE_X_MIN_SLABS {
-                            out.push((Kernel::EcGemv, Spec { stage_x: true, ..base }));
+                            push(Spec { stage_x: true, ..base });
                         }
                         if !grouped && early_x_kind(split, bits, m, slabs) {
-                            out.push((Kernel::EcGemv, Spec { early_x: true, ..base }));
+                            push(Spec { early_x: true, ..base });
                         }
                         // Two row tiles a workgroup (`row_tile_pairs`): twice the slabs.
                         if !grouped && m <= tile_pair_vectors(slabs, split) {
-                            out.push((Kernel::EcGemv, Spec { tile_pairs: true, workgroup: 64 * slabs, ..base }));
+                            push(Spec { tile_pairs: true, workgroup: 64 * slabs, ..base });
                         }
-                        // One vector's tasks dealt out in runs (`spread_slabs`), with x staged as above.
-                        if !grouped && m == 1 {
-                            out.push((Kernel::EcGemv, Spec { spread: true, ..base }));
-                            if split && slabs >= STAGE_X_MIN_SLABS {
-                                out.push((Kernel::EcGemv, Spec { spread: true, stage_x: true, ..base }));
+                        // Tasks dealt out in runs (`spread_slabs`), with one vector staged as above.
+                        if !grouped && m <= SPREAD_VECTORS as u32 {
+                            push(Spec { spread: true, ..base });
+                            if split && m == 1 && slabs >= STAGE_X_MIN_SLABS {
+                                push(Spec { spread: true, stage_x: true, ..base });
                             }
                         }
                     }
