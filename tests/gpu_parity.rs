@@ -802,7 +802,7 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
 /// (`kernels::early_x`) where the vectors take one row of workgroups: of 4 vectors by 4-bit streams that are not
 /// split, on 67 rows (3 row tiles, the last partial) by 4160 columns in 17 segments (the last 64 columns wide); of 2
 /// to 4 vectors by split streams of 22 segments, on 67 rows by 5440 columns (the last segment 64 columns wide),
-/// where their slabs do not hold each trip's x (`kernels::slab_x`, which split streams take where the workgroup
+/// where their slabs do not hold each trip's x (`kernels::slab_x`, which those products take where the workgroup
 /// memory allows). Their products equal, bit for bit, those of the same context taken to have no known compute
 /// units, and the float64 reference within tolerance, with the outputs poisoned first. Those that keep the loads
 /// after the steps: 8 vectors on 67 rows (one row of 8) and on 20 rows (2 rows of 4 vectors) not split; 1 and 5
@@ -891,20 +891,20 @@ fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
     }
 }
 
-/// Fused products by split streams in both forms, of 1 to 8 vectors, on 67 rows (the last row tile partial) by 1472
-/// columns (6 segments, the last 192 wide) and by 4160 (17 segments, the last 64 wide): where the workgroup memory
-/// allows and the slab's lanes can wait for each other, each slab holds its loop trip's x in workgroup memory
-/// (`kernels::slab_x`; not where one vector is staged whole), and the products equal, bit for bit, those of the same
-/// specialization with x read from global memory, and the float64 reference within tolerance, with the outputs
-/// poisoned first.
+/// Fused products by 4-bit streams not split and split in both forms, of 1 to 8 vectors, on 67 rows (the last row
+/// tile partial) by 1472 columns (6 segments, the last 192 wide) and by 4160 (17 segments, the last 64 wide): where x
+/// is read in 16-byte pieces (split streams, and several vectors), the workgroup memory allows and the slab's lanes
+/// can wait for each other, each slab holds its loop trip's x in workgroup memory (`kernels::slab_x`; not where one
+/// vector is staged whole), and the products equal, bit for bit, those of the same specialization with x read from
+/// global memory, and the float64 reference within tolerance, with the outputs poisoned first.
 fn fused_trip_x_held_by_its_slab(ctx: &GpuContext) {
     let limit = u64::from(ctx.limits().max_compute_workgroup_storage_size);
     let barrier = ctx.features().contains(wgpu::Features::SUBGROUP_BARRIER);
-    let forms = [SplitForm::Low2, SplitForm::Low3];
+    let forms = [None, Some(SplitForm::Low2), Some(SplitForm::Low3)];
     let mut held = 0;
     for (cols, form) in [1472, 4160].into_iter().flat_map(|c| forms.map(move |f| (c, f))) {
         let q = random_matrix(67, cols, 4, 32, 1800 + cols as u64);
-        let t = encode_as(&q, 256, Some(form));
+        let t = encode_as(&q, 256, form);
         let stream = GpuStream::upload(ctx, &t).unwrap();
         let scales = kernels::GpuScales::upload_tiles(ctx, &t).unwrap();
         let weights = kernels::ec_gemv_weights(ctx, &stream, &scales).unwrap();

@@ -5,8 +5,8 @@
 // stream's one vector is held in workgroup memory (below); EARLY_X where a loop trip's x is read before its steps
 // (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each workgroup takes two row
 // tiles at a time (below); SPREAD where a product of up to 4 vectors deals its (row tile, segment) tasks out over the
-// workgroups in runs of SLABS (below); SLAB_X where each slab of a split stream holds a loop trip's x in workgroup
-// memory, loaded a trip ahead (below).
+// workgroups in runs of SLABS (below); SLAB_X where each slab holds a loop trip's x in workgroup memory, loaded a
+// trip ahead (with SPLIT or QUADS; below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -72,7 +72,7 @@ fn x_piece(k: u32) -> vec4<f32> {
 var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
 //#endif
 //#if SLAB_X
-// With SLAB_X (a split stream, not STAGE_X; `kernels::slab_x`) each slab holds the current loop trip's x, the KW pieces
+// With SLAB_X (SPLIT or QUADS, not STAGE_X; `kernels::slab_x`) each slab holds the current loop trip's x, the KW pieces
 // of each of its M vectors (XT), in one of its two buffers of `xt`: at the start of a trip its lanes store the pieces
 // they loaded during the trip before (lane i piece i, and i + 32 where XT > 32), wait for each other, and load the next
 // trip's. Read from global memory, each of the trip's KW M loads carries the driver's bounds check (robust buffer
@@ -80,7 +80,8 @@ var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
 // offsets. Two buffers, so a trip's stores never meet the trip before's reads: the wait of trip t + 1 comes after
 // every lane's reads of trip t - 1's buffer, which trip t + 1 overwrites. Measured on an H100 (one bit coded, the two
 // kernels in one process, twice), us at M = 1 / 2 / 4: 4096x14336 42.3 / 51.7 / 69.1 -> 37.9 / 44.3 / 51.9; at M = 2
-// / 4 (one vector is staged whole) 4096x4096 31.2 / 32.7 -> 24.5 / 29.4 and 14336x4096 54.9 / 67.4 -> 50.7 / 62.0.
+// / 4 (one vector is staged whole) 4096x4096 31.2 / 32.7 -> 24.5 / 29.4 and 14336x4096 54.9 / 67.4 -> 50.7 / 62.0; not
+// split (QUADS), M = 2 / 4 / 8, 4096x14336 91.0 / 95.7 / 123.0 -> 79.9 / 90.6 / 100.9.
 const XT: u32 = M * KW;
 const XL: u32 = (XT + 31u) / 32u;
 var<workgroup> xt: array<array<vec4<f32>, XT>, 2u * SLABS>;
@@ -92,7 +93,11 @@ var<private> xt_odd: u32;
 fn slab_x_load(vb: u32, col: u32) {
     for (var k = 0u; k < XL; k++) {
         let i = min(lane_row + 32u * k, XT - 1u);
+//#if SPLIT
         xt_next[k] = x[x_block(vb + i / KW, col)][i % KW];
+//#else
+        xt_next[k] = x[(vb + i / KW) * (params.cols / 4u) + col / 4u + i % KW];
+//#endif
     }
 }
 
@@ -462,6 +467,9 @@ fn main(
                             let j = h * KW + i;
                             for (var v = 0u; v < M; v++) {
                                 if (j % 4u == 0u) {
+//#if SLAB_X
+                                    xq[v] = xt[xtb][v * KW + j / 4u];
+//#else
 //#if EARLY_X
                                     xq[v] = select(xa[v], xb[v], j >= 4u);
 //#else
@@ -469,6 +477,7 @@ fn main(
                                     xq[v] = x[(v0 + v) * (params.cols / 4u) + col4 / 4u + j / 4u];
 //#else
                                     xq[v] = x[v * (params.cols / 4u) + col4 / 4u + j / 4u];
+//#endif
 //#endif
 //#endif
                                 }

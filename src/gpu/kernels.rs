@@ -263,19 +263,21 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
 }
 
 /// Whether ec_gemv, specialized as `spec` otherwise, has each slab hold its loop trip's x in workgroup memory
-/// (`Spec::slab_x`): for split streams whose x is not staged whole ([`stage_x`]), where the slab's lanes can wait
-/// for each other: with workgroup barriers, or where a slab is one subgroup (`LaneMode::SubgroupWide`) with
-/// `subgroup_barrier` (the device has `Features::SUBGROUP_BARRIER`). The caller checks the workgroup memory
-/// ([`slab_x_bytes`]) against the device's limit. A slab's lanes then load a trip's M KW 16-byte pieces of x once
-/// between them, at most two a lane, where each lane loaded all of them, and the products read them from workgroup
-/// memory; on an NVIDIA GPU each load of x carries the driver's bounds check (robust buffer access). Measured on an
-/// H100 against x read from global memory (one bit coded, as `--experiments` files, two processes), us at M = 1 / 2
-/// / 4: 4096x14336 42.3 / 51.7 / 69.1 -> 37.9 / 44.3 / 51.9; 4096x4096 (one vector staged whole) 31.2 / 32.7 ->
-/// 24.5 / 29.4 at M = 2 / 4; 14336x4096 54.9 / 67.4 -> 50.7 / 62.0 at M = 2 / 4; split streams of two coded bits
-/// at M = 4: 14336x4096 81.6 -> 75.6, 4096x14336 76.4 -> 68.0, 4096x4096 52.1 -> 39.6 (BENCHMARKS.md, "A loop
-/// trip's x held by its slab").
+/// (`Spec::slab_x`): where it reads x in 16-byte pieces (split streams, and other streams of 4 bits or fewer at several
+/// vectors) and not staged whole ([`stage_x`]), where the slab's lanes can wait for each other: with workgroup
+/// barriers, or where a slab is one subgroup (`LaneMode::SubgroupWide`) with `subgroup_barrier` (the device has
+/// `Features::SUBGROUP_BARRIER`). The caller checks the workgroup memory ([`slab_x_bytes`]) against the device's limit.
+/// A slab's lanes then load a trip's M KW 16-byte pieces of x once between them, at most two a lane, where each lane
+/// loaded all of them, and the products read them from workgroup memory; on an NVIDIA GPU each load of x carries the
+/// driver's bounds check (robust buffer access). Measured on an H100 against x read from global memory (one bit coded,
+/// as `--experiments` files, two processes), us at M = 1 / 2 / 4: 4096x14336 42.3 / 51.7 / 69.1 -> 37.9 / 44.3 / 51.9;
+/// 4096x4096 (one vector staged whole) 31.2 / 32.7 -> 24.5 / 29.4 at M = 2 / 4; 14336x4096 54.9 / 67.4 -> 50.7 / 62.0
+/// at M = 2 / 4; split streams of two coded bits at M = 4: 14336x4096 81.6 -> 75.6, 4096x14336 76.4 -> 68.0, 4096x4096
+/// 52.1 -> 39.6; 4-bit streams that are not split at M = 2 / 4 / 8: 14336x4096 82.8 / 103.4 / 138.8 -> 81.2 / 92.6 /
+/// 134.1, 4096x14336 91.0 / 95.7 / 123.0 -> 79.9 / 90.6 / 100.9, 4096x4096 55.4 / 59.1 / 74.2 -> 52.0 / 56.3 / 61.5
+/// (BENCHMARKS.md, "A loop trip's x held by its slab").
 pub fn slab_x(spec: &Spec, subgroup_barrier: bool) -> bool {
-    spec.split && !spec.stage_x && (spec.lanes != LaneMode::SubgroupWide || subgroup_barrier)
+    spec.reads_x_pieces() && !spec.stage_x && (spec.lanes != LaneMode::SubgroupWide || subgroup_barrier)
 }
 
 /// Workgroup memory of ec_gemv's [`slab_x`] buffers under `spec`: two of a loop trip's x (M KW 16-byte pieces) a

@@ -27,8 +27,8 @@
 //! more than others, and [`kernels::stage_x`] and [`kernels::early_x`] hold x nearer the decode steps where every
 //! workgroup has a compute unit to itself. The products are the same, bit for bit, but for the rows of a row tile
 //! dealt out across two workgroups, whose two parts are added in another order. Whatever the compute units, each slab
-//! of a split stream's product holds its loop trip's x in workgroup memory where that fits ([`kernels::slab_x`]),
-//! with the same products.
+//! of a product that reads x in 16-byte pieces holds its loop trip's x in workgroup memory where that fits
+//! ([`kernels::slab_x`]), with the same products.
 //!
 //! Limits wgpu does not check are checked here: each kernel's workgroup memory against
 //! `max_compute_workgroup_storage_size`, and every array against the storage binding limit (larger tensors

@@ -142,8 +142,9 @@ pub struct Spec {
     /// segments are dealt out over the workgroups in runs of [`Self::slabs`], a row tile across two workgroups
     /// meeting in the seam words (`SPREAD`; see [`super::kernels::spread_slabs`]); false for every other kernel.
     pub spread: bool,
-    /// ec_gemv only, with `split` and not `stage_x`: each slab holds a loop trip's x in workgroup memory, loaded a
-    /// trip ahead (`SLAB_X`; see [`super::kernels::slab_x`]); false for every other kernel.
+    /// ec_gemv only, reading x in 16-byte pieces ([`Self::reads_x_pieces`]) and not `stage_x`: each slab holds a loop
+    /// trip's x in workgroup memory, loaded a trip ahead (`SLAB_X`; see [`super::kernels::slab_x`]); false for every
+    /// other kernel.
     pub slab_x: bool,
 }
 
@@ -178,6 +179,12 @@ impl Spec {
     /// Weights per joint symbol, `k = 8 / bits` (the kernels' `KW`).
     pub(crate) fn weights_per_step(&self) -> u32 {
         8 / self.bits.max(1)
+    }
+
+    /// ec_gemv: whether it reads x in 16-byte pieces, a loop trip's 4 KW columns of a vector in KW of them: on split
+    /// streams, and where a step takes an even number of weights (4 bits or fewer) at several vectors (`QUADS`).
+    pub fn reads_x_pieces(&self) -> bool {
+        self.split || (self.m > 1 && self.weights_per_step() % 2 == 0)
     }
 
     /// The `const` block of `kernel` under this spec; `NR` is the row block of the row kernels
@@ -323,7 +330,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         // Each form with a split stream's trip of x held by its slab (`slab_x`) as well.
                         let mut push = |spec: Spec| {
                             out.push((Kernel::EcGemv, spec));
-                            if split && !spec.stage_x && !spec.early_x {
+                            if spec.reads_x_pieces() && !spec.stage_x && !spec.early_x {
                                 out.push((Kernel::EcGemv, Spec { slab_x: true, ..spec }));
                             }
                         };
