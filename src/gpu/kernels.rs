@@ -119,7 +119,8 @@ pub const SPLIT_EARLY_X_MIN_SLABS: u32 = 22;
 /// -> 46.9 / 64.4 / 78.0, 4096x4096 (8) 48.0 / 46.1 / 63.6 -> 57.8 / 63.1 / 63.6. One vector went both ways
 /// (4096x14336 54.0 -> 55.8, 4096x6144 42.7 -> 49.4, 4096x8192 52.2 -> 43.8), so it keeps the loads after the steps.
 /// The crate's kernel on 4096x14336 before and after, M = 2 / 3 / 4: H200 66.1 / 77.0 / 82.8 -> 63.6 / 73.4 / 79.3,
-/// H100 67.6 / 81.1 / 87.4 -> 65.2 / 76.6 / 83.5.
+/// H100 67.6 / 81.1 / 87.4 -> 65.2 / 76.6 / 83.5. Where each slab holds its trip's x ([`slab_x`], faster still),
+/// [`ec_gemv_spec`] leaves this off.
 pub fn early_x(spec: &Spec, workgroups: usize, compute_units: Option<u32>) -> bool {
     let Some(units) = compute_units else {
         return false;

@@ -327,7 +327,8 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         groupings.iter().flat_map(|g| (1..=MAX_GEMV_SLABS as u32).map(move |s| (g, s)))
                     {
                         let base = Spec { split, grouped, ..Spec::new(lanes, bits, precision, m, 32 * slabs) };
-                        // Each form with a split stream's trip of x held by its slab (`slab_x`) as well.
+                        // Each form, and where it reads x in pieces the same with each trip's x held by its slab
+                        // (`slab_x`).
                         let mut push = |spec: Spec| {
                             out.push((Kernel::EcGemv, spec));
                             if spec.reads_x_pieces() && !spec.stage_x && !spec.early_x {
