@@ -315,14 +315,11 @@ mod gpu {
         pub fn new(ctx: &GpuContext, tensor: &EcTensor, strategy: Strategy) -> Result<Self> {
             let stream = GpuStream::upload(ctx, tensor)?;
             let fused = strategy == Strategy::Fused;
+            let on_msl = fused && ctx.fused_uses_msl();
             // ec_gemv.wgsl reads the scales in tile order; q_gemv and the Metal kernel row-major.
-            let scales = if fused && !ctx.fused_uses_msl() {
-                GpuScales::upload_tiles(ctx, tensor)?
-            } else {
-                GpuScales::upload(ctx, tensor)?
-            };
-            let msl =
-                if fused && ctx.fused_uses_msl() { Some(MslGemv::new(ctx, tensor, &stream, &scales)?) } else { None };
+            let scales =
+                if fused && !on_msl { GpuScales::upload_tiles(ctx, tensor)? } else { GpuScales::upload(ctx, tensor)? };
+            let msl = if on_msl { Some(MslGemv::new(ctx, tensor, &stream, &scales)?) } else { None };
             let (stream, packed, weights) = if strategy == Strategy::Cached {
                 let packed = kernels::decode_to_packed(ctx, &stream)?;
                 let weights = kernels::q_gemv_weights(ctx, &packed, &scales)?;

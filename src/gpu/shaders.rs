@@ -181,10 +181,16 @@ impl Spec {
         8 / self.bits.max(1)
     }
 
+    /// ec_gemv: whether a step takes an even number of weights (4 bits or fewer), so x is read two columns at a time
+    /// at one vector (`PAIRS`) and four at several (`QUADS`).
+    fn even_steps(&self) -> bool {
+        self.weights_per_step() % 2 == 0
+    }
+
     /// ec_gemv: whether it reads x in 16-byte pieces, a loop trip's 4 KW columns of a vector in KW of them: on split
-    /// streams, and where a step takes an even number of weights (4 bits or fewer) at several vectors (`QUADS`).
+    /// streams, and where a step takes an even number of weights at several vectors (`QUADS`).
     pub fn reads_x_pieces(&self) -> bool {
-        self.split || (self.m > 1 && self.weights_per_step() % 2 == 0)
+        self.split || (self.m > 1 && self.even_steps())
     }
 
     /// The `const` block of `kernel` under this spec; `NR` is the row block of the row kernels
@@ -241,7 +247,7 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
         LaneMode::SubgroupWide => vec!["SUBGROUP"],
         LaneMode::SubgroupNarrow => vec!["SUBGROUP", "NARROW"],
     };
-    if kernel == Kernel::EcGemv && spec.weights_per_step() % 2 == 0 {
+    if kernel == Kernel::EcGemv && spec.even_steps() {
         flags.push(if spec.m > 1 { "QUADS" } else { "PAIRS" });
     }
     if kernel == Kernel::QGemv && spec.lane_x {
