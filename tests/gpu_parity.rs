@@ -875,20 +875,33 @@ fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
             let x = random_vectors(cols, 1700);
             let mut first_product = vec![f32::NAN; rows];
             mm.matmul(&x, 1, &mut first_product).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let (xb, yb) = (storage(ctx, cols), storage(ctx, rows));
-            ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
-            ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; rows]));
-            let io = kernels::io_bind_group(&dealt, Kernel::EcGemv, &xb, &yb, None, None);
-            let mut encoder = ctx.device().create_command_encoder(&Default::default());
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                kernels::ec_gemv(&dealt, &mut pass, &stream, &weights, &io, 1).unwrap();
-            }
-            let y = read_buffer(ctx, encoder, &yb, rows);
+            let y = ec_gemv_recorded(&dealt, &x, rows, |pass, io| {
+                kernels::ec_gemv(&dealt, pass, &stream, &weights, io, 1).unwrap();
+            });
             let first = first_product.iter().zip(&y).position(|(a, b)| a.to_bits() != b.to_bits());
             assert!(first.is_none(), "{what}: element {first:?} differs with weights bound on another context");
         }
     }
+}
+
+/// The `len` outputs of what `record` records into one compute pass with ec_gemv's group 1 (`x`, and y poisoned with
+/// NaN first) at hand.
+fn ec_gemv_recorded(
+    ctx: &GpuContext,
+    x: &[f32],
+    len: usize,
+    record: impl FnOnce(&mut wgpu::ComputePass<'_>, &wgpu::BindGroup),
+) -> Vec<f32> {
+    let (xb, yb) = (storage(ctx, x.len()), storage(ctx, len));
+    ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(x));
+    ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; len]));
+    let io = kernels::io_bind_group(ctx, Kernel::EcGemv, &xb, &yb, None, None);
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        record(&mut pass, &io);
+    }
+    read_buffer(ctx, encoder, &yb, len)
 }
 
 /// Fused products by 4-bit streams not split and split in both forms, of 1 to 8 vectors, on 67 rows (the last row
@@ -921,20 +934,13 @@ fn fused_trip_x_held_by_its_slab(ctx: &GpuContext) {
             let (want, mag) = reference(&q, &x, m);
             let ys = [spec, Spec { slab_x: false, ..spec }].map(|s| {
                 let pipeline = kernels::edited_pipeline(ctx, Kernel::EcGemv, s, |src| src).unwrap();
-                let (xb, yb) = (storage(ctx, m * cols), storage(ctx, m * 67));
-                ctx.queue().write_buffer(&xb, 0, bytemuck::cast_slice(&x));
-                ctx.queue().write_buffer(&yb, 0, bytemuck::cast_slice(&vec![f32::NAN; m * 67]));
-                let io = kernels::io_bind_group(ctx, Kernel::EcGemv, &xb, &yb, None, None);
-                let mut encoder = ctx.device().create_command_encoder(&Default::default());
-                {
-                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                ec_gemv_recorded(ctx, &x, m * 67, |pass, io| {
                     pass.set_pipeline(&pipeline);
                     pass.set_bind_group(0, &weights, &[]);
-                    pass.set_bind_group(1, &io, &[]);
+                    pass.set_bind_group(1, io, &[]);
                     let n = kernels::ec_gemv_workgroups(&s, t.layout()) as u32;
                     pass.dispatch_workgroups(n, groups as u32, 1);
-                }
-                read_buffer(ctx, encoder, &yb, m * 67)
+                })
             });
             assert_close(&what, &ys[0], &want, &mag, GEMV_REL_TOL);
             let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
