@@ -71,7 +71,8 @@ fn size_table() {
     for p in [10, 11, 12] {
         print!("{p:>6}");
         for s in [256, 512, 1024] {
-            let t = EcTensor::encode(&q, EncodeOptions { segment: s, precision: p, split: None }).unwrap();
+            let t =
+                EcTensor::encode(&q, EncodeOptions { segment: s, precision: p, split: None, min_tiles: 0 }).unwrap();
             let bpw = t.stream_bits() as f64 / (SIZE_ROWS * SIZE_COLS) as f64;
             print!("{:>20}", format!("{bpw:.4} ({:+.2}%)", 100.0 * (bpw / h - 1.0)));
         }
@@ -112,7 +113,12 @@ impl Fixture {
             SmallContiguousLookupDecoderModel::from_nonzero_fixed_point_probabilities(&probs, false).unwrap();
         let constriction_words = constriction_encode(&pairs, &coder_model);
         let dtable = DecodeTable::new(&table);
-        let options = EncodeOptions { segment: DEFAULT_SEGMENT, precision: PRECISION, split: Some(SplitForm::Low2) };
+        let options = EncodeOptions {
+            segment: DEFAULT_SEGMENT,
+            precision: PRECISION,
+            split: Some(SplitForm::Low2),
+            min_tiles: 0,
+        };
         let split = EcTensor::encode(&q, options).unwrap();
         let split_dtable = DecodeTable::new(split.table());
         Self {

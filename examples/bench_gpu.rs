@@ -72,7 +72,9 @@ struct Opts {
 fn usage() -> ! {
     eprintln!(
         "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
-         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] [--split] [--compute-units N] [--smol FILE] [--quick]\n       bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
+         [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] \
+         [--min-tiles N] [--split] [--compute-units N] [--smol FILE] [--quick]\n       \
+         bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
     );
     std::process::exit(2)
 }
@@ -110,6 +112,7 @@ fn parse_opts(args: &[String]) -> Opts {
             // Encoder settings of the synthetic shapes and of the repeated SmolLM2 stacks (default: the crate's).
             "--precision" => o.encode.precision = num(val()) as u32,
             "--segment" => o.encode.segment = num(val()) as usize,
+            "--min-tiles" => o.encode.min_tiles = num(val()) as usize,
             // 4-bit streams split: the high 2 bits coded, the low 2 stored (docs/FORMAT.md, section 2.1); or one bit
             // coded, 3 stored (section 2.2).
             "--split" => o.encode.split = Some(SplitForm::Low2),

@@ -71,12 +71,16 @@ const ENCODED: [&str; 3] =
 
 fn write_model(path: &Path) -> Vec<Input> {
     let ins = inputs();
+    write_inputs(path, &ins);
+    ins
+}
+
+fn write_inputs(path: &Path, ins: &[Input]) {
     let bytes: Vec<Vec<u8>> = ins.iter().map(Input::bytes).collect();
     let views: Vec<(&str, TensorView)> =
         ins.iter().zip(&bytes).map(|(i, b)| (i.name, TensorView::new(i.dtype, i.shape.clone(), b).unwrap())).collect();
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     std::fs::write(path, safetensors::serialize(views, &meta).unwrap()).unwrap();
-    ins
 }
 
 fn scale_dtype(d: Dtype) -> ScaleDtype {
@@ -233,12 +237,41 @@ fn convert_honours_bits_group_precision_and_segment() {
     assert_eq!(f.encoded_names().collect::<Vec<_>>(), ENCODED);
     for input in s.inputs.iter().filter(|i| ENCODED.contains(&i.name)) {
         let info = f.encoded_info(input.name).unwrap();
-        let segment = EncodeOptions { segment: 96, precision: 10, split: None }.segment_for(info.layout.cols(), 32);
+        let segment = EncodeOptions { segment: 96, precision: 10, split: None, min_tiles: 0 }.segment_for(
+            info.layout.rows(),
+            info.layout.cols(),
+            32,
+        );
         assert_eq!((info.layout.bits(), info.group_size, info.precision, info.layout.segment()), (3, 32, 10, segment));
         assert_eq!(f.tensor(input.name).unwrap().to_quantized().unwrap(), expected(input, 3, 32), "{}", input.name);
     }
     let r = ecq(&[&"verify", &out]);
     assert!(r.status.success(), "verify failed: {}", text(&r.stdout));
+}
+
+/// `--min-tiles` shortens the segments of a matrix with fewer tiles than it names: 64 x 1024 weights are 2 row tiles
+/// of 2 segments by default, 4 segments of 256 columns with `--min-tiles 8`.
+#[test]
+fn convert_min_tiles_shortens_segments() {
+    let s = setup();
+    let model = s.dir.join("wide.safetensors");
+    let wide = Input { name: "wide.weight", dtype: Dtype::F32, shape: vec![64, 1024], values: weights(64 * 1024, 9) };
+    write_inputs(&model, std::slice::from_ref(&wide));
+    for (flags, segment) in [(vec![], 512), (vec!["--min-tiles", "8"], 256), (vec!["--min-tiles", "4"], 512)] {
+        let out = s.dir.join("wide_out.safetensors");
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert", &model, &out];
+        for f in &flags {
+            args.push(f);
+        }
+        let r = ecq(&args);
+        assert!(r.status.success(), "{flags:?}: convert failed: {}", text(&r.stderr));
+        let f = EcFile::open(&out).unwrap();
+        let info = f.encoded_info("wide.weight").unwrap();
+        assert_eq!(info.layout.segment(), segment, "{flags:?}");
+        assert_eq!(f.tensor("wide.weight").unwrap().to_quantized().unwrap(), expected(&wide, 4, 64), "{flags:?}");
+        let r = ecq(&[&"verify", &out]);
+        assert!(r.status.success(), "{flags:?}: verify failed: {}", text(&r.stdout));
+    }
 }
 
 /// Converts the model with `flag` into `file`, checks that the file is of format `version` and that every encoded
@@ -351,6 +384,7 @@ fn bad_options_and_bad_inputs_fail_cleanly_without_output() {
         (vec!["--group-size", "48"], "group_size"),
         (vec!["--precision", "13"], "--precision"),
         (vec!["--segment", "70000"], "--segment"),
+        (vec!["--segment", "256", "--min-tiles", "2048"], "--min-tiles"),
     ] {
         let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert", &s.model, &out];
         for a in &args {
@@ -389,7 +423,16 @@ fn help_names_every_command_and_option() {
     let r = ecq(&[&"convert", &"--help"]);
     assert!(r.status.success());
     let h = text(&r.stdout);
-    for o in ["--bits", "--group-size", "--precision", "--segment", "--split", "[default: 4]", "[default: 64]"] {
+    for o in [
+        "--bits",
+        "--group-size",
+        "--precision",
+        "--segment",
+        "--min-tiles",
+        "--split",
+        "[default: 4]",
+        "[default: 64]",
+    ] {
         assert!(h.contains(o), "convert --help lacks {o}:\n{h}");
     }
 }

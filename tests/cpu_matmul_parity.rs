@@ -103,7 +103,11 @@ fn many_small_segments() {
     // Segment 64: 1088 columns are 17 segments, so 3 row tiles x 17 = 51 tiles for 67 rows.
     for bits in SUPPORTED_BITS {
         let q = layer(67, 1088, QuantConfig { bits, ..QuantConfig::default() }, bits as u64);
-        check_layer(&q, EncodeOptions { segment: 64, precision: 12, split: None }, &format!("{bits} bits, segment 64"));
+        check_layer(
+            &q,
+            EncodeOptions { segment: 64, precision: 12, split: None, min_tiles: 0 },
+            &format!("{bits} bits, segment 64"),
+        );
     }
 }
 
@@ -216,7 +220,7 @@ proptest! {
     ) {
         let cols = groups * group_size;
         let q = layer(rows, cols, QuantConfig { bits, group_size, ..QuantConfig::default() }, seed);
-        let options = EncodeOptions { segment: segment_groups * group_size, precision: 12, split: None };
+        let options = EncodeOptions { segment: segment_groups * group_size, precision: 12, split: None, min_tiles: 0 };
         let tensor = EcTensor::encode(&q, options).unwrap();
         let x = inputs(m, cols, seed ^ 1);
         let mut y = vec![f32::NAN; m * rows];

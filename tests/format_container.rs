@@ -23,7 +23,7 @@ fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
 fn encoded(rows: usize, cols: usize, bits: u32, group_size: usize, sd: ScaleDtype, segment: usize) -> EcTensor {
     let w = weights(rows, cols, (rows * 31 + cols) as u64 + bits as u64);
     let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: sd }).unwrap();
-    EcTensor::encode(&q, EncodeOptions { segment, precision: 12, split: None }).unwrap()
+    EcTensor::encode(&q, EncodeOptions { segment, precision: 12, split: None, min_tiles: 0 }).unwrap()
 }
 
 struct Raw {

@@ -29,8 +29,8 @@ fn fixture_tensors() -> Vec<EcTensor> {
         quantize(&weights(9 * 64, 2), 9, 64, QuantConfig { bits: 2, group_size: 32, scale_dtype: ScaleDtype::Bf16 })
             .unwrap();
     vec![
-        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: None }).unwrap(),
-        EcTensor::encode(&b, EncodeOptions { segment: 64, precision: 10, split: None }).unwrap(),
+        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: None, min_tiles: 0 }).unwrap(),
+        EcTensor::encode(&b, EncodeOptions { segment: 64, precision: 10, split: None, min_tiles: 0 }).unwrap(),
     ]
 }
 
@@ -47,7 +47,8 @@ fn split_fixture_bytes() -> Vec<u8> {
 /// The same file with the first tensor split in `form`: a version-2 file for `Low2`, version 3 for `Low3`.
 fn split_fixture_bytes_as(form: SplitForm) -> Vec<u8> {
     let a = quantize(&weights(40 * 256, 1), 40, 256, QuantConfig::default()).unwrap();
-    let split = EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: Some(form) }).unwrap();
+    let split =
+        EcTensor::encode(&a, EncodeOptions { segment: 128, precision: 12, split: Some(form), min_tiles: 0 }).unwrap();
     let [_, b] = <[EcTensor; 2]>::try_from(fixture_tensors()).unwrap();
     container_bytes(vec![split, b])
 }

@@ -156,11 +156,11 @@ const SPLITS: [Option<SplitForm>; 3] = [None, Some(SplitForm::Low2), Some(SplitF
 
 /// `q` encoded at the default precision, its stream `split` in that form or not.
 fn encode_as(q: &QuantizedMatrix, segment: usize, split: Option<SplitForm>) -> EcTensor {
-    encode_with(q, EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split })
+    encode_with(q, EncodeOptions { segment, precision: ecq::rans::DEFAULT_PRECISION, split, min_tiles: 0 })
 }
 
 fn encode_at(q: &QuantizedMatrix, segment: usize, precision: u32) -> EcTensor {
-    encode_with(q, EncodeOptions { segment, precision, split: None })
+    encode_with(q, EncodeOptions { segment, precision, split: None, min_tiles: 0 })
 }
 
 /// `q` encoded with `options`, whose segment the encoder must keep as asked.
@@ -267,7 +267,8 @@ fn decode_one_symbol_tables(ctx: &GpuContext) {
     q.symbols.iter_mut().for_each(|s| *s = 11);
     for precision in [10, ecq::rans::DEFAULT_PRECISION, ecq::rans::MAX_PRECISION] {
         for split in SPLITS {
-            let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision, split }).expect("encode");
+            let t =
+                EcTensor::encode(&q, EncodeOptions { segment: 128, precision, split, min_tiles: 0 }).expect("encode");
             let what = format!("one symbol P={precision} split={split:?}");
             check_decode(ctx, &t, &what);
             check_products(ctx, &q, &t, &[1, 4], &what);
@@ -372,7 +373,8 @@ fn split_streams(ctx: &GpuContext) {
 
 fn split_streams_of(ctx: &GpuContext, form: SplitForm) {
     let split = |q: &QuantizedMatrix, segment: usize, precision: u32| {
-        let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: Some(form) }).expect("encode split");
+        let t = EcTensor::encode(q, EncodeOptions { segment, precision, split: Some(form), min_tiles: 0 })
+            .expect("encode split");
         assert!(t.split() == Some(form) && t.layout().bits() == form.coded_bits() && t.bits() == 4, "not split");
         t
     };
@@ -980,7 +982,7 @@ fn unsupported_and_empty_shapes() {
     let Some(ctx) = device() else { return };
     // Groups of 16 columns: the kernels need whole 32-symbol chunks per group.
     let q = random_matrix(40, 96, 4, 16, 1200);
-    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12, split: None }).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 48, precision: 12, split: None, min_tiles: 0 }).unwrap();
     for strategy in [Strategy::Fused, Strategy::Cached] {
         assert!(
             matches!(EcMatmul::new(&ctx, &t, strategy), Err(Error::InvalidParameter { name: "group_size", .. })),

@@ -288,7 +288,9 @@ impl Case {
 
     /// `q` encoded in segments of `segment` columns at the default precision, split in `split` or not.
     fn encoded(q: QuantizedMatrix, segment: usize, split: Option<rans::SplitForm>) -> Self {
-        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split }).unwrap();
+        let t =
+            EcTensor::encode(&q, EncodeOptions { segment, precision: rans::DEFAULT_PRECISION, split, min_tiles: 0 })
+                .unwrap();
         let kind = split.map_or(String::new(), |f| format!(" split {f:?}"));
         let name = format!("{}x{} b{}{kind} g{} s{segment}", q.rows, q.cols, q.bits, q.group_size);
         Self::from_tensor(name, &t, q)

@@ -122,7 +122,7 @@ fn ec_params_bytes_follow_the_msl_field_order() {
     let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
     let q =
         quantize(&weights, rows, cols, QuantConfig { bits: 3, group_size: 64, scale_dtype: ScaleDtype::F32 }).unwrap();
-    let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision: 11, split: None }).unwrap();
+    let t = EcTensor::encode(&q, EncodeOptions { segment: 128, precision: 11, split: None, min_tiles: 0 }).unwrap();
     let params = EcParams::new(&t, 5).unwrap();
     assert_eq!(std::mem::size_of::<EcParams>(), PARAMS_SIZE);
     let bytes = bytemuck::bytes_of(&params);

@@ -187,7 +187,8 @@ proptest! {
             })
             .collect();
         let q = quantize(&w, rows, cols, QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 }).unwrap();
-        let t = EcTensor::encode(&q, EncodeOptions { segment, precision: DEFAULT_PRECISION, split: None }).unwrap();
+        let options = EncodeOptions { segment, precision: DEFAULT_PRECISION, split: None, min_tiles: 0 };
+        let t = EcTensor::encode(&q, options).unwrap();
         prop_assert_eq!(t.to_quantized().unwrap(), q);
     }
 }

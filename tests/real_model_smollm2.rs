@@ -17,9 +17,10 @@ use rayon::prelude::*;
 /// Largest allowed excess of the total stored symbol stream over the order-0 entropy bound.
 const MAX_STREAM_OVERHEAD: f64 = 0.02;
 
-/// The encoder's segment width for `cols` columns (the shape rule of `EncodeOptions::segment_for`).
+/// The encoder's default segment width for `cols` columns (the shape rule of `EncodeOptions::segment_for`, which
+/// without `min_tiles` does not depend on the rows).
 fn segment_for(cols: usize, group_size: usize) -> usize {
-    EncodeOptions::default().segment_for(cols, group_size)
+    EncodeOptions::default().segment_for(1, cols, group_size)
 }
 
 fn quantized_names(model: &GgufFile) -> Vec<String> {
@@ -211,6 +212,37 @@ fn segment_rule_examples() {
     assert_eq!(segment_for(4096, 64), 512);
     assert_eq!(segment_for(800, 32), 416);
     assert_eq!(segment_for(100, 32), 128);
+}
+
+/// `min_tiles` shortens the segments of matrices with fewer tiles than it asks for, never below
+/// `MIN_AUTO_SEGMENT` columns, and leaves the others (and an explicit segment) alone.
+#[test]
+fn segment_rule_min_tiles() {
+    let at = |min_tiles: usize, rows: usize, cols: usize, group_size: usize| {
+        EncodeOptions { min_tiles, ..EncodeOptions::default() }.segment_for(rows, cols, group_size)
+    };
+    // 128 row tiles of 8 segments: 16 segments reach 2048 tiles.
+    assert_eq!(at(2048, 4096, 4096, 64), 256);
+    assert_eq!(at(1024, 4096, 4096, 64), 512);
+    // 12 segments of 342 columns, rounded up to whole groups: 384, so 11 segments (1408 tiles).
+    assert_eq!(at(1536, 4096, 4096, 64), 384);
+    // Already 448 x 8 and 128 x 28 = 3584 tiles.
+    assert_eq!(at(2048, 14336, 4096, 64), 512);
+    assert_eq!(at(2048, 4096, 14336, 64), 512);
+    // Few row tiles: as many segments as 256 columns allow (2 of 576 columns, 6 of 1536).
+    assert_eq!(at(2048, 1536, 576, 64), 320);
+    assert_eq!(at(2048, 1536, 576, 32), 288);
+    assert_eq!(at(2048, 576, 1536, 32), 256);
+    assert_eq!(at(1 << 20, 4096, 4096, 64), rans::MIN_AUTO_SEGMENT);
+    // Rows narrower than the shortest segment keep one.
+    assert_eq!(at(2048, 64, 200, 64), 256);
+    assert_eq!(at(2048, 64, 200, 8), 200);
+    // 0 is the shape rule alone; an explicit segment is taken as it is.
+    for (rows, cols) in [(4096, 4096), (1536, 576), (576, 1536), (14336, 4096)] {
+        assert_eq!(at(0, rows, cols, 32), segment_for(cols, 32));
+    }
+    let fixed = EncodeOptions { segment: 512, min_tiles: 2048, ..EncodeOptions::default() };
+    assert_eq!(fixed.segment_for(4096, 4096, 64), 512);
 }
 
 /// Copies of the real file cut at lengths inside the metadata, inside the tensor infos and inside the data

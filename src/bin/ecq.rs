@@ -76,6 +76,12 @@ enum Command {
         /// 0 (the default) splits each row into round(K/512) equal segments.
         #[arg(long, default_value_t = 0)]
         segment: usize,
+        /// With the automatic segment: shorten the segments of matrices with fewer tiles than this (tiles are 32
+        /// rows by one segment), down to 256 columns, so a GPU with many compute units has enough tiles to decode
+        /// at once. 0 (the default) keeps the smallest stream. On an NVIDIA H100, 2048 makes a 4096x4096 matrix's
+        /// fused product 1.35x as fast for a stream 1.3% larger; matrices that have 2048 tiles already keep theirs.
+        #[arg(long, default_value_t = 0)]
+        min_tiles: usize,
         /// Split 4-bit matrices: code part of each weight and store the rest as it is. `--split` (or `--split=2`)
         /// codes the high 2 bits, four weights a decode step, and stores the low 2 (format version 2);
         /// `--split=3` codes one bit, eight weights a step, and stores 3 (format version 3; columns and segment
@@ -148,6 +154,7 @@ fn main() -> ExitCode {
             group_size,
             precision,
             segment,
+            min_tiles,
             split,
             include,
             exclude,
@@ -156,7 +163,7 @@ fn main() -> ExitCode {
         } => {
             let options = ConvertOptions {
                 quant: QuantConfig { bits, group_size, scale_dtype: ScaleDtype::F16 },
-                encode: EncodeOptions { segment, precision, split },
+                encode: EncodeOptions { segment, precision, split, min_tiles },
                 select: TensorSelection { include, exclude },
                 mlx_bits,
                 verify,
@@ -197,6 +204,9 @@ fn convert(input: &Path, output: &Path, options: &ConvertOptions) -> CliResult<(
     }
     if options.encode.segment > MAX_SEGMENT {
         return Err(format!("--segment {} is outside 0..={MAX_SEGMENT}", options.encode.segment));
+    }
+    if options.encode.segment != 0 && options.encode.min_tiles != 0 {
+        return Err("--min-tiles shortens the automatic segments; it cannot be given with --segment".to_string());
     }
     let start = Instant::now();
     let pb = progress(0);

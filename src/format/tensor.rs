@@ -19,22 +19,37 @@ pub struct EncodeOptions {
     /// stream and `Low3` 0.7-1.6%; on the gemv example's heavy-tailed layer 0.9% and 2.6% (BENCHMARKS.md). `None`
     /// (the default) codes whole symbols; ignored for widths other than 4.
     pub split: Option<SplitForm>,
+    /// With `segment == 0`: the fewest tiles a matrix should have, reached by shorter segments, though none shorter
+    /// than [`rans::MIN_AUTO_SEGMENT`] columns (see [`EncodeOptions::segment_for`]); `0` (the default) keeps the
+    /// shape rule alone, the smallest stream. Each tile is a chain of decode steps that runs alone, so a matrix of
+    /// few row tiles leaves a large GPU with too few chains to hide a step's latency: on an NVIDIA H100, `2048`
+    /// takes a 4096 x 4096 matrix from 1024 tiles to 2048 and its fused product at one vector from 22.8 to 16.9 us
+    /// (BENCHMARKS.md), for a stream 1.3% larger. Matrices that already have that many tiles keep their segments.
+    pub min_tiles: usize,
 }
 
 impl EncodeOptions {
-    /// The segment width used for a matrix of `cols` columns and groups of `group_size`.
+    /// The segment width used for a matrix of `rows` x `cols` weights and groups of `group_size`.
     ///
     /// With `segment == 0` each row is split into `max(1, round(K / 512))` equal segments
     /// ([`rans::DEFAULT_SEGMENT`]), each rounded up to whole groups, so no row pays a whole 32-bit state for a
     /// short leftover segment. Measured on SmolLM2-135M's 576-column tensors: `S = 512` leaves 64-column
-    /// segments and costs +2.4% over the entropy, the even split (`S = 576`) +1.3%.
+    /// segments and costs +2.4% over the entropy, the even split (`S = 576`) +1.3%. Where that gives fewer than
+    /// `min_tiles` tiles (row tiles of [`rans::LANES`] rows times segments), the row is split into as many more
+    /// equal segments as reach `min_tiles`, but into no more than `K / 256` ([`rans::MIN_AUTO_SEGMENT`]); each
+    /// is rounded up to whole groups as above, which can leave a few fewer segments than that.
     /// Otherwise `segment` rounded up to whole groups and capped at `cols` rounded up to a group.
-    pub fn segment_for(&self, cols: usize, group_size: usize) -> usize {
+    pub fn segment_for(&self, rows: usize, cols: usize, group_size: usize) -> usize {
         let group_size = group_size.max(1);
         let whole_groups = |c: usize| c.div_ceil(group_size).max(1) * group_size;
         if self.segment == 0 {
             let target = rans::DEFAULT_SEGMENT;
-            let segments = ((cols + target / 2) / target).max(1);
+            let mut segments = ((cols + target / 2) / target).max(1);
+            let row_tiles = rows.div_ceil(rans::LANES).max(1);
+            if row_tiles * segments < self.min_tiles {
+                let most = (cols / rans::MIN_AUTO_SEGMENT).max(1);
+                segments = segments.max(self.min_tiles.div_ceil(row_tiles).min(most));
+            }
             whole_groups(cols.div_ceil(segments))
         } else {
             whole_groups(self.segment).min(whole_groups(cols))
@@ -44,7 +59,7 @@ impl EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        Self { segment: 0, precision: rans::DEFAULT_PRECISION, split: None }
+        Self { segment: 0, precision: rans::DEFAULT_PRECISION, split: None, min_tiles: 0 }
     }
 }
 
@@ -74,7 +89,7 @@ impl EcTensor {
     /// the matrix width rounded up to a group.
     pub fn encode(q: &QuantizedMatrix, options: EncodeOptions) -> Result<Self> {
         q.validate()?;
-        let segment = options.segment_for(q.cols, q.group_size);
+        let segment = options.segment_for(q.rows, q.cols, q.group_size);
         let split = options.split.filter(|_| q.bits == rans::SPLIT_BITS);
         let (coded, low) = if let Some(form) = split {
             // (A segment that is not a multiple of the block is refused by `from_parts`.)

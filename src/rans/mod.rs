@@ -36,3 +36,8 @@ pub use tile::{
 /// while `K / S` segments keep enough tiles in flight. Measured on a 4096 x 4096 4-bit group-64 layer
 /// (BENCHMARKS.md): the whole stream is +1.8% over the order-0 entropy at `S = 256`, +0.45% at 512, -0.2% at 1024.
 pub const DEFAULT_SEGMENT: usize = 512;
+
+/// The shortest segment, in columns, that the shape rule takes to give a matrix more tiles
+/// (`EncodeOptions::min_tiles`): at `S = 256` a 4096 x 4096 layer's stream is 1.3% larger than at 512, at 128 3.8%,
+/// and its fused product on an NVIDIA H200 took 16.4 and 16.0 us against 22.4 (BENCHMARKS.md).
+pub const MIN_AUTO_SEGMENT: usize = 256;
