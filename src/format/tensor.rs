@@ -23,8 +23,9 @@ pub struct EncodeOptions {
     /// than [`rans::MIN_AUTO_SEGMENT`] columns (see [`EncodeOptions::segment_for`]); `0` (the default) keeps the
     /// shape rule alone, the smallest stream. Each tile is a chain of decode steps that runs alone, so a matrix of
     /// few row tiles leaves a large GPU with too few chains to hide a step's latency: on an NVIDIA H100, `2048`
-    /// takes a 4096 x 4096 matrix from 1024 tiles to 2048 and its fused product at one vector from 22.8 to 16.9 us
-    /// (BENCHMARKS.md), for a stream 1.3% larger. Matrices that already have that many tiles keep their segments.
+    /// takes a 4096 x 4096 matrix from 1024 tiles to 2048 and its fused product at one vector from 22.7 to 16.9 us
+    /// split with one coded bit ([`SplitForm::Low3`]), from 47.6 to 34.7 us not split (BENCHMARKS.md), for a
+    /// stream 1.3% larger. Matrices that already have that many tiles keep their segments.
     pub min_tiles: usize,
 }
 
