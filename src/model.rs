@@ -115,7 +115,7 @@ pub struct ConvertOptions {
     /// Store the scales and biases of a quantized float matrix in the matrix's own dtype (F32, F16 or BF16), as
     /// MLX does. Default true.
     pub scales_follow_input: bool,
-    /// Segment width and probability precision of the encoder.
+    /// Encoder settings: segment width (or the fewest tiles a matrix should have), probability precision, split form.
     pub encode: EncodeOptions,
     /// Which float matrices are quantized.
     pub select: TensorSelection,
