@@ -152,22 +152,20 @@ impl Spec {
     /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
     /// `early_x`, `tile_pairs`, `spread`, `slab_x`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
-        let (lane_x, split, grouped, stage_x, early_x, tile_pairs) = (false, false, false, false, false, false);
-        let (spread, slab_x) = (false, false);
         Self {
             lanes,
             bits,
             precision,
             m,
             workgroup,
-            lane_x,
-            split,
-            grouped,
-            stage_x,
-            early_x,
-            tile_pairs,
-            spread,
-            slab_x,
+            lane_x: false,
+            split: false,
+            grouped: false,
+            stage_x: false,
+            early_x: false,
+            tile_pairs: false,
+            spread: false,
+            slab_x: false,
         }
     }
 
