@@ -67,13 +67,16 @@ struct Opts {
     /// Compute units the products take the device to have (`--compute-units`; 0: none known); None: what the
     /// device reports.
     compute_units: Option<u32>,
+    /// Whether the products take the device to run 8-bit dot products as one instruction (`--integer-dot 0|1`);
+    /// None: what the device reports.
+    integer_dot: Option<bool>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_gpu [--runs N] [--warmup N] [--copy-mib N] [--rotate-mib N] [--shapes 4096x4096,...] \
          [--ms 1,4] [--heat-ms N] [--batch N] [--variants] [--experiments DIR] [--precision P] [--segment S] \
-         [--min-tiles N] [--split] [--compute-units N] [--smol FILE] [--quick]\n       \
+         [--min-tiles N] [--split] [--compute-units N] [--integer-dot 0|1] [--smol FILE] [--quick]\n       \
          bench_gpu extract MODEL.gguf OUT.ecq.safetensors"
     );
     std::process::exit(2)
@@ -94,6 +97,7 @@ fn parse_opts(args: &[String]) -> Opts {
         experiments: Vec::new(),
         encode: EncodeOptions::default(),
         compute_units: None,
+        integer_dot: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -121,6 +125,9 @@ fn parse_opts(args: &[String]) -> Opts {
             // (`GpuContext::with_compute_units`; they choose `kernels::vector_groups`, `row_tile_pairs`,
             // `spread_slabs`, `stage_x` and `early_x`).
             "--compute-units" => o.compute_units = Some(num(val()) as u32),
+            // Whether the fused products take 8-bit dot products to be one instruction, whatever the device reports
+            // (`GpuContext::with_integer_dot`; it chooses `kernels::integer_dot`).
+            "--integer-dot" => o.integer_dot = Some(num(val()) != 0),
             // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
             "--experiments" => {
                 let dir = PathBuf::from(val());
@@ -1429,6 +1436,10 @@ fn run(o: &Opts) -> Result<()> {
     let ctx = GpuContext::new()?;
     let ctx = match o.compute_units {
         Some(n) => ctx.with_compute_units((n > 0).then_some(n)),
+        None => ctx,
+    };
+    let ctx = match o.integer_dot {
+        Some(fast) => ctx.with_integer_dot(fast),
         None => ctx,
     };
     println!("device: {}", ctx.describe());

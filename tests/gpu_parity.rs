@@ -123,6 +123,7 @@ per_path!(
     device_times_are_measured,
     fused_vectors_shared_out_over_workgroups,
     fused_split_vector_staged_in_workgroup_memory,
+    fused_split_vector_as_digits,
     fused_trip_x_loaded_before_its_steps,
     fused_row_tiles_in_pairs,
     fused_tasks_dealt_out_in_runs,
@@ -797,6 +798,56 @@ fn fused_split_vector_staged_in_workgroup_memory(ctx: &GpuContext) {
         assert_eq!(kernels::ec_gemv_spec(&units, &stream, 1).0.stage_x, staged, "{what}");
         assert!(!kernels::ec_gemv_spec(&none, &stream, 1).0.stage_x, "{what}");
         fused_equal_on_both(&none, &units, &q, &t, 1, &what);
+    }
+}
+
+/// With the device taken to have fast 8-bit dot products and a compute unit for every workgroup, a fused product of
+/// one vector by a split stream whose workgroups hold at least `kernels::DIGITS_MIN_SLABS` slabs stages x as 8-bit
+/// digits (`kernels::integer_dot`; not where the device is taken to lack them): on 67 rows (the last row tile partial)
+/// by 4000 columns in 25 segments of 160, in both split forms, its products come within tolerance of the float64
+/// reference, with the outputs poisoned first, for x uniform in (-1, 1) and for x whose 32-column blocks run from
+/// 1e-38 to 1e30 in magnitude (with zero blocks, subnormal values, lone outliers and mixed signs); an infinity or a
+/// NaN in x makes every row's product non-finite.
+fn fused_split_vector_as_digits(ctx: &GpuContext) {
+    let fast = ctx.with_compute_units(Some(1024)).with_integer_dot(true);
+    let slow = fast.with_integer_dot(false);
+    let q = random_matrix(67, 4000, 4, 32, 1500);
+    let wide: Vec<f32> = random_vectors(4000, 1501)
+        .iter()
+        .enumerate()
+        .map(|(c, &v)| {
+            let block = c / 32;
+            match block % 7 {
+                0 => 0.0,
+                1 => v * 1e-38,
+                2 if c % 32 == 5 => 1e30,
+                2 => v * 1e-3,
+                3 => v * 10f32.powi(block as i32 % 61 - 30),
+                4 => -v.abs() * 7e4,
+                _ => v,
+            }
+        })
+        .collect();
+    for form in [SplitForm::Low2, SplitForm::Low3] {
+        let t = encode_as(&q, 160, Some(form));
+        let stream = GpuStream::upload(&fast, &t).unwrap();
+        let (spec, _) = kernels::ec_gemv_spec(&fast, &stream, 1);
+        let what = format!("67x4000 split {form:?} {:?} as digits", ctx.lane_mode());
+        assert!(spec.stage_x && spec.digits && spec.slabs() >= kernels::DIGITS_MIN_SLABS, "{what}: {spec:?}");
+        assert!(!kernels::ec_gemv_spec(&slow, &stream, 1).0.digits, "{what}");
+        fused_close_to_reference(&fast, &q, &t, 1, &what);
+        let mm = EcMatmul::new(&fast, &t, Strategy::Fused).unwrap();
+        let (want, mag) = reference(&q, &wide, 1);
+        let mut y = vec![f32::NAN; q.rows];
+        mm.matvec(&wide, &mut y).unwrap();
+        assert_close(&format!("{what}, x of wide range"), &y, &want, &mag, GEMV_REL_TOL);
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let mut x = random_vectors(4000, 1502);
+            x[1234] = bad;
+            let mut y = vec![0.0; q.rows];
+            mm.matvec(&x, &mut y).unwrap();
+            assert!(y.iter().all(|v| !v.is_finite()), "{what}, x holding {bad}: {y:?}");
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 // (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each workgroup takes two row
 // tiles at a time (below); SPREAD where a product of up to 4 vectors deals its (row tile, segment) tasks out over the
 // workgroups in runs of SLABS (below); SLAB_X where each slab holds a loop trip's x in workgroup memory, loaded a
-// trip ahead (with SPLIT or QUADS; below).
+// trip ahead (with SPLIT or QUADS; below); DIGITS, with STAGE_X, where x is staged as 8-bit digits for integer dot
+// products (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -69,7 +70,94 @@ fn x_piece(k: u32) -> vec4<f32> {
 // decode table, and the products read it from there: where every workgroup has a compute unit to itself, its few
 // warps wait on each x load (L1 or L2) after a block's four steps, and workgroup memory answers sooner
 // (`kernels::stage_x`).
+//#if DIGITS
+// With DIGITS as well (`kernels::integer_dot`) each block of 4 KW columns (a loop trip's) is held as integers, so that
+// the products take four weights an instruction (`dot4I8Packed`): the block's values times 2^E rounded, where 2^E puts
+// its largest magnitude in [2^21, 2^22), each X = d0 + 2^8 d1 + 2^16 d2 with signed 8-bit digits (d0, d1 in -128..127,
+// d2 in -64..64); then sum(q X) over the block is exact in 32 bits (|sum| <= 32 15 2^22 < 2^31), and 2^-E sum(q X) is
+// sum(q x) with each x rounded to 23 significant bits at the block's largest. A block's digits are 6 NW words (NW words
+// of 8 columns each): word (2 d + h) NW + k holds digit d of columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h
+// (byte by byte), the columns that the low (h = 0) or high (h = 1) nibbles of packed word k hold at bytes 0 to 3; then
+// 2^-E and the block's sum(x) as f32 bits. Blocks of 32 columns (SPLIT3) take 7 of their 8 vec4s, of 16 all 4.
+const NW: u32 = KW / 2u;
+var<workgroup> xs: array<array<vec4<u32>, KW>, XS_COLS / (4u * KW)>;
+
+// Stages x as above: a lane for each pair (k, h) of a block, which reads the block's values (as do the other 2 NW - 1
+// lanes of the block, from the same 16-byte pieces) and writes its three words, and the lane of (0, 0) the step and
+// the sum. The scale's exponent is clamped so that 2^E and 2^-E are normal floats: a block whose largest magnitude is
+// below 2^-105 keeps fewer bits (its products are below f32's smallest normal anyway), and one holding an infinity or a
+// NaN gets digits of no meaning but a sum that is not finite, which every row's product takes.
+fn stage_digits(lid: u32) {
+    let tasks = min(params.cols, XS_COLS) / (4u * KW) * (2u * NW);
+    for (var task = lid; task < tasks; task += WG) {
+        let b = task / (2u * NW);
+        let k = task % (2u * NW) / 2u;
+        let h = task % 2u;
+        var big = 0.0;
+        var sum = 0.0;
+        for (var p = 0u; p < KW; p++) {
+            let v = x[b][p];
+            big = max(big, max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w))));
+            sum += (v.x + v.y) + (v.z + v.w);
+        }
+        // Columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h: components h and 2 + h of pieces 2 k and 2 k + 1.
+        let lo = x[b][2u * k];
+        let hi = x[b][2u * k + 1u];
+        let own = select(vec4<f32>(lo.x, lo.z, hi.x, hi.z), vec4<f32>(lo.y, lo.w, hi.y, hi.w), h == 1u);
+        let e = clamp((bitcast<u32>(big) >> 23u) & 0xffu, 22u, 255u);
+        // 2^(148 - e): for |x| < 2^(e - 126), |x 2^(148 - e)| < 2^22.
+        let q = bitcast<vec4<u32>>(vec4<i32>(round(own * bitcast<f32>((275u - e) << 23u))));
+        // The low bytes of X, floor((X + 2^7) / 2^8) and floor((X + 2^7 + 2^15) / 2^16): the digits' bytes, one
+        // column a byte.
+        let shift = vec4<u32>(0u, 8u, 16u, 24u);
+        let d0 = (q & vec4<u32>(0xffu)) << shift;
+        let d1 = (((q + vec4<u32>(0x80u)) >> vec4<u32>(8u)) & vec4<u32>(0xffu)) << shift;
+        let d2 = (((q + vec4<u32>(0x8080u)) >> vec4<u32>(16u)) & vec4<u32>(0xffu)) << shift;
+        let w = vec3<u32>(
+            (d0.x | d0.y) | (d0.z | d0.w),
+            (d1.x | d1.y) | (d1.z | d1.w),
+            (d2.x | d2.y) | (d2.z | d2.w),
+        );
+        for (var d = 0u; d < 3u; d++) {
+            let i = (2u * d + h) * NW + k;
+            xs[b][i / 4u][i % 4u] = w[d];
+        }
+        if (task % (2u * NW) == 0u) {
+            let i = 6u * NW;
+            // 2^(e - 148).
+            xs[b][i / 4u][i % 4u] = (e - 21u) << 23u;
+            xs[b][(i + 1u) / 4u][(i + 1u) % 4u] = bitcast<u32>(sum);
+        }
+    }
+}
+
+// sum(q X) over staged block `b` for its NW packed words of 4-bit weights `w` (word k columns 8 k .. 8 k + 8): each
+// digit's dot products, the highest first, shifted into place. The digits are read 16 bytes at a time.
+fn digit_dot(w: vec4<u32>, b: u32) -> i32 {
+    var dg: array<vec4<u32>, 6>;
+    for (var p = 0u; p < 6u * NW / 4u; p++) {
+        dg[p] = xs[b][p];
+    }
+    var t = 0i;
+    for (var d = 0u; d < 3u; d++) {
+        t = t << 8u;
+        for (var k = 0u; k < NW; k++) {
+            let lo = (2u * (2u - d)) * NW + k;
+            let hi = lo + NW;
+            t += dot4I8Packed(w[k] & 0x0f0f0f0fu, dg[lo / 4u][lo % 4u]);
+            t += dot4I8Packed((w[k] >> 4u) & 0x0f0f0f0fu, dg[hi / 4u][hi % 4u]);
+        }
+    }
+    return t;
+}
+
+// The step 2^-E and the sum of x of staged block `b`.
+fn digit_step_sum(b: u32) -> vec2<f32> {
+    return bitcast<vec2<f32>>(xs[b][6u * NW / 4u].xy);
+}
+//#else
 var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
+//#endif
 //#endif
 //#if SLAB_X
 // With SLAB_X (SPLIT or QUADS, not STAGE_X; `kernels::slab_x`) each slab holds the current loop trip's x, the KW pieces
@@ -261,9 +349,13 @@ fn main(
 //#endif
     load_table(lid);
 //#if STAGE_X
+//#if DIGITS
+    stage_digits(lid);
+//#else
     for (var i = lid; i < min(params.cols, XS_COLS) / 4u; i += WG) {
         xs[i / KW][i % KW] = x[i / KW][i % KW];
     }
+//#endif
 //#endif
     workgroupBarrier();
 
@@ -538,12 +630,23 @@ fn main(
                     let block = merge_block3(hi, low_next);
                     low_next = low_words3(row_tile, col4 + 32u);
 //#endif
-                    for (var j = 0u; j < 32u; j += 2u) {
 //#else
                     // The block merged with its low word: columns col4 .. col4 + 16 as 4-bit weights, two at a time.
                     let block = merge_block(hi, low_word(row_tile, col4));
-                    for (var j = 0u; j < 16u; j += 2u) {
 //#endif
+//#if DIGITS
+                    // With DIGITS, the block against its staged digits, four weights an instruction.
+                    let xi = col4 / (4u * KW);
+//#if SPLIT3
+                    let t = digit_dot(block, xi);
+//#else
+                    let t = digit_dot(vec4<u32>(block, 0u, 0u), xi);
+//#endif
+                    let step_sum = digit_step_sum(xi);
+                    qx[0] += f32(t) * step_sum.x;
+                    sx[0] += step_sum.y;
+//#else
+                    for (var j = 0u; j < 4u * KW; j += 2u) {
 //#if QUADS
                         // Four 4-bit weights at a time from the low 16 bits, as `field_f32` needs.
 //#if SPLIT3
@@ -600,6 +703,7 @@ fn main(
                         }
                     }
 //#endif
+//#endif
                     words_advance(pos);
                 }
                 if (group_step < steps) {
@@ -625,11 +729,16 @@ fn main(
                     }
 //#else
                     for (var v = 0u; v < M; v++) {
+//#if DIGITS
+                        // qx holds sum(q x) itself.
+                        acc[v] += select(0.0, s * qx[v] + b * sx[v], lane_live);
+//#else
 //#if SPLIT
                         // sum((1 + q / 16) x) = sum(x) + sum(q x) / 16 (`unit_f32`).
                         acc[v] += select(0.0, (16.0 * s) * (qx[v] - sx[v]) + b * sx[v], lane_live);
 //#else
                         acc[v] += select(0.0, s * qx[v] + b * sx[v], lane_live);
+//#endif
 //#endif
                         qx[v] = 0.0;
                         sx[v] = 0.0;

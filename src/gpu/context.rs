@@ -38,6 +38,7 @@ pub struct GpuContext {
     fused: FusedSource,
     fused_msl: bool,
     compute_units: Option<u32>,
+    integer_dot: bool,
 }
 
 struct Shared {
@@ -133,6 +134,7 @@ impl GpuContext {
             msl: MslCache::default(),
         };
         let compute_units = compute_units(&shared.device);
+        let integer_dot = integer_dot(&shared.device);
         let mut ctx = Self {
             shared: Arc::new(shared),
             lanes: LaneMode::Portable,
@@ -140,6 +142,7 @@ impl GpuContext {
             fused: FusedSource::Auto,
             fused_msl: false,
             compute_units,
+            integer_dot,
         };
         ctx.lanes = ctx.subgroup_mode().unwrap_or(LaneMode::Portable);
         // Auto and Wgsl always resolve.
@@ -187,6 +190,20 @@ impl GpuContext {
     /// (`VK_NV_shader_sm_builtins`); None elsewhere (wgpu does not report them).
     pub fn compute_units(&self) -> Option<u32> {
         self.compute_units
+    }
+
+    /// A context on the same device and caches that takes the device to run dot products of packed 8-bit integers
+    /// at full speed, or not, whatever it reported: for tests and benchmarks of the kernels that use them
+    /// ([`kernels::integer_dot`]; any device runs them correctly, a slow one through several instructions each).
+    pub fn with_integer_dot(&self, fast: bool) -> Self {
+        Self { integer_dot: fast, ..self.clone() }
+    }
+
+    /// Whether the device runs dot products of four packed signed 8-bit integers as one instruction: where its
+    /// Vulkan driver says so (`integerDotProduct4x8BitPackedSignedAccelerated`, Vulkan 1.3 or
+    /// `VK_KHR_shader_integer_dot_product`); false elsewhere (wgpu does not report it).
+    pub fn integer_dot(&self) -> bool {
+        self.integer_dot
     }
 
     /// The fused-kernel source this context was asked for.
@@ -254,7 +271,7 @@ impl GpuContext {
     pub fn describe(&self) -> String {
         let i = &self.shared.info;
         format!(
-            "{} ({:?}, {:?}, driver {} {}), subgroups {}..={}{}{}, kernels {:?}{}",
+            "{} ({:?}, {:?}, driver {} {}), subgroups {}..={}{}{}{}, kernels {:?}{}",
             i.name,
             i.backend,
             i.device_type,
@@ -264,6 +281,7 @@ impl GpuContext {
             i.subgroup_max_size,
             if self.shared.features.contains(wgpu::Features::SUBGROUP) { "" } else { " (feature absent)" },
             self.compute_units.map_or(String::new(), |n| format!(", {n} compute units")),
+            if self.integer_dot { ", 8-bit dot products" } else { "" },
             self.lanes,
             if self.fused_msl { ", fused kernel MSL" } else { "" }
         )
@@ -483,6 +501,48 @@ fn compute_units(device: &wgpu::Device) -> Option<u32> {
     }
     let _ = device;
     None
+}
+
+/// What [`GpuContext::integer_dot`] reports for `device`.
+fn integer_dot(device: &wgpu::Device) -> bool {
+    #[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    if device.adapter_info().backend == wgpu::Backend::Vulkan {
+        return vulkan_integer_dot(device);
+    }
+    let _ = device;
+    false
+}
+
+/// Whether a Vulkan driver runs packed signed 8-bit dot products as one instruction.
+#[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn vulkan_integer_dot(device: &wgpu::Device) -> bool {
+    use ash::vk;
+    // SAFETY: as in `vulkan_compute_units`: the hal device is only read, while `device` keeps it alive.
+    let Some(hal) = (unsafe { device.as_hal::<wgpu::hal::api::Vulkan>() }) else {
+        return false;
+    };
+    let shared = hal.shared_instance();
+    let instance = shared.raw_instance();
+    let physical = hal.raw_physical_device();
+    // SAFETY: `physical` is a valid handle of `instance` (both from the live hal device).
+    let api = unsafe { instance.get_physical_device_properties(physical) }.api_version;
+    if shared.instance_api_version() < vk::API_VERSION_1_1 || api < vk::API_VERSION_1_1 {
+        return false;
+    }
+    let extension = || {
+        // SAFETY: as above.
+        unsafe { instance.enumerate_device_extension_properties(physical) }.is_ok_and(|list| {
+            list.iter().any(|e| e.extension_name_as_c_str() == Ok(vk::KHR_SHADER_INTEGER_DOT_PRODUCT_NAME))
+        })
+    };
+    if api < vk::API_VERSION_1_3 && !extension() {
+        return false;
+    }
+    let mut dot = vk::PhysicalDeviceShaderIntegerDotProductProperties::default();
+    let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut dot);
+    // SAFETY: as above; the chained structure is core in Vulkan 1.3 or belongs to an extension the device supports.
+    unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
+    dot.integer_dot_product4x8_bit_packed_signed_accelerated == vk::TRUE
 }
 
 /// The SMs an NVIDIA Vulkan driver reports (`VK_NV_shader_sm_builtins`); None from other drivers.

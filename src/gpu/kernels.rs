@@ -258,9 +258,30 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let fits = |s: &Spec| workgroup_bytes(Kernel::EcGemv, s) <= limit;
     let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let spec = if fits(&staged) { staged } else { spec };
+    let spec = Spec { digits: integer_dot(&spec, ctx.integer_dot()), ..spec };
     let slabbed = Spec { slab_x: slab_x(&spec, ctx.features().contains(wgpu::Features::SUBGROUP_BARRIER)), ..spec };
     let spec = if fits(&slabbed) { slabbed } else { spec };
     (Spec { early_x: !spec.slab_x && early_x(&spec, workgroups, units), ..spec }, groups)
+}
+
+/// Fewest slabs a workgroup for which [`integer_dot`] applies.
+pub const DIGITS_MIN_SLABS: u32 = 24;
+
+/// Whether ec_gemv, specialized as `spec` otherwise, stages x as 8-bit digits and takes its products as dot products
+/// of packed 8-bit integers (`Spec::digits`): where it stages x ([`stage_x`]) in workgroups of at least
+/// [`DIGITS_MIN_SLABS`] slabs, on a device that runs those dot products as one instruction (`fast`,
+/// [`GpuContext::integer_dot`]). Each product then takes four weights an instruction, where otherwise each weight
+/// takes a shift, a bit operation, a multiply-add and an add, against x rounded to 23 significant bits at the largest
+/// magnitude of each loop trip's columns (ec_gemv.wgsl, `stage_digits`); the workgroup pays for turning x into digits
+/// before its first product.
+///
+/// Measured on an H200 (132 SMs) at one vector, split streams of one coded bit, against the same kernel with x staged
+/// as f32 (an `--experiments` copy of it in the same process), us: 14336x4096 (28 slabs a workgroup) 35.8 -> 31.9;
+/// with fewer slabs, where each warp's chain of steps waits more and the staging delays every one of them, 14336x2048
+/// (14) 25.9 -> 24.9, 8192x4096 (16) 27.0 -> 27.4, 4096x4096 (8) 22.4 -> 23.4 and at 256-column segments (16) 16.4 ->
+/// 16.9, 2048x4096 (8) 21.7 -> 22.8 (BENCHMARKS.md, "x as 8-bit digits").
+pub fn integer_dot(spec: &Spec, fast: bool) -> bool {
+    fast && spec.stage_x && spec.slabs() >= DIGITS_MIN_SLABS
 }
 
 /// Whether ec_gemv, specialized as `spec` otherwise, has each slab hold its loop trip's x in workgroup memory

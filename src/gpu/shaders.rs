@@ -146,11 +146,14 @@ pub struct Spec {
     /// trip's x in workgroup memory, loaded a trip ahead (`SLAB_X`; see [`super::kernels::slab_x`]); false for every
     /// other kernel.
     pub slab_x: bool,
+    /// ec_gemv only, with `stage_x`: x is staged as 8-bit digits and the products are integer dot products of four
+    /// weights an instruction (`DIGITS`; see [`super::kernels::integer_dot`]); false for every other kernel.
+    pub digits: bool,
 }
 
 impl Spec {
     /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
-    /// `early_x`, `tile_pairs`, `spread`, `slab_x`) off.
+    /// `early_x`, `tile_pairs`, `spread`, `slab_x`, `digits`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
         Self {
             lanes,
@@ -166,6 +169,7 @@ impl Spec {
             tile_pairs: false,
             spread: false,
             slab_x: false,
+            digits: false,
         }
     }
 
@@ -276,6 +280,9 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::EcGemv && spec.slab_x {
         flags.push("SLAB_X");
     }
+    if kernel == Kernel::EcGemv && spec.digits {
+        flags.push("DIGITS");
+    }
     flags
 }
 
@@ -302,8 +309,9 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 /// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
-        decode_workgroup, early_x_kind, row_workgroup, tile_pair_vectors, MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS,
-        SCALE_ROWS_WORKGROUP, SPLIT_WIDE_TILES, SPREAD_VECTORS, STAGE_X_MIN_SLABS, TILE_WORKGROUP,
+        decode_workgroup, early_x_kind, row_workgroup, tile_pair_vectors, DIGITS_MIN_SLABS, MAX_GEMV_SLABS,
+        MAX_VECTORS_PER_PASS, SCALE_ROWS_WORKGROUP, SPLIT_WIDE_TILES, SPREAD_VECTORS, STAGE_X_MIN_SLABS,
+        TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -340,10 +348,13 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                             }
                         };
                         push(base);
-                        // One vector of a split stream held in workgroup memory (`stage_x`); a trip's x loaded
-                        // before its steps (`early_x`).
+                        // One vector of a split stream held in workgroup memory (`stage_x`), as f32 or as digits
+                        // (`digits`); a trip's x loaded before its steps (`early_x`).
                         if split && m == 1 && slabs >= STAGE_X_MIN_SLABS {
                             push(Spec { stage_x: true, ..base });
+                            if slabs >= DIGITS_MIN_SLABS {
+                                push(Spec { stage_x: true, digits: true, ..base });
+                            }
                         }
                         if !grouped && early_x_kind(split, bits, m, slabs) {
                             push(Spec { early_x: true, ..base });
@@ -357,6 +368,9 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                             push(Spec { spread: true, ..base });
                             if split && m == 1 && slabs >= STAGE_X_MIN_SLABS {
                                 push(Spec { spread: true, stage_x: true, ..base });
+                                if slabs >= DIGITS_MIN_SLABS {
+                                    push(Spec { spread: true, stage_x: true, digits: true, ..base });
+                                }
                             }
                         }
                     }
@@ -597,6 +611,35 @@ mod tests {
         assert_eq!(bytes(&staged), bytes(&one) + 4 * STAGED_X_COLS as u64);
         let odd = |s: &Spec| !s.split || s.m != 1 || s.grouped || s.early_x || s.slabs() < STAGE_X_MIN_SLABS;
         assert!(!listed.iter().any(|(_, s)| s.stage_x && odd(s)));
+    }
+
+    /// x is staged as 8-bit digits only where it is staged, in workgroups of at least `DIGITS_MIN_SLABS` slabs, on a
+    /// device with fast 8-bit dot products; every such specialization is listed, and no other; the digits take the
+    /// same workgroup memory as x staged as f32.
+    #[test]
+    fn digits_only_where_x_is_staged_in_wide_workgroups_on_fast_devices() {
+        use super::super::kernels::{integer_dot, DIGITS_MIN_SLABS};
+        assert_eq!(DIGITS_MIN_SLABS, 24);
+        let one = Spec { split: true, stage_x: true, ..Spec::new(LaneMode::SubgroupWide, 1, 11, 1, 32 * 28) };
+        assert!(integer_dot(&one, true));
+        assert!(!integer_dot(&one, false));
+        assert!(!integer_dot(&Spec { stage_x: false, ..one }, true));
+        for slabs in 1..=32 {
+            let spec = Spec { workgroup: 32 * slabs, ..one };
+            assert_eq!(integer_dot(&spec, true), slabs >= 24, "{slabs} slabs");
+        }
+        let listed = specializations();
+        for (bits, lanes) in
+            [1, 2].into_iter().flat_map(|b| [LaneMode::Portable, LaneMode::SubgroupNarrow].map(|l| (b, l)))
+        {
+            for spread in [false, true] {
+                let spec = Spec { bits, lanes, spread, digits: true, workgroup: 32 * 24, ..one };
+                assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
+            }
+        }
+        assert!(!listed.iter().any(|(_, s)| s.digits && (!s.stage_x || s.slabs() < DIGITS_MIN_SLABS)));
+        let bytes = |spec: &Spec| declared_workgroup_bytes(&source(Kernel::EcGemv, spec)).unwrap();
+        assert_eq!(bytes(&Spec { digits: true, ..one }), bytes(&one));
     }
 
     /// A trip's x is loaded before its steps only for 4-bit streams that are not split at 4 vectors a workgroup,
