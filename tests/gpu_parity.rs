@@ -124,6 +124,7 @@ per_path!(
     fused_vectors_shared_out_over_workgroups,
     fused_split_vector_staged_in_workgroup_memory,
     fused_split_vector_as_digits,
+    fused_split_blocks_as_digits,
     fused_trip_x_loaded_before_its_steps,
     fused_row_tiles_in_pairs,
     fused_tasks_dealt_out_in_runs,
@@ -812,22 +813,7 @@ fn fused_split_vector_as_digits(ctx: &GpuContext) {
     let fast = ctx.with_compute_units(Some(1024)).with_integer_dot(true);
     let slow = fast.with_integer_dot(false);
     let q = random_matrix(67, 4000, 4, 32, 1500);
-    let wide: Vec<f32> = random_vectors(4000, 1501)
-        .iter()
-        .enumerate()
-        .map(|(c, &v)| {
-            let block = c / 32;
-            match block % 7 {
-                0 => 0.0,
-                1 => v * 1e-38,
-                2 if c % 32 == 5 => 1e30,
-                2 => v * 1e-3,
-                3 => v * 10f32.powi(block as i32 % 61 - 30),
-                4 => -v.abs() * 7e4,
-                _ => v,
-            }
-        })
-        .collect();
+    let wide = wide_range_vectors(4000, 1501);
     for form in [SplitForm::Low2, SplitForm::Low3] {
         let t = encode_as(&q, 160, Some(form));
         let stream = GpuStream::upload(&fast, &t).unwrap();
@@ -847,6 +833,84 @@ fn fused_split_vector_as_digits(ctx: &GpuContext) {
             let mut y = vec![0.0; q.rows];
             mm.matvec(&x, &mut y).unwrap();
             assert!(y.iter().all(|v| !v.is_finite()), "{what}, x holding {bad}: {y:?}");
+        }
+    }
+}
+
+/// `len` values whose 32-column blocks run from 1e-38 to 1e30 in magnitude: zero blocks, subnormal values, lone
+/// outliers among small values, mixed signs.
+fn wide_range_vectors(len: usize, seed: u64) -> Vec<f32> {
+    random_vectors(len, seed)
+        .iter()
+        .enumerate()
+        .map(|(c, &v)| {
+            let block = c / 32;
+            match block % 7 {
+                0 => 0.0,
+                1 => v * 1e-38,
+                2 if c % 32 == 5 => 1e30,
+                2 => v * 1e-3,
+                3 => v * 10f32.powi(block as i32 % 61 - 30),
+                4 => -v.abs() * 7e4,
+                _ => v,
+            }
+        })
+        .collect()
+}
+
+/// With the device taken to have fast 8-bit dot products and a few compute units, fused products by split streams deal
+/// the row tiles' segments out in blocks, each workgroup staging its part of the row as digits for every vector
+/// (`kernels::task_blocks`): 2 to 4 vectors on 390 rows (13 row tiles, the last partial) by 1952 columns (8 segments,
+/// the last 160 wide) in 4 workgroups of 7 row tiles by 4 segments, and one vector on 200 rows by 4160 columns (17
+/// segments, the last 64 wide) in 6 workgroups of 3 row tiles by 9 segments; so each row tile's two halves meet in the
+/// seam words, and the last block has fewer row tiles and its second part fewer segments. In both split forms, with
+/// the outputs poisoned first, the products come within tolerance of the float64 reference for uniform x and for x of
+/// wide range in every vector; a second product of the same x equals the first bit for bit (the seams are left empty);
+/// an infinity or a NaN in the first vector makes every row of its product non-finite and leaves the others' finite.
+/// Without the fast dot products, or with no count of compute units, the products take no blocks.
+fn fused_split_blocks_as_digits(ctx: &GpuContext) {
+    for (rows, cols, units, ms, shape) in [(390, 1952, 4, 2..=4, (2, 4, 7)), (200, 4160, 6, 1..=1, (2, 9, 3))] {
+        let fast = ctx.with_compute_units(Some(units)).with_integer_dot(true);
+        let q = random_matrix(rows, cols, 4, 32, 1800 + rows as u64);
+        for form in [SplitForm::Low2, SplitForm::Low3] {
+            let t = encode_as(&q, 256, Some(form));
+            let stream = GpuStream::upload(&fast, &t).unwrap();
+            let mm = EcMatmul::new(&fast, &t, Strategy::Fused).unwrap();
+            for m in ms.clone() {
+                let what = format!("{rows}x{cols} split {form:?} {:?} m={m} in blocks", ctx.lane_mode());
+                let (spec, groups) = kernels::ec_gemv_spec(&fast, &stream, m);
+                let (parts, per, tiles) = shape;
+                if ctx.limits().max_compute_invocations_per_workgroup >= 32 * (per * tiles) as u32 {
+                    let b = kernels::task_blocks(t.layout(), m, true, true, Some(units), u32::MAX).unwrap();
+                    assert_eq!((b.parts, b.per, b.tiles, groups), (parts, per, tiles, 1), "{what}");
+                    assert!(spec.digits && spec.block_cols == b.cols && spec.slabs() as usize == per * tiles, "{what}");
+                }
+                for slow in [fast.with_integer_dot(false), fast.with_compute_units(None)] {
+                    assert_eq!(kernels::ec_gemv_spec(&slow, &stream, m).0.block_cols, 0, "{what}");
+                }
+                let uniform = random_vectors(m * cols, 1801);
+                let wide: Vec<f32> = (0..m).flat_map(|v| wide_range_vectors(cols, 1802 + v as u64)).collect();
+                for (kind, x) in [("uniform x", &uniform), ("x of wide range", &wide)] {
+                    let (want, mag) = reference(&q, x, m);
+                    let mut ys = Vec::new();
+                    for _ in 0..2 {
+                        let mut y = vec![f32::NAN; m * rows];
+                        mm.matmul(x, m, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        assert_close(&format!("{what}, {kind}"), &y, &want, &mag, GEMV_REL_TOL);
+                        ys.push(y);
+                    }
+                    let first = ys[0].iter().zip(&ys[1]).position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(first.is_none(), "{what}, {kind}: element {first:?} differs between two products");
+                }
+                for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+                    let mut x = uniform.clone();
+                    x[cols - 7] = bad;
+                    let mut y = vec![0.0; m * rows];
+                    mm.matmul(&x, m, &mut y).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert!(y[..rows].iter().all(|v| !v.is_finite()), "{what}, x holding {bad}: {y:?}");
+                    assert!(y[rows..].iter().all(|v| v.is_finite()), "{what}, x holding {bad}: {y:?}");
+                }
+            }
         }
     }
 }

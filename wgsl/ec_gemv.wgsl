@@ -6,8 +6,10 @@
 // (4-bit steps with QUADS, or a split stream; not GROUPED; below); TILE_PAIRS where each workgroup takes two row
 // tiles at a time (below); SPREAD where a product of up to 4 vectors deals its (row tile, segment) tasks out over the
 // workgroups in runs of SLABS (below); SLAB_X where each slab holds a loop trip's x in workgroup memory, loaded a
-// trip ahead (with SPLIT or QUADS; below); DIGITS, with STAGE_X, where x is staged as 8-bit digits for integer dot
-// products (below).
+// trip ahead (with SPLIT or QUADS; below); DIGITS, with STAGE_X or BLOCKS, where x is staged as 8-bit digits for
+// integer dot products (below); BLOCKS, with DIGITS and XS_COLS, where a split stream's product of up to 4 vectors deals
+// out blocks of row tiles by segments, each workgroup staging its segments' columns of x (below); SEAMS with SPREAD or
+// BLOCKS, where a row tile may lie across two workgroups.
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -71,40 +73,66 @@ fn x_piece(k: u32) -> vec4<f32> {
 // warps wait on each x load (L1 or L2) after a block's four steps, and workgroup memory answers sooner
 // (`kernels::stage_x`).
 //#if DIGITS
-// With DIGITS as well (`kernels::integer_dot`) each block of 4 KW columns (a loop trip's) is held as integers, so that
-// the products take four weights an instruction (`dot4I8Packed`): the block's values times 2^E rounded, where 2^E puts
-// its largest magnitude in [2^21, 2^22), each X = d0 + 2^8 d1 + 2^16 d2 with signed 8-bit digits (d0, d1 in -128..127,
-// d2 in -64..64); then sum(q X) over the block is exact in 32 bits (|sum| <= 32 15 2^22 < 2^31), and 2^-E sum(q X) is
-// sum(q x) with each x rounded to 23 significant bits at the block's largest. A block's digits are 6 NW words (NW words
-// of 8 columns each): word (2 d + h) NW + k holds digit d of columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h
-// (byte by byte), the columns that the low (h = 0) or high (h = 1) nibbles of packed word k hold at bytes 0 to 3; then
-// 2^-E and the block's sum(x) as f32 bits. Blocks of 32 columns (SPLIT3) take 7 of their 8 vec4s, of 16 all 4.
+//#else
+var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
+//#endif
+//#endif
+//#if DIGITS
+// With DIGITS (`kernels::integer_dot`, with STAGE_X or BLOCKS) each vector's staged columns, XS_COLS from column
+// `xs_col0` on, are held as integers a block of 4 KW columns (a loop trip's) at a time, so that the products take four
+// weights an instruction (`dot4I8Packed`): the block's values times 2^E rounded, where 2^E puts its largest magnitude
+// in [2^21, 2^22), each X = d0 + 2^8 d1 + 2^16 d2 with signed 8-bit digits (d0, d1 in -128..127, d2 in -64..64); then
+// sum(q X) over the block is exact in 32 bits (|sum| <= 32 15 2^22 < 2^31), and 2^-E sum(q X) is sum(q x) with each x
+// rounded to 23 significant bits at the block's largest. A block's digits are 6 NW words (NW words of 8 columns each):
+// word (2 d + h) NW + k holds digit d of columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h (byte by byte), the
+// columns that the low (h = 0) or high (h = 1) nibbles of packed word k hold at bytes 0 to 3; then 2^-E and the
+// block's sum(x) as f32 bits. Blocks of 32 columns (SPLIT3) take 7 of their 8 vec4s, of 16 all 4. Vector v's blocks
+// are v XS_BLOCKS onwards.
 const NW: u32 = KW / 2u;
-var<workgroup> xs: array<array<vec4<u32>, KW>, XS_COLS / (4u * KW)>;
+const XS_BLOCKS: u32 = XS_COLS / (4u * KW);
+var<workgroup> xs: array<array<vec4<u32>, KW>, M * XS_BLOCKS>;
+// The first staged column.
+var<private> xs_col0: u32;
 
-// Stages x as above: a lane for each pair (k, h) of a block, which reads the block's values (as do the other 2 NW - 1
-// lanes of the block, from the same 16-byte pieces) and writes its three words, and the lane of (0, 0) the step and
-// the sum. The scale's exponent is clamped so that 2^E and 2^-E are normal floats: a block whose largest magnitude is
-// below 2^-105 keeps fewer bits (its products are below f32's smallest normal anyway), and one holding an infinity or a
-// NaN gets digits of no meaning but a sum that is not finite, which every row's product takes.
-fn stage_digits(lid: u32) {
-    let tasks = min(params.cols, XS_COLS) / (4u * KW) * (2u * NW);
-    for (var task = lid; task < tasks; task += WG) {
-        let b = task / (2u * NW);
+// Stages x as above, columns `col0` .. col0 + XS_COLS of each vector (those below cols): a lane for each pair (k, h)
+// of a block, which writes its three words, and the lane of (0, 0) the step and the sum. Where subgroups are 32 lanes
+// or more the block's 2 NW lanes (side by side in one) find its largest magnitude and its sum together through
+// shuffles, from their own columns; otherwise each reads the whole block. The scale's exponent is clamped so that 2^E and 2^-E are
+// normal floats: a block whose largest magnitude is below 2^-105 keeps fewer bits (its products are below f32's
+// smallest normal anyway), and one holding an infinity or a NaN gets digits of no meaning but a sum that is not finite,
+// which every row's product takes. `lin` is the lane's index in the workgroup (subgroup by subgroup). Call from uniform
+// control flow.
+fn stage_digits(lin: u32, col0: u32) {
+    let blocks = min(XS_BLOCKS, (params.cols - col0) / (4u * KW));
+    let tasks = M * blocks * (2u * NW);
+    // Whole rounds of the workgroup, so that every lane of a subgroup takes part in its shuffles.
+    for (var base = 0u; base < tasks; base += WG) {
+        let task = min(base + lin, tasks - 1u);
+        let v = task / (2u * NW) / blocks;
+        let j = task / (2u * NW) % blocks;
+        let b = x_block(v, col0 + j * 4u * KW);
         let k = task % (2u * NW) / 2u;
         let h = task % 2u;
-        var big = 0.0;
-        var sum = 0.0;
-        for (var p = 0u; p < KW; p++) {
-            let v = x[b][p];
-            big = max(big, max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w))));
-            sum += (v.x + v.y) + (v.z + v.w);
-        }
         // Columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h: components h and 2 + h of pieces 2 k and 2 k + 1.
         let lo = x[b][2u * k];
         let hi = x[b][2u * k + 1u];
         let own = select(vec4<f32>(lo.x, lo.z, hi.x, hi.z), vec4<f32>(lo.y, lo.w, hi.y, hi.w), h == 1u);
-        let e = clamp((bitcast<u32>(big) >> 23u) & 0xffu, 22u, 255u);
+//#if SUBGROUP
+//#if NARROW
+        let big_sum = block_big_sum(b);
+//#else
+        var big = max(max(abs(own.x), abs(own.y)), max(abs(own.z), abs(own.w)));
+        var sum = (own.x + own.y) + (own.z + own.w);
+        for (var o = 1u; o < 2u * NW; o <<= 1u) {
+            big = max(big, subgroupShuffleXor(big, o));
+            sum += subgroupShuffleXor(sum, o);
+        }
+        let big_sum = vec2<f32>(big, sum);
+//#endif
+//#else
+        let big_sum = block_big_sum(b);
+//#endif
+        let e = clamp((bitcast<u32>(big_sum.x) >> 23u) & 0xffu, 22u, 255u);
         // 2^(148 - e): for |x| < 2^(e - 126), |x 2^(148 - e)| < 2^22.
         let q = bitcast<vec4<u32>>(vec4<i32>(round(own * bitcast<f32>((275u - e) << 23u))));
         // The low bytes of X, floor((X + 2^7) / 2^8) and floor((X + 2^7 + 2^15) / 2^16): the digits' bytes, one
@@ -118,17 +146,32 @@ fn stage_digits(lid: u32) {
             (d1.x | d1.y) | (d1.z | d1.w),
             (d2.x | d2.y) | (d2.z | d2.w),
         );
-        for (var d = 0u; d < 3u; d++) {
-            let i = (2u * d + h) * NW + k;
-            xs[b][i / 4u][i % 4u] = w[d];
-        }
-        if (task % (2u * NW) == 0u) {
-            let i = 6u * NW;
-            // 2^(e - 148).
-            xs[b][i / 4u][i % 4u] = (e - 21u) << 23u;
-            xs[b][(i + 1u) / 4u][(i + 1u) % 4u] = bitcast<u32>(sum);
+        let xb = v * XS_BLOCKS + j;
+        if (base + lin < tasks) {
+            for (var d = 0u; d < 3u; d++) {
+                let i = (2u * d + h) * NW + k;
+                xs[xb][i / 4u][i % 4u] = w[d];
+            }
+            if (task % (2u * NW) == 0u) {
+                let i = 6u * NW;
+                // 2^(e - 148).
+                xs[xb][i / 4u][i % 4u] = (e - 21u) << 23u;
+                xs[xb][(i + 1u) / 4u][(i + 1u) % 4u] = bitcast<u32>(big_sum.y);
+            }
         }
     }
+}
+
+// The largest magnitude and the sum of block `b` of x, read whole.
+fn block_big_sum(b: u32) -> vec2<f32> {
+    var big = 0.0;
+    var sum = 0.0;
+    for (var p = 0u; p < KW; p++) {
+        let v = x[b][p];
+        big = max(big, max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w))));
+        sum += (v.x + v.y) + (v.z + v.w);
+    }
+    return vec2<f32>(big, sum);
 }
 
 // sum(q X) over staged block `b` for its NW packed words of 4-bit weights `w` (word k columns 8 k .. 8 k + 8): each
@@ -155,9 +198,6 @@ fn digit_dot(w: vec4<u32>, b: u32) -> i32 {
 fn digit_step_sum(b: u32) -> vec2<f32> {
     return bitcast<vec2<f32>>(xs[b][6u * NW / 4u].xy);
 }
-//#else
-var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
-//#endif
 //#endif
 //#if SLAB_X
 // With SLAB_X (SPLIT or QUADS, not STAGE_X; `kernels::slab_x`) each slab holds the current loop trip's x, the KW pieces
@@ -217,7 +257,7 @@ fn slab_x_store() -> u32 {
 // One partial sum per lane of the workgroup, reused for each vector.
 var<workgroup> partial: array<f32, WG>;
 
-//#if SPREAD
+//#if SEAMS
 // With SPREAD (up to 4 vectors, `kernels::spread_slabs`) workgroup w takes tasks w SLABS .. w SLABS + SLABS of the row
 // tiles' segments, in order (task = row tile * segments + segment), so each workgroup holds about as many slabs as the
 // device has for it and a row tile may lie across two workgroups (SLABS is at least the segments of a row). Each
@@ -225,7 +265,7 @@ var<workgroup> partial: array<f32, WG>;
 // it shares meet in `seams`, one u32 per row of the row tile and vector (vector-major), which holds SEAM_EMPTY between
 // products (the host fills it so, and the second part leaves it so). Only atomic operations on that one word pass the
 // first part's sum to the second, so no ordering between workgroups is needed; a + b = b + a, so y does not depend on
-// which part comes first.
+// which part comes first. BLOCKS (below) shares row tiles between the two workgroups of a row's two parts the same way.
 @group(0) @binding(8) var<storage, read_write> seams: array<atomic<u32>>;
 
 const SEAM_EMPTY: u32 = 0xffffffffu;
@@ -347,11 +387,26 @@ fn main(
 //#else
     lanes_init(lid);
 //#endif
+//#if BLOCKS
+    // With BLOCKS (a split stream's product of up to 4 vectors, `kernels::task_blocks`) the row tiles' segments are
+    // dealt out in blocks of SLABS / per row tiles by `per` segments, a slab each, in `parts` parts of the row: all of it
+    // where every segment's columns fit in XS_COLS, else two halves. Workgroup w takes part w % parts of row tiles
+    // (w / parts) SLABS / per onwards, and stages that part's columns of every vector as digits, so each slab reads
+    // its trip's x from workgroup memory; a row tile's two parts meet in the seam words. Against SPREAD, which needs
+    // every column of x in each workgroup, this stages a quarter to a half of it where four vectors' digits of
+    // whole rows would not fit.
+    let parts = select(2u, 1u, params.segments * params.segment <= XS_COLS);
+    let per = (params.segments + parts - 1u) / parts;
+    let part = wid.x % parts;
+    let block_seg = part * per + lane_slab % per;
+    let block_tile = wid.x / parts * (SLABS / per) + lane_slab / per;
+    xs_col0 = part * per * params.segment;
+//#endif
     load_table(lid);
-//#if STAGE_X
 //#if DIGITS
-    stage_digits(lid);
+    stage_digits(lane_slab * 32u + lane_row, xs_col0);
 //#else
+//#if STAGE_X
     for (var i = lid; i < min(params.cols, XS_COLS) / 4u; i += WG) {
         xs[i / KW][i % KW] = x[i / KW][i % KW];
     }
@@ -380,7 +435,11 @@ fn main(
     let rounds = 1u;
     let tasks = params.row_tiles * params.segments;
 //#else
+//#if BLOCKS
+    let rounds = 1u;
+//#else
     let rounds = (params.segments + SLABS - 1u) / SLABS;
+//#endif
 //#endif
 //#endif
 //#if GROUPED
@@ -406,8 +465,16 @@ fn main(
         let row_tile = task / params.segments;
         let row = row_tile * 32u + lane_row;
 //#else
+//#if BLOCKS
+    // One block a workgroup: the host's grid covers them all. Past the last row tile no row is active, and the reads
+    // stay in the last.
+    {
+        let row_tile = min(block_tile, params.row_tiles - 1u);
+        let row = block_tile * 32u + lane_row;
+//#else
     for (var row_tile = wid.x; row_tile < params.row_tiles; row_tile += nwg.x) {
         let row = row_tile * 32u + lane_row;
+//#endif
 //#endif
 //#endif
 //#if SPREAD
@@ -426,7 +493,11 @@ fn main(
 //#if SPREAD
             let seg = task % params.segments;
 //#else
+//#if BLOCKS
+            let seg = block_seg;
+//#else
             let seg = round * SLABS + lane_slab;
+//#endif
 //#endif
 //#endif
             let valid = seg < params.segments;
@@ -635,16 +706,18 @@ fn main(
                     let block = merge_block(hi, low_word(row_tile, col4));
 //#endif
 //#if DIGITS
-                    // With DIGITS, the block against its staged digits, four weights an instruction.
-                    let xi = col4 / (4u * KW);
+                    // With DIGITS, the block against each vector's staged digits, four weights an instruction.
+                    let xi = (col4 - xs_col0) / (4u * KW);
+                    for (var v = 0u; v < M; v++) {
 //#if SPLIT3
-                    let t = digit_dot(block, xi);
+                        let t = digit_dot(block, v * XS_BLOCKS + xi);
 //#else
-                    let t = digit_dot(vec4<u32>(block, 0u, 0u), xi);
+                        let t = digit_dot(vec4<u32>(block, 0u, 0u), v * XS_BLOCKS + xi);
 //#endif
-                    let step_sum = digit_step_sum(xi);
-                    qx[0] += f32(t) * step_sum.x;
-                    sx[0] += step_sum.y;
+                        let step_sum = digit_step_sum(v * XS_BLOCKS + xi);
+                        qx[v] += f32(t) * step_sum.x;
+                        sx[v] += step_sum.y;
+                    }
 //#else
                     for (var j = 0u; j < 4u * KW; j += 2u) {
 //#if QUADS
@@ -753,15 +826,21 @@ fn main(
                 }
             }
         }
-//#if SPREAD
+//#if SEAMS
         // The slabs of each row tile in this workgroup added by the first of them, one vector at a time; the row
         // tile's sum goes to y, or, where the row tile lies across two workgroups, through its seam.
+//#if BLOCKS
+        let lead = lane_slab % per == 0u;
+        let n = min(per, params.segments - block_seg);
+//#else
         let seg0 = task % params.segments;
+        let lead = lane_slab == 0u || seg0 == 0u;
+        let n = min(params.segments - seg0, SLABS - lane_slab);
+//#endif
         for (var v = 0u; v < M; v++) {
             partial[lane_slab * 32u + lane_row] = acc[v];
             workgroupBarrier();
-            if ((lane_slab == 0u || seg0 == 0u) && row_active) {
-                let n = min(params.segments - seg0, SLABS - lane_slab);
+            if (lead && row_active) {
                 var sum = 0.0;
                 for (var s = 0u; s < n; s++) {
                     sum += partial[(lane_slab + s) * 32u + lane_row];

@@ -259,9 +259,100 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let spec = if fits(&staged) { staged } else { spec };
     let spec = Spec { digits: integer_dot(&spec, ctx.integer_dot()), ..spec };
+    if !spec.stage_x && groups == 1 {
+        let blocks = task_blocks(&l, m, stream.split(), ctx.integer_dot(), units, max_invocations);
+        if let Some(b) = blocks {
+            let blocked = Spec {
+                workgroup: 32 * (b.tiles * b.per) as u32,
+                tile_pairs: false,
+                spread: false,
+                digits: true,
+                block_cols: b.cols,
+                ..spec
+            };
+            if fits(&blocked) {
+                return (blocked, groups);
+            }
+        }
+    }
     let slabbed = Spec { slab_x: slab_x(&spec, ctx.features().contains(wgpu::Features::SUBGROUP_BARRIER)), ..spec };
     let spec = if fits(&slabbed) { slabbed } else { spec };
     (Spec { early_x: !spec.slab_x && early_x(&spec, workgroups, units), ..spec }, groups)
+}
+
+/// Columns of each vector that ec_gemv's blocks ([`task_blocks`]) may stage: a part's columns rounded up to one of
+/// these (a specialization each).
+pub const BLOCK_COLS: [u32; 4] = [1024, 2048, 4096, 8192];
+
+/// Most columns of all the vectors together that [`task_blocks`] stages: 32 KiB of digits.
+pub const BLOCK_X_COLS: u32 = 8192;
+
+/// The blocks of [`task_blocks`], a slab each of their row tiles' segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskBlocks {
+    /// Columns of each vector staged (`Spec::block_cols`).
+    pub cols: u32,
+    /// Parts of a row: 1 or 2.
+    pub parts: usize,
+    /// Segments a part (the last part may have fewer).
+    pub per: usize,
+    /// Row tiles a block.
+    pub tiles: usize,
+}
+
+/// The parts of a row of `segments` segments of `segment` columns, and the segments a part, where each part's columns
+/// must fit in `cols`, as ec_gemv.wgsl reckons them under BLOCKS: one part where the whole row fits, else two
+/// (the first the larger); None where half a row does not fit either.
+pub fn block_parts(segments: usize, segment: usize, cols: u32) -> Option<(usize, usize)> {
+    let parts = if segments * segment <= cols as usize { 1 } else { 2 };
+    let per = segments.div_ceil(parts);
+    (per * segment <= cols as usize).then_some((parts, per))
+}
+
+/// How ec_gemv deals out the tasks (a row tile's segment each) of a product of `m` vectors of a stream of layout
+/// `l` (`split` or not) in blocks (`Spec::block_cols`), on a device of `compute_units` that allows `max_invocations` a
+/// workgroup and runs 8-bit dot products as one instruction (`fast`): blocks of row tiles by the segments of a part of
+/// the row ([`block_parts`]), one workgroup a block, each staging its part's columns of every vector as 8-bit digits
+/// (as [`integer_dot`] does for a whole vector); the two parts of a row tile meet in the seam words. Of the column
+/// counts in [`BLOCK_COLS`] whose digits for `m` vectors stay within [`BLOCK_X_COLS`], the one whose blocks take the
+/// fewest slabs, the row tiles a block chosen so that the workgroups fit on the compute units, one each; none
+/// below [`DIGITS_MIN_SLABS`] slabs a workgroup or above a workgroup's most. Only for split streams, up to
+/// [`SPREAD_VECTORS`] vectors, where the device says how many compute units it has.
+///
+/// Where x is read a loop trip at a time (`slab_x`), the digits did not pay: each slab turning its trip's x into digits
+/// cost more than the dot products saved (BENCHMARKS.md, "x as 8-bit digits"); a whole vector staged as digits fits
+/// only where a row has at most 4096 columns (`stage_x`), and four vectors' digits of 4096 columns are past an NVIDIA
+/// workgroup's 48 KiB. Measured on an H200 (132 SMs, split streams of one coded bit, `--experiments` copies, two
+/// processes; BENCHMARKS.md, "Blocks of row tiles by segments"), us against the crate's kernel at M = 1 / 2 / 3 / 4:
+/// 14336x4096 in 128 blocks of 7 row tiles by 4 segments (2048 columns staged) 33.0 / 34.8 / 39.3 / 47.6 against 31.3 /
+/// 44.5 / 49.4 / 51.4 (one vector keeps the whole vector staged); in 112 blocks of 4 by 8 (one part, 4096 columns)
+/// 32.0 / 37.6 at M = 1 / 2; in 112 blocks of 8 by 4 35.0 / 38.0 / 45.2 / 53.0. 4096x14336 at M = 1 in 128 blocks of 2
+/// row tiles by 14 segments (7168 columns) 31.2 against 35.9 (dense f16 33.7).
+pub fn task_blocks(
+    l: &TileLayout,
+    m: usize,
+    split: bool,
+    fast: bool,
+    compute_units: Option<u32>,
+    max_invocations: u32,
+) -> Option<TaskBlocks> {
+    let units = (compute_units? as usize).max(1);
+    if !(split && fast && (1..=SPREAD_VECTORS).contains(&m)) || l.row_tiles() == 0 {
+        return None;
+    }
+    let most = (max_invocations / 32).min(MAX_GEMV_SLABS as u32) as usize;
+    BLOCK_COLS
+        .iter()
+        .filter(|&&cols| m as u32 * cols <= BLOCK_X_COLS)
+        .filter_map(|&cols| {
+            let (parts, per) = block_parts(l.segments(), l.segment(), cols)?;
+            let tiles = (l.row_tiles() * parts).div_ceil(units);
+            let slabs = tiles * per;
+            let workgroups = l.row_tiles().div_ceil(tiles) * parts;
+            let fits = (DIGITS_MIN_SLABS as usize..=most).contains(&slabs) && workgroups <= units;
+            fits.then_some(TaskBlocks { cols, parts, per, tiles })
+        })
+        .min_by_key(|b| b.tiles * b.per)
 }
 
 /// Fewest slabs a workgroup for which [`integer_dot`] applies.
@@ -422,7 +513,8 @@ pub fn workgroup_bytes(kernel: Kernel, spec: &Spec) -> u64 {
         Kernel::RansDecode if spec.split => split_stage_bytes(spec, split_stage(spec)),
         Kernel::RansDecode => table + lanes,
         Kernel::EcGemv => {
-            let staged = if spec.stage_x { 4 * STAGED_X_COLS as u64 } else { 0 };
+            let staged =
+                if spec.stage_x { 4 * STAGED_X_COLS as u64 } else { 4 * spec.m as u64 * spec.block_cols as u64 };
             table + lanes + 4 * wg + staged + if spec.slab_x { slab_x_bytes(spec) } else { 0 }
         }
         Kernel::GemvF32 => 4 * wg,
@@ -969,7 +1061,11 @@ pub fn ec_gemv(
 /// Workgroups in one row of an ec_gemv grid under `spec` for a stream of layout `l`: one a row tile, or a pair, or
 /// with `spread` one a run of `spec.slabs()` tasks.
 pub fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
-    if spec.spread {
+    if spec.block_cols > 0 {
+        let (parts, per) = block_parts(l.segments(), l.segment(), spec.block_cols).unwrap_or((1, l.segments()));
+        let tiles = (spec.slabs() as usize / per.max(1)).max(1);
+        l.row_tiles().div_ceil(tiles) * parts
+    } else if spec.spread {
         (l.row_tiles() * l.segments()).div_ceil(spec.slabs() as usize)
     } else if spec.tile_pairs {
         l.row_tiles().div_ceil(2)

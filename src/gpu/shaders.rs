@@ -146,14 +146,20 @@ pub struct Spec {
     /// trip's x in workgroup memory, loaded a trip ahead (`SLAB_X`; see [`super::kernels::slab_x`]); false for every
     /// other kernel.
     pub slab_x: bool,
-    /// ec_gemv only, with `stage_x`: x is staged as 8-bit digits and the products are integer dot products of four
-    /// weights an instruction (`DIGITS`; see [`super::kernels::integer_dot`]); false for every other kernel.
+    /// ec_gemv only, with `stage_x` or `block_cols`: x is staged as 8-bit digits and the products are integer dot
+    /// products of four weights an instruction (`DIGITS`; see [`super::kernels::integer_dot`]); false for every other
+    /// kernel.
     pub digits: bool,
+    /// ec_gemv only, with `split` and `digits`, `m` up to [`super::kernels::SPREAD_VECTORS`], not `grouped`: the row
+    /// tiles' segments are dealt out in blocks, each workgroup staging this many columns of every vector as digits
+    /// (one of [`super::kernels::BLOCK_COLS`]; `BLOCKS`, see [`super::kernels::task_blocks`]); 0 otherwise and for
+    /// every other kernel.
+    pub block_cols: u32,
 }
 
 impl Spec {
     /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
-    /// `early_x`, `tile_pairs`, `spread`, `slab_x`, `digits`) off.
+    /// `early_x`, `tile_pairs`, `spread`, `slab_x`, `digits`, `block_cols`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
         Self {
             lanes,
@@ -170,6 +176,7 @@ impl Spec {
             spread: false,
             slab_x: false,
             digits: false,
+            block_cols: 0,
         }
     }
 
@@ -212,8 +219,9 @@ impl Spec {
         if kernel == Kernel::RansDecode && self.split {
             out.push_str(&format!("const STAGE: u32 = {}u;\n", super::kernels::split_stage(self)));
         }
-        if kernel == Kernel::EcGemv && self.stage_x {
-            out.push_str(&format!("const XS_COLS: u32 = {}u;\n", super::kernels::STAGED_X_COLS));
+        if kernel == Kernel::EcGemv && (self.stage_x || self.block_cols > 0) {
+            let cols = if self.stage_x { super::kernels::STAGED_X_COLS as u32 } else { self.block_cols };
+            out.push_str(&format!("const XS_COLS: u32 = {cols}u;\n"));
         }
         out
     }
@@ -249,7 +257,8 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
         LaneMode::SubgroupWide => vec!["SUBGROUP"],
         LaneMode::SubgroupNarrow => vec!["SUBGROUP", "NARROW"],
     };
-    if kernel == Kernel::EcGemv && spec.even_steps() {
+    // Digits take sum(q x) and sum(x) whatever the vectors (no b / s on the symbols).
+    if kernel == Kernel::EcGemv && spec.even_steps() && !(spec.digits && spec.m > 1) {
         flags.push(if spec.m > 1 { "QUADS" } else { "PAIRS" });
     }
     if kernel == Kernel::QGemv && spec.lane_x {
@@ -283,6 +292,13 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::EcGemv && spec.digits {
         flags.push("DIGITS");
     }
+    if kernel == Kernel::EcGemv && spec.block_cols > 0 {
+        flags.push("BLOCKS");
+    }
+    // A row tile across two workgroups.
+    if kernel == Kernel::EcGemv && (spec.spread || spec.block_cols > 0) {
+        flags.push("SEAMS");
+    }
     flags
 }
 
@@ -309,9 +325,9 @@ pub fn declared_workgroup_bytes(source: &str) -> Result<u64, String> {
 /// workgroup sizes the host functions pick. Keep it in step with the `Spec`s built in kernels.rs.
 pub fn specializations() -> Vec<(Kernel, Spec)> {
     use super::kernels::{
-        decode_workgroup, early_x_kind, row_workgroup, tile_pair_vectors, DIGITS_MIN_SLABS, MAX_GEMV_SLABS,
-        MAX_VECTORS_PER_PASS, SCALE_ROWS_WORKGROUP, SPLIT_WIDE_TILES, SPREAD_VECTORS, STAGE_X_MIN_SLABS,
-        TILE_WORKGROUP,
+        decode_workgroup, early_x_kind, row_workgroup, tile_pair_vectors, BLOCK_COLS, BLOCK_X_COLS, DIGITS_MIN_SLABS,
+        MAX_GEMV_SLABS, MAX_VECTORS_PER_PASS, SCALE_ROWS_WORKGROUP, SPLIT_WIDE_TILES, SPREAD_VECTORS,
+        STAGE_X_MIN_SLABS, TILE_WORKGROUP,
     };
     let lane_modes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
     let vectors = 1..=MAX_VECTORS_PER_PASS as u32;
@@ -343,7 +359,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                         // (`slab_x`).
                         let mut push = |spec: Spec| {
                             out.push((Kernel::EcGemv, spec));
-                            if spec.reads_x_pieces() && !spec.stage_x && !spec.early_x {
+                            if spec.reads_x_pieces() && !spec.stage_x && !spec.early_x && spec.block_cols == 0 {
                                 out.push((Kernel::EcGemv, Spec { slab_x: true, ..spec }));
                             }
                         };
@@ -370,6 +386,12 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                                 push(Spec { spread: true, stage_x: true, ..base });
                                 if slabs >= DIGITS_MIN_SLABS {
                                     push(Spec { spread: true, stage_x: true, digits: true, ..base });
+                                }
+                            }
+                            // Blocks of row tiles by segments (`task_blocks`), each vector's part staged as digits.
+                            if split && slabs >= DIGITS_MIN_SLABS {
+                                for cols in BLOCK_COLS.into_iter().filter(|&c| m * c <= BLOCK_X_COLS) {
+                                    push(Spec { digits: true, block_cols: cols, ..base });
                                 }
                             }
                         }
@@ -637,9 +659,57 @@ mod tests {
                 assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
             }
         }
-        assert!(!listed.iter().any(|(_, s)| s.digits && (!s.stage_x || s.slabs() < DIGITS_MIN_SLABS)));
+        let staged = |s: &Spec| s.stage_x != (s.block_cols > 0);
+        assert!(!listed.iter().any(|(_, s)| s.digits && (!staged(s) || s.slabs() < DIGITS_MIN_SLABS)));
         let bytes = |spec: &Spec| declared_workgroup_bytes(&source(Kernel::EcGemv, spec)).unwrap();
         assert_eq!(bytes(&Spec { digits: true, ..one }), bytes(&one));
+    }
+
+    /// Blocks of row tiles by segments (`kernels::task_blocks`) only for split streams of up to 4 vectors on a device
+    /// with fast 8-bit dot products and a known count of compute units; they take the fewest slabs among the column
+    /// counts whose digits fit, in workgroups that fit on the units, and take the shapes measured: 14336x4096 at 2
+    /// to 4 vectors and 4096x14336 at one on 132 SMs in 128 blocks of 28 slabs. Every specialization the rule can
+    /// give is listed, with its digits; none stages x as f32 or holds a trip's x by its slab.
+    #[test]
+    fn blocks_for_split_streams_of_up_to_4_vectors_on_fast_devices() {
+        use super::super::kernels::{
+            block_parts, ec_gemv_workgroups, task_blocks, TaskBlocks, BLOCK_COLS, BLOCK_X_COLS,
+        };
+        use crate::rans::TileLayout;
+        let tall = TileLayout::new(14336, 4096, 1, 512).unwrap();
+        let wide = TileLayout::new(4096, 14336, 1, 512).unwrap();
+        let blocks = |l: &TileLayout, m| task_blocks(l, m, true, true, Some(132), 1024);
+        for m in 2..=4 {
+            assert_eq!(blocks(&tall, m), Some(TaskBlocks { cols: 2048, parts: 2, per: 4, tiles: 7 }), "m={m}");
+        }
+        assert_eq!(blocks(&wide, 1), Some(TaskBlocks { cols: 8192, parts: 2, per: 14, tiles: 2 }));
+        // Four vectors' digits of 14 segments are past 32 KiB; no part of 4096 columns fits 14336 in two.
+        assert_eq!(blocks(&wide, 2), None);
+        assert_eq!(block_parts(28, 512, 4096), None);
+        assert_eq!(block_parts(8, 512, 4096), Some((1, 8)));
+        assert_eq!(block_parts(17, 256, 4096), Some((2, 9)));
+        // Not split, more vectors, slow dot products, no count of units, too few slabs (4096x4096: 128 row tiles).
+        assert_eq!(task_blocks(&tall, 2, false, true, Some(132), 1024), None);
+        assert_eq!(task_blocks(&tall, 5, true, true, Some(132), 1024), None);
+        assert_eq!(task_blocks(&tall, 2, true, false, Some(132), 1024), None);
+        assert_eq!(task_blocks(&tall, 2, true, true, None, 1024), None);
+        assert_eq!(blocks(&TileLayout::new(4096, 4096, 1, 512).unwrap(), 2), None);
+        let listed = specializations();
+        for (l, m) in [(tall, 2), (tall, 3), (tall, 4), (wide, 1)] {
+            let b = blocks(&l, m).unwrap();
+            let spec = Spec {
+                split: true,
+                digits: true,
+                block_cols: b.cols,
+                ..Spec::new(LaneMode::SubgroupWide, 1, 11, m as u32, 32 * (b.tiles * b.per) as u32)
+            };
+            assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
+            assert_eq!(ec_gemv_workgroups(&spec, &l), 128, "{spec:?}");
+        }
+        for (_, s) in listed.iter().filter(|(_, s)| s.block_cols > 0) {
+            assert!(s.split && s.digits && s.m <= 4 && !s.grouped && !s.stage_x && !s.slab_x, "{s:?}");
+            assert!(BLOCK_COLS.contains(&s.block_cols) && s.m * s.block_cols <= BLOCK_X_COLS, "{s:?}");
+        }
     }
 
     /// A trip's x is loaded before its steps only for 4-bit streams that are not split at 4 vectors a workgroup,
