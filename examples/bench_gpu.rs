@@ -126,7 +126,7 @@ fn parse_opts(args: &[String]) -> Opts {
             // `spread_slabs`, `stage_x` and `early_x`).
             "--compute-units" => o.compute_units = Some(num(val()) as u32),
             // Whether the fused products take 8-bit dot products to be one instruction, whatever the device reports
-            // (`GpuContext::with_integer_dot`; it chooses `kernels::integer_dot`).
+            // (`GpuContext::with_integer_dot`; it chooses `kernels::integer_dot` and `kernels::task_blocks`).
             "--integer-dot" => o.integer_dot = Some(num(val()) != 0),
             // Kernel variants read from DIR/*.wgsl, checked and timed (see `Experiment`).
             "--experiments" => {

@@ -181,7 +181,7 @@ impl GpuContext {
     /// A context on the same device and caches that takes the device to have `units` compute units (NVIDIA's
     /// SMs), or not to say (None), whatever it reported: for tests and benchmarks of the choices that depend on it
     /// ([`kernels::vector_groups`], [`kernels::row_tile_pairs`], [`kernels::spread_slabs`], [`kernels::stage_x`],
-    /// [`kernels::early_x`]).
+    /// [`kernels::early_x`], [`kernels::task_blocks`]).
     pub fn with_compute_units(&self, units: Option<u32>) -> Self {
         Self { compute_units: units, ..self.clone() }
     }
@@ -194,7 +194,8 @@ impl GpuContext {
 
     /// A context on the same device and caches that takes the device to run dot products of packed 8-bit integers
     /// at full speed, or not, whatever it reported: for tests and benchmarks of the kernels that use them
-    /// ([`kernels::integer_dot`]; any device runs them correctly, a slow one through several instructions each).
+    /// ([`kernels::integer_dot`], [`kernels::task_blocks`]; any device runs them correctly, a slow one through
+    /// several instructions each).
     pub fn with_integer_dot(&self, fast: bool) -> Self {
         Self { integer_dot: fast, ..self.clone() }
     }

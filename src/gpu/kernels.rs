@@ -992,14 +992,14 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
 }
 
 /// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream`: one u32 a row of every row tile for each
-/// of [`SPREAD_VECTORS`] vectors.
+/// of [`SPREAD_VECTORS`] vectors (for [`spread_slabs`] and [`task_blocks`]).
 pub fn seam_bytes(stream: &GpuStream) -> u64 {
     4 * (SPREAD_VECTORS * stream.layout.row_tiles() * 32).max(1) as u64
 }
 
 /// The group-0 bind group of ec_gemv for one weight, whose scales must be in tile order
-/// ([`GpuScales::upload_tiles`]): with the seam words that one vector's tasks dealt out in runs
-/// need ([`spread_slabs`]), all bits set ([`seam_bytes`]). They are there whether or not a context deals this
+/// ([`GpuScales::upload_tiles`]): with the seam words that tasks dealt out in runs or in blocks need
+/// ([`spread_slabs`], [`task_blocks`]), all bits set ([`seam_bytes`]). They are there whether or not a context deals this
 /// stream's tasks out, so that any context on the device can record its products.
 pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales) -> Result<wgpu::BindGroup> {
     if scales.order() != ScaleOrder::Tiles {
@@ -1033,7 +1033,8 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
 /// Grid: one workgroup per row tile of 32 rows, or per pair of them ([`row_tile_pairs`]), capped at the dimension
 /// limit (the kernel loops over the rest), by [`vector_groups`] rows, each taking its share of the vectors. A row
 /// tile has [`gemv_slabs`] slabs of 32 lanes (about one per segment, up to 32); slab `s` decodes segments `s`,
-/// `s + slabs`, ... The specialization is [`ec_gemv_spec`]'s.
+/// `s + slabs`, ... Where the tasks are dealt out in runs ([`spread_slabs`]) or blocks ([`task_blocks`]), one
+/// workgroup a run or block ([`ec_gemv_workgroups`]). The specialization is [`ec_gemv_spec`]'s.
 pub fn ec_gemv(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,

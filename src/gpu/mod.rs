@@ -26,7 +26,12 @@
 //! to [`kernels::SPREAD_VECTORS`] vectors out over the workgroups in runs where whole row tiles would leave some units
 //! more than others, and [`kernels::stage_x`] and [`kernels::early_x`] hold x nearer the decode steps where every
 //! workgroup has a compute unit to itself. The products are the same, bit for bit, but for the rows of a row tile
-//! dealt out across two workgroups, whose two parts are added in another order. Whatever the compute units, each slab
+//! dealt out across two workgroups, whose two parts are added in another order. Where the device also runs dot
+//! products of packed 8-bit integers as one instruction ([`GpuContext::integer_dot`]), a staged vector is held as 8-bit
+//! digits ([`kernels::integer_dot`]), and [`kernels::task_blocks`] deals the segments of split streams' products of up
+//! to [`kernels::SPREAD_VECTORS`] vectors out in blocks of row tiles by segments, each workgroup staging its part of
+//! every vector as digits; those products take x rounded to 23 significant bits at the largest magnitude of each loop
+//! trip's columns. Whatever the compute units, each slab
 //! of a product that reads x in 16-byte pieces holds its loop trip's x in workgroup memory where that fits
 //! ([`kernels::slab_x`]), with the same products.
 //!
