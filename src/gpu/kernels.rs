@@ -1062,9 +1062,11 @@ pub fn ec_gemv(
 }
 
 /// Workgroups in one row of an ec_gemv grid under `spec` for a stream of layout `l`: one a row tile, or a pair, or
-/// with `spread` one a run of `spec.slabs()` tasks.
+/// with `spread` one a run of `spec.slabs()` tasks, or with `block_cols` one a block ([`task_blocks`]: its row tiles
+/// by one part's segments).
 pub fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
     if spec.block_cols > 0 {
+        // `block_parts` is Some for every spec that `task_blocks` gives.
         let (parts, per) = block_parts(l.segments(), l.segment(), spec.block_cols).unwrap_or((1, l.segments()));
         let tiles = (spec.slabs() as usize / per.max(1)).max(1);
         l.row_tiles().div_ceil(tiles) * parts

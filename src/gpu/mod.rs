@@ -31,9 +31,8 @@
 //! digits ([`kernels::integer_dot`]), and [`kernels::task_blocks`] deals the segments of split streams' products of up
 //! to [`kernels::SPREAD_VECTORS`] vectors out in blocks of row tiles by segments, each workgroup staging its part of
 //! every vector as digits; those products take x rounded to 23 significant bits at the largest magnitude of each loop
-//! trip's columns. Whatever the compute units, each slab
-//! of a product that reads x in 16-byte pieces holds its loop trip's x in workgroup memory where that fits
-//! ([`kernels::slab_x`]), with the same products.
+//! trip's columns. Whatever the compute units, each slab of a product that reads x in 16-byte pieces holds its loop
+//! trip's x in workgroup memory where that fits ([`kernels::slab_x`]), with the same products.
 //!
 //! Limits wgpu does not check are checked here: each kernel's workgroup memory against
 //! `max_compute_workgroup_storage_size`, and every array against the storage binding limit (larger tensors
