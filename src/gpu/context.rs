@@ -514,60 +514,70 @@ fn integer_dot(device: &wgpu::Device) -> bool {
     false
 }
 
-/// Whether a Vulkan driver runs packed signed 8-bit dot products as one instruction.
+/// What `read` finds on the Vulkan physical device under `device`, given its instance, its handle and its API version,
+/// where instance and device are Vulkan 1.1 or later (for vkGetPhysicalDeviceProperties2); None elsewhere.
 #[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn vulkan_integer_dot(device: &wgpu::Device) -> bool {
-    use ash::vk;
-    // SAFETY: as in `vulkan_compute_units`: the hal device is only read, while `device` keeps it alive.
-    let Some(hal) = (unsafe { device.as_hal::<wgpu::hal::api::Vulkan>() }) else {
-        return false;
-    };
-    let shared = hal.shared_instance();
-    let instance = shared.raw_instance();
-    let physical = hal.raw_physical_device();
-    // SAFETY: `physical` is a valid handle of `instance` (both from the live hal device).
-    let api = unsafe { instance.get_physical_device_properties(physical) }.api_version;
-    if shared.instance_api_version() < vk::API_VERSION_1_1 || api < vk::API_VERSION_1_1 {
-        return false;
-    }
-    let extension = || {
-        // SAFETY: as above.
-        unsafe { instance.enumerate_device_extension_properties(physical) }.is_ok_and(|list| {
-            list.iter().any(|e| e.extension_name_as_c_str() == Ok(vk::KHR_SHADER_INTEGER_DOT_PRODUCT_NAME))
-        })
-    };
-    if api < vk::API_VERSION_1_3 && !extension() {
-        return false;
-    }
-    let mut dot = vk::PhysicalDeviceShaderIntegerDotProductProperties::default();
-    let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut dot);
-    // SAFETY: as above; the chained structure is core in Vulkan 1.3 or belongs to an extension the device supports.
-    unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
-    dot.integer_dot_product4x8_bit_packed_signed_accelerated == vk::TRUE
-}
-
-/// The SMs an NVIDIA Vulkan driver reports (`VK_NV_shader_sm_builtins`); None from other drivers.
-#[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn vulkan_compute_units(device: &wgpu::Device) -> Option<u32> {
+fn vulkan_physical<T>(
+    device: &wgpu::Device,
+    read: impl FnOnce(&ash::Instance, ash::vk::PhysicalDevice, u32) -> Option<T>,
+) -> Option<T> {
     use ash::vk;
     // SAFETY: the hal device is only read here, for its physical device and instance, while `device` keeps it
     // alive; nothing is created or destroyed through it.
     let hal = unsafe { device.as_hal::<wgpu::hal::api::Vulkan>() }?;
     let shared = hal.shared_instance();
-    // vkGetPhysicalDeviceProperties2 is Vulkan 1.1.
     if shared.instance_api_version() < vk::API_VERSION_1_1 {
         return None;
     }
     let instance = shared.raw_instance();
     let physical = hal.raw_physical_device();
     // SAFETY: `physical` is a valid handle of `instance` (both from the live hal device).
-    let extensions = unsafe { instance.enumerate_device_extension_properties(physical) }.ok()?;
-    if !extensions.iter().any(|e| e.extension_name_as_c_str() == Ok(vk::NV_SHADER_SM_BUILTINS_NAME)) {
+    let api = unsafe { instance.get_physical_device_properties(physical) }.api_version;
+    if api < vk::API_VERSION_1_1 {
         return None;
     }
-    let mut sm = vk::PhysicalDeviceShaderSMBuiltinsPropertiesNV::default();
-    let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut sm);
-    // SAFETY: as above; the chained structure belongs to an extension the device supports.
-    unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
-    (sm.shader_sm_count > 0).then_some(sm.shader_sm_count)
+    read(instance, physical, api)
+}
+
+/// Whether the Vulkan physical device `physical` of `instance` offers the device extension `name`.
+#[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn vulkan_extension(instance: &ash::Instance, physical: ash::vk::PhysicalDevice, name: &std::ffi::CStr) -> bool {
+    // SAFETY: `physical` is a valid handle of `instance` (from `vulkan_physical`).
+    unsafe { instance.enumerate_device_extension_properties(physical) }
+        .is_ok_and(|list| list.iter().any(|e| e.extension_name_as_c_str() == Ok(name)))
+}
+
+/// Whether a Vulkan driver runs packed signed 8-bit dot products as one instruction.
+#[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn vulkan_integer_dot(device: &wgpu::Device) -> bool {
+    use ash::vk;
+    vulkan_physical(device, |instance, physical, api| {
+        if api < vk::API_VERSION_1_3 && !vulkan_extension(instance, physical, vk::KHR_SHADER_INTEGER_DOT_PRODUCT_NAME) {
+            return None;
+        }
+        let mut dot = vk::PhysicalDeviceShaderIntegerDotProductProperties::default();
+        let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut dot);
+        // SAFETY: `physical` is a valid handle of `instance`; the chained structure is core in Vulkan 1.3 or belongs to
+        // an extension the device supports.
+        unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
+        Some(dot.integer_dot_product4x8_bit_packed_signed_accelerated == vk::TRUE)
+    })
+    .unwrap_or(false)
+}
+
+/// The SMs an NVIDIA Vulkan driver reports (`VK_NV_shader_sm_builtins`); None from other drivers.
+#[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn vulkan_compute_units(device: &wgpu::Device) -> Option<u32> {
+    use ash::vk;
+    vulkan_physical(device, |instance, physical, _| {
+        if !vulkan_extension(instance, physical, vk::NV_SHADER_SM_BUILTINS_NAME) {
+            return None;
+        }
+        let mut sm = vk::PhysicalDeviceShaderSMBuiltinsPropertiesNV::default();
+        let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut sm);
+        // SAFETY: `physical` is a valid handle of `instance`; the chained structure belongs to an extension the device
+        // supports.
+        unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
+        (sm.shader_sm_count > 0).then_some(sm.shader_sm_count)
+    })
 }
