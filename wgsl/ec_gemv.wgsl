@@ -392,9 +392,8 @@ fn main(
     // dealt out in blocks of SLABS / per row tiles by `per` segments, a slab each, in `parts` parts of the row: all of it
     // where every segment's columns fit in XS_COLS, else two halves. Workgroup w takes part w % parts of row tiles
     // (w / parts) SLABS / per onwards, and stages that part's columns of every vector as digits, so each slab reads
-    // its trip's x from workgroup memory; a row tile's two parts meet in the seam words. Against SPREAD, which needs
-    // every column of x in each workgroup, this stages a quarter to a half of it where four vectors' digits of
-    // whole rows would not fit.
+    // its trip's x from workgroup memory; a row tile's two parts meet in the seam words. Where the digits of whole rows
+    // of every vector would not fit, a workgroup stages half of each vector's columns.
     let parts = select(2u, 1u, params.segments * params.segment <= XS_COLS);
     let per = (params.segments + parts - 1u) / parts;
     let part = wid.x % parts;
