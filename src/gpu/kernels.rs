@@ -309,6 +309,11 @@ pub fn block_parts(segments: usize, segment: usize, cols: u32) -> Option<(usize,
     (per * segment <= cols as usize).then_some((parts, per))
 }
 
+/// Workgroups of blocks of `tiles` row tiles of layout `l` in `parts` parts of a row: one a block.
+fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
+    l.row_tiles().div_ceil(tiles) * parts
+}
+
 /// How ec_gemv deals out the tasks (a row tile's segment each) of a product of `m` vectors of a stream of layout
 /// `l` (`split` or not) in blocks (`Spec::block_cols`), on a device of `compute_units` that allows `max_invocations` a
 /// workgroup and runs 8-bit dot products as one instruction (`fast`): blocks of row tiles by the segments of a part of
@@ -350,7 +355,7 @@ pub fn task_blocks(
             let (parts, per) = block_parts(l.segments(), l.segment(), cols)?;
             let tiles = (l.row_tiles() * parts).div_ceil(units);
             let slabs = tiles * per;
-            let workgroups = l.row_tiles().div_ceil(tiles) * parts;
+            let workgroups = block_workgroups(l, parts, tiles);
             let fits = (DIGITS_MIN_SLABS as usize..=most).contains(&slabs) && workgroups <= units;
             fits.then_some(TaskBlocks { cols, parts, per, tiles })
         })
@@ -1068,8 +1073,7 @@ pub fn ec_gemv_workgroups(spec: &Spec, l: &TileLayout) -> usize {
     if spec.block_cols > 0 {
         // `block_parts` is Some for every spec that `task_blocks` gives.
         let (parts, per) = block_parts(l.segments(), l.segment(), spec.block_cols).unwrap_or((1, l.segments()));
-        let tiles = (spec.slabs() as usize / per.max(1)).max(1);
-        l.row_tiles().div_ceil(tiles) * parts
+        block_workgroups(l, parts, (spec.slabs() as usize / per.max(1)).max(1))
     } else if spec.spread {
         (l.row_tiles() * l.segments()).div_ceil(spec.slabs() as usize)
     } else if spec.tile_pairs {
