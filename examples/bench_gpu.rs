@@ -942,7 +942,11 @@ impl<'a> RowWeights<'a> {
 /// for the row kernels, default the kernel's own) and `grid=N` (workgroups, each looping over its share;
 /// default one per `per` units);
 /// `//@ unchecked` times a variant whose output is wrong by design (a part left out); `//@ nobounds` builds it
-/// without naga's bounds checks. Each is checked against the kernel it replaces on the first weight copy (decoded
+/// without naga's bounds checks; `//@ accsat` compiles it to SPIR-V with naga here (bounds checks as the crate's),
+/// rewrites every integer add of a packed 8-bit dot product into the accumulating form (`OpSDotAccSat`, which
+/// equals the add wherever the sum does not overflow, as in ec_gemv's digits), and builds that through the driver's
+/// passthrough path (the device is then opened with `PASSTHROUGH_SHADERS`); `//@ spirv` the same without the
+/// rewriting (the control for `accsat`). Each is checked against the kernel it replaces on the first weight copy (decoded
 /// symbols equal, or products within 1e-5 of max |y|) and timed like it; a variant that fails the check is
 /// reported and not timed. Row-kernel and ec_gemv variants run at M = 1 and at each `--ms` the crate takes in one
 /// pass (`kernels::vectors_per_pass`), checked at each.
@@ -958,6 +962,8 @@ struct Experiment {
     unchecked: bool,
     /// Built without naga's bounds checks.
     no_bounds: bool,
+    /// Compiled to SPIR-V here (`accsat_spirv`), with each add of a dot product folded into it where `fold`.
+    spirv: Option<bool>,
 }
 
 fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
@@ -991,6 +997,7 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
             grid: None,
             unchecked: false,
             no_bounds: false,
+            spirv: None,
         };
         for line in e.body.lines().filter_map(|l| l.trim().strip_prefix("//@")) {
             for word in line.split_whitespace() {
@@ -1001,12 +1008,76 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
                     None if word == "whole" => e.whole = true,
                     None if word == "unchecked" => e.unchecked = true,
                     None if word == "nobounds" => e.no_bounds = true,
+                    None if word == "accsat" => e.spirv = Some(true),
+                    None if word == "spirv" => e.spirv = Some(false),
                     _ => println!("experiments: {}: unknown directive {word}", path.display()),
                 }
             }
         }
         out.push(e);
     }
+    Ok(out)
+}
+
+/// SPIR-V of a kernel source, compiled by naga (bounds checks clamp, as the crate's pipelines), in which, where
+/// `fold`, every `OpIAdd` of an `OpSDot` result is rewritten as `OpSDotAccSat` of the dot's operands and the add's
+/// other operand.
+fn accsat_spirv(src: &str, spec: Spec, fold: bool) -> ecq::Result<Vec<u32>> {
+    use naga::back::spv;
+    let fail = |what: &str, e: String| ecq::Error::Gpu(format!("accsat: {what}: {e}"));
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| fail("parse", e.emit_to_string(src)))?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .map_err(|e| fail("validate", e.emit_to_string(src)))?;
+    let clamp = naga::proc::BoundsCheckPolicy::Restrict;
+    let options = spv::Options {
+        lang_version: (1, 6),
+        flags: spv::WriterFlags::empty(),
+        bounds_check_policies: naga::proc::BoundsCheckPolicies {
+            index: clamp,
+            buffer: clamp,
+            image_load: clamp,
+            binding_array: clamp,
+        },
+        zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
+        force_loop_bounding: false,
+        ..Default::default()
+    };
+    let pipeline = spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "main".into() };
+    let words =
+        spv::write_vec(&module, &info, &options, Some(&pipeline)).map_err(|e| fail("spv-out", e.to_string()))?;
+    const OP_IADD: u32 = 128;
+    const OP_SDOT: u32 = 4450;
+    const OP_SDOT_ACC_SAT: u32 = 4453;
+    // The operands (a, b, packed format) of every OpSDot, by result id.
+    let mut dots = std::collections::HashMap::new();
+    let mut i = 5;
+    while i < words.len() {
+        let (count, op) = ((words[i] >> 16) as usize, words[i] & 0xffff);
+        if op == OP_SDOT && count == 6 {
+            dots.insert(words[i + 2], (words[i + 3], words[i + 4], words[i + 5]));
+        }
+        i += count.max(1);
+    }
+    let mut out = words[..5].to_vec();
+    let mut folded = 0;
+    let mut i = 5;
+    while i < words.len() {
+        let (count, op) = ((words[i] >> 16) as usize, words[i] & 0xffff);
+        let inst = &words[i..i + count.max(1)];
+        let dot = (fold && op == OP_IADD && count == 5)
+            .then(|| dots.get(&inst[3]).map(|d| (d, inst[4])).or_else(|| dots.get(&inst[4]).map(|d| (d, inst[3]))))
+            .flatten();
+        match dot {
+            Some(((a, b, format), acc)) => {
+                out.extend([(7 << 16) | OP_SDOT_ACC_SAT, inst[1], inst[2], *a, *b, acc, *format]);
+                folded += 1;
+            }
+            None => out.extend_from_slice(inst),
+        }
+        i += count.max(1);
+    }
+    println!("accsat: {} dot products, {folded} adds folded (M = {})", dots.len(), spec.m);
     Ok(out)
 }
 
@@ -1033,7 +1104,14 @@ impl Experiment {
     ) -> Result<Option<wgpu::ComputePipeline>> {
         let spec = Spec { workgroup: self.wg.unwrap_or(spec.workgroup), ..spec };
         let src = ecq::gpu::shaders::source_with_body(self.kernel, &spec, &self.body, !self.whole);
-        let built = if self.no_bounds {
+        let built = if let Some(fold) = self.spirv {
+            accsat_spirv(&src, spec, fold).and_then(|words| {
+                // SAFETY: naga's SPIR-V of the variant, with bounds checks, and its dot products' adds folded
+                // into them (no sum of the digits' products overflows: ec_gemv.wgsl, `DIGITS`); its product is
+                // checked below before it is timed.
+                unsafe { kernels::spirv_pipeline(ctx, self.kernel, spec, &words) }
+            })
+        } else if self.no_bounds {
             // SAFETY: a benchmark of a variant whose author asked for it (`//@ nobounds`) on the bench's own
             // well-formed weights; the product is checked below before it is timed.
             unsafe { kernels::edited_pipeline_without_bounds_checks(ctx, self.kernel, spec, |_| src.clone()) }
@@ -1292,6 +1370,7 @@ fn decode_variants() -> Vec<Experiment> {
                 grid: None,
                 unchecked: true,
                 no_bounds: false,
+                spirv: None,
             }
         })
         .collect()
@@ -1429,11 +1508,39 @@ fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
     Ok(())
 }
 
+/// A context as `GpuContext::new` opens one on the default high-performance adapter (Vulkan, Metal or DX12), with
+/// `PASSTHROUGH_SHADERS` as well where the adapter has it (for `//@ accsat` experiments).
+fn passthrough_context() -> Result<GpuContext> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
+    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+    let instance = wgpu::Instance::new(desc);
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+        apply_limit_buckets: false,
+    }))
+    .map_err(|e| ecq::Error::Gpu(format!("no adapter: {e}")))?;
+    let wanted = wgpu::Features::SUBGROUP
+        | wgpu::Features::SUBGROUP_BARRIER
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::PASSTHROUGH_SHADERS;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("ecq bench"),
+        required_features: adapter.features() & wanted,
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .map_err(|e| ecq::Error::Gpu(format!("the adapter refused a device: {e}")))?;
+    Ok(GpuContext::from_device(device, queue))
+}
+
 fn run(o: &Opts) -> Result<()> {
     if o.runs == 0 {
         usage();
     }
-    let ctx = GpuContext::new()?;
+    let ctx = if o.experiments.iter().any(|e| e.spirv.is_some()) { passthrough_context()? } else { GpuContext::new()? };
     let ctx = match o.compute_units {
         Some(n) => ctx.with_compute_units((n > 0).then_some(n)),
         None => ctx,

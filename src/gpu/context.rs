@@ -336,14 +336,7 @@ impl GpuContext {
             };
             return Err(format!("it declares {bytes} bytes of workgroup memory, the device allows {limit}{advice}"));
         }
-        let layouts = self.layouts(kernel);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
-        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(label),
-            bind_group_layouts: &groups,
-            immediate_size: 0,
-        });
         let descriptor =
             wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) };
         // The loop counter naga adds to every loop (against infinite loops) costs instructions and a branch on
@@ -359,10 +352,30 @@ impl GpuContext {
         // 2^31, so no counter wraps and every loop ends. Bounds checks stay on. (Edited sources from
         // `kernels::edited_pipeline` carry the same obligation, stated there.)
         let module = unsafe { device.create_shader_module_trusted(descriptor, checks) };
+        self.finish_pipeline(kernel, label, &module, scope)
+    }
+
+    /// The pipeline of `module`'s entry point `main` under `kernel`'s bind group layouts, or the validation error
+    /// that `scope` (pushed before the module was created) caught.
+    fn finish_pipeline(
+        &self,
+        kernel: Kernel,
+        label: &str,
+        module: &wgpu::ShaderModule,
+        scope: wgpu::ErrorScopeGuard,
+    ) -> std::result::Result<wgpu::ComputePipeline, String> {
+        let device = &self.shared.device;
+        let layouts = self.layouts(kernel);
+        let groups: Vec<Option<&wgpu::BindGroupLayout>> = layouts.iter().map(Some).collect();
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(label),
+            bind_group_layouts: &groups,
+            immediate_size: 0,
+        });
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(label),
             layout: Some(&layout),
-            module: &module,
+            module,
             entry_point: Some("main"),
             compilation_options: Default::default(),
             cache: None,
@@ -371,6 +384,39 @@ impl GpuContext {
             Some(e) => Err(e.to_string()),
             None => Ok(pipeline),
         }
+    }
+
+    /// A pipeline of `kernel` (its bind group layouts, entry point `main`) from SPIR-V words, passed to the driver
+    /// through `Device::create_shader_module_passthrough`; the device needs `PASSTHROUGH_SHADERS`.
+    ///
+    /// # Safety
+    /// `words` must be a valid SPIR-V module whose compute entry point `main` runs in workgroups of `workgroup`
+    /// invocations and binds what the kernel's layouts hold; wgpu checks none of it, and every index the module
+    /// computes must lie within its array.
+    pub(crate) unsafe fn build_spirv_pipeline(
+        &self,
+        kernel: Kernel,
+        label: &str,
+        words: &[u32],
+        workgroup: u32,
+    ) -> std::result::Result<wgpu::ComputePipeline, String> {
+        if !self.shared.features.contains(wgpu::Features::PASSTHROUGH_SHADERS) {
+            return Err("the device was opened without PASSTHROUGH_SHADERS".into());
+        }
+        let device = &self.shared.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let entry_points =
+            [wgpu::PassthroughShaderEntryPoint { name: "main".into(), workgroup_size: (workgroup, 1, 1) }];
+        // SAFETY: the caller's obligation, stated above.
+        let module = unsafe {
+            device.create_shader_module_passthrough(wgpu::ShaderModuleDescriptorPassthrough {
+                label: Some(label),
+                entry_points: entry_points[..].into(),
+                spirv: Some(words.into()),
+                ..Default::default()
+            })
+        };
+        self.finish_pipeline(kernel, label, &module, scope)
     }
 
     /// The bind group layouts of `kernel`, built once.
