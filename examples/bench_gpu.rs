@@ -1109,7 +1109,7 @@ impl Experiment {
                 // SAFETY: naga's SPIR-V of the variant, with bounds checks, and its dot products' adds folded
                 // into them (no sum of the digits' products overflows: ec_gemv.wgsl, `DIGITS`); its product is
                 // checked below before it is timed.
-                unsafe { kernels::spirv_pipeline(ctx, self.kernel, spec, &words) }
+                unsafe { kernels::spirv_pipeline(ctx, self.kernel, spec, &src, &words) }
             })
         } else if self.no_bounds {
             // SAFETY: a benchmark of a variant whose author asked for it (`//@ nobounds`) on the bench's own

@@ -323,19 +323,7 @@ impl GpuContext {
         bounds_checks: bool,
     ) -> std::result::Result<wgpu::ComputePipeline, String> {
         let device = &self.shared.device;
-        // wgpu does not hold a kernel's workgroup memory to the device's limit (and one past it may hang the
-        // device), so the source's own declarations are.
-        let bytes = shaders::declared_workgroup_bytes(&source)?;
-        let limit = self.shared.limits.max_compute_workgroup_storage_size as u64;
-        if bytes > limit {
-            let advice = match kernel {
-                Kernel::RansDecode | Kernel::EcGemv => {
-                    "; re-encode with a lower precision P (the decode table takes 4 * 2^P bytes)"
-                }
-                _ => "",
-            };
-            return Err(format!("it declares {bytes} bytes of workgroup memory, the device allows {limit}{advice}"));
-        }
+        self.check_workgroup_bytes(kernel, &source)?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let descriptor =
             wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) };
@@ -353,6 +341,23 @@ impl GpuContext {
         // `kernels::edited_pipeline` carry the same obligation, stated there.)
         let module = unsafe { device.create_shader_module_trusted(descriptor, checks) };
         self.finish_pipeline(kernel, label, &module, scope)
+    }
+
+    /// wgpu does not hold a kernel's workgroup memory to the device's limit (and one past it may hang the device),
+    /// so the WGSL source's own declarations are.
+    fn check_workgroup_bytes(&self, kernel: Kernel, source: &str) -> std::result::Result<(), String> {
+        let bytes = shaders::declared_workgroup_bytes(source)?;
+        let limit = self.shared.limits.max_compute_workgroup_storage_size as u64;
+        if bytes > limit {
+            let advice = match kernel {
+                Kernel::RansDecode | Kernel::EcGemv => {
+                    "; re-encode with a lower precision P (the decode table takes 4 * 2^P bytes)"
+                }
+                _ => "",
+            };
+            return Err(format!("it declares {bytes} bytes of workgroup memory, the device allows {limit}{advice}"));
+        }
+        Ok(())
     }
 
     /// The pipeline of `module`'s entry point `main` under `kernel`'s bind group layouts, or the validation error
@@ -386,23 +391,26 @@ impl GpuContext {
         }
     }
 
-    /// A pipeline of `kernel` (its bind group layouts, entry point `main`) from SPIR-V words, passed to the driver
-    /// through `Device::create_shader_module_passthrough`; the device needs `PASSTHROUGH_SHADERS`.
+    /// A pipeline of `kernel` (its bind group layouts, entry point `main`) from SPIR-V words compiled from the WGSL
+    /// `source`, passed to the driver through `Device::create_shader_module_passthrough`; the device needs
+    /// `PASSTHROUGH_SHADERS`. The source's workgroup memory is held to the device's limit, as in `build_pipeline`.
     ///
     /// # Safety
-    /// `words` must be a valid SPIR-V module whose compute entry point `main` runs in workgroups of `workgroup`
-    /// invocations and binds what the kernel's layouts hold; wgpu checks none of it, and every index the module
-    /// computes must lie within its array.
+    /// `words` must be a valid SPIR-V module, compiled from `source`, whose compute entry point `main` runs in
+    /// workgroups of `workgroup` invocations and binds what the kernel's layouts hold; wgpu checks none of it, and
+    /// every index the module computes must lie within its array.
     pub(crate) unsafe fn build_spirv_pipeline(
         &self,
         kernel: Kernel,
         label: &str,
+        source: &str,
         words: &[u32],
         workgroup: u32,
     ) -> std::result::Result<wgpu::ComputePipeline, String> {
         if !self.shared.features.contains(wgpu::Features::PASSTHROUGH_SHADERS) {
             return Err("the device was opened without PASSTHROUGH_SHADERS".into());
         }
+        self.check_workgroup_bytes(kernel, source)?;
         let device = &self.shared.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let entry_points =

@@ -934,23 +934,25 @@ fn build_edited(
         .map_err(|e| Error::Gpu(format!("building an edited {} failed: {e}", kernel.file())))
 }
 
-/// A pipeline of `kernel` under `spec` from SPIR-V words (a module compiled from the kernel's source some other way
-/// than wgpu's own, e.g. by naga with its instructions then rewritten), through the driver's passthrough path: for
-/// benchmarks that time what a driver makes of other SPIR-V for the same kernel. The device must have been opened
-/// with `PASSTHROUGH_SHADERS` ([`GpuContext::from_device`]).
+/// A pipeline of `kernel` under `spec` from SPIR-V words compiled from the WGSL `source` some other way than wgpu's
+/// own (e.g. by naga, its instructions then rewritten), through the driver's passthrough path: for benchmarks that
+/// time what a driver makes of other SPIR-V for the same kernel. The device must have been opened with
+/// `PASSTHROUGH_SHADERS` ([`GpuContext::from_device`]); a source that declares more workgroup memory than the device
+/// allows is refused, as for every pipeline.
 ///
 /// # Safety
-/// `words` must be a valid SPIR-V module with a compute entry point `main` of `spec.workgroup` invocations that binds
-/// what `kernel`'s bind groups hold, and every index it computes, from any data it is run on, must lie within its
-/// array: wgpu checks none of it.
+/// `words` must be a valid SPIR-V module compiled from `source`, with a compute entry point `main` of
+/// `spec.workgroup` invocations that binds what `kernel`'s bind groups hold, and every index it computes, from any
+/// data it is run on, must lie within its array: wgpu checks none of it.
 pub unsafe fn spirv_pipeline(
     ctx: &GpuContext,
     kernel: Kernel,
     spec: Spec,
+    source: &str,
     words: &[u32],
 ) -> Result<wgpu::ComputePipeline> {
     // SAFETY: the caller's obligation, stated above.
-    unsafe { ctx.build_spirv_pipeline(kernel, "spirv kernel", words, spec.workgroup) }
+    unsafe { ctx.build_spirv_pipeline(kernel, "spirv kernel", source, words, spec.workgroup) }
         .map_err(|e| Error::Gpu(format!("building a SPIR-V {} failed: {e}", kernel.file())))
 }
 
