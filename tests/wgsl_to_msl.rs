@@ -127,9 +127,8 @@ fn to_msl(
     Ok(out)
 }
 
-/// A specialization less its numbers (the decode-table precision and the workgroup size, which with the vector
-/// count are the only fields that change no preprocessor switch): what decides which of the kernel's lines are
-/// compiled, and so which MSL constructs the translation meets.
+/// A specialization less its decode-table precision and workgroup size, which set constants but no `//#if` switch:
+/// what decides which of the kernel's lines are compiled, and so which MSL constructs the translation meets.
 fn form(kernel: Kernel, spec: &Spec) -> (Kernel, Spec) {
     (kernel, Spec { precision: 0, workgroup: 0, ..*spec })
 }
