@@ -707,15 +707,19 @@ fn main(
                     let block = merge_block(hi, low_word(row_tile, col4));
 //#endif
 //#if DIGITS
-                    // With DIGITS, the block against each vector's staged digits, four weights an instruction; every
-                    // vector's step and sum read first. Measured on an H200 (`kernels::task_blocks` on 14336x4096, us
-                    // at two / three / four vectors, two processes): with one flat array of every vector's blocks
-                    // 37.2 / 41.0-41.2 / 47.4-47.5; `xs` indexed by vector, each vector's step and sum read after its
-                    // products, 35.4-35.6 / 39.9-40.1 / 48.4; read first, 35.4 / 40.2-40.3 / 47.4-47.5.
+                    // With DIGITS, the block against each vector's staged digits, four weights an instruction; with
+                    // several vectors, every vector's step and sum read first, with one after its products. Measured
+                    // on an H200 (`kernels::task_blocks` on 14336x4096, us at two / three / four vectors, two
+                    // processes): with one flat array of every vector's blocks 37.2 / 41.0-41.2 / 47.4-47.5; `xs`
+                    // indexed by vector, each vector's step and sum read after its products, 35.4-35.6 / 39.9-40.1 /
+                    // 48.4; read first, 35.4 / 40.2-40.3 / 47.4-47.5. At one vector (x staged whole), three processes:
+                    // 31.4-31.5 read first, 31.0-31.2 after.
                     let xi = (col4 - xs_col0) / (4u * KW);
                     var steps_sums: array<vec2<f32>, M>;
-                    for (var v = 0u; v < M; v++) {
-                        steps_sums[v] = digit_step_sum(v, xi);
+                    if (M > 1u) {
+                        for (var v = 0u; v < M; v++) {
+                            steps_sums[v] = digit_step_sum(v, xi);
+                        }
                     }
                     for (var v = 0u; v < M; v++) {
 //#if SPLIT3
@@ -723,7 +727,10 @@ fn main(
 //#else
                         let t = digit_dot(vec4<u32>(block, 0u, 0u), v, xi);
 //#endif
-                        let step_sum = steps_sums[v];
+                        var step_sum = steps_sums[v];
+                        if (M == 1u) {
+                            step_sum = digit_step_sum(v, xi);
+                        }
                         qx[v] += f32(t) * step_sum.x;
                         sx[v] += step_sum.y;
                     }
