@@ -1024,7 +1024,7 @@ fn load_experiments(dir: &Path) -> std::io::Result<Vec<Experiment>> {
 /// other operand.
 fn accsat_spirv(src: &str, spec: Spec, fold: bool) -> ecq::Result<Vec<u32>> {
     use naga::back::spv;
-    let fail = |what: &str, e: String| ecq::Error::Gpu(format!("accsat: {what}: {e}"));
+    let fail = |what: &str, e: String| ecq::Error::Gpu(format!("spirv: {what}: {e}"));
     let module = naga::front::wgsl::parse_str(src).map_err(|e| fail("parse", e.emit_to_string(src)))?;
     let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
         .validate(&module)
@@ -1077,7 +1077,7 @@ fn accsat_spirv(src: &str, spec: Spec, fold: bool) -> ecq::Result<Vec<u32>> {
         }
         i += count.max(1);
     }
-    println!("accsat: {} dot products, {folded} adds folded (M = {})", dots.len(), spec.m);
+    println!("spirv: {} dot products, {folded} adds folded (M = {})", dots.len(), spec.m);
     Ok(out)
 }
 
@@ -1508,39 +1508,16 @@ fn timing_floor(ctx: &GpuContext, o: &Opts, heater: &Heater) -> Result<()> {
     Ok(())
 }
 
-/// A context as `GpuContext::new` opens one on the default high-performance adapter (Vulkan, Metal or DX12), with
-/// `PASSTHROUGH_SHADERS` as well where the adapter has it (for `//@ accsat` experiments).
-fn passthrough_context() -> Result<GpuContext> {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
-    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
-    let instance = wgpu::Instance::new(desc);
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        force_fallback_adapter: false,
-        compatible_surface: None,
-        apply_limit_buckets: false,
-    }))
-    .map_err(|e| ecq::Error::Gpu(format!("no adapter: {e}")))?;
-    let wanted = wgpu::Features::SUBGROUP
-        | wgpu::Features::SUBGROUP_BARRIER
-        | wgpu::Features::SHADER_F16
-        | wgpu::Features::TIMESTAMP_QUERY
-        | wgpu::Features::PASSTHROUGH_SHADERS;
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("ecq bench"),
-        required_features: adapter.features() & wanted,
-        required_limits: adapter.limits(),
-        ..Default::default()
-    }))
-    .map_err(|e| ecq::Error::Gpu(format!("the adapter refused a device: {e}")))?;
-    Ok(GpuContext::from_device(device, queue))
-}
-
 fn run(o: &Opts) -> Result<()> {
     if o.runs == 0 {
         usage();
     }
-    let ctx = if o.experiments.iter().any(|e| e.spirv.is_some()) { passthrough_context()? } else { GpuContext::new()? };
+    // `//@ spirv` and `//@ accsat` experiments build through the driver's passthrough path.
+    let ctx = if o.experiments.iter().any(|e| e.spirv.is_some()) {
+        GpuContext::with_features(wgpu::Features::PASSTHROUGH_SHADERS)?
+    } else {
+        GpuContext::new()?
+    };
     let ctx = match o.compute_units {
         Some(n) => ctx.with_compute_units((n > 0).then_some(n)),
         None => ctx,

@@ -70,6 +70,17 @@ impl GpuContext {
 
     /// [`new`](Self::new) without blocking.
     pub async fn new_async() -> Result<Self> {
+        Self::with_features_async(wgpu::Features::empty()).await
+    }
+
+    /// [`new`](Self::new), the device also given those of `extra` that the adapter has (e.g. `PASSTHROUGH_SHADERS`
+    /// for [`super::kernels::spirv_pipeline`]).
+    pub fn with_features(extra: wgpu::Features) -> Result<Self> {
+        pollster::block_on(Self::with_features_async(extra))
+    }
+
+    /// [`with_features`](Self::with_features) without blocking.
+    pub async fn with_features_async(extra: wgpu::Features) -> Result<Self> {
         let default_backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
         let backends = wgpu::Backends::from_env().unwrap_or(default_backends);
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
@@ -107,7 +118,7 @@ impl GpuContext {
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("ecq"),
                 required_features: adapter.features()
-                    & (WANTED_FEATURES | metal::wanted_features(adapter.get_info().backend)),
+                    & (WANTED_FEATURES | metal::wanted_features(adapter.get_info().backend) | extra),
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
