@@ -733,7 +733,9 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
     }
 }
 
-/// With the device taken to have 2 compute units, fused products over 7 and 8 row tiles (200 and 256 rows; 7 an odd
+/// With the device taken to have 2 compute units and no fast 8-bit dot products (with them, split streams' products of
+/// up to 4 vectors take blocks of digits: `fused_split_blocks_as_digits`), fused products over 7 and 8 row tiles (200
+/// and 256 rows; 7 an odd
 /// count, its last row tile partial) of 6 segments (1472 columns, the last segment 192 wide) take two row tiles a
 /// workgroup (`kernels::row_tile_pairs`) at 1 to 4 vectors, and over 8 row tiles of 8 segments (2048 columns) at 1
 /// to 8 vectors on split streams and 1 to 7 on 4-bit streams: their products equal, bit for bit, those of the same
@@ -744,8 +746,9 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
 /// within tolerance of the reference, and are not compared bit for bit (the row tiles across two workgroups add
 /// their parts in another order).
 fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
-    let two = ctx.with_compute_units(Some(2));
-    let none = ctx.with_compute_units(None);
+    let slow = ctx.with_integer_dot(false);
+    let two = slow.with_compute_units(Some(2));
+    let none = slow.with_compute_units(None);
     // (rows, columns, most vectors paired on 4-bit and on split streams)
     for (rows, cols, most) in
         [(200, 1472, [4, 4]), (256, 1472, [4, 4]), (256, 2048, [7, 8]), (192, 1472, [0, 0]), (256, 1024, [0, 0])]
@@ -947,7 +950,8 @@ fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
     }
 }
 
-/// With the device taken to have 2 or 3 compute units, fused products of 1, 3 and 4 vectors deal the row tiles'
+/// With the device taken to have 2 or 3 compute units and no fast 8-bit dot products (with them, split streams'
+/// products take blocks of digits: `fused_split_blocks_as_digits`), fused products of 1, 3 and 4 vectors deal the row tiles'
 /// segments out over the workgroups in runs (`kernels::spread_slabs`) where whole row tiles would leave one unit more
 /// slabs: 200 rows (7 row tiles, the last partial) by 1472 columns (6 segments, the last 192 wide) in 2 workgroups of
 /// 21 slabs and in 3 of 14, and 224 rows by 2048 columns (4 segments) in 3 workgroups of 10, so that row tiles lie
@@ -961,7 +965,7 @@ fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
     for (rows, cols, segment, units, slabs) in
         [(200, 1472, 256, 2, 21), (200, 1472, 256, 3, 14), (224, 2048, 512, 3, 10)]
     {
-        let dealt = ctx.with_compute_units(Some(units));
+        let dealt = ctx.with_integer_dot(false).with_compute_units(Some(units));
         let q = random_matrix(rows, cols, 4, 32, 1600 + (rows + cols) as u64 + units as u64);
         for split in SPLITS {
             let t = encode_as(&q, segment, split);
