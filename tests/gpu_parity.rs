@@ -863,24 +863,36 @@ fn wide_range_vectors(len: usize, seed: u64) -> Vec<f32> {
 
 /// With the device taken to have fast 8-bit dot products and a few compute units, fused products by split streams deal
 /// the row tiles' segments out in blocks, each workgroup staging its part of the row as digits for every vector
-/// (`kernels::task_blocks`): 2 to 4 vectors on 390 rows (13 row tiles, the last partial) by 1952 columns (8 segments,
-/// the last 160 wide) in 4 workgroups of 7 row tiles by 4 segments, and one vector on 200 rows by 4160 columns (17
-/// segments, the last 64 wide) in 6 workgroups of 3 row tiles by 9 segments; so each row tile's two halves meet in the
-/// seam words, and the last block has fewer row tiles and its second part fewer segments. In both split forms, with
-/// the outputs poisoned first, the products come within tolerance of the float64 reference for uniform x and for x of
-/// wide range in every vector; a second product of the same x equals the first bit for bit (the seams are left empty);
-/// an infinity or a NaN in the first vector makes every row of its product non-finite and leaves the others' finite.
-/// Without the fast dot products, or with no count of compute units, the products take no blocks.
+/// (`kernels::task_blocks`): 2 to 4 vectors on 390 rows (13 row tiles, the last partial) by 8 segments of 256 columns,
+/// the last 160 wide in groups of 32 (1952 columns), 192 wide in groups of 64 (1984) and 128 wide in groups of 128
+/// (1920), in 4 workgroups of 7 row tiles by 4 segments, the digits of a group sharing one scale
+/// (`kernels::shared_digit_scales`); and one vector on 200 rows by 4160 columns (17 segments, the last 64 wide) in 6
+/// workgroups of 3 row tiles by 9 segments; so each row tile's two halves meet in the seam words, and the last block
+/// has fewer row tiles and its second part fewer segments. In both split forms, with the outputs poisoned first, the
+/// products come within tolerance of the float64 reference for uniform x and for x of wide range in every vector; a
+/// second product of the same x equals the first bit for bit (the seams are left empty); an infinity or a NaN in the
+/// first vector makes every row of its product non-finite and leaves the others' finite. Without the fast dot
+/// products, or with no count of compute units, the products take no blocks; nor do several vectors where the groups
+/// are of 256 columns (390 rows by 2048 columns), whose products come within tolerance all the same. Where a group's
+/// integer sums come nearest their 32-bit bound (two vectors, almost every weight 15, every x 1.99 in one vector and
+/// -1.99 in the other, groups of 64 and of 128), the products come within tolerance too.
 fn fused_split_blocks_as_digits(ctx: &GpuContext) {
-    for (rows, cols, units, ms, shape) in [(390, 1952, 4, 2..=4, (2, 4, 7)), (200, 4160, 6, 1..=1, (2, 9, 3))] {
+    let cases = [
+        (390, 1952, 32, 4, 2..=4, (2, 4, 7)),
+        (390, 1984, 64, 4, 2..=4, (2, 4, 7)),
+        (390, 1920, 128, 4, 2..=4, (2, 4, 7)),
+        (200, 4160, 32, 6, 1..=1, (2, 9, 3)),
+    ];
+    for (rows, cols, group, units, ms, shape) in cases {
         let fast = ctx.with_compute_units(Some(units)).with_integer_dot(true);
-        let q = random_matrix(rows, cols, 4, 32, 1800 + rows as u64);
+        let q = random_matrix(rows, cols, 4, group, 1800 + rows as u64);
         for form in [SplitForm::Low2, SplitForm::Low3] {
             let t = encode_as(&q, 256, Some(form));
             let stream = GpuStream::upload(&fast, &t).unwrap();
             let mm = EcMatmul::new(&fast, &t, Strategy::Fused).unwrap();
             for m in ms.clone() {
-                let what = format!("{rows}x{cols} split {form:?} {:?} m={m} in blocks", ctx.lane_mode());
+                let what =
+                    format!("{rows}x{cols} in groups of {group} split {form:?} {:?} m={m} in blocks", ctx.lane_mode());
                 let (spec, groups) = kernels::ec_gemv_spec(&fast, &stream, m);
                 let (parts, per, tiles) = shape;
                 if ctx.limits().max_compute_invocations_per_workgroup >= 32 * (per * tiles) as u32 {
@@ -914,6 +926,32 @@ fn fused_split_blocks_as_digits(ctx: &GpuContext) {
                     assert!(y[rows..].iter().all(|v| v.is_finite()), "{what}, x holding {bad}: {y:?}");
                 }
             }
+        }
+    }
+    let fast = ctx.with_compute_units(Some(4)).with_integer_dot(true);
+    // The groups' sums nearest the 32-bit bound: almost every weight 15, and x 1.99 in one vector, -1.99 in the other.
+    for (cols, group) in [(1984, 64), (1920, 128)] {
+        let mut q = random_matrix(390, cols, 4, group, 1804);
+        q.symbols.iter_mut().filter(|s| **s >= 2).for_each(|s| *s = 15);
+        let t = encode_as(&q, 256, Some(SplitForm::Low3));
+        let what = format!("390x{cols} in groups of {group}, weights of 15, {:?}", ctx.lane_mode());
+        let stream = GpuStream::upload(&fast, &t).unwrap();
+        let invocations = ctx.limits().max_compute_invocations_per_workgroup;
+        assert_eq!(kernels::ec_gemv_spec(&fast, &stream, 2).0.block_cols > 0, invocations >= 32 * 28, "{what}");
+        let x: Vec<f32> = (0..2 * cols).map(|i| if i < cols { 1.99 } else { -1.99 }).collect();
+        let (want, mag) = reference(&q, &x, 2);
+        let mut y = vec![f32::NAN; 2 * 390];
+        EcMatmul::new(&fast, &t, Strategy::Fused).unwrap().matmul(&x, 2, &mut y).unwrap();
+        assert_close(&what, &y, &want, &mag, GEMV_REL_TOL);
+    }
+    let q = random_matrix(390, 2048, 4, 256, 1803);
+    for form in [SplitForm::Low2, SplitForm::Low3] {
+        let t = encode_as(&q, 256, Some(form));
+        let stream = GpuStream::upload(&fast, &t).unwrap();
+        for m in 2..=4 {
+            let what = format!("390x2048 in groups of 256 split {form:?} {:?} m={m}", ctx.lane_mode());
+            assert_eq!(kernels::ec_gemv_spec(&fast, &stream, m).0.block_cols, 0, "{what}");
+            fused_close_to_reference(&fast, &q, &t, m, &what);
         }
     }
 }

@@ -80,13 +80,19 @@ var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
 //#if DIGITS
 // With DIGITS (`kernels::integer_dot`, with STAGE_X or BLOCKS) each vector's staged columns, XS_COLS from column
 // `xs_col0` on, are held as integers a block of 4 KW columns (a loop trip's) at a time, so that the products take four
-// weights an instruction (`dot4I8Packed`): the block's values times 2^E rounded, where 2^E puts its largest magnitude
-// in [2^21, 2^22), each X = d0 + 2^8 d1 + 2^16 d2 with signed 8-bit digits (d0, d1 in -128..127, d2 in -64..64); then
-// sum(q X) over the block is exact in 32 bits (|sum| <= 32 15 2^22 < 2^31), and 2^-E sum(q X) is sum(q x) with each x
-// rounded to 23 significant bits at the block's largest. A block's digits are 6 NW words (NW words of 8 columns each):
+// weights an instruction (`dot4I8Packed`): the values times 2^E rounded, each X = d0 + 2^8 d1 + 2^16 d2 with signed
+// 8-bit digits (d0, d1 in -128..127, d2 in -64..64). At one vector 2^E puts the block's largest magnitude in [2^21,
+// 2^22): sum(q X) over the block is exact in 32 bits (|sum| <= 32 15 2^22 < 2^31), and 2^-E sum(q X) is sum(q x) with
+// each x rounded to 23 significant bits at the block's largest. With several vectors the blocks of a scale group
+// (`params.group_size` = 32 2^GB columns, GB <= 2: the host stages digits for several vectors only there) share one
+// 2^E, which puts the group's largest magnitude in [2^(21 - GB), 2^(22 - GB)), so that sum(q X) over the whole group is
+// exact in 32 bits (|sum| <= 32 2^GB 15 2^(22 - GB) < 2^31): each vector's dot products are summed as integers over
+// the group and turned into a float once, at its fold, with x rounded to 23 - GB significant bits at the group's
+// largest. A block's digits are 6 NW words (NW words of 8 columns each):
 // word (2 d + h) NW + k holds digit d of columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h (byte by byte), the
 // columns that the low (h = 0) or high (h = 1) nibbles of packed word k hold at bytes 0 to 3; then 2^-E and the
-// block's sum(x) as f32 bits. Blocks of 32 columns (SPLIT3) take 7 of their 8 vec4s, of 16 all 4. Vector v's blocks
+// sum(x) of the block (or, with several vectors, of its group) as f32 bits. Blocks of 32 columns (SPLIT3) take 7 of
+// their 8 vec4s, of 16 all 4. Vector v's blocks
 // are `xs[v]`: indexed by the vector (a constant once the driver unrolls the loop over them) and the block apart, the
 // bounds check and the address of a trip's block are reckoned once for all vectors, where one index v XS_BLOCKS + j
 // took a clamp and a multiply for each (the driver's code for 4 vectors on an H200: a loop trip 419 -> 407
@@ -97,10 +103,11 @@ var<workgroup> xs: array<array<array<vec4<u32>, KW>, XS_BLOCKS>, M>;
 // The first staged column.
 var<private> xs_col0: u32;
 
-// Stages x as above, columns `col0` .. col0 + XS_COLS of each vector (those below cols): a lane for each pair (k, h)
-// of a block, which writes its three words, and the lane of (0, 0) the step and the sum. Where subgroups are 32 lanes
-// or more the block's 2 NW lanes (side by side in one) find its largest magnitude and its sum together through
-// shuffles, from their own columns; otherwise each reads the whole block. The scale's exponent is clamped so that 2^E and 2^-E are
+// Stages x as above, columns `col0` .. col0 + XS_COLS of each vector (those below cols; col0 and the count of columns
+// staged are whole groups): a lane for each pair (k, h) of a block, which writes its three words, and the lane of (0,
+// 0) the step and the sum. Where subgroups are 32 lanes or more the 2 NW lanes of the block, or with several vectors of
+// the group's blocks (side by side in one subgroup, at most 32), find its largest magnitude and its sum together
+// through shuffles, from their own columns; otherwise each reads the whole block or group. The scale's exponent is clamped so that 2^E and 2^-E are
 // normal floats: a block whose largest magnitude is below 2^-105 keeps fewer bits (its products are below f32's
 // smallest normal anyway), and one holding an infinity or a NaN gets digits of no meaning but a sum that is not finite,
 // which every row's product takes. `lin` is the lane's index in the workgroup (subgroup by subgroup). Call from uniform
@@ -108,12 +115,17 @@ var<private> xs_col0: u32;
 fn stage_digits(lin: u32, col0: u32) {
     let blocks = min(XS_BLOCKS, (params.cols - col0) / (4u * KW));
     let tasks = M * blocks * (2u * NW);
+    // Blocks sharing a scale, and GB.
+    let span = select(1u, params.group_size / (4u * KW), M > 1u);
+    let gb = select(0u, firstTrailingBit(params.group_size / 32u), M > 1u);
     // Whole rounds of the workgroup, so that every lane of a subgroup takes part in its shuffles.
     for (var base = 0u; base < tasks; base += WG) {
         let task = min(base + lin, tasks - 1u);
         let v = task / (2u * NW) / blocks;
         let j = task / (2u * NW) % blocks;
         let b = x_block(v, col0 + j * 4u * KW);
+        // The first block of the ones sharing this block's scale.
+        let first = b - j % span;
         let k = task % (2u * NW) / 2u;
         let h = task % 2u;
         // Columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h: components h and 2 + h of pieces 2 k and 2 k + 1.
@@ -122,7 +134,7 @@ fn stage_digits(lin: u32, col0: u32) {
         let own = select(vec4<f32>(lo.x, lo.z, hi.x, hi.z), vec4<f32>(lo.y, lo.w, hi.y, hi.w), h == 1u);
 //#if SUBGROUP
 //#if NARROW
-        let big_sum = block_big_sum(b);
+        let big_sum = blocks_big_sum(first, span);
 //#else
         var big = max(max(abs(own.x), abs(own.y)), max(abs(own.z), abs(own.w)));
         var sum = (own.x + own.y) + (own.z + own.w);
@@ -130,14 +142,23 @@ fn stage_digits(lin: u32, col0: u32) {
             big = max(big, subgroupShuffleXor(big, o));
             sum += subgroupShuffleXor(sum, o);
         }
+        // The group's other blocks, in a loop of their own: one loop to 2 NW span lanes made one vector slower
+        // (measured on an H200, us, its `--experiments` copy against the kernel before in the same processes:
+        // 14336x4096 31.3-31.6 against 30.9-31.1, 4096x14336 32.2-32.5 against 31.5-31.6).
+        if (M > 1u) {
+            for (var o = 2u * NW; o < 2u * NW * span; o <<= 1u) {
+                big = max(big, subgroupShuffleXor(big, o));
+                sum += subgroupShuffleXor(sum, o);
+            }
+        }
         let big_sum = vec2<f32>(big, sum);
 //#endif
 //#else
-        let big_sum = block_big_sum(b);
+        let big_sum = blocks_big_sum(first, span);
 //#endif
         let e = clamp((bitcast<u32>(big_sum.x) >> 23u) & 0xffu, 22u, 255u);
-        // 2^(148 - e): for |x| < 2^(e - 126), |x 2^(148 - e)| < 2^22.
-        let q = bitcast<vec4<u32>>(vec4<i32>(round(own * bitcast<f32>((275u - e) << 23u))));
+        // 2^(148 - GB - e): for |x| < 2^(e - 126), |x 2^(148 - GB - e)| < 2^(22 - GB).
+        let q = bitcast<vec4<u32>>(vec4<i32>(round(own * bitcast<f32>((275u - gb - e) << 23u))));
         // The low bytes of X, floor((X + 2^7) / 2^8) and floor((X + 2^7 + 2^15) / 2^16): the digits' bytes, one
         // column a byte.
         let shift = vec4<u32>(0u, 8u, 16u, 24u);
@@ -156,22 +177,24 @@ fn stage_digits(lin: u32, col0: u32) {
             }
             if (task % (2u * NW) == 0u) {
                 let i = 6u * NW;
-                // 2^(e - 148).
-                xs[v][j][i / 4u][i % 4u] = (e - 21u) << 23u;
+                // 2^(e + GB - 148).
+                xs[v][j][i / 4u][i % 4u] = (e + gb - 21u) << 23u;
                 xs[v][j][(i + 1u) / 4u][(i + 1u) % 4u] = bitcast<u32>(big_sum.y);
             }
         }
     }
 }
 
-// The largest magnitude and the sum of block `b` of x, read whole.
-fn block_big_sum(b: u32) -> vec2<f32> {
+// The largest magnitude and the sum of blocks `b` .. b + n of x, read whole.
+fn blocks_big_sum(b: u32, n: u32) -> vec2<f32> {
     var big = 0.0;
     var sum = 0.0;
-    for (var p = 0u; p < KW; p++) {
-        let v = x[b][p];
-        big = max(big, max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w))));
-        sum += (v.x + v.y) + (v.z + v.w);
+    for (var i = b; i < b + n; i++) {
+        for (var p = 0u; p < KW; p++) {
+            let v = x[i][p];
+            big = max(big, max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w))));
+            sum += (v.x + v.y) + (v.z + v.w);
+        }
     }
     return vec2<f32>(big, sum);
 }
@@ -196,7 +219,7 @@ fn digit_dot(w: vec4<u32>, v: u32, j: u32) -> i32 {
     return t;
 }
 
-// The step 2^-E and the sum of x of staged block `j` of vector `v`.
+// The step 2^-E and the sum of x of staged block `j` of vector `v` (with several vectors, of its group).
 fn digit_step_sum(v: u32, j: u32) -> vec2<f32> {
     return bitcast<vec2<f32>>(xs[v][j][6u * NW / 4u].xy);
 }
@@ -512,6 +535,13 @@ fn main(
             for (var v = 0u; v < M; v++) {
                 qx[v] = 0.0;
             }
+//#if DIGITS
+            // With several vectors, each one's sum(q X) over the group (`stage_digits`).
+            var qi: array<i32, M>;
+            for (var v = 0u; v < M; v++) {
+                qi[v] = 0i;
+            }
+//#endif
 //#if QUADS
             // The current 16-byte piece of x per vector.
             var xq: array<vec4<f32>, M>;
@@ -707,32 +737,29 @@ fn main(
                     let block = merge_block(hi, low_word(row_tile, col4));
 //#endif
 //#if DIGITS
-                    // With DIGITS, the block against each vector's staged digits, four weights an instruction; with
-                    // several vectors, every vector's step and sum read first, with one after its products. Measured
-                    // on an H200 (`kernels::task_blocks` on 14336x4096, us at two / three / four vectors, two
-                    // processes): with one flat array of every vector's blocks 37.2 / 41.0-41.2 / 47.4-47.5; `xs`
-                    // indexed by vector, each vector's step and sum read after its products, 35.4-35.6 / 39.9-40.1 /
-                    // 48.4; read first, 35.4 / 40.2-40.3 / 47.4-47.5. At one vector (x staged whole), three processes:
-                    // 31.4-31.5 read first, 31.0-31.2 after.
+                    // With DIGITS, the block against each vector's staged digits, four weights an instruction. One
+                    // vector takes its block's step and sum after its products; several sum their products over the
+                    // group as integers, and the fold takes the group's step and sum. Measured on an H200
+                    // (`kernels::task_blocks` on 14336x4096 in groups of 64, us, against the kernel before, which read
+                    // every vector's step and sum before each block's products and added a float product a block, as
+                    // an `--experiments` copy in the same processes): four vectors 45.9-46.3 against 47.3-47.6 (four
+                    // processes), two and three 35.4-35.6 and 40.6 against 35.5-35.7 and 40.7 (two processes, the
+                    // group's shuffles then in one loop). Group sums at one vector too ran 31.0-31.3 against 30.9-31.1
+                    // on 14336x4096 and 32.1-32.4 against 31.5-31.6 on 4096x14336, so one vector keeps its float sums.
                     let xi = (col4 - xs_col0) / (4u * KW);
-                    var steps_sums: array<vec2<f32>, M>;
-                    if (M > 1u) {
-                        for (var v = 0u; v < M; v++) {
-                            steps_sums[v] = digit_step_sum(v, xi);
-                        }
-                    }
                     for (var v = 0u; v < M; v++) {
 //#if SPLIT3
                         let t = digit_dot(block, v, xi);
 //#else
                         let t = digit_dot(vec4<u32>(block, 0u, 0u), v, xi);
 //#endif
-                        var step_sum = steps_sums[v];
                         if (M == 1u) {
-                            step_sum = digit_step_sum(v, xi);
+                            let step_sum = digit_step_sum(v, xi);
+                            qx[v] += f32(t) * step_sum.x;
+                            sx[v] += step_sum.y;
+                        } else {
+                            qi[v] += t;
                         }
-                        qx[v] += f32(t) * step_sum.x;
-                        sx[v] += step_sum.y;
                     }
 //#else
                     for (var j = 0u; j < 4u * KW; j += 2u) {
@@ -819,7 +846,14 @@ fn main(
 //#else
                     for (var v = 0u; v < M; v++) {
 //#if DIGITS
-                        // qx holds sum(q x) itself.
+                        // qx holds sum(q x) itself; with several vectors qi holds sum(q X) and the group's first block
+                        // its step and sum.
+                        if (M > 1u) {
+                            let step_sum = digit_step_sum(v, (col0 + group_step * KW - xs_col0) / (4u * KW));
+                            qx[v] = step_sum.x * f32(qi[v]);
+                            sx[v] = step_sum.y;
+                            qi[v] = 0i;
+                        }
                         acc[v] += select(0.0, s * qx[v] + b * sx[v], lane_live);
 //#else
 //#if SPLIT

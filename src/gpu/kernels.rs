@@ -259,7 +259,7 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let staged = Spec { stage_x: stage_x(&spec, workgroups, l.cols(), units), ..spec };
     let spec = if fits(&staged) { staged } else { spec };
     let spec = Spec { digits: integer_dot(&spec, ctx.integer_dot()), ..spec };
-    if !spec.stage_x && groups == 1 {
+    if !spec.stage_x && groups == 1 && (m == 1 || shared_digit_scales(stream.group_size)) {
         let blocks = task_blocks(&l, m, stream.split(), ctx.integer_dot(), units, max_invocations);
         if let Some(b) = blocks {
             let blocked = Spec {
@@ -318,7 +318,8 @@ fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
 /// `l` (`split` or not) in blocks (`Spec::block_cols`), on a device of `compute_units` that allows `max_invocations` a
 /// workgroup and runs 8-bit dot products as one instruction (`fast`): blocks of row tiles by the segments of a part of
 /// the row ([`block_parts`]), one workgroup a block, each staging its part's columns of every vector as 8-bit digits
-/// (as [`integer_dot`] does for a whole vector); the two parts of a row tile meet in the seam words. Of the column
+/// (as [`integer_dot`] does for a whole vector; [`ec_gemv_spec`] takes blocks for several vectors only where
+/// [`shared_digit_scales`] holds); the two parts of a row tile meet in the seam words. Of the column
 /// counts in [`BLOCK_COLS`] whose digits for `m` vectors stay within [`BLOCK_X_COLS`], the one whose blocks take the
 /// fewest slabs, the row tiles a block chosen so that the workgroups fit on the compute units, one each; none
 /// below [`DIGITS_MIN_SLABS`] slabs a workgroup or above a workgroup's most. Only for split streams, up to
@@ -360,6 +361,20 @@ pub fn task_blocks(
             fits.then_some(TaskBlocks { cols, parts, per, tiles })
         })
         .min_by_key(|b| b.tiles * b.per)
+}
+
+/// Whether ec_gemv's digits of several vectors ([`task_blocks`]) may share one scale over each group of
+/// `group_size` columns: 32, 64 or 128. Each vector's dot products are then summed as integers over the group and
+/// turned into a float once, where one vector's are turned into a float every loop trip; sum(q X) over a group stays
+/// within 32 bits with x rounded to 23, 22 or 21 significant bits at the group's largest magnitude (ec_gemv.wgsl,
+/// `stage_digits`), and a group's lanes fit one subgroup of 32 for the shuffles that find its largest magnitude and its
+/// sum. Products of several vectors whose groups are larger or not a power of two take no blocks. Measured on an H200
+/// (14336x4096 in groups of 64, split streams of one coded bit, us, against the same blocks adding a float product a
+/// loop trip in the same processes; BENCHMARKS.md, "Digits of a group summed as integers"): four vectors 45.9-46.3
+/// against 47.3-47.6, two and three 35.4-35.6 and 40.6 against 35.5-35.7 and 40.7; one vector, which keeps a scale a
+/// loop trip, unchanged.
+pub fn shared_digit_scales(group_size: usize) -> bool {
+    group_size.is_power_of_two() && (32..=128).contains(&group_size)
 }
 
 /// Fewest slabs a workgroup for which [`integer_dot`] applies.
