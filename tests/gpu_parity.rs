@@ -735,16 +735,15 @@ fn fused_vectors_shared_out_over_workgroups(ctx: &GpuContext) {
 
 /// With the device taken to have 2 compute units and no fast 8-bit dot products (with them, split streams' products of
 /// up to 4 vectors take blocks of digits: `fused_split_blocks_as_digits`), fused products over 7 and 8 row tiles (200
-/// and 256 rows; 7 an odd
-/// count, its last row tile partial) of 6 segments (1472 columns, the last segment 192 wide) take two row tiles a
-/// workgroup (`kernels::row_tile_pairs`) at 1 to 4 vectors, and over 8 row tiles of 8 segments (2048 columns) at 1
-/// to 8 vectors on split streams and 1 to 7 on 4-bit streams: their products equal, bit for bit, those of the same
-/// context taken to have no known compute units (one row tile a workgroup), and the float64 reference within
-/// tolerance, with the outputs poisoned first. More vectors, 6 row tiles (3 a unit, 4 in pairs) and rows of 4
-/// segments keep one row tile a workgroup. Up to `kernels::SPREAD_VECTORS` vectors by the 7 row tiles of 1472
-/// columns are dealt out in runs instead (`fused_tasks_dealt_out_in_runs`): their products, on both contexts, come
-/// within tolerance of the reference, and are not compared bit for bit (the row tiles across two workgroups add
-/// their parts in another order).
+/// and 256 rows; 7 an odd count, its last row tile partial) of 6 segments (1472 columns, the last segment 192 wide)
+/// take two row tiles a workgroup (`kernels::row_tile_pairs`) at 1 to 4 vectors, and over 8 row tiles of 8 segments
+/// (2048 columns) at 1 to 8 vectors on split streams and 1 to 7 on 4-bit streams: their products equal, bit for bit,
+/// those of the same context taken to have no known compute units (one row tile a workgroup), and the float64 reference
+/// within tolerance, with the outputs poisoned first. More vectors, 6 row tiles (3 a unit, 4 in pairs) and rows of 4
+/// segments keep one row tile a workgroup. Up to `kernels::SPREAD_VECTORS` vectors by the 7 row tiles of 1472 columns
+/// are dealt out in runs instead (`fused_tasks_dealt_out_in_runs`): their products, on both contexts, come within
+/// tolerance of the reference, and are not compared bit for bit (the row tiles across two workgroups add their parts in
+/// another order).
 fn fused_row_tiles_in_pairs(ctx: &GpuContext) {
     let slow = ctx.with_integer_dot(false);
     let two = slow.with_compute_units(Some(2));
@@ -989,16 +988,15 @@ fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
 }
 
 /// With the device taken to have 2 or 3 compute units and no fast 8-bit dot products (with them, split streams'
-/// products take blocks of digits: `fused_split_blocks_as_digits`), fused products of 1, 3 and 4 vectors deal the row tiles'
-/// segments out over the workgroups in runs (`kernels::spread_slabs`) where whole row tiles would leave one unit more
-/// slabs: 200 rows (7 row tiles, the last partial) by 1472 columns (6 segments, the last 192 wide) in 2 workgroups of
-/// 21 slabs and in 3 of 14, and 224 rows by 2048 columns (4 segments) in 3 workgroups of 10, so that row tiles lie
-/// across two workgroups and meet in the seam words (a row of them for each vector). On streams not split and split
-/// in both forms, products with two sets of vectors in turn each come within tolerance of the float64 reference,
-/// with the outputs poisoned first (the second finds the seams empty again), and a third, of the first set, equals
-/// the first bit for bit; so does a product of one vector recorded with weights bound on a context with no compute
-/// units known (`kernels::ec_gemv_weights` holds the seam words whatever the context). Five vectors keep whole row
-/// tiles.
+/// products take blocks of digits: `fused_split_blocks_as_digits`), fused products of 1, 3 and 4 vectors deal the row
+/// tiles' segments out over the workgroups in runs (`kernels::spread_slabs`) where whole row tiles would leave one unit
+/// more slabs: 200 rows (7 row tiles, the last partial) by 1472 columns (6 segments, the last 192 wide) in 2 workgroups
+/// of 21 slabs and in 3 of 14, and 224 rows by 2048 columns (4 segments) in 3 workgroups of 10, so that row tiles lie
+/// across two workgroups and meet in the seam words (a row of them for each vector). On streams not split and split in
+/// both forms, products with two sets of vectors in turn each come within tolerance of the float64 reference, with the
+/// outputs poisoned first (the second finds the seams empty again), and a third, of the first set, equals the first bit
+/// for bit; so does a product of one vector recorded with weights bound on a context with no compute units known
+/// (`kernels::ec_gemv_weights` holds the seam words whatever the context). Five vectors keep whole row tiles.
 fn fused_tasks_dealt_out_in_runs(ctx: &GpuContext) {
     for (rows, cols, segment, units, slabs) in
         [(200, 1472, 256, 2, 21), (200, 1472, 256, 3, 14), (224, 2048, 512, 3, 10)]

@@ -86,17 +86,15 @@ var<workgroup> xs: array<array<vec4<f32>, KW>, XS_COLS / (4u * KW)>;
 // each x rounded to 23 significant bits at the block's largest. With several vectors the blocks of a scale group
 // (`params.group_size` = 32 2^GB columns, GB <= 2: the host stages digits for several vectors only there) share one
 // 2^E, which puts the group's largest magnitude in [2^(21 - GB), 2^(22 - GB)), so that sum(q X) over the whole group is
-// exact in 32 bits (|sum| <= 32 2^GB 15 2^(22 - GB) < 2^31): each vector's dot products are summed as integers over
-// the group and turned into a float once, at its fold, with x rounded to 23 - GB significant bits at the group's
-// largest. A block's digits are 6 NW words (NW words of 8 columns each):
-// word (2 d + h) NW + k holds digit d of columns 8 k + h, 8 k + 2 + h, 8 k + 4 + h, 8 k + 6 + h (byte by byte), the
-// columns that the low (h = 0) or high (h = 1) nibbles of packed word k hold at bytes 0 to 3; then 2^-E and the
-// sum(x) of the block (or, with several vectors, of its group) as f32 bits. Blocks of 32 columns (SPLIT3) take 7 of
-// their 8 vec4s, of 16 all 4. Vector v's blocks
-// are `xs[v]`: indexed by the vector (a constant once the driver unrolls the loop over them) and the block apart, the
-// bounds check and the address of a trip's block are reckoned once for all vectors, where one index v XS_BLOCKS + j
-// took a clamp and a multiply for each (the driver's code for 4 vectors on an H200: a loop trip 419 -> 407
-// instructions).
+// exact in 32 bits (|sum| <= 32 2^GB 15 2^(22 - GB) < 2^31): each vector's dot products are summed as integers over the
+// group and turned into a float once, at its fold, with x rounded to 23 - GB significant bits at the group's largest. A
+// block's digits are 6 NW words (NW words of 8 columns each): word (2 d + h) NW + k holds digit d of columns 8 k + h, 8
+// k + 2 + h, 8 k + 4 + h, 8 k + 6 + h (byte by byte), the columns that the low (h = 0) or high (h = 1) nibbles of
+// packed word k hold at bytes 0 to 3; then 2^-E and the sum(x) of the block (or, with several vectors, of its group) as
+// f32 bits. Blocks of 32 columns (SPLIT3) take 7 of their 8 vec4s, of 16 all 4. Vector v's blocks are `xs[v]`: indexed
+// by the vector (a constant once the driver unrolls the loop over them) and the block apart, the bounds check and the
+// address of a trip's block are reckoned once for all vectors, where one index v XS_BLOCKS + j took a clamp and a
+// multiply for each (the driver's code for 4 vectors on an H200: a loop trip 419 -> 407 instructions).
 const NW: u32 = KW / 2u;
 const XS_BLOCKS: u32 = XS_COLS / (4u * KW);
 var<workgroup> xs: array<array<array<vec4<u32>, KW>, XS_BLOCKS>, M>;
@@ -107,11 +105,11 @@ var<private> xs_col0: u32;
 // staged are whole groups): a lane for each pair (k, h) of a block, which writes its three words, and the lane of (0,
 // 0) the step and the sum. Where subgroups are 32 lanes or more the 2 NW lanes of the block, or with several vectors of
 // the group's blocks (side by side in one subgroup, at most 32), find its largest magnitude and its sum together
-// through shuffles, from their own columns; otherwise each reads the whole block or group. The scale's exponent is clamped so that 2^E and 2^-E are
-// normal floats: a block whose largest magnitude is below 2^-105 keeps fewer bits (its products are below f32's
-// smallest normal anyway), and one holding an infinity or a NaN gets digits of no meaning but a sum that is not finite,
-// which every row's product takes. `lin` is the lane's index in the workgroup (subgroup by subgroup). Call from uniform
-// control flow.
+// through shuffles, from their own columns; otherwise each reads the whole block or group. The scale's exponent is
+// clamped so that 2^E and 2^-E are normal floats: a block whose largest magnitude is below 2^-105 keeps fewer bits (its
+// products are below f32's smallest normal anyway), and one holding an infinity or a NaN gets digits of no meaning but
+// a sum that is not finite, which every row's product takes. `lin` is the lane's index in the workgroup (subgroup by
+// subgroup). Call from uniform control flow.
 fn stage_digits(lin: u32, col0: u32) {
     let blocks = min(XS_BLOCKS, (params.cols - col0) / (4u * KW));
     let tasks = M * blocks * (2u * NW);
