@@ -133,6 +133,9 @@ fn form(kernel: Kernel, spec: &Spec) -> (Kernel, Spec) {
     (kernel, Spec { precision: 0, workgroup: 0, ..*spec })
 }
 
+/// A specialization and the MSL versions it is translated at.
+type Job<'a> = (Kernel, Spec, &'a [(u8, u8)]);
+
 /// Every (kernel, specialization) the crate builds validates and translates to MSL, keeping its entry point and
 /// workgroup size: the first of each form ([`form`]) at every MSL version wgpu targets, the others of that form at
 /// one version each, in turn. (All of them at every version took about 14 minutes on two cores, most of it in the
@@ -143,7 +146,7 @@ fn every_wgsl_specialization_translates_to_msl() {
     let specs = shaders::specializations();
     let start = Instant::now();
     let mut seen: HashMap<(Kernel, Spec), usize> = HashMap::new();
-    let jobs: Vec<(Kernel, Spec, &[(u8, u8)])> = specs
+    let jobs: Vec<Job> = specs
         .iter()
         .map(|&(kernel, spec)| {
             let n = seen.entry(form(kernel, &spec)).or_insert(0);
