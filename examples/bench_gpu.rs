@@ -962,7 +962,8 @@ struct Experiment {
     unchecked: bool,
     /// Built without naga's bounds checks.
     no_bounds: bool,
-    /// Compiled to SPIR-V here (`accsat_spirv`), with each add of a dot product folded into it where `fold`.
+    /// Compiled to SPIR-V here (`accsat_spirv`): `Some(true)` with each add of a dot product folded into it
+    /// (`//@ accsat`), `Some(false)` as naga writes it (`//@ spirv`).
     spirv: Option<bool>,
 }
 

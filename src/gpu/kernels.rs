@@ -952,7 +952,7 @@ fn build_edited(
 /// A pipeline of `kernel` under `spec` from SPIR-V words compiled from the WGSL `source` some other way than wgpu's
 /// own (e.g. by naga, its instructions then rewritten), through the driver's passthrough path: for benchmarks that
 /// time what a driver makes of other SPIR-V for the same kernel. The device must have been opened with
-/// `PASSTHROUGH_SHADERS` ([`GpuContext::from_device`]); a source that declares more workgroup memory than the device
+/// `PASSTHROUGH_SHADERS` ([`GpuContext::with_features`]); a source that declares more workgroup memory than the device
 /// allows is refused, as for every pipeline.
 ///
 /// # Safety
