@@ -865,9 +865,13 @@ fn wide_range_vectors(len: usize, seed: u64) -> Vec<f32> {
 /// (`kernels::task_blocks`): 2 to 4 vectors on 390 rows (13 row tiles, the last partial) by 8 segments of 256 columns,
 /// the last 160 wide in groups of 32 (1952 columns), 192 wide in groups of 64 (1984) and 128 wide in groups of 128
 /// (1920), in 4 workgroups of 7 row tiles by 4 segments, the digits of a group sharing one scale
-/// (`kernels::shared_digit_scales`); and one vector on 200 rows by 4160 columns (17 segments, the last 64 wide) in 6
+/// (`kernels::shared_digit_scales`); one vector on 390 rows by 4160 columns (17 segments, the last 64 wide) in 10
 /// workgroups of 3 row tiles by 9 segments; so each row tile's two halves meet in the seam words, and the last block
-/// has fewer row tiles and its second part fewer segments. In both split forms, with the outputs poisoned first, the
+/// has fewer row tiles and its second part fewer segments. Rows in more parts, which meet in a tree of seam words: one
+/// vector on 200 rows by 4160 columns in three parts of 6, 6 and 5 segments, 6 workgroups of 4 row tiles; 2 to 4
+/// vectors on 390 rows by 2720 columns (11 segments, the last 160 wide, groups of 32) in three parts of 4, 4 and 3
+/// segments, 6 workgroups of 7 row tiles, and by 3968 columns (16 segments, the last 128 wide, groups of 64) in four
+/// parts of 4 segments, 8 workgroups of 7 row tiles. In both split forms, with the outputs poisoned first, the
 /// products come within tolerance of the float64 reference for uniform x and for x of wide range in every vector; a
 /// second product of the same x equals the first bit for bit (the seams are left empty); an infinity or a NaN in the
 /// first vector makes every row of its product non-finite and leaves the others' finite. Without the fast dot
@@ -880,7 +884,10 @@ fn fused_split_blocks_as_digits(ctx: &GpuContext) {
         (390, 1952, 32, 4, 2..=4, (2, 4, 7)),
         (390, 1984, 64, 4, 2..=4, (2, 4, 7)),
         (390, 1920, 128, 4, 2..=4, (2, 4, 7)),
-        (200, 4160, 32, 6, 1..=1, (2, 9, 3)),
+        (390, 4160, 32, 10, 1..=1, (2, 9, 3)),
+        (200, 4160, 32, 6, 1..=1, (3, 6, 4)),
+        (390, 2720, 32, 6, 2..=4, (3, 4, 7)),
+        (390, 3968, 64, 8, 2..=4, (4, 4, 7)),
     ];
     for (rows, cols, group, units, ms, shape) in cases {
         let fast = ctx.with_compute_units(Some(units)).with_integer_dot(true);
@@ -898,6 +905,7 @@ fn fused_split_blocks_as_digits(ctx: &GpuContext) {
                     let b = kernels::task_blocks(t.layout(), m, true, true, Some(units), u32::MAX).unwrap();
                     assert_eq!((b.parts, b.per, b.tiles, groups), (parts, per, tiles, 1), "{what}");
                     assert!(spec.digits && spec.block_cols == b.cols && spec.slabs() as usize == per * tiles, "{what}");
+                    assert_eq!(spec.seam_tree, parts > 2, "{what}");
                 }
                 for slow in [fast.with_integer_dot(false), fast.with_compute_units(None)] {
                     assert_eq!(kernels::ec_gemv_spec(&slow, &stream, m).0.block_cols, 0, "{what}");
@@ -955,7 +963,9 @@ fn fused_split_blocks_as_digits(ctx: &GpuContext) {
     }
 }
 
-/// With the device taken to have 3 compute units, fused products load each loop trip's x before its steps
+/// With the device taken to have 3 compute units and no fast 8-bit dot products (with them, split streams' products of
+/// up to 4 vectors take blocks of digits: `fused_split_blocks_as_digits`), fused products load each loop trip's x
+/// before its steps
 /// (`kernels::early_x`) where the vectors take one row of workgroups: of 4 vectors by 4-bit streams that are not
 /// split, on 67 rows (3 row tiles, the last partial) by 4160 columns in 17 segments (the last 64 columns wide); of 2
 /// to 4 vectors by split streams of 22 segments, on 67 rows by 5440 columns (the last segment 64 columns wide),
@@ -965,8 +975,8 @@ fn fused_split_blocks_as_digits(ctx: &GpuContext) {
 /// after the steps: 8 vectors on 67 rows (one row of 8) and on 20 rows (2 rows of 4 vectors) not split; 1 and 5
 /// vectors split, and split streams of 21 segments (5376 columns).
 fn fused_trip_x_loaded_before_its_steps(ctx: &GpuContext) {
-    let none = ctx.with_compute_units(None);
-    let units = ctx.with_compute_units(Some(3));
+    let none = ctx.with_compute_units(None).with_integer_dot(false);
+    let units = ctx.with_compute_units(Some(3)).with_integer_dot(false);
     let plain_cases = [(67, 4160, None, 4, 1, true), (20, 4160, None, 8, 2, false), (67, 4160, None, 8, 1, false)];
     let low2 = Some(SplitForm::Low2);
     let split_cases = [2, 3, 4, 1, 5].map(|m| (67, 5440, low2, m, 1, (2..=4).contains(&m)));

@@ -9,7 +9,8 @@
 // trip ahead (with SPLIT or QUADS; below); DIGITS, with STAGE_X or BLOCKS, where x is staged as 8-bit digits for
 // integer dot products (below); BLOCKS, with DIGITS and XS_COLS, where a split stream's product of up to 4 vectors deals
 // out blocks of row tiles by segments, each workgroup staging its segments' columns of x (below); SEAMS with SPREAD or
-// BLOCKS, where a row tile may lie across two workgroups.
+// BLOCKS, where a row tile may lie across workgroups; SEAM_TREE, with SEAM_VECTORS, where BLOCKS share a row tile among
+// more than two workgroups (below).
 // Preamble: lanes.wgsl (the stream bindings 0 to 4, the decode table, the word positions).
 // Grid: workgroups stride over row tiles, or over pairs of them with TILE_PAIRS (the grid's first dimension); the
 // second splits the vectors, row g of workgroups taking vectors g M .. g M + M of the product (so each of those row
@@ -288,7 +289,8 @@ var<workgroup> partial: array<f32, WG>;
 // it shares meet in `seams`, one u32 per row of the row tile and vector (vector-major), which holds SEAM_EMPTY between
 // products (the host fills it so, and the second part leaves it so). Only atomic operations on that one word pass the
 // first part's sum to the second, so no ordering between workgroups is needed; a + b = b + a, so y does not depend on
-// which part comes first. BLOCKS (below) shares row tiles between the two workgroups of a row's two parts the same way.
+// which part comes first. BLOCKS (below) shares a row tile among the workgroups of its parts through the same words
+// and, past two parts (SEAM_TREE), more of them (`seams_add`).
 @group(0) @binding(8) var<storage, read_write> seams: array<atomic<u32>>;
 
 const SEAM_EMPTY: u32 = 0xffffffffu;
@@ -311,6 +313,64 @@ fn seam_add(i: u32, sum: f32, out: u32) {
         }
     }
 }
+//#if SEAM_TREE
+
+// Meets the other part of a pair through seam word `i` with `sum`, this part's: the first of the two to arrive leaves
+// its sum there and gets `met` false; the second empties the word and gets the pair's sum.
+struct Meeting {
+    met: bool,
+    sum: f32,
+}
+
+fn seam_meet(i: u32, sum: f32) -> Meeting {
+    // A NaN sum with the empty word's bits is stored as another NaN.
+    let bits = select(bitcast<u32>(sum), 0x7fc00000u, bitcast<u32>(sum) == SEAM_EMPTY);
+    var meeting = Meeting(false, 0.0);
+    loop {
+        let r = atomicCompareExchangeWeak(&seams[i], SEAM_EMPTY, bits);
+        if (r.exchanged) {
+            break;
+        }
+        // A weak exchange may fail with the word still empty: then it is tried again.
+        if (r.old_value != SEAM_EMPTY) {
+            atomicStore(&seams[i], SEAM_EMPTY);
+            meeting = Meeting(true, bitcast<f32>(r.old_value) + sum);
+            break;
+        }
+    }
+    return meeting;
+}
+
+// With SEAM_TREE (BLOCKS of more than two parts, up to 4: `kernels::MAX_BLOCK_PARTS`) a row tile's `parts` parts meet
+// in pairs, in a tree fixed by their order: part p meets part p ^ 1 in a seam word, and the second of each pair to
+// arrive goes on with the pair's sum to the next level, where pair p / 2 meets pair p / 2 ^ 1; a part or pair with no
+// partner at a level (the last of an odd count) goes on alone. The last to arrive writes the whole to y. Each meeting
+// adds two sums whose order does not matter (a + b = b + a), and which sums meet is fixed, so y does not depend on the
+// order in which the parts arrive. A row's meetings are numbered level after level (the first level's pairs, then the
+// next's), and meeting k's word is k SEAM_VECTORS row_tiles 32 words past the first's, which is the row's word under
+// `seam_add` (SEAM_VECTORS: `kernels::SPREAD_VECTORS`, the most vectors).
+fn seams_add(i: u32, part: u32, parts: u32, sum: f32, out: u32) {
+    let stride = SEAM_VECTORS * params.row_tiles * 32u;
+    var s = sum;
+    var node = part;
+    var width = parts;
+    // The first meeting word of the current level.
+    var level = 0u;
+    while (width > 1u) {
+        if ((node ^ 1u) < width) {
+            let m = seam_meet(i + (level + node / 2u) * stride, s);
+            if (!m.met) {
+                return;
+            }
+            s = m.sum;
+        }
+        level += width / 2u;
+        node /= 2u;
+        width = (width + 1u) / 2u;
+    }
+    y[out] = s;
+}
+//#endif
 //#endif
 
 //#if TILE_PAIRS
@@ -412,12 +472,17 @@ fn main(
 //#endif
 //#if BLOCKS
     // With BLOCKS (a split stream's product of up to 4 vectors, `kernels::task_blocks`) the row tiles' segments are
-    // dealt out in blocks of SLABS / per row tiles by `per` segments, a slab each, in `parts` parts of the row: all of it
-    // where every segment's columns fit in XS_COLS, else two halves. Workgroup w takes part w % parts of row tiles
-    // (w / parts) SLABS / per onwards, and stages that part's columns of every vector as digits, so each slab reads
-    // its trip's x from workgroup memory; a row tile's two parts meet in the seam words. Where the digits of whole rows
-    // of every vector would not fit, a workgroup stages half of each vector's columns.
+    // dealt out in blocks of SLABS / per row tiles by `per` segments, a slab each, in `parts` parts of the row: as few
+    // as hold each part's segments' columns in XS_COLS, the segments shared out evenly, the last part taking what is
+    // left (`kernels::block_parts`). Workgroup w takes part w % parts of row tiles (w / parts) SLABS / per onwards, and
+    // stages that part's columns of every vector as digits, so each slab reads its trip's x from workgroup memory; a
+    // row tile's parts meet in the seam words (`seam_add`, `seams_add`).
+//#if SEAM_TREE
+    let parts = (params.segments + XS_COLS / params.segment - 1u) / (XS_COLS / params.segment);
+//#else
+    // One part or two: the same count.
     let parts = select(2u, 1u, params.segments * params.segment <= XS_COLS);
+//#endif
     let per = (params.segments + parts - 1u) / parts;
     let part = wid.x % parts;
     let block_seg = part * per + lane_slab % per;
@@ -896,7 +961,12 @@ fn main(
                 if (n == params.segments) {
                     y[v * params.rows + row] = sum;
                 } else {
+//#if SEAM_TREE
+                    let i = (v * params.row_tiles + row_tile) * 32u + lane_row;
+                    seams_add(i, part, parts, sum, v * params.rows + row);
+//#else
                     seam_add((v * params.row_tiles + row_tile) * 32u + lane_row, sum, v * params.rows + row);
+//#endif
                 }
             }
             workgroupBarrier();

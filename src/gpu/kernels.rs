@@ -268,6 +268,7 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
                 spread: false,
                 digits: true,
                 block_cols: b.cols,
+                seam_tree: b.parts > 2,
                 ..spec
             };
             if fits(&blocked) {
@@ -292,7 +293,7 @@ pub const BLOCK_X_COLS: u32 = 8192;
 pub struct TaskBlocks {
     /// Columns of each vector staged (`Spec::block_cols`).
     pub cols: u32,
-    /// Parts of a row: 1 or 2.
+    /// Parts of a row: 1 to [`MAX_BLOCK_PARTS`].
     pub parts: usize,
     /// Segments a part (the last part may have fewer).
     pub per: usize,
@@ -300,13 +301,20 @@ pub struct TaskBlocks {
     pub tiles: usize,
 }
 
+/// Most parts of a row that [`task_blocks`] shares a row tile among, which meet in a tree of seam words.
+pub const MAX_BLOCK_PARTS: usize = 4;
+
 /// The parts of a row of `segments` segments of `segment` columns, and the segments a part, where each part's columns
-/// must fit in `cols`, as ec_gemv.wgsl reckons them under BLOCKS: one part where the whole row fits, else two
-/// (the first the larger); None where half a row does not fit either.
+/// must fit in `cols`, as ec_gemv.wgsl reckons them under BLOCKS: as few parts as hold the row, the segments shared out
+/// evenly (the last part may have fewer); None where one segment does not fit, or where the row would take more than
+/// [`MAX_BLOCK_PARTS`].
 pub fn block_parts(segments: usize, segment: usize, cols: u32) -> Option<(usize, usize)> {
-    let parts = if segments * segment <= cols as usize { 1 } else { 2 };
-    let per = segments.div_ceil(parts);
-    (per * segment <= cols as usize).then_some((parts, per))
+    let most = cols as usize / segment.max(1);
+    if most == 0 {
+        return None;
+    }
+    let parts = segments.div_ceil(most).max(1);
+    (parts <= MAX_BLOCK_PARTS).then_some((parts, segments.div_ceil(parts)))
 }
 
 /// Workgroups of blocks of `tiles` row tiles of layout `l` in `parts` parts of a row: one a block.
@@ -319,11 +327,12 @@ fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
 /// workgroup and runs 8-bit dot products as one instruction (`fast`): blocks of row tiles by the segments of a part of
 /// the row ([`block_parts`]), one workgroup a block, each staging its part's columns of every vector as 8-bit digits
 /// (as [`integer_dot`] does for a whole vector; [`ec_gemv_spec`] takes blocks for several vectors only where
-/// [`shared_digit_scales`] holds); the two parts of a row tile meet in the seam words. Of the column
-/// counts in [`BLOCK_COLS`] whose digits for `m` vectors stay within [`BLOCK_X_COLS`], the one whose blocks take the
-/// fewest slabs, the row tiles a block chosen so that the workgroups fit on the compute units, one each; none
-/// below [`DIGITS_MIN_SLABS`] slabs a workgroup or above a workgroup's most. Only for split streams, up to
-/// [`SPREAD_VECTORS`] vectors, where the device says how many compute units it has.
+/// [`shared_digit_scales`] holds); a row tile's parts meet in the seam words, in a tree of them past two parts
+/// (`Spec::seam_tree`). Of the column counts in [`BLOCK_COLS`] whose digits for `m` vectors stay within
+/// [`BLOCK_X_COLS`], the one whose blocks take the fewest slabs (of those, the fewest parts), the row tiles a block
+/// chosen so that the workgroups fit on the compute units, one each; none below [`DIGITS_MIN_SLABS`] slabs a workgroup
+/// or above a workgroup's most. Only for split streams, up to [`SPREAD_VECTORS`] vectors, where the device says how
+/// many compute units it has.
 ///
 /// Where x is read a loop trip at a time (`slab_x`), the digits did not pay: each slab turning its trip's x into digits
 /// cost more than the dot products saved (BENCHMARKS.md, "x as 8-bit digits"); a whole vector staged as digits fits
@@ -335,7 +344,10 @@ fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
 /// 32.0 / 37.6 at M = 1 / 2; in 112 blocks of 8 by 4 35.0 / 38.0 / 45.2 / 53.0. 4096x14336 at M = 1 in 128 blocks of 2
 /// row tiles by 14 segments (7168 columns) 31.2 against 35.9 (dense f16 33.7). The crate's kernel with this rule, on
 /// the same H200: 14336x4096 31.1-31.3 / 37.2 / 41.5 / 47.8-48.0 (one vector staged whole), 4096x14336 at one vector
-/// 31.6-31.7 (dense f16 33.3-33.4).
+/// 31.6-31.7 (dense f16 33.3-33.4). Two vectors' digits of 4096x14336's half rows (7168 columns each) are past 32 KiB;
+/// in quarters (128 blocks of 4 row tiles by 7 segments, 4096 columns staged) they took 37.5-37.7 us against 44.3-44.5
+/// with x read a trip at a time (three processes each, BENCHMARKS.md, "Rows in more than two parts"); three and four
+/// vectors' parts of 2048 columns would be 7 a row, past [`MAX_BLOCK_PARTS`], in 133 blocks of 7 row tiles.
 pub fn task_blocks(
     l: &TileLayout,
     m: usize,
@@ -360,7 +372,7 @@ pub fn task_blocks(
             let fits = (DIGITS_MIN_SLABS as usize..=most).contains(&slabs) && workgroups <= units;
             fits.then_some(TaskBlocks { cols, parts, per, tiles })
         })
-        .min_by_key(|b| b.tiles * b.per)
+        .min_by_key(|b| (b.tiles * b.per, b.parts))
 }
 
 /// Whether ec_gemv's digits of several vectors ([`task_blocks`]) may share one scale over each group of
@@ -1036,9 +1048,14 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
 }
 
 /// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream`: one u32 a row of every row tile for each
-/// of [`SPREAD_VECTORS`] vectors (for [`spread_slabs`] and [`task_blocks`]).
+/// of [`SPREAD_VECTORS`] vectors (for [`spread_slabs`] and [`task_blocks`]), times the meetings of a row's parts
+/// under the blocks with the most parts that [`task_blocks`] could take for its layout (one less than the parts; one
+/// where no blocks have more than two).
 pub fn seam_bytes(stream: &GpuStream) -> u64 {
-    4 * (SPREAD_VECTORS * stream.layout.row_tiles() * 32).max(1) as u64
+    let l = &stream.layout;
+    let parts = BLOCK_COLS.iter().filter_map(|&cols| block_parts(l.segments(), l.segment(), cols));
+    let meetings = parts.map(|(p, _)| p).max().unwrap_or(1).max(2) - 1;
+    4 * (SPREAD_VECTORS * l.row_tiles() * 32 * meetings).max(1) as u64
 }
 
 /// The group-0 bind group of ec_gemv for one weight, whose scales must be in tile order

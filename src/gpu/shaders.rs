@@ -155,11 +155,14 @@ pub struct Spec {
     /// (one of [`super::kernels::BLOCK_COLS`]; `BLOCKS`, see [`super::kernels::task_blocks`]); 0 otherwise and for
     /// every other kernel.
     pub block_cols: u32,
+    /// ec_gemv only, with `block_cols`: a row's parts are more than two and meet in a tree of seam words
+    /// (`SEAM_TREE`; see [`super::kernels::block_parts`]); false otherwise and for every other kernel.
+    pub seam_tree: bool,
 }
 
 impl Spec {
     /// `kernel`-independent fields; the kernel-specific switches (`lane_x`, `split`, `grouped`, `stage_x`,
-    /// `early_x`, `tile_pairs`, `spread`, `slab_x`, `digits`, `block_cols`) off.
+    /// `early_x`, `tile_pairs`, `spread`, `slab_x`, `digits`, `block_cols`, `seam_tree`) off.
     pub fn new(lanes: LaneMode, bits: u32, precision: u32, m: u32, workgroup: u32) -> Self {
         Self {
             lanes,
@@ -177,6 +180,7 @@ impl Spec {
             slab_x: false,
             digits: false,
             block_cols: 0,
+            seam_tree: false,
         }
     }
 
@@ -222,6 +226,9 @@ impl Spec {
         if kernel == Kernel::EcGemv && (self.stage_x || self.block_cols > 0) {
             let cols = if self.stage_x { super::kernels::STAGED_X_COLS as u32 } else { self.block_cols };
             out.push_str(&format!("const XS_COLS: u32 = {cols}u;\n"));
+        }
+        if kernel == Kernel::EcGemv && self.seam_tree {
+            out.push_str(&format!("const SEAM_VECTORS: u32 = {}u;\n", super::kernels::SPREAD_VECTORS));
         }
         out
     }
@@ -295,9 +302,12 @@ fn spec_flags(kernel: Kernel, spec: &Spec) -> Vec<&'static str> {
     if kernel == Kernel::EcGemv && spec.block_cols > 0 {
         flags.push("BLOCKS");
     }
-    // A row tile across two workgroups.
+    // A row tile across two workgroups, or more.
     if kernel == Kernel::EcGemv && (spec.spread || spec.block_cols > 0) {
         flags.push("SEAMS");
+    }
+    if kernel == Kernel::EcGemv && spec.seam_tree {
+        flags.push("SEAM_TREE");
     }
     flags
 }
@@ -392,6 +402,7 @@ pub fn specializations() -> Vec<(Kernel, Spec)> {
                             if split && slabs >= DIGITS_MIN_SLABS {
                                 for cols in BLOCK_COLS.into_iter().filter(|&c| m * c <= BLOCK_X_COLS) {
                                     push(Spec { digits: true, block_cols: cols, ..base });
+                                    push(Spec { digits: true, block_cols: cols, seam_tree: true, ..base });
                                 }
                             }
                         }
@@ -668,8 +679,9 @@ mod tests {
     /// Blocks of row tiles by segments (`kernels::task_blocks`) only for split streams of up to 4 vectors on a device
     /// with fast 8-bit dot products and a known count of compute units; they take the fewest slabs among the column
     /// counts whose digits fit, in workgroups that fit on the units, and take the shapes measured: 14336x4096 at 2
-    /// to 4 vectors and 4096x14336 at one on 132 SMs in 128 blocks of 28 slabs. Every specialization the rule can
-    /// give is listed, with its digits; none stages x as f32 or holds a trip's x by its slab.
+    /// to 4 vectors and 4096x14336 at one and two on 132 SMs in 128 blocks of 28 slabs (two vectors in quarters of the
+    /// row). Every specialization the rule can give is listed, with its digits, with and without the tree of seams;
+    /// none stages x as f32 or holds a trip's x by its slab.
     #[test]
     fn blocks_for_split_streams_of_up_to_4_vectors_on_fast_devices() {
         use super::super::kernels::{
@@ -683,11 +695,17 @@ mod tests {
             assert_eq!(blocks(&tall, m), Some(TaskBlocks { cols: 2048, parts: 2, per: 4, tiles: 7 }), "m={m}");
         }
         assert_eq!(blocks(&wide, 1), Some(TaskBlocks { cols: 8192, parts: 2, per: 14, tiles: 2 }));
-        // Four vectors' digits of 14 segments are past 32 KiB; no part of 4096 columns fits 14336 in two.
-        assert_eq!(blocks(&wide, 2), None);
-        assert_eq!(block_parts(28, 512, 4096), None);
+        // Two vectors' digits of 14 segments are past 32 KiB: quarters of 7 segments. Three or four vectors' parts of
+        // 2048 columns (7 parts) are past MAX_BLOCK_PARTS, and their blocks would outnumber the units (133 of 7
+        // row tiles).
+        assert_eq!(blocks(&wide, 2), Some(TaskBlocks { cols: 4096, parts: 4, per: 7, tiles: 4 }));
+        assert_eq!((blocks(&wide, 3), blocks(&wide, 4)), (None, None));
+        assert_eq!(block_parts(28, 512, 2048), None);
+        assert_eq!(block_parts(28, 512, 4096), Some((4, 7)));
         assert_eq!(block_parts(8, 512, 4096), Some((1, 8)));
         assert_eq!(block_parts(17, 256, 4096), Some((2, 9)));
+        assert_eq!(block_parts(11, 256, 1024), Some((3, 4)));
+        assert_eq!(block_parts(2, 512, 256), None);
         // Not split, more vectors, slow dot products, no count of units, too few slabs (4096x4096: 128 row tiles).
         assert_eq!(task_blocks(&tall, 2, false, true, Some(132), 1024), None);
         assert_eq!(task_blocks(&tall, 5, true, true, Some(132), 1024), None);
@@ -695,12 +713,13 @@ mod tests {
         assert_eq!(task_blocks(&tall, 2, true, true, None, 1024), None);
         assert_eq!(blocks(&TileLayout::new(4096, 4096, 1, 512).unwrap(), 2), None);
         let listed = specializations();
-        for (l, m) in [(tall, 2), (tall, 3), (tall, 4), (wide, 1)] {
+        for (l, m) in [(tall, 2), (tall, 3), (tall, 4), (wide, 1), (wide, 2)] {
             let b = blocks(&l, m).unwrap();
             let spec = Spec {
                 split: true,
                 digits: true,
                 block_cols: b.cols,
+                seam_tree: b.parts > 2,
                 ..Spec::new(LaneMode::SubgroupWide, 1, 11, m as u32, 32 * (b.tiles * b.per) as u32)
             };
             assert!(listed.contains(&(Kernel::EcGemv, spec)), "{spec:?}");
@@ -708,6 +727,7 @@ mod tests {
         }
         for (_, s) in listed.iter().filter(|(_, s)| s.block_cols > 0) {
             assert!(s.split && s.digits && s.m <= 4 && !s.grouped && !s.stage_x && !s.slab_x, "{s:?}");
+            assert!(listed.contains(&(Kernel::EcGemv, Spec { seam_tree: !s.seam_tree, ..*s })), "{s:?}");
             assert!(BLOCK_COLS.contains(&s.block_cols) && s.m * s.block_cols <= BLOCK_X_COLS, "{s:?}");
         }
     }
