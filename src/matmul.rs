@@ -348,7 +348,7 @@ mod gpu {
         }
 
         pub fn device_bytes(&self) -> u64 {
-            self.stream.as_ref().map_or(0, |s| s.device_bytes() + kernels::seam_bytes(s))
+            self.stream.as_ref().map_or(0, |s| s.device_bytes() + kernels::seam_bytes(&self.ctx, s))
                 + self.packed.as_ref().map_or(0, |p| p.device_bytes())
                 + self.scales.device_bytes()
                 + self.msl.as_ref().map_or(0, |m| m.device_bytes())

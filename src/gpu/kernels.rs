@@ -260,7 +260,8 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let spec = if fits(&staged) { staged } else { spec };
     let spec = Spec { digits: integer_dot(&spec, ctx.integer_dot()), ..spec };
     if !spec.stage_x && groups == 1 && (m == 1 || shared_digit_scales(stream.group_size)) {
-        let blocks = task_blocks(&l, m, stream.split(), ctx.integer_dot(), units, max_invocations);
+        let widest = widest_block_cols(ctx, stream, m);
+        let blocks = task_blocks(&l, m, stream.split(), ctx.integer_dot(), units, max_invocations, widest);
         if let Some(b) = blocks {
             let blocked = Spec {
                 workgroup: 32 * (b.tiles * b.per) as u32,
@@ -317,6 +318,27 @@ pub fn block_parts(segments: usize, segment: usize, cols: u32) -> Option<(usize,
     (parts <= MAX_BLOCK_PARTS).then_some((parts, segments.div_ceil(parts)))
 }
 
+/// The most columns of each of `m` vectors that ec_gemv's blocks of `stream` may stage on `ctx`'s device: of
+/// [`BLOCK_COLS`] within [`BLOCK_X_COLS`], the widest whose workgroup memory ([`workgroup_bytes`]) fits the device in
+/// a workgroup of the most slabs; 0 where none does.
+pub fn widest_block_cols(ctx: &GpuContext, stream: &GpuStream, m: usize) -> u32 {
+    let most = (ctx.limits().max_compute_invocations_per_workgroup / 32).min(MAX_GEMV_SLABS as u32);
+    let base = Spec::new(ctx.lane_mode(), stream.layout.bits(), stream.precision, m as u32, 32 * most);
+    let limit = u64::from(ctx.limits().max_compute_workgroup_storage_size);
+    let fits = |cols: u32| {
+        let spec = Spec { split: stream.split(), digits: true, block_cols: cols, ..base };
+        m as u32 * cols <= BLOCK_X_COLS && workgroup_bytes(Kernel::EcGemv, &spec) <= limit
+    };
+    BLOCK_COLS.into_iter().filter(|&cols| fits(cols)).max().unwrap_or(0)
+}
+
+/// Whether [`task_blocks`] may share a row of layout `l` among more than two parts, where it stages at most `widest`
+/// columns a vector ([`widest_block_cols`]): only where two parts of `widest` columns would not hold the row, so that
+/// rows that two parts can hold keep one seam word a row and vector ([`seam_bytes`]).
+pub fn seam_tree(l: &TileLayout, widest: u32) -> bool {
+    widest > 0 && block_parts(l.segments(), l.segment(), widest).is_none_or(|(parts, _)| parts > 2)
+}
+
 /// Workgroups of blocks of `tiles` row tiles of layout `l` in `parts` parts of a row: one a block.
 fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
     l.row_tiles().div_ceil(tiles) * parts
@@ -324,15 +346,15 @@ fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
 
 /// How ec_gemv deals out the tasks (a row tile's segment each) of a product of `m` vectors of a stream of layout
 /// `l` (`split` or not) in blocks (`Spec::block_cols`), on a device of `compute_units` that allows `max_invocations` a
-/// workgroup and runs 8-bit dot products as one instruction (`fast`): blocks of row tiles by the segments of a part of
-/// the row ([`block_parts`]), one workgroup a block, each staging its part's columns of every vector as 8-bit digits
-/// (as [`integer_dot`] does for a whole vector; [`ec_gemv_spec`] takes blocks for several vectors only where
-/// [`shared_digit_scales`] holds); a row tile's parts meet in the seam words, in a tree of them past two parts
-/// (`Spec::seam_tree`). Of the column counts in [`BLOCK_COLS`] whose digits for `m` vectors stay within
-/// [`BLOCK_X_COLS`], the one whose blocks take the fewest slabs (of those, the fewest parts), the row tiles a block
-/// chosen so that the workgroups fit on the compute units, one each; none below [`DIGITS_MIN_SLABS`] slabs a workgroup
-/// or above a workgroup's most. Only for split streams, up to [`SPREAD_VECTORS`] vectors, where the device says how
-/// many compute units it has.
+/// workgroup, has room for `widest` columns of each vector ([`widest_block_cols`]) and runs 8-bit dot products as one
+/// instruction (`fast`): blocks of row tiles by the segments of a part of the row ([`block_parts`]), one workgroup a
+/// block, each staging its part's columns of every vector as 8-bit digits (as [`integer_dot`] does for a whole vector;
+/// [`ec_gemv_spec`] takes blocks for several vectors only where [`shared_digit_scales`] holds); a row tile's parts meet
+/// in the seam words, in a tree of them past two parts (`Spec::seam_tree`), which only rows that two parts of `widest`
+/// columns cannot hold take ([`seam_tree`]). Of the column counts in [`BLOCK_COLS`] up to `widest`, the one whose
+/// blocks take the fewest slabs (of those, the fewest parts), the row tiles a block chosen so that the workgroups fit
+/// on the compute units, one each; none below [`DIGITS_MIN_SLABS`] slabs a workgroup or above a workgroup's most. Only
+/// for split streams, up to [`SPREAD_VECTORS`] vectors, where the device says how many compute units it has.
 ///
 /// Where x is read a loop trip at a time (`slab_x`), the digits did not pay: each slab turning its trip's x into digits
 /// cost more than the dot products saved (BENCHMARKS.md, "x as 8-bit digits"); a whole vector staged as digits fits
@@ -355,17 +377,19 @@ pub fn task_blocks(
     fast: bool,
     compute_units: Option<u32>,
     max_invocations: u32,
+    widest: u32,
 ) -> Option<TaskBlocks> {
     let units = (compute_units? as usize).max(1);
     if !(split && fast && (1..=SPREAD_VECTORS).contains(&m)) || l.row_tiles() == 0 {
         return None;
     }
     let most = (max_invocations / 32).min(MAX_GEMV_SLABS as u32) as usize;
+    let tree = seam_tree(l, widest);
     BLOCK_COLS
         .iter()
-        .filter(|&&cols| m as u32 * cols <= BLOCK_X_COLS)
+        .filter(|&&cols| m as u32 * cols <= BLOCK_X_COLS && cols <= widest)
         .filter_map(|&cols| {
-            let (parts, per) = block_parts(l.segments(), l.segment(), cols)?;
+            let (parts, per) = block_parts(l.segments(), l.segment(), cols).filter(|&(p, _)| p <= 2 || tree)?;
             let tiles = (l.row_tiles() * parts).div_ceil(units);
             let slabs = tiles * per;
             let workgroups = block_workgroups(l, parts, tiles);
@@ -1047,13 +1071,18 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
     Ok(())
 }
 
-/// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream`: one u32 a row of every row tile for each
-/// of [`SPREAD_VECTORS`] vectors (for [`spread_slabs`] and [`task_blocks`]), times the meetings of a row's parts
-/// under the blocks with the most parts that [`task_blocks`] could take for its layout (one less than the parts; one
-/// where no blocks have more than two).
-pub fn seam_bytes(stream: &GpuStream) -> u64 {
+/// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream` on `ctx`'s device: one u32 a row of every row
+/// tile for each of [`SPREAD_VECTORS`] vectors (for [`spread_slabs`] and [`task_blocks`]), times the meetings of a
+/// row's parts under the blocks with the most parts that [`task_blocks`] could take for its layout on the device (one
+/// less than the parts; one where no blocks have more than two, [`seam_tree`]).
+pub fn seam_bytes(ctx: &GpuContext, stream: &GpuStream) -> u64 {
     let l = &stream.layout;
-    let parts = BLOCK_COLS.iter().filter_map(|&cols| block_parts(l.segments(), l.segment(), cols));
+    let parts = (1..=SPREAD_VECTORS).map(|m| widest_block_cols(ctx, stream, m)).filter(|&w| seam_tree(l, w)).flat_map(
+        |widest| {
+            let cols = BLOCK_COLS.into_iter().filter(move |&cols| cols <= widest);
+            cols.filter_map(|cols| block_parts(l.segments(), l.segment(), cols))
+        },
+    );
     let meetings = parts.map(|(p, _)| p).max().unwrap_or(1).max(2) - 1;
     4 * (SPREAD_VECTORS * l.row_tiles() * 32 * meetings).max(1) as u64
 }
@@ -1069,7 +1098,8 @@ pub fn ec_gemv_weights(ctx: &GpuContext, stream: &GpuStream, scales: &GpuScales)
             "ec_gemv reads scales in tile order: upload them with GpuScales::upload_tiles",
         ));
     }
-    let seams = ctx.storage_init("ecq seams", &vec![0xff; seam_bytes(stream) as usize], wgpu::BufferUsages::empty())?;
+    let seams =
+        ctx.storage_init("ecq seams", &vec![0xff; seam_bytes(ctx, stream) as usize], wgpu::BufferUsages::empty())?;
     Ok(bind_group(
         ctx,
         Kernel::EcGemv,

@@ -156,7 +156,7 @@ pub struct Spec {
     /// every other kernel.
     pub block_cols: u32,
     /// ec_gemv only, with `block_cols`: a row's parts are more than two and meet in a tree of seam words
-    /// (`SEAM_TREE`; see [`super::kernels::block_parts`]); false otherwise and for every other kernel.
+    /// (`SEAM_TREE`; see [`super::kernels::seam_tree`]); false otherwise and for every other kernel.
     pub seam_tree: bool,
 }
 
@@ -685,12 +685,14 @@ mod tests {
     #[test]
     fn blocks_for_split_streams_of_up_to_4_vectors_on_fast_devices() {
         use super::super::kernels::{
-            block_parts, ec_gemv_workgroups, task_blocks, TaskBlocks, BLOCK_COLS, BLOCK_X_COLS,
+            block_parts, ec_gemv_workgroups, seam_tree, task_blocks, TaskBlocks, BLOCK_COLS, BLOCK_X_COLS,
         };
         use crate::rans::TileLayout;
         let tall = TileLayout::new(14336, 4096, 1, 512).unwrap();
         let wide = TileLayout::new(4096, 14336, 1, 512).unwrap();
-        let blocks = |l: &TileLayout, m| task_blocks(l, m, true, true, Some(132), 1024);
+        // An H200's 48 KiB holds 8192 columns of digits at P = 11, a device of 32 KiB half as many.
+        let widest = |m: usize| BLOCK_COLS.into_iter().filter(|&cols| m as u32 * cols <= BLOCK_X_COLS).max().unwrap();
+        let blocks = |l: &TileLayout, m| task_blocks(l, m, true, true, Some(132), 1024, widest(m));
         for m in 2..=4 {
             assert_eq!(blocks(&tall, m), Some(TaskBlocks { cols: 2048, parts: 2, per: 4, tiles: 7 }), "m={m}");
         }
@@ -700,6 +702,12 @@ mod tests {
         // row tiles).
         assert_eq!(blocks(&wide, 2), Some(TaskBlocks { cols: 4096, parts: 4, per: 7, tiles: 4 }));
         assert_eq!((blocks(&wide, 3), blocks(&wide, 4)), (None, None));
+        // Only rows that two parts of the most columns staged cannot hold take more parts: with half the room, four
+        // vectors on 14336x4096 take quarters of 1024 columns.
+        assert!((1..=4).all(|m| !seam_tree(&tall, widest(m))) && !seam_tree(&wide, widest(1)));
+        assert!((2..=4).all(|m| seam_tree(&wide, widest(m))) && seam_tree(&tall, 1024));
+        let quarters = task_blocks(&tall, 4, true, true, Some(132), 1024, 1024);
+        assert_eq!(quarters, Some(TaskBlocks { cols: 1024, parts: 4, per: 2, tiles: 14 }));
         assert_eq!(block_parts(28, 512, 2048), None);
         assert_eq!(block_parts(28, 512, 4096), Some((4, 7)));
         assert_eq!(block_parts(8, 512, 4096), Some((1, 8)));
@@ -707,10 +715,10 @@ mod tests {
         assert_eq!(block_parts(11, 256, 1024), Some((3, 4)));
         assert_eq!(block_parts(2, 512, 256), None);
         // Not split, more vectors, slow dot products, no count of units, too few slabs (4096x4096: 128 row tiles).
-        assert_eq!(task_blocks(&tall, 2, false, true, Some(132), 1024), None);
-        assert_eq!(task_blocks(&tall, 5, true, true, Some(132), 1024), None);
-        assert_eq!(task_blocks(&tall, 2, true, false, Some(132), 1024), None);
-        assert_eq!(task_blocks(&tall, 2, true, true, None, 1024), None);
+        assert_eq!(task_blocks(&tall, 2, false, true, Some(132), 1024, 4096), None);
+        assert_eq!(task_blocks(&tall, 5, true, true, Some(132), 1024, 4096), None);
+        assert_eq!(task_blocks(&tall, 2, true, false, Some(132), 1024, 4096), None);
+        assert_eq!(task_blocks(&tall, 2, true, true, None, 1024, 4096), None);
         assert_eq!(blocks(&TileLayout::new(4096, 4096, 1, 512).unwrap(), 2), None);
         let listed = specializations();
         for (l, m) in [(tall, 2), (tall, 3), (tall, 4), (wide, 1), (wide, 2)] {
