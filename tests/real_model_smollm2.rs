@@ -214,27 +214,31 @@ fn segment_rule_examples() {
     assert_eq!(segment_for(100, 32), 128);
 }
 
-/// `min_tiles` shortens the segments of matrices with fewer tiles than it asks for, never below
-/// `MIN_AUTO_SEGMENT` columns, and leaves the others (and an explicit segment) alone.
+/// `min_tiles` halves the segments of matrices with fewer tiles than it asks for, never below `MIN_AUTO_SEGMENT`
+/// columns, and leaves the others (and an explicit segment) alone.
 #[test]
 fn segment_rule_min_tiles() {
     let at = |min_tiles: usize, rows: usize, cols: usize, group_size: usize| {
         EncodeOptions { min_tiles, ..EncodeOptions::default() }.segment_for(rows, cols, group_size)
     };
-    // 128 row tiles of 8 segments: 16 segments reach 2048 tiles.
+    // 128 row tiles of 8 segments: 16 segments reach 2048 tiles, 32 reach 3072; 1536 takes 16 as well.
     assert_eq!(at(2048, 4096, 4096, 64), 256);
+    assert_eq!(at(3072, 4096, 4096, 64), 128);
     assert_eq!(at(1024, 4096, 4096, 64), 512);
-    // 12 segments of 342 columns, rounded up to whole groups: 384, so 11 segments (1408 tiles).
-    assert_eq!(at(1536, 4096, 4096, 64), 384);
+    assert_eq!(at(1536, 4096, 4096, 64), 256);
     // Already 448 x 8 and 128 x 28 = 3584 tiles.
-    assert_eq!(at(2048, 14336, 4096, 64), 512);
-    assert_eq!(at(2048, 4096, 14336, 64), 512);
-    // Few row tiles: as many segments as 256 columns allow (2 of 576 columns, 6 of 1536).
-    assert_eq!(at(2048, 1536, 576, 64), 320);
-    assert_eq!(at(2048, 1536, 576, 32), 288);
-    assert_eq!(at(2048, 576, 1536, 32), 256);
+    for min_tiles in [2048, 3072] {
+        assert_eq!(at(min_tiles, 14336, 4096, 64), 512);
+        assert_eq!(at(min_tiles, 4096, 14336, 64), 512);
+    }
+    // Few row tiles: as many halvings as 128 columns allow (one segment of 576 columns in 4 of 144, rounded up to
+    // whole groups: 3 of 192, or 160; 3 of 1536 in 12 of 128).
+    assert_eq!(at(2048, 1536, 576, 64), 192);
+    assert_eq!(at(2048, 1536, 576, 32), 160);
+    assert_eq!(at(2048, 576, 1536, 32), 128);
     assert_eq!(at(1 << 20, 4096, 4096, 64), rans::MIN_AUTO_SEGMENT);
-    // Rows narrower than the shortest segment keep one.
+    assert_eq!(rans::MIN_AUTO_SEGMENT, 128);
+    // Rows narrower than two of the shortest segments keep one.
     assert_eq!(at(2048, 64, 200, 64), 256);
     assert_eq!(at(2048, 64, 200, 8), 200);
     // 0 is the shape rule alone; an explicit segment is taken as it is.

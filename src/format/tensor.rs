@@ -19,13 +19,15 @@ pub struct EncodeOptions {
     /// stream and `Low3` 0.7-1.6%; on the gemv example's heavy-tailed layer 0.9% and 2.6% (BENCHMARKS.md). `None`
     /// (the default) codes whole symbols; ignored for widths other than 4.
     pub split: Option<SplitForm>,
-    /// With `segment == 0`: the fewest tiles a matrix should have, reached by shorter segments, though none shorter
-    /// than [`rans::MIN_AUTO_SEGMENT`] columns (see [`EncodeOptions::segment_for`]); `0` (the default) keeps the
-    /// shape rule alone, the smallest stream. Each tile is a chain of decode steps that runs alone, so a matrix of
+    /// With `segment == 0`: the fewest tiles a matrix should have, reached by halving its segments, though none
+    /// shorter than [`rans::MIN_AUTO_SEGMENT`] columns (see [`EncodeOptions::segment_for`]); `0` (the default) keeps
+    /// the shape rule alone, the smallest stream. Each tile is a chain of decode steps that runs alone, so a matrix of
     /// few row tiles leaves a large GPU with too few chains to hide a step's latency: on an NVIDIA H100, `2048`
     /// takes a 4096 x 4096 matrix from 1024 tiles to 2048 and its fused product at one vector from 22.7 to 16.9 us
-    /// split with one coded bit ([`SplitForm::Low3`]), from 47.6 to 34.7 us not split (BENCHMARKS.md), for a
-    /// stream 1.3% larger. Matrices that already have that many tiles keep their segments.
+    /// split with one coded bit ([`SplitForm::Low3`]), from 47.6 to 34.7 us not split, for a stream 1.3% larger; on
+    /// an NVIDIA H200, `3072` takes it to 4096 tiles of 128 columns and that product from 16.4 to 14.4 us, for a
+    /// stream 3.8% larger than at the default (BENCHMARKS.md). Matrices that already have that many tiles keep their
+    /// segments.
     pub min_tiles: usize,
 }
 
@@ -36,10 +38,13 @@ impl EncodeOptions {
     /// ([`rans::DEFAULT_SEGMENT`]), each rounded up to whole groups, so no row pays a whole 32-bit state for a
     /// short leftover segment. Measured on SmolLM2-135M's 576-column tensors: `S = 512` leaves 64-column
     /// segments and costs +2.4% over the entropy, the even split (`S = 576`) +1.3%. Where that gives fewer than
-    /// `min_tiles` tiles (row tiles of [`rans::LANES`] rows times segments), the row is split into as many more
-    /// equal segments as reach `min_tiles`, but into no more than `K / 256` ([`rans::MIN_AUTO_SEGMENT`]); each
-    /// is rounded up to whole groups as above, which can leave a few fewer segments than that.
-    /// Otherwise `segment` rounded up to whole groups and capped at `cols` rounded up to a group.
+    /// `min_tiles` tiles (row tiles of [`rans::LANES`] rows times segments), the segments are halved, again and
+    /// again, until the matrix has `min_tiles` tiles or one more halving would take them below
+    /// [`rans::MIN_AUTO_SEGMENT`] columns; each is rounded up to whole groups as above, which can leave fewer
+    /// segments than that. Halving keeps segments of equal width equal: on an NVIDIA H200 a 4096 x 4096 matrix in
+    /// 22 segments of 192 columns (the last 64 wide; what splitting into as many equal segments as reach 3072
+    /// tiles gave) took 16.4 us at one vector, in 32 of 128 columns 14.4 (BENCHMARKS.md, "Shorter segments for
+    /// 4096x4096"). Otherwise `segment` rounded up to whole groups and capped at `cols` rounded up to a group.
     pub fn segment_for(&self, rows: usize, cols: usize, group_size: usize) -> usize {
         let group_size = group_size.max(1);
         let whole_groups = |c: usize| c.div_ceil(group_size).max(1) * group_size;
@@ -47,9 +52,8 @@ impl EncodeOptions {
             let target = rans::DEFAULT_SEGMENT;
             let mut segments = ((cols + target / 2) / target).max(1);
             let row_tiles = rows.div_ceil(rans::LANES).max(1);
-            if row_tiles * segments < self.min_tiles {
-                let most = (cols / rans::MIN_AUTO_SEGMENT).max(1);
-                segments = segments.max(self.min_tiles.div_ceil(row_tiles).min(most));
+            while row_tiles * segments < self.min_tiles && cols / (2 * segments) >= rans::MIN_AUTO_SEGMENT {
+                segments *= 2;
             }
             whole_groups(cols.div_ceil(segments))
         } else {

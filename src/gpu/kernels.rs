@@ -286,6 +286,13 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
 /// these (a specialization each).
 pub const BLOCK_COLS: [u32; 4] = [1024, 2048, 4096, 8192];
 
+/// Shortest segment, in columns, at which [`task_blocks`] takes blocks for three or four vectors: with shorter
+/// segments a slab's few steps do not pay for staging every vector's digits. Measured on an H200 (4096x4096 at
+/// 128-column segments, 4096 tiles, 132 SMs; BENCHMARKS.md, "Shorter segments for 4096x4096"): blocks of 2 row tiles
+/// by 16 segments took 20.4 and 22.4-22.5 us at three and four vectors against 19.9-20.0 and 20.6-20.8 for the
+/// products without digits, and 17.6-17.7 against 18.6-18.7 at two.
+pub const BLOCK_MIN_SEGMENT: usize = 256;
+
 /// Most columns of all the vectors together that [`task_blocks`] stages: 32 KiB of digits.
 pub const BLOCK_X_COLS: u32 = 8192;
 
@@ -381,6 +388,9 @@ pub fn task_blocks(
 ) -> Option<TaskBlocks> {
     let units = (compute_units? as usize).max(1);
     if !(split && fast && (1..=SPREAD_VECTORS).contains(&m)) || l.row_tiles() == 0 {
+        return None;
+    }
+    if m > 2 && l.segment() < BLOCK_MIN_SEGMENT {
         return None;
     }
     let most = (max_invocations / 32).min(MAX_GEMV_SLABS as u32) as usize;

@@ -685,7 +685,8 @@ mod tests {
     #[test]
     fn blocks_for_split_streams_of_up_to_4_vectors_on_fast_devices() {
         use super::super::kernels::{
-            block_parts, ec_gemv_workgroups, seam_tree, task_blocks, TaskBlocks, BLOCK_COLS, BLOCK_X_COLS,
+            block_parts, ec_gemv_workgroups, seam_tree, task_blocks, TaskBlocks, BLOCK_COLS, BLOCK_MIN_SEGMENT,
+            BLOCK_X_COLS,
         };
         use crate::rans::TileLayout;
         let tall = TileLayout::new(14336, 4096, 1, 512).unwrap();
@@ -708,6 +709,10 @@ mod tests {
         assert!((2..=4).all(|m| seam_tree(&wide, widest(m))) && seam_tree(&tall, 1024));
         let quarters = task_blocks(&tall, 4, true, true, Some(132), 1024, 1024);
         assert_eq!(quarters, Some(TaskBlocks { cols: 1024, parts: 4, per: 2, tiles: 14 }));
+        // Segments shorter than BLOCK_MIN_SEGMENT take blocks for one or two vectors only (4096x4096 in 128 columns).
+        let short = TileLayout::new(4096, 4096, 1, 128).unwrap();
+        assert_eq!(blocks(&short, 2), Some(TaskBlocks { cols: 4096, parts: 1, per: 32, tiles: 1 }));
+        assert_eq!((blocks(&short, 3), blocks(&short, 4), BLOCK_MIN_SEGMENT), (None, None, 256));
         assert_eq!(block_parts(28, 512, 2048), None);
         assert_eq!(block_parts(28, 512, 4096), Some((4, 7)));
         assert_eq!(block_parts(8, 512, 4096), Some((1, 8)));

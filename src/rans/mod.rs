@@ -39,5 +39,6 @@ pub const DEFAULT_SEGMENT: usize = 512;
 
 /// The shortest segment, in columns, that the shape rule takes to give a matrix more tiles
 /// (`EncodeOptions::min_tiles`): at `S = 256` a 4096 x 4096 layer's stream is 1.3% larger than at 512, at 128 3.8%,
-/// and its fused product on an NVIDIA H200 took 16.4 and 16.0 us against 22.4 (BENCHMARKS.md).
-pub const MIN_AUTO_SEGMENT: usize = 256;
+/// and its fused product on an NVIDIA H200 took 16.4 and 14.4 us against 22.4 (BENCHMARKS.md, "Shorter segments
+/// for 4096x4096"). Shorter segments pay a 32-bit state a row for fewer weights still.
+pub const MIN_AUTO_SEGMENT: usize = 128;
