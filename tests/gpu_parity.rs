@@ -915,6 +915,9 @@ fn fused_split_blocks_as_digits(ctx: &GpuContext) {
                     assert_eq!((b.parts, b.per, b.tiles, groups), (parts, per, tiles, 1), "{what}");
                     assert!(spec.digits && spec.block_cols == b.cols && spec.slabs() as usize == per * tiles, "{what}");
                     assert_eq!(spec.seam_tree, parts > 2, "{what}");
+                    // The seam words hold every meeting of the parts: 4 vectors' rows, parts - 1 a row.
+                    let meetings = 16 * 32 * t.layout().row_tiles() * (parts - 1).max(1);
+                    assert!(kernels::seam_bytes(&fast, &stream) as usize >= meetings, "{what}");
                 }
                 for slow in [fast.with_integer_dot(false), fast.with_compute_units(None)] {
                     assert_eq!(kernels::ec_gemv_spec(&slow, &stream, m).0.block_cols, 0, "{what}");

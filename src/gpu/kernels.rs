@@ -329,9 +329,14 @@ pub fn block_parts(segments: usize, segment: usize, cols: u32) -> Option<(usize,
 /// [`BLOCK_COLS`] within [`BLOCK_X_COLS`], the widest whose workgroup memory ([`workgroup_bytes`]) fits the device in
 /// a workgroup of the most slabs; 0 where none does.
 pub fn widest_block_cols(ctx: &GpuContext, stream: &GpuStream, m: usize) -> u32 {
-    let most = (ctx.limits().max_compute_invocations_per_workgroup / 32).min(MAX_GEMV_SLABS as u32);
-    let base = Spec::new(ctx.lane_mode(), stream.layout.bits(), stream.precision, m as u32, 32 * most);
-    let limit = u64::from(ctx.limits().max_compute_workgroup_storage_size);
+    widest_cols(ctx.limits(), ctx.lane_mode(), stream, m)
+}
+
+/// [`widest_block_cols`] on a device of `limits` with lanes that cooperate as `lanes`.
+fn widest_cols(limits: &wgpu::Limits, lanes: LaneMode, stream: &GpuStream, m: usize) -> u32 {
+    let most = (limits.max_compute_invocations_per_workgroup / 32).min(MAX_GEMV_SLABS as u32);
+    let base = Spec::new(lanes, stream.layout.bits(), stream.precision, m as u32, 32 * most);
+    let limit = u64::from(limits.max_compute_workgroup_storage_size);
     let fits = |cols: u32| {
         let spec = Spec { split: stream.split(), digits: true, block_cols: cols, ..base };
         m as u32 * cols <= BLOCK_X_COLS && workgroup_bytes(Kernel::EcGemv, &spec) <= limit
@@ -1083,16 +1088,19 @@ pub fn decode_into(ctx: &GpuContext, stream: &GpuStream, out: &GpuPacked) -> Res
 
 /// Bytes of the seam words that [`ec_gemv_weights`] holds for `stream` on `ctx`'s device: one u32 a row of every row
 /// tile for each of [`SPREAD_VECTORS`] vectors (for [`spread_slabs`] and [`task_blocks`]), times the meetings of a
-/// row's parts under the blocks with the most parts that [`task_blocks`] could take for its layout on the device (one
-/// less than the parts; one where no blocks have more than two, [`seam_tree`]).
+/// row's parts under the blocks with the most parts that [`task_blocks`] could take for its layout on the device,
+/// with any lane mode a context of the device may take (one less than the parts; one where no blocks have more than
+/// two, [`seam_tree`]).
 pub fn seam_bytes(ctx: &GpuContext, stream: &GpuStream) -> u64 {
     let l = &stream.layout;
-    let parts = (1..=SPREAD_VECTORS).map(|m| widest_block_cols(ctx, stream, m)).filter(|&w| seam_tree(l, w)).flat_map(
-        |widest| {
-            let cols = BLOCK_COLS.into_iter().filter(move |&cols| cols <= widest);
-            cols.filter_map(|cols| block_parts(l.segments(), l.segment(), cols))
-        },
-    );
+    let lanes = [LaneMode::Portable, LaneMode::SubgroupWide, LaneMode::SubgroupNarrow];
+    let widest = lanes.into_iter().flat_map(|lane| {
+        (1..=SPREAD_VECTORS).map(move |m| widest_cols(ctx.limits(), lane, stream, m)).filter(|&w| seam_tree(l, w))
+    });
+    let parts = widest.flat_map(|widest| {
+        let cols = BLOCK_COLS.into_iter().filter(move |&cols| cols <= widest);
+        cols.filter_map(|cols| block_parts(l.segments(), l.segment(), cols))
+    });
     let meetings = parts.map(|(p, _)| p).max().unwrap_or(1).max(2) - 1;
     4 * (SPREAD_VECTORS * l.row_tiles() * 32 * meetings).max(1) as u64
 }
