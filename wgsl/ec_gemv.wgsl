@@ -316,7 +316,10 @@ fn seam_add(i: u32, sum: f32, out: u32) {
 //#if SEAM_TREE
 
 // Meets the other part of a pair through seam word `i` with `sum`, this part's: the first of the two to arrive leaves
-// its sum there and gets `met` false; the second empties the word and gets the pair's sum.
+// its sum there and gets `met` false; the second empties the word and gets the pair's sum. `seam_add` does the same
+// for two parts and stays a function of its own, as the parts' count does its own form above: kernels of one or two
+// parts given this function and the general count ran 1-2 us slower on an H200 (14336x4096 at two to four vectors,
+// 4096x14336 at one; BENCHMARKS.md, "Rows in more than two parts"), so those kernels keep the code they had.
 struct Meeting {
     met: bool,
     sum: f32,
@@ -480,7 +483,7 @@ fn main(
 //#if SEAM_TREE
     let parts = (params.segments + XS_COLS / params.segment - 1u) / (XS_COLS / params.segment);
 //#else
-    // One part or two: the same count.
+    // One part or two: the same count, in the form these kernels had before SEAM_TREE (`seam_meet`).
     let parts = select(2u, 1u, params.segments * params.segment <= XS_COLS);
 //#endif
     let per = (params.segments + parts - 1u) / parts;
