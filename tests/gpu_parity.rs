@@ -870,10 +870,13 @@ fn wide_range_vectors(len: usize, seed: u64) -> Vec<f32> {
 /// has fewer row tiles and its second part fewer segments. Rows that two parts cannot hold, on a device whose workgroup
 /// memory holds no wider parts (`kernels::widest_block_cols`: 32 KiB at P = 11 hold 2048 columns of two vectors and
 /// 1024 of three or four), take more parts, meeting in a tree of seam words (`kernels::seam_tree`): 2 vectors on 390
-/// rows by 5440 columns (22 segments, the last 64 wide, groups of 32) in three parts of 8, 8 and 6 segments, 12
-/// workgroups of 4 row tiles; 3 and 4 vectors on 390 rows by 3968 columns (16 segments, the last 128 wide, groups of
+/// rows by 5440 columns (22 segments, the last 64 wide, groups of 32) in six parts of 4 segments (the last 2), 12
+/// workgroups of 7 row tiles; 3 and 4 vectors on 390 rows by 3968 columns (16 segments, the last 128 wide, groups of
 /// 64) in four parts of 4 segments, 8 workgroups of 7 row tiles (where 2048 columns fit, in halves of 8 segments, 8
-/// workgroups of 4 row tiles; where 4096 fit for 2 vectors, 5440 columns take no blocks). In both split forms, with the
+/// workgroups of 4 row tiles; where 4096 fit for 2 vectors, 5440 columns take no blocks). Where slabs past the last
+/// row tile skip their steps (full subgroups of 32 lanes or more) and 2048 columns fit, 3 and 4 vectors on 390 rows
+/// by 6144 columns (24 segments, groups of 64) on 10 units take three parts of 8 segments in 12 workgroups of 4 row
+/// tiles, the last row of blocks one row tile. In both split forms, with the
 /// outputs poisoned first, the
 /// products come within tolerance of the float64 reference for uniform x and for x of wide range in every vector; a
 /// second product of the same x equals the first bit for bit (the seams are left empty); an infinity or a NaN in the
@@ -884,15 +887,17 @@ fn wide_range_vectors(len: usize, seed: u64) -> Vec<f32> {
 /// -1.99 in the other, groups of 64 and of 128), the products come within tolerance too.
 fn fused_split_blocks_as_digits(ctx: &GpuContext) {
     // The blocks' parts, segments a part and row tiles a block, by the most columns the device stages a vector (0:
-    // any); where none is listed, the products are checked but not the blocks.
-    let any: &[(u32, (usize, usize, usize))] = &[(0, (2, 4, 7))];
+    // any) and whether they need slabs past the last row tile to skip their steps (`kernels::tail_skips`); where
+    // none is listed, the products are checked but not the blocks.
+    let any: &[(u32, bool, (usize, usize, usize))] = &[(0, false, (2, 4, 7))];
     let cases = [
         (390, 1952, 32, 4, 2..=4, any),
         (390, 1984, 64, 4, 2..=4, any),
         (390, 1920, 128, 4, 2..=4, any),
-        (200, 4160, 32, 6, 1..=1, &[(0, (2, 9, 3))]),
-        (390, 5440, 32, 12, 2..=2, &[(2048, (3, 8, 4))]),
-        (390, 3968, 64, 8, 3..=4, &[(1024, (4, 4, 7)), (2048, (2, 8, 4))]),
+        (200, 4160, 32, 6, 1..=1, &[(0, false, (2, 9, 3))]),
+        (390, 5440, 32, 12, 2..=2, &[(2048, false, (6, 4, 7))]),
+        (390, 3968, 64, 8, 3..=4, &[(1024, false, (4, 4, 7)), (2048, false, (2, 8, 4))]),
+        (390, 6144, 64, 10, 3..=4, &[(2048, true, (3, 8, 4))]),
     ];
     for (rows, cols, group, units, ms, shapes) in cases {
         let fast = ctx.with_compute_units(Some(units)).with_integer_dot(true);
@@ -906,12 +911,21 @@ fn fused_split_blocks_as_digits(ctx: &GpuContext) {
                     format!("{rows}x{cols} in groups of {group} split {form:?} {:?} m={m} in blocks", ctx.lane_mode());
                 let (spec, groups) = kernels::ec_gemv_spec(&fast, &stream, m);
                 let widest = kernels::widest_block_cols(&fast, &stream, m);
-                let shape = shapes.iter().find(|&&(w, _)| w == 0 || w == widest).map(|&(_, shape)| shape);
+                let skips = kernels::tail_skips(fast.lane_mode());
+                let listed = |&&(w, tail, _): &&(u32, bool, _)| (w == 0 || w == widest) && (skips || !tail);
+                let shape = shapes.iter().find(listed).map(|&(_, _, shape)| shape);
                 let invocations = ctx.limits().max_compute_invocations_per_workgroup;
                 if let Some((parts, per, tiles)) =
                     shape.filter(|&(_, per, tiles)| invocations >= 32 * (per * tiles) as u32)
                 {
-                    let b = kernels::task_blocks(t.layout(), m, true, true, Some(units), u32::MAX, widest).unwrap();
+                    let device = kernels::BlockDevice {
+                        compute_units: Some(units),
+                        max_invocations: u32::MAX,
+                        widest,
+                        fast: true,
+                        tail_skips: skips,
+                    };
+                    let b = kernels::task_blocks(t.layout(), m, true, &device).unwrap();
                     assert_eq!((b.parts, b.per, b.tiles, groups), (parts, per, tiles, 1), "{what}");
                     assert!(spec.digits && spec.block_cols == b.cols && spec.slabs() as usize == per * tiles, "{what}");
                     assert_eq!(spec.seam_tree, parts > 2, "{what}");

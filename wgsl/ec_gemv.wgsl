@@ -344,7 +344,7 @@ fn seam_meet(i: u32, sum: f32) -> Meeting {
     return meeting;
 }
 
-// With SEAM_TREE (BLOCKS of more than two parts, up to 4: `kernels::MAX_BLOCK_PARTS`) a row tile's `parts` parts meet
+// With SEAM_TREE (BLOCKS of more than two parts, up to 8: `kernels::MAX_BLOCK_PARTS`) a row tile's `parts` parts meet
 // in pairs, in a tree fixed by their order: part p meets part p ^ 1 in a seam word, and the second of each pair to
 // arrive goes on with the pair's sum to the next level, where pair p / 2 meets pair p / 2 ^ 1; a part or pair with no
 // partner at a level (the last of an odd count) goes on alone. The last to arrive writes the whole to y. Each meeting
@@ -561,6 +561,20 @@ fn main(
     {
         let row_tile = min(block_tile, params.row_tiles - 1u);
         let row = block_tile * 32u + lane_row;
+//#if SEAM_TREE
+//#if SUBGROUP
+//#if NARROW
+//#else
+        // Slabs past the last row tile skip their steps, which hold no barrier with full subgroups, so that the last
+        // row of blocks (fewer row tiles than SLABS / per) ends early and frees its compute units
+        // (`kernels::task_blocks`). A subgroup of 64 lanes holds two slabs: it skips where both are past. Measured on
+        // an H200 (4096x14336 in 28 segments of 512, 7 parts, 133 workgroups of 7 row tiles on 132 SMs, the tree's
+        // meetings then one vector after another; us at three / four vectors): 48.8-49.2 / 53.4-54.1 against
+        // 72.0-72.7 / 81.5-81.7 for the same kernel without the skip.
+        let max_steps = select(max_steps, 0u, subgroupAll(block_tile >= params.row_tiles));
+//#endif
+//#endif
+//#endif
 //#else
     for (var row_tile = wid.x; row_tile < params.row_tiles; row_tile += nwg.x) {
         let row = row_tile * 32u + lane_row;
@@ -943,6 +957,45 @@ fn main(
             }
         }
 //#if SEAMS
+//#if SEAM_TREE
+        // With SEAM_TREE every lane's sums of all vectors go to workgroup memory at once, in `xs` (whose digits are
+        // spent once every slab has passed the barrier; M XS_COLS words, and XS_COLS is at least 1024, a workgroup's
+        // most lanes), and then each lane takes one (row tile, vector, row) of the block: it adds that row's slabs of
+        // this part, in the order the first slab would, and takes the sum through the seam tree (`seams_add`). So
+        // every vector's meetings are in flight together, with two barriers in all. Measured on an H200 (4096x14336,
+        // us at two / three / four vectors) against one vector after another, two barriers and the tree's exchanges
+        // each: 4 parts of 7 segments of 512 (two vectors) 35.9-36.1 against 37.4-37.6; 7 parts of 4, 46.3-46.5 /
+        // 48.2-48.4 against 48.8-49.2 / 53.4-54.1; 8 parts of 4 segments of 448, 40.5-40.7 / 44.5-44.8 against 44.1 /
+        // 49.8, where writing each part's sums to y with no meeting at all (a wrong product, timed) took 39.2 / 43.7.
+        // The kernels of one or two parts keep their own form (below), which was not timed in this one. Keeping every
+        // vector's sums in registers and handing them to the seam functions (an array or a vec4) instead made the
+        // driver keep the kernel's arrays in local memory (80-98 local stores against 3-4), and 14336x4096 (two
+        // parts) took 240-265 / 335-351 us against 40.3-40.7 / 45.7-46.1.
+        workgroupBarrier();
+        for (var v = 0u; v < M; v++) {
+            let k = lane_slab * 32u + lane_row;
+            xs[v][k / (4u * KW)][k / 4u % KW][k % 4u] = bitcast<u32>(acc[v]);
+        }
+        workgroupBarrier();
+        let block_tiles = SLABS / per;
+        let n = min(per, params.segments - part * per);
+        for (var task = lid; task < block_tiles * M * 32u; task += WG) {
+            let r = task % 32u;
+            let v = task / 32u % M;
+            let first = task / (32u * M) * per;
+            let tile = wid.x / parts * block_tiles + task / (32u * M);
+            if (tile * 32u + r < params.rows) {
+                var sum = 0.0;
+                for (var s = 0u; s < n; s++) {
+                    let k = (first + s) * 32u + r;
+                    sum += bitcast<f32>(xs[v][k / (4u * KW)][k / 4u % KW][k % 4u]);
+                }
+                seams_add((v * params.row_tiles + tile) * 32u + r, part, parts, sum, v * params.rows + tile * 32u + r);
+            }
+        }
+    }
+}
+//#else
         // The slabs of each row tile in this workgroup added by the first of them, one vector at a time; the row
         // tile's sum goes to y, or, where the row tile lies across two workgroups, through its seam.
 //#if BLOCKS
@@ -964,18 +1017,14 @@ fn main(
                 if (n == params.segments) {
                     y[v * params.rows + row] = sum;
                 } else {
-//#if SEAM_TREE
-                    let i = (v * params.row_tiles + row_tile) * 32u + lane_row;
-                    seams_add(i, part, parts, sum, v * params.rows + row);
-//#else
                     seam_add((v * params.row_tiles + row_tile) * 32u + lane_row, sum, v * params.rows + row);
-//#endif
                 }
             }
             workgroupBarrier();
         }
     }
 }
+//#endif
 //#else
         // Add the slabs' partial sums of each row, one vector at a time.
         for (var v = 0u; v < M; v++) {

@@ -261,7 +261,14 @@ pub fn ec_gemv_spec(ctx: &GpuContext, stream: &GpuStream, m: usize) -> (Spec, us
     let spec = Spec { digits: integer_dot(&spec, ctx.integer_dot()), ..spec };
     if !spec.stage_x && groups == 1 && (m == 1 || shared_digit_scales(stream.group_size)) {
         let widest = widest_block_cols(ctx, stream, m);
-        let blocks = task_blocks(&l, m, stream.split(), ctx.integer_dot(), units, max_invocations, widest);
+        let device = BlockDevice {
+            compute_units: units,
+            max_invocations,
+            widest,
+            fast: ctx.integer_dot(),
+            tail_skips: tail_skips(ctx.lane_mode()),
+        };
+        let blocks = task_blocks(&l, m, stream.split(), &device);
         if let Some(b) = blocks {
             let blocked = Spec {
                 workgroup: 32 * (b.tiles * b.per) as u32,
@@ -309,8 +316,9 @@ pub struct TaskBlocks {
     pub tiles: usize,
 }
 
-/// Most parts of a row that [`task_blocks`] shares a row tile among, which meet in a tree of seam words.
-pub const MAX_BLOCK_PARTS: usize = 4;
+/// Most parts of a row that [`task_blocks`] shares a row tile among, which meet in a tree of seam words: 8 hold a
+/// 14336-column row in parts of 1792 or 2048 columns, what four vectors' digits take.
+pub const MAX_BLOCK_PARTS: usize = 8;
 
 /// The parts of a row of `segments` segments of `segment` columns, and the segments a part, where each part's columns
 /// must fit in `cols`, as ec_gemv.wgsl reckons them under BLOCKS: as few parts as hold the row, the segments shared out
@@ -351,22 +359,43 @@ pub fn seam_tree(l: &TileLayout, widest: u32) -> bool {
     widest > 0 && block_parts(l.segments(), l.segment(), widest).is_none_or(|(parts, _)| parts > 2)
 }
 
+/// Whether ec_gemv's slabs past the last row tile under blocks of more than two parts ([`task_blocks`], `SEAM_TREE`)
+/// skip their steps on lanes that cooperate as `lanes`: with full subgroups, whose steps hold no workgroup barrier.
+pub fn tail_skips(lanes: LaneMode) -> bool {
+    lanes == LaneMode::SubgroupWide
+}
+
+/// What [`task_blocks`] takes of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// Its compute units; None where it does not say (no blocks then).
+    pub compute_units: Option<u32>,
+    /// Invocations a workgroup it allows.
+    pub max_invocations: u32,
+    /// Columns of each vector its workgroup memory holds as digits ([`widest_block_cols`]).
+    pub widest: u32,
+    /// Whether it runs 8-bit dot products as one instruction (no blocks otherwise).
+    pub fast: bool,
+    /// Whether its slabs past the last row tile skip their steps ([`tail_skips`]).
+    pub tail_skips: bool,
+}
+
 /// Workgroups of blocks of `tiles` row tiles of layout `l` in `parts` parts of a row: one a block.
 fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
     l.row_tiles().div_ceil(tiles) * parts
 }
 
 /// How ec_gemv deals out the tasks (a row tile's segment each) of a product of `m` vectors of a stream of layout
-/// `l` (`split` or not) in blocks (`Spec::block_cols`), on a device of `compute_units` that allows `max_invocations` a
-/// workgroup, has room for `widest` columns of each vector ([`widest_block_cols`]) and runs 8-bit dot products as one
-/// instruction (`fast`): blocks of row tiles by the segments of a part of the row ([`block_parts`]), one workgroup a
-/// block, each staging its part's columns of every vector as 8-bit digits (as [`integer_dot`] does for a whole vector;
-/// [`ec_gemv_spec`] takes blocks for several vectors only where [`shared_digit_scales`] holds); a row tile's parts meet
-/// in the seam words, in a tree of them past two parts (`Spec::seam_tree`), which only rows that two parts of `widest`
-/// columns cannot hold take ([`seam_tree`]). Of the column counts in [`BLOCK_COLS`] up to `widest`, the one whose
-/// blocks take the fewest slabs (of those, the fewest parts), the row tiles a block chosen so that the workgroups fit
-/// on the compute units, one each; none below [`DIGITS_MIN_SLABS`] slabs a workgroup or above a workgroup's most. Only
-/// for split streams, up to [`SPREAD_VECTORS`] vectors, where the device says how many compute units it has.
+/// `l` (`split` or not) in blocks (`Spec::block_cols`), on `device` ([`BlockDevice`]): blocks of row tiles by the
+/// segments of a part of the row ([`block_parts`]), one workgroup a block, each staging its part's columns of every
+/// vector as 8-bit digits (as [`integer_dot`] does for a whole vector; [`ec_gemv_spec`] takes blocks for several
+/// vectors only where [`shared_digit_scales`] holds); a row tile's parts meet in the seam words, in a tree of them
+/// past two parts (`Spec::seam_tree`), which only rows that two parts of the device's widest columns cannot hold take
+/// ([`seam_tree`]). Of the column counts in [`BLOCK_COLS`] up to the widest, the one whose blocks put the fewest
+/// slabs' steps on the busiest compute unit ([`block_busiest`]; of those, the fewest parts), the row tiles a block
+/// the parts of all row tiles over the compute units, rounded up; none below [`DIGITS_MIN_SLABS`] slabs a workgroup
+/// or above a workgroup's most. Only for split streams, up to [`SPREAD_VECTORS`] vectors, on devices that say how
+/// many compute units they have and run 8-bit dot products as one instruction.
 ///
 /// Where x is read a loop trip at a time (`slab_x`), the digits did not pay: each slab turning its trip's x into digits
 /// cost more than the dot products saved (BENCHMARKS.md, "x as 8-bit digits"); a whole vector staged as digits fits
@@ -380,17 +409,12 @@ fn block_workgroups(l: &TileLayout, parts: usize, tiles: usize) -> usize {
 /// the same H200: 14336x4096 31.1-31.3 / 37.2 / 41.5 / 47.8-48.0 (one vector staged whole), 4096x14336 at one vector
 /// 31.6-31.7 (dense f16 33.3-33.4). Two vectors' digits of 4096x14336's half rows (7168 columns each) are past 32 KiB;
 /// in quarters (128 blocks of 4 row tiles by 7 segments, 4096 columns staged) they took 37.5-37.7 us against 44.3-44.5
-/// with x read a trip at a time (three processes each, BENCHMARKS.md, "Rows in more than two parts"); three and four
-/// vectors' parts of 2048 columns would be 7 a row, past [`MAX_BLOCK_PARTS`], in 133 blocks of 7 row tiles.
-pub fn task_blocks(
-    l: &TileLayout,
-    m: usize,
-    split: bool,
-    fast: bool,
-    compute_units: Option<u32>,
-    max_invocations: u32,
-    widest: u32,
-) -> Option<TaskBlocks> {
+/// with x read a trip at a time (three processes each, BENCHMARKS.md, "Rows in more than two parts"). Three and four
+/// vectors' parts of 2048 columns are 7 a row in 28 segments of 512, in 133 blocks of 7 row tiles ([`block_busiest`]
+/// with `tail_skips`), and 8 a row in 32 segments of 448, in 128 blocks of 8: at four vectors 48.2-48.4 and
+/// 44.5-45.0 us, against 50.1-50.4 dealt out in runs (BENCHMARKS.md, "Rows in a power of two of segments").
+pub fn task_blocks(l: &TileLayout, m: usize, split: bool, device: &BlockDevice) -> Option<TaskBlocks> {
+    let BlockDevice { compute_units, max_invocations, widest, fast, tail_skips } = *device;
     let units = (compute_units? as usize).max(1);
     if !(split && fast && (1..=SPREAD_VECTORS).contains(&m)) || l.row_tiles() == 0 {
         return None;
@@ -407,11 +431,32 @@ pub fn task_blocks(
             let (parts, per) = block_parts(l.segments(), l.segment(), cols).filter(|&(p, _)| p <= 2 || tree)?;
             let tiles = (l.row_tiles() * parts).div_ceil(units);
             let slabs = tiles * per;
-            let workgroups = block_workgroups(l, parts, tiles);
-            let fits = (DIGITS_MIN_SLABS as usize..=most).contains(&slabs) && workgroups <= units;
-            fits.then_some(TaskBlocks { cols, parts, per, tiles })
+            let busiest = block_busiest(l, parts, tiles, units, tail_skips)?;
+            let fits = (DIGITS_MIN_SLABS as usize..=most).contains(&slabs);
+            fits.then_some((TaskBlocks { cols, parts, per, tiles }, busiest * per))
         })
-        .min_by_key(|b| (b.tiles * b.per, b.parts))
+        .min_by_key(|&(b, busiest)| (busiest, b.parts))
+        .map(|(b, _)| b)
+}
+
+/// The most row tiles whose steps one compute unit of `units` runs under blocks of `tiles` row tiles of layout `l`
+/// in `parts` parts of a row, one workgroup a compute unit at a time: `tiles` where the workgroups fit on the units.
+/// Where they do not, rows of more than two parts whose slabs past the last row tile skip their steps
+/// ([`tail_skips`]) may let the last row of blocks (fewer row tiles) take units a second time, as long as no more
+/// workgroups than that row's are left over: twice its row tiles, or `tiles`. None otherwise. Measured on an H200
+/// (4096x14336 in 28 segments of 512, four vectors, 7 parts of 4 segments; BENCHMARKS.md, "Rows in a power of two of
+/// segments"): 133 workgroups of 7 row tiles, the last row of blocks 2, took 53.4-54.1 us, as did 112 of 8 (53.4);
+/// with the tree's meetings of every vector at once, 48.2-48.4 against 50.1-50.2 for the products dealt out in runs.
+fn block_busiest(l: &TileLayout, parts: usize, tiles: usize, units: usize, tail_skips: bool) -> Option<usize> {
+    let workgroups = block_workgroups(l, parts, tiles);
+    let tail = l.row_tiles() % tiles;
+    if workgroups <= units {
+        Some(tiles)
+    } else if tail_skips && parts > 2 && tail > 0 && l.row_tiles() > tiles && workgroups - units <= parts {
+        Some(tiles.max(2 * tail))
+    } else {
+        None
+    }
 }
 
 /// Whether ec_gemv's digits of several vectors ([`task_blocks`]) may share one scale over each group of

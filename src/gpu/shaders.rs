@@ -685,45 +685,67 @@ mod tests {
     #[test]
     fn blocks_for_split_streams_of_up_to_4_vectors_on_fast_devices() {
         use super::super::kernels::{
-            block_parts, ec_gemv_workgroups, seam_tree, task_blocks, TaskBlocks, BLOCK_COLS, BLOCK_MIN_SEGMENT,
-            BLOCK_X_COLS,
+            block_parts, ec_gemv_workgroups, seam_tree, task_blocks, BlockDevice, TaskBlocks, BLOCK_COLS,
+            BLOCK_MIN_SEGMENT, BLOCK_X_COLS,
         };
         use crate::rans::TileLayout;
         let tall = TileLayout::new(14336, 4096, 1, 512).unwrap();
         let wide = TileLayout::new(4096, 14336, 1, 512).unwrap();
         // An H200's 48 KiB holds 8192 columns of digits at P = 11, a device of 32 KiB half as many.
         let widest = |m: usize| BLOCK_COLS.into_iter().filter(|&cols| m as u32 * cols <= BLOCK_X_COLS).max().unwrap();
-        let blocks = |l: &TileLayout, m| task_blocks(l, m, true, true, Some(132), 1024, widest(m));
+        // An H200: 132 SMs, 1024 invocations, fast dot products; slabs past the last row tile skipping or not.
+        let h200 = |widest: u32, tail_skips: bool| BlockDevice {
+            compute_units: Some(132),
+            max_invocations: 1024,
+            widest,
+            fast: true,
+            tail_skips,
+        };
+        let blocks = |l: &TileLayout, m| task_blocks(l, m, true, &h200(widest(m), false));
         for m in 2..=4 {
             assert_eq!(blocks(&tall, m), Some(TaskBlocks { cols: 2048, parts: 2, per: 4, tiles: 7 }), "m={m}");
         }
         assert_eq!(blocks(&wide, 1), Some(TaskBlocks { cols: 8192, parts: 2, per: 14, tiles: 2 }));
         // Two vectors' digits of 14 segments are past 32 KiB: quarters of 7 segments. Three or four vectors' parts of
-        // 2048 columns (7 parts) are past MAX_BLOCK_PARTS, and their blocks would outnumber the units (133 of 7
-        // row tiles).
+        // 2048 columns (7 parts) make blocks that outnumber the units (133 of 7 row tiles).
         assert_eq!(blocks(&wide, 2), Some(TaskBlocks { cols: 4096, parts: 4, per: 7, tiles: 4 }));
         assert_eq!((blocks(&wide, 3), blocks(&wide, 4)), (None, None));
+        // Where slabs past the last row tile skip their steps, the last row of blocks (2 row tiles) may take a unit a
+        // second time: 7 parts of 4 segments, 133 workgroups of 7 row tiles. In 32 segments of 448 columns the row
+        // splits into 8 parts, 128 workgroups of 8 row tiles.
+        let seven = Some(TaskBlocks { cols: 2048, parts: 7, per: 4, tiles: 7 });
+        for m in 3..=4 {
+            assert_eq!(task_blocks(&wide, m, true, &h200(widest(m), true)), seven, "m={m}");
+        }
+        let wide448 = TileLayout::new(4096, 14336, 1, 448).unwrap();
+        let eight = Some(TaskBlocks { cols: 2048, parts: 8, per: 4, tiles: 8 });
+        for skips in [false, true] {
+            assert_eq!(task_blocks(&wide448, 4, true, &h200(widest(4), skips)), eight);
+        }
+        // Not for rows of two parts: 14336x4096's blocks fit the units as they are.
+        assert_eq!(task_blocks(&tall, 4, true, &h200(widest(4), true)), blocks(&tall, 4));
         // Only rows that two parts of the most columns staged cannot hold take more parts: with half the room, four
         // vectors on 14336x4096 take quarters of 1024 columns.
         assert!((1..=4).all(|m| !seam_tree(&tall, widest(m))) && !seam_tree(&wide, widest(1)));
         assert!((2..=4).all(|m| seam_tree(&wide, widest(m))) && seam_tree(&tall, 1024));
-        let quarters = task_blocks(&tall, 4, true, true, Some(132), 1024, 1024);
+        let quarters = task_blocks(&tall, 4, true, &h200(1024, false));
         assert_eq!(quarters, Some(TaskBlocks { cols: 1024, parts: 4, per: 2, tiles: 14 }));
         // Segments shorter than BLOCK_MIN_SEGMENT take blocks for one or two vectors only (4096x4096 in 128 columns).
         let short = TileLayout::new(4096, 4096, 1, 128).unwrap();
         assert_eq!(blocks(&short, 2), Some(TaskBlocks { cols: 4096, parts: 1, per: 32, tiles: 1 }));
         assert_eq!((blocks(&short, 3), blocks(&short, 4), BLOCK_MIN_SEGMENT), (None, None, 256));
-        assert_eq!(block_parts(28, 512, 2048), None);
+        assert_eq!(block_parts(28, 512, 2048), Some((7, 4)));
+        assert_eq!(block_parts(56, 256, 1024), None);
         assert_eq!(block_parts(28, 512, 4096), Some((4, 7)));
         assert_eq!(block_parts(8, 512, 4096), Some((1, 8)));
         assert_eq!(block_parts(17, 256, 4096), Some((2, 9)));
         assert_eq!(block_parts(11, 256, 1024), Some((3, 4)));
         assert_eq!(block_parts(2, 512, 256), None);
         // Not split, more vectors, slow dot products, no count of units, too few slabs (4096x4096: 128 row tiles).
-        assert_eq!(task_blocks(&tall, 2, false, true, Some(132), 1024, 4096), None);
-        assert_eq!(task_blocks(&tall, 5, true, true, Some(132), 1024, 4096), None);
-        assert_eq!(task_blocks(&tall, 2, true, false, Some(132), 1024, 4096), None);
-        assert_eq!(task_blocks(&tall, 2, true, true, None, 1024, 4096), None);
+        assert_eq!(task_blocks(&tall, 2, false, &h200(4096, false)), None);
+        assert_eq!(task_blocks(&tall, 5, true, &h200(4096, false)), None);
+        assert_eq!(task_blocks(&tall, 2, true, &BlockDevice { fast: false, ..h200(4096, false) }), None);
+        assert_eq!(task_blocks(&tall, 2, true, &BlockDevice { compute_units: None, ..h200(4096, false) }), None);
         assert_eq!(blocks(&TileLayout::new(4096, 4096, 1, 512).unwrap(), 2), None);
         let listed = specializations();
         for (l, m) in [(tall, 2), (tall, 3), (tall, 4), (wide, 1), (wide, 2)] {
