@@ -226,11 +226,17 @@ fn segment_rule_min_tiles() {
     assert_eq!(at(3072, 4096, 4096, 64), 128);
     assert_eq!(at(1024, 4096, 4096, 64), 512);
     assert_eq!(at(1536, 4096, 4096, 64), 256);
-    // Already 448 x 8 and 128 x 28 = 3584 tiles.
+    // Already 448 x 8 tiles. Rows of more than 8 segments take a power of two of them first: 28 of 14336 columns
+    // 32 of 448 (128 x 32 = 4096 tiles), 22 of 11008 16 of 704 (whole groups; the last 448), 12 of 6144 16 of 384;
+    // 8 of 4096 stay 8.
     for min_tiles in [2048, 3072] {
         assert_eq!(at(min_tiles, 14336, 4096, 64), 512);
-        assert_eq!(at(min_tiles, 4096, 14336, 64), 512);
+        assert_eq!(at(min_tiles, 4096, 14336, 64), 448);
     }
+    assert_eq!(at(1, 4096, 11008, 64), 704);
+    assert_eq!(at(1, 4096, 6144, 64), 384);
+    assert_eq!(at(1, 4096, 4096, 64), 512);
+    assert_eq!(rans::EVEN_PARTS_ABOVE, 8);
     // Few row tiles: as many halvings as 128 columns allow (one segment of 576 columns in 4 of 144, rounded up to
     // whole groups: 3 of 192, or 160; 3 of 1536 in 12 of 128).
     assert_eq!(at(2048, 1536, 576, 64), 192);

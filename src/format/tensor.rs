@@ -41,7 +41,9 @@ impl EncodeOptions {
     /// `min_tiles` tiles (row tiles of [`rans::LANES`] rows times segments), the segments are halved, again and
     /// again, until the matrix has `min_tiles` tiles or one more halving would take them below
     /// [`rans::MIN_AUTO_SEGMENT`] columns; each is rounded up to whole groups as above, which can leave fewer
-    /// segments than that. Halving keeps segments of equal width equal: on an NVIDIA H200 a 4096 x 4096 matrix in
+    /// segments than that. With `min_tiles`, a row of more than [`rans::EVEN_PARTS_ABOVE`] segments first takes
+    /// the power of two nearest their count (by ratio), so that it splits into halves, quarters and eighths of
+    /// whole segments. Halving keeps segments of equal width equal: on an NVIDIA H200 a 4096 x 4096 matrix in
     /// 22 segments of 192 columns (the last 64 wide; what splitting into as many equal segments as reach 3072
     /// tiles gave) took 16.4 us at one vector, in 32 of 128 columns 14.4 (BENCHMARKS.md, "Shorter segments for
     /// 4096x4096"). Otherwise `segment` rounded up to whole groups and capped at `cols` rounded up to a group.
@@ -51,6 +53,11 @@ impl EncodeOptions {
         if self.segment == 0 {
             let target = rans::DEFAULT_SEGMENT;
             let mut segments = ((cols + target / 2) / target).max(1);
+            if self.min_tiles > 0 && segments > rans::EVEN_PARTS_ABOVE {
+                // The power of two nearest by ratio: up where up / segments < segments / down.
+                let up = segments.next_power_of_two();
+                segments = if up * (up / 2) < segments * segments { up } else { up / 2 };
+            }
             let row_tiles = rows.div_ceil(rans::LANES).max(1);
             while row_tiles * segments < self.min_tiles && cols / (2 * segments) >= rans::MIN_AUTO_SEGMENT {
                 segments *= 2;
