@@ -81,6 +81,8 @@ enum Command {
         /// at once. 0 (the default) keeps the smallest stream. On an NVIDIA H100, 2048 makes a 4096x4096 matrix's
         /// fused product 1.35x as fast for a stream 1.3% larger; on an H200, 3072 makes it 1.14x as fast as 2048
         /// does, for a stream 3.8% larger than the default; matrices that have that many tiles already keep theirs.
+        /// Rows of more than 8 segments first take a power of two of them (14336 columns: 32 of 448, not 28 of
+        /// 512), so that a GPU shares them out in equal parts.
         #[arg(long, default_value_t = 0)]
         min_tiles: usize,
         /// Split 4-bit matrices: code part of each weight and store the rest as it is. `--split` (or `--split=2`)
