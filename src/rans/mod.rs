@@ -48,5 +48,5 @@ pub const MIN_AUTO_SEGMENT: usize = 128;
 /// into 7 parts of 2048 columns, 128 row tiles of which make 896 parts, 133 workgroups of 7 row tiles on 132 SMs;
 /// in 32 segments of 448 (a stream 0.2% larger) it splits into 8 parts, 128 workgroups of 8 row tiles, and four
 /// vectors' product on an NVIDIA H200 took 44.5-44.8 us against 48.2-48.4 (BENCHMARKS.md, "Rows in a power of two
-/// of segments"). Rows of up to 8 segments (up to 4352 columns) keep the shape rule.
+/// of segments"). Rows of up to 8 segments (narrower than 4352 columns) keep the shape rule.
 pub const EVEN_PARTS_ABOVE: usize = 8;
